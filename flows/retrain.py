@@ -1,0 +1,86 @@
+"""The ``retrain`` flow: ingest -> validate -> preprocess -> finetune -> evaluate -> register.
+
+Wiring only: every decision is in a stage (``domaintune.tasks``). A stage whose output is
+already in the store finishes as Cached; a broken data contract stops the flow before
+training; only a completed run reaches ``register``, so a failed run never promotes a model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from domaintune.config import RetrainConfig
+from domaintune.manifests import EvaluationReport, RunSummary, StageRecord, ValidationReport
+from domaintune.orchestration import call_stage, stage_task
+from domaintune.tasks.evaluate import evaluate, metric_rows
+from domaintune.tasks.finetune import finetune
+from domaintune.tasks.ingest import ingest
+from domaintune.tasks.preprocess import preprocess
+from domaintune.tasks.register import register
+from domaintune.tasks.validate import validate
+
+
+def _artifact_key(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
+
+
+def _publish_validation(report: ValidationReport) -> None:
+    with open(report.report_markdown) as f:
+        create_markdown_artifact(f.read(), description="Data contract validation")
+
+
+def _publish_evaluation(report: EvaluationReport) -> None:
+    import json
+
+    with open(report.metrics_json) as f:
+        doc = json.load(f)
+    create_table_artifact(metric_rows(doc), description=f"Test metrics: base vs fine-tuned ({report.test_rows} rows)")
+    with open(report.report_markdown) as f:
+        create_markdown_artifact(f.read(), description="Evaluation report")
+
+
+ingest_task = stage_task(ingest, "ingest")
+validate_task = stage_task(validate, "validate", after=_publish_validation)
+preprocess_task = stage_task(preprocess, "preprocess")
+finetune_task = stage_task(finetune, "finetune")
+evaluate_task = stage_task(evaluate, "evaluate", after=_publish_evaluation)
+register_task = stage_task(register, "register")
+
+
+@flow(name="retrain", flow_run_name="retrain-{config.name}", log_prints=False)
+def retrain(config: RetrainConfig) -> dict[str, Any]:
+    """Retrain one use case's model from its data and promote it if it is better."""
+    t0 = time.perf_counter()
+    stages: list[StageRecord] = []
+    raw = call_stage(ingest_task, stages, config)
+    call_stage(validate_task, stages, config, raw)
+    splits = call_stage(preprocess_task, stages, config, raw)
+    model = call_stage(finetune_task, stages, config, splits)
+    evaluation = call_stage(evaluate_task, stages, config, splits, model)
+    registration = call_stage(register_task, stages, config, raw, splits, model, evaluation,
+                              flow_run_id=str(flow_run.id) if flow_run.id else None)
+    summary = RunSummary(
+        run_id=str(flow_run.id) if flow_run.id else None,
+        name=config.name,
+        domain=config.domain,
+        status="completed",
+        stages=stages,
+        metrics={
+            "primary_metric": evaluation.primary_metric,
+            "test_rows": evaluation.test_rows,
+            "finetuned": {k: v for k, v in evaluation.finetuned.items() if isinstance(v, int | float)},
+            "base": {k: v for k, v in evaluation.base.items() if isinstance(v, int | float)},
+            "report": evaluation.report_markdown,
+        },
+        model_dir=registration.model_dir,
+        version=registration.version,
+        promoted=registration.promoted,
+        promotion_reason=registration.promotion_reason,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    return summary.model_dump(mode="json")

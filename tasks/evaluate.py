@@ -1,0 +1,166 @@
+"""evaluate: the fine-tuned model and the base model on the same untouched test split.
+
+The base model is loaded with the same seed right before loading, so its (untrained) task
+head is exactly the one fine-tuning started from: the gain shown is the gain from training.
+Base-model results are cached separately (they depend only on the base model, the test
+split and the seed), so trying new hyperparameters does not re-run them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from domaintune.config import RetrainConfig
+from domaintune.fingerprint import hash_obj
+from domaintune.inference import predict_logits
+from domaintune.manifests import EvaluationReport, ModelArtifact, SplitManifest
+from domaintune.models import resolve_model
+from domaintune.store import Store
+from domaintune.tasktypes import get_task_type
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+BASE_STAGE = "evaluate_base"
+VERSION = "1"
+
+
+def plan(config: RetrainConfig, splits: SplitManifest, model: ModelArtifact) -> tuple[str, str]:
+    test = splits.splits["test"]
+    base_key = hash_obj(BASE_STAGE, VERSION, test.fingerprint, model.base_fingerprint, splits.labels,
+                        config.task.type, config.training.seed)
+    key = hash_obj(STAGE, VERSION, test.fingerprint, model.fingerprint, base_key, config.evaluation.primary_metric)
+    return key, base_key
+
+
+def _score(config: RetrainConfig, model_path: str, splits: SplitManifest) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    import torch
+    from datasets import disable_progress_bars
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
+    task = get_task_type(config.task.type)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tok = AutoTokenizer.from_pretrained(model_path, use_fast=True)
+    model = task.load_model(model_path, splits.labels, config.training.seed, config.model.trust_remote_code)
+    logits, refs = predict_logits(model, tok, task, splits.splits["test"].path, config.evaluation.batch_size)
+    preds = logits.argmax(-1)
+    return task.compute_metrics(preds, refs, splits.labels), logits, refs
+
+
+def _base_metrics(config: RetrainConfig, splits: SplitManifest, base_key: str, store: Store) -> dict[str, Any]:
+    with store.lock(BASE_STAGE, base_key):
+        cached = store.manifest(BASE_STAGE, base_key)
+        if cached is not None:
+            return cached["metrics"]
+        base = resolve_model(config.model.name_or_path, config.model.revision)
+        metrics, _, _ = _score(config, base.path, splits)
+        with store.writer(BASE_STAGE, base_key) as w:
+            (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            w.manifest = {"metrics": metrics, "model": base.name}
+        return metrics
+
+
+def evaluate(config: RetrainConfig, splits: SplitManifest, model: ModelArtifact, store: Store) -> EvaluationReport:
+    key, base_key = plan(config, splits, model)
+    with store.lock(STAGE, key):
+        cached = store.manifest(STAGE, key)
+        if cached is not None:
+            log.info("evaluate: reusing %s", key)
+            return EvaluationReport.model_validate({**cached, "reused": True})
+        base = _base_metrics(config, splits, base_key, store)
+        finetuned, logits, refs = _score(config, model.model_dir, splits)
+        scalar = [k for k, v in finetuned.items() if isinstance(v, int | float)]
+        gain = {k: float(finetuned[k] - base[k]) for k in scalar}
+        primary = config.evaluation.primary_metric
+        test = pd.read_parquet(splits.splits["test"].path, columns=["text", "label", "_row", "_source"])
+        probs = _softmax(logits)
+        test["predicted"] = [splits.labels[i] for i in logits.argmax(-1)]
+        test["confidence"] = probs.max(-1)
+        with store.writer(STAGE, key) as w:
+            entry = store.entry_path(STAGE, key)
+            doc = {
+                "primary_metric": primary,
+                "test_rows": int(len(refs)),
+                "finetuned": finetuned,
+                "base": base,
+                "gain": gain,
+                "model": model.model_dir,
+                "base_model": model.base_model,
+            }
+            (w.path / "metrics.json").write_text(json.dumps(doc, indent=2))
+            (w.path / "report.md").write_text(render_markdown(doc))
+            test.to_parquet(w.path / "predictions.parquet", index=False)
+            manifest = EvaluationReport(
+                key=key,
+                path=str(entry),
+                fingerprint=hash_obj(doc),
+                primary_metric=primary,
+                finetuned=finetuned,
+                base=base,
+                gain=gain,
+                test_rows=int(len(refs)),
+                metrics_json=str(entry / "metrics.json"),
+                report_markdown=str(entry / "report.md"),
+            )
+            w.manifest = manifest.model_dump(mode="json")
+        log.info(
+            "evaluate: %s fine-tuned %.4f vs base %.4f (%+.4f) on %d test rows",
+            primary,
+            finetuned[primary],
+            base[primary],
+            gain[primary],
+            len(refs),
+        )
+        return manifest
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def metric_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Scalar metrics as table rows: metric, base, fine-tuned, gain."""
+    rows = []
+    for k, v in doc["finetuned"].items():
+        if isinstance(v, int | float):
+            rows.append({"metric": k, "base": round(doc["base"][k], 4), "fine-tuned": round(v, 4),
+                         "gain": round(v - doc["base"][k], 4)})
+    return rows
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        f"# Evaluation on {doc['test_rows']} test rows",
+        "",
+        f"Primary metric: **{doc['primary_metric']}**. Base model: `{doc['base_model']}` with an "
+        "untrained head initialised from the same seed.",
+        "",
+        "| metric | base | fine-tuned | gain |",
+        "|---|---|---|---|",
+    ]
+    for r in metric_rows(doc):
+        lines.append(f"| {r['metric']} | {r['base']:.4f} | {r['fine-tuned']:.4f} | {r['gain']:+.4f} |")
+    per_class = doc["finetuned"].get("per_class")
+    if per_class:
+        lines += ["", "## Per class (fine-tuned)", "", "| label | precision | recall | f1 | support | base f1 |",
+                  "|---|---|---|---|---|---|"]
+        for lab, m in per_class.items():
+            bf1 = doc["base"]["per_class"][lab]["f1"]
+            lines.append(f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} | {bf1:.3f} |")
+    cm = doc["finetuned"].get("confusion_matrix")
+    if cm:
+        labs = cm["labels"]
+        lines += ["", "## Confusion matrix (fine-tuned; rows = true, columns = predicted)", "",
+                  "| true \\ predicted | " + " | ".join(labs) + " |", "|---" * (len(labs) + 1) + "|"]
+        for lab, row in zip(labs, cm["matrix"], strict=True):
+            lines.append(f"| {lab} | " + " | ".join(str(x) for x in row) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,290 @@
+"""finetune: tokenized splits + base model -> fine-tuned model folder (safetensors).
+
+Training runs in child processes started by the DeepSpeed launcher: one CPU process with
+``DS_ACCELERATOR=cpu`` (gloo) on a machine without a GPU, one process per visible GPU
+otherwise. This function streams their output into the log, turns a non-zero exit into
+``TrainingFailed``, and keeps checkpoints in a persistent working folder so that a retried
+task resumes from the newest complete checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from domaintune.config import RetrainConfig
+from domaintune.errors import TrainingFailed
+from domaintune.fingerprint import hash_obj
+from domaintune.manifests import ModelArtifact, SplitManifest
+from domaintune.models import ResolvedModel, resolve_model
+from domaintune.store import Store, atomic_write_text
+from domaintune.training.deepspeed_config import build_deepspeed_config
+from domaintune.training.worker import CHECKPOINT_MARKER, PROGRESS_PREFIX
+
+log = logging.getLogger(__name__)
+
+STAGE = "finetune"
+VERSION = "1"
+_TAIL_LINES = 60
+
+
+def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedModel, str]:
+    import deepspeed
+    import torch
+    import transformers
+
+    base = resolve_model(config.model.name_or_path, config.model.revision)
+    base_fp = base.fingerprint()
+    key = hash_obj(
+        STAGE,
+        VERSION,
+        splits.fingerprint,
+        splits.labels,
+        config.task.type,
+        base_fp,
+        config.model.trust_remote_code,
+        config.training.model_dump(exclude={"logging_steps"}),
+        config.evaluation.primary_metric,
+        torch.__version__,
+        transformers.__version__,
+        deepspeed.__version__,
+    )
+    return key, base, base_fp
+
+
+def finetune(config: RetrainConfig, splits: SplitManifest, store: Store) -> ModelArtifact:
+    key, base, base_fp = plan(config, splits)
+    with store.lock(STAGE, key):
+        cached = store.manifest(STAGE, key)
+        if cached is not None:
+            log.info("finetune: reusing model %s", key)
+            return ModelArtifact.model_validate({**cached, "reused": True})
+        return _run(config, splits, store, key, base, base_fp)
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+def _devices(config: RetrainConfig) -> tuple[int, bool, bool, bool]:
+    """(processes, use_gpu, bf16, fp16) for this machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 1, False, False, False
+    visible = torch.cuda.device_count()
+    n = visible if config.training.num_gpus == "auto" else min(int(config.training.num_gpus), visible)
+    bf16 = torch.cuda.is_bf16_supported()
+    return max(1, n), True, bf16, not bf16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """Newest checkpoint whose marker says every rank finished writing it.
+
+    Unmarked checkpoints (a process killed while saving) are removed so that neither the
+    Trainer's rotation nor a later resume ever looks at them.
+    """
+    if not output_dir.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for ckpt in output_dir.glob("checkpoint-*"):
+        try:
+            step = int(ckpt.name.split("-")[-1])
+        except ValueError:
+            continue
+        if not (ckpt / CHECKPOINT_MARKER).is_file():
+            log.warning("finetune: removing incomplete checkpoint %s", ckpt.name)
+            shutil.rmtree(ckpt, ignore_errors=True)
+            continue
+        if best is None or step > best[0]:
+            best = (step, ckpt)
+    return best[1] if best else None
+
+
+def _child_env(use_gpu: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "domaintune" / "torch_extensions"))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return env
+
+
+# -------------------------------------------------------------------------------- stage
+
+
+def _run(config: RetrainConfig, splits: SplitManifest, store: Store, key: str, base: ResolvedModel, base_fp: str) -> ModelArtifact:
+    work = store.scratch_dir(STAGE, key)
+    ckpt_dir = work / "checkpoints"
+    final_dir = work / "final"
+    shutil.rmtree(final_dir, ignore_errors=True)
+    n_proc, use_gpu, bf16, fp16 = _devices(config)
+    resume = latest_complete_checkpoint(ckpt_dir)
+    attempts_path = work / "attempts.json"
+    attempts: list[dict[str, Any]] = json.loads(attempts_path.read_text()) if attempts_path.is_file() else []
+    attempt = {
+        "attempt": len(attempts) + 1,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from": resume.name if resume else None,
+        "processes": n_proc,
+        "device": "gpu" if use_gpu else "cpu",
+    }
+    spec = {
+        "task_type": config.task.type,
+        "labels": splits.labels,
+        "model_path": base.path,
+        "trust_remote_code": config.model.trust_remote_code,
+        "splits": {name: s.path for name, s in splits.splits.items()},
+        "output_dir": str(ckpt_dir),
+        "final_dir": str(final_dir),
+        "training": config.training.model_dump(mode="json"),
+        "primary_metric": config.evaluation.primary_metric,
+        "deepspeed": build_deepspeed_config(config.training.deepspeed, bf16=bf16, fp16=fp16),
+        "bf16": bf16,
+        "fp16": fp16,
+        "resume_from": str(resume) if resume else None,
+    }
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    if resume:
+        log.info("finetune: attempt %d resumes from %s", attempt["attempt"], resume.name)
+    cmd = [
+        sys.executable, "-m", "deepspeed.launcher.runner",
+        "--num_gpus", str(n_proc),
+        "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()),
+        "--no_local_rank",
+        "--module", "domaintune.training.worker",
+        "--spec", str(spec_path),
+    ]  # fmt: skip
+    log.info(
+        "finetune: launching %d %s process(es) with DeepSpeed ZeRO-%d",
+        n_proc,
+        "GPU" if use_gpu else "CPU",
+        config.training.deepspeed.zero_stage,
+    )
+    t0 = time.time()
+    rc, tail = _launch(cmd, _child_env(use_gpu), work / "train.log")
+    attempt.update(exit_code=rc, seconds=round(time.time() - t0, 2))
+    attempts.append(attempt)
+    atomic_write_text(attempts_path, json.dumps(attempts, indent=2))
+    if rc != 0 or not (final_dir / "training_summary.json").is_file():
+        last = "\n".join(tail)
+        cause = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), "")
+        raise TrainingFailed(
+            f"finetune: training exited with code {rc} (attempt {attempt['attempt']}): "
+            f"{cause.strip()[:300]}; a retry resumes from the newest checkpoint; full log: "
+            f"{work / 'train.log'}",
+            log_tail=last,
+        )
+    summary = json.loads((final_dir / "training_summary.json").read_text())
+    model_fp = ResolvedModel(name="finetuned", path=str(final_dir)).fingerprint()
+    with store.writer(STAGE, key) as w:
+        for item in final_dir.iterdir():
+            os.replace(item, w.path / item.name)
+        (w.path / "log_history.json").write_text(json.dumps(summary.get("log_history", []), indent=2, default=float))
+        shutil.copy2(work / "train.log", w.path / "train.log")
+        (w.path / "attempts.json").write_text(json.dumps(attempts, indent=2))
+        entry = store.entry_path(STAGE, key)
+        manifest = ModelArtifact(
+            key=key,
+            path=str(entry),
+            fingerprint=model_fp,
+            model_dir=str(entry),
+            base_model=base.name,
+            base_fingerprint=base_fp,
+            labels=splits.labels,
+            trainable_parameters=int(summary["trainable_parameters"]),
+            total_parameters=int(summary["total_parameters"]),
+            global_step=int(summary["global_step"]),
+            best_metric=summary.get("best_metric"),
+            train_seconds=float(summary["train_seconds"]),
+            attempts=attempts,
+        )
+        w.manifest = manifest.model_dump(mode="json")
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints (optimizer state) are no longer needed
+    log.info(
+        "finetune: %d steps in %.1f s, best %s %.4f -> %s",
+        manifest.global_step,
+        manifest.train_seconds,
+        summary.get("metric_for_best_model"),
+        manifest.best_metric or float("nan"),
+        manifest.model_dir,
+    )
+    return manifest
+
+
+def _launch(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, list[str]]:
+    """Run the launcher, forward its output, return (exit code, last lines)."""
+    tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+    with open(log_path, "a", encoding="utf-8") as logf:
+        logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,  # its own process group: killed as one on cancellation
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                logf.write(line)
+                line = line.rstrip("\n")
+                tail.append(line)
+                _forward(line)
+            rc = proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            raise
+    return rc, list(tail)
+
+
+def _forward(line: str) -> None:
+    if line.startswith(PROGRESS_PREFIX):
+        try:
+            event = json.loads(line[len(PROGRESS_PREFIX) :])
+        except ValueError:
+            log.info("train: %s", line)
+            return
+        kind = event.pop("event", "")
+        if kind == "log":
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in event.items()}
+            log.info("train: %s", " ".join(f"{k}={v}" for k, v in shown.items()))
+        else:
+            log.info("train %s: %s", kind, json.dumps(event, default=str))
+    elif "Traceback" in line or "Error" in line or "error:" in line:
+        log.warning("train: %s", line)
+    else:
+        log.debug("train: %s", line)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,93 @@
+"""ingest: input files -> immutable raw snapshot (Parquet) with a content fingerprint.
+
+Reads CSV / JSONL / Parquet / text files from paths, globs, fsspec URLs or pkg:// package data,
+maps the user's columns to the task's, normalises labels, and writes ``raw.parquet`` with the
+source file and row of every example. Source files are only ever read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from domaintune.config import RetrainConfig
+from domaintune.fingerprint import hash_dataframe, hash_local_file, hash_obj, stable_json
+from domaintune.manifests import RawSnapshot, SourceFile
+from domaintune.sources import SourceFile as InputFile
+from domaintune.sources import infer_format, read_file, resolve_sources
+from domaintune.store import Store
+from domaintune.tasktypes import get_task_type
+
+log = logging.getLogger(__name__)
+
+STAGE = "ingest"
+VERSION = "1"
+
+
+def _file_fingerprint(f: InputFile) -> str:
+    if f.is_local:
+        return hash_local_file(f.path)
+    info = f.fs.info(f.path)  # object stores: ETag / checksum / size / mtime
+    return hash_obj({k: str(v) for k, v in info.items() if k != "name"}, length=64)
+
+
+def plan(config: RetrainConfig) -> tuple[str, list[InputFile], str, dict[str, str]]:
+    """Resolve the inputs and compute the stage key without reading the data."""
+    files = resolve_sources(config.data.source)
+    fmt = infer_format(files, config.data.format)
+    hashes = {f.url: _file_fingerprint(f) for f in files}
+    key = hash_obj(
+        STAGE,
+        VERSION,
+        config.task.type,
+        config.task.labels,
+        config.data.model_dump(exclude={"source"}),
+        fmt,
+        sorted(hashes.items()),
+    )
+    return key, files, fmt, hashes
+
+
+def ingest(config: RetrainConfig, store: Store) -> RawSnapshot:
+    key, files, fmt, hashes = plan(config)
+    with store.lock(STAGE, key):
+        cached = store.manifest(STAGE, key)
+        if cached is not None:
+            log.info("ingest: reusing raw snapshot %s (%d rows)", key, cached["rows"])
+            return RawSnapshot.model_validate({**cached, "reused": True})
+        task = get_task_type(config.task.type)
+        tables: list[pd.DataFrame] = []
+        sources: list[SourceFile] = []
+        for f in files:
+            df, enc = read_file(f, fmt, config.data.encoding, config.data.delimiter)
+            df = task.map_columns(df, config, f.url)
+            tables.append(df)
+            sources.append(SourceFile(path=f.url, sha256=hashes[f.url], rows=len(df), encoding=enc))
+        raw = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+        raw, labels, notes = task.normalize_labels(raw, config)
+        raw["_row"] = raw["_row"].astype("int64")
+        fingerprint = hash_dataframe(raw)
+        counts = {str(k): int(v) for k, v in raw["label"].value_counts(dropna=True).items()}
+        encodings = sorted({s.encoding for s in sources if s.encoding and s.encoding != "utf-8"})
+        if encodings:
+            notes.append(f"non-UTF-8 input decoded as {', '.join(encodings)}")
+        with store.writer(STAGE, key) as w:
+            raw.to_parquet(w.path / "raw.parquet", index=False)
+            manifest = RawSnapshot(
+                key=key,
+                path=str(store.entry_path(STAGE, key)),
+                fingerprint=fingerprint,
+                rows=len(raw),
+                columns=[str(c) for c in raw.columns],
+                sources=sources,
+                labels=labels,
+                label_counts=counts,
+                notes=notes,
+            )
+            w.manifest = manifest.model_dump(mode="json")
+            (w.path / "manifest.json").write_text(stable_json(w.manifest))
+        for note in notes:
+            log.info("ingest: %s", note)
+        log.info("ingest: %d rows from %d file(s) -> %s", len(raw), len(files), manifest.path)
+        return manifest

@@ -1,0 +1,191 @@
+"""preprocess: raw snapshot -> cleaned, de-duplicated, split and tokenized Parquet per split.
+
+- Cleaning: HTML entities, Unicode normalisation, whitespace (configurable).
+- De-duplication: exact duplicate texts after cleaning, keeping the first.
+- Split: stratified and deterministic. Within each label, examples are ordered by a seeded
+  hash of their text and cut into test / validation / train. The split depends only on the
+  seed and the data, not on file order, and an example keeps its split when data is added.
+- Tokenization: the model's fast tokenizer through ``datasets.map`` (batched, several
+  processes for large data), truncation to ``training.max_length`` and no padding: batches
+  are padded dynamically at training time.
+
+The key covers the raw data, this stage's config, the tokenizer's file contents and the
+tokenizer library versions, so a cache built with one tokenizer is never reused for another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from domaintune.config import RetrainConfig
+from domaintune.errors import DataError, ModelError
+from domaintune.fingerprint import hash_local_file, hash_obj, stable_json
+from domaintune.manifests import RawSnapshot, SplitInfo, SplitManifest
+from domaintune.models import ResolvedModel, resolve_model
+from domaintune.store import Store
+from domaintune.tasktypes import get_task_type
+
+log = logging.getLogger(__name__)
+
+STAGE = "preprocess"
+VERSION = "1"
+SPLITS = ("train", "validation", "test")
+
+
+def plan(config: RetrainConfig, raw: RawSnapshot) -> tuple[str, ResolvedModel, str]:
+    import tokenizers
+    import transformers
+
+    model = resolve_model(config.model.name_or_path, config.model.revision)
+    tok_fp = model.tokenizer_fingerprint()
+    key = hash_obj(
+        STAGE,
+        VERSION,
+        raw.fingerprint,
+        raw.labels,
+        config.task.type,
+        config.preprocess.model_dump(exclude={"num_proc"}),
+        {
+            "max_length": config.training.max_length,
+            "seed": config.training.seed,
+            "test_size": config.evaluation.test_size,
+            "val_size": config.evaluation.val_size,
+        },
+        tok_fp,
+        transformers.__version__,
+        tokenizers.__version__,
+    )
+    return key, model, tok_fp
+
+
+def split_frame(df: pd.DataFrame, by: str | None, test_size: float, val_size: float, seed: int) -> dict[str, pd.DataFrame]:
+    """Deterministic stratified split: within each group, order by a seeded text hash."""
+    order = df["text"].map(lambda t: hashlib.sha256(f"{seed}\x1f{t}".encode()).hexdigest())
+    df = df.assign(_order=order)
+    groups = [g for _, g in df.groupby(by, sort=True)] if by else [df]
+    parts: dict[str, list[pd.DataFrame]] = {s: [] for s in SPLITS}
+    for g in groups:
+        g = g.sort_values("_order")
+        n = len(g)
+        n_test = min(n, max(1, round(n * test_size))) if n >= 3 else 0
+        n_val = min(n - n_test, max(1, round(n * val_size))) if n >= 3 else 0
+        parts["test"].append(g.iloc[:n_test])
+        parts["validation"].append(g.iloc[n_test : n_test + n_val])
+        parts["train"].append(g.iloc[n_test + n_val :])
+    return {
+        s: pd.concat(p).sort_values("_order").drop(columns="_order").reset_index(drop=True)
+        for s, p in parts.items()
+    }
+
+
+def _num_proc(setting: int | str, rows: int) -> int:
+    if setting != "auto":
+        return max(1, int(setting))
+    return max(1, min(os.cpu_count() or 1, 8, math.ceil(rows / 2000)))
+
+
+def load_fast_tokenizer(model: ResolvedModel, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model.path, use_fast=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"model.name_or_path: cannot load a tokenizer from {model.path}: {exc}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(
+            f"model.name_or_path: {model.name} has no fast tokenizer (tokenizer.json); rule: "
+            "domaintune needs a fast tokenizer for offsets and batched tokenization"
+        )
+    return tok
+
+
+def preprocess(config: RetrainConfig, raw: RawSnapshot, store: Store) -> SplitManifest:
+    key, model, tok_fp = plan(config, raw)
+    with store.lock(STAGE, key):
+        cached = store.manifest(STAGE, key)
+        if cached is not None:
+            log.info("preprocess: reusing splits %s", key)
+            return SplitManifest.model_validate({**cached, "reused": True})
+        return _run(config, raw, store, key, model, tok_fp)
+
+
+def _run(config: RetrainConfig, raw: RawSnapshot, store: Store, key: str, model: ResolvedModel, tok_fp: str) -> SplitManifest:
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    task = get_task_type(config.task.type)
+    labels = raw.labels
+    df = pd.read_parquet(raw.table)
+    stats: dict[str, Any] = {"raw_rows": len(df)}
+    df = df[df["label"].isin(labels) & df["text"].notna()]
+    stats["dropped_invalid"] = stats["raw_rows"] - len(df)
+    before = len(df)
+    df = task.clean(df, config)
+    stats["dropped_blank_after_cleaning"] = before - len(df)
+    if config.preprocess.drop_duplicates:
+        dup = df.duplicated("text", keep="first")
+        conflicting = df[df["text"].isin(df.loc[dup, "text"])].groupby("text")["label"].nunique()
+        stats["dropped_duplicates"] = int(dup.sum())
+        stats["duplicate_texts_with_conflicting_labels"] = int((conflicting > 1).sum())
+        df = df[~dup]
+    parts = split_frame(df, task.stratify_column(), config.evaluation.test_size, config.evaluation.val_size, config.training.seed)
+    for name, part in parts.items():
+        if part.empty:
+            raise DataError(
+                f"preprocess: the {name} split is empty ({len(df)} usable rows); rule: enough "
+                "rows per label for train, validation and test (add data or change "
+                "evaluation.test_size / val_size)"
+            )
+    tokenizer = load_fast_tokenizer(model, config.model.trust_remote_code)
+    splits: dict[str, SplitInfo] = {}
+    with store.writer(STAGE, key) as w:
+        entry = store.entry_path(STAGE, key)
+        for name, part in parts.items():
+            ds = Dataset.from_pandas(part[["text", "label", "_row", "_source"]], preserve_index=False)
+            ds = ds.map(
+                task.tokenize,
+                batched=True,
+                batch_size=1000,
+                num_proc=_num_proc(config.preprocess.num_proc, len(ds)) if len(ds) > 1 else None,
+                fn_kwargs={"tokenizer": tokenizer, "config": config, "labels": labels},
+                desc=f"tokenize {name}",
+            )
+            out = w.path / f"{name}.parquet"
+            ds.to_parquet(str(out))
+            lengths = np.asarray(ds["length"])
+            stats[f"{name}_tokens"] = {
+                "p50": int(np.percentile(lengths, 50)),
+                "p95": int(np.percentile(lengths, 95)),
+                "max": int(lengths.max()),
+                "truncated_share": float((lengths >= config.training.max_length).mean()),
+            }
+            splits[name] = SplitInfo(
+                path=str(entry / f"{name}.parquet"),
+                rows=len(ds),
+                fingerprint=hash_local_file(out)[:32],
+                label_counts={str(k): int(v) for k, v in part["label"].value_counts().items()},
+            )
+        manifest = SplitManifest(
+            key=key,
+            path=str(entry),
+            fingerprint=hash_obj(key, {n: s.fingerprint for n, s in splits.items()}),
+            splits=splits,
+            labels=labels,
+            tokenizer_fingerprint=tok_fp,
+            stats=stats,
+        )
+        w.manifest = manifest.model_dump(mode="json")
+        (w.path / "manifest.json").write_text(stable_json(w.manifest))
+    log.info(
+        "preprocess: %s -> %s",
+        ", ".join(f"{n} {s.rows}" for n, s in splits.items()),
+        manifest.path,
+    )
+    return manifest

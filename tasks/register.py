@@ -1,0 +1,176 @@
+"""register: a versioned model folder with its metrics, config and lineage; promotion gate.
+
+``<store>/registry/<name>/vNNNN/`` holds ``model/`` (weights and tokenizer, hard-linked from
+the store when possible), ``metrics.json``, ``config.yaml``, ``lineage.json`` and, written last
+as its completion marker, ``registration.json``. ``latest`` names the newest version and
+``production`` the champion. Registering the same model, metrics and config again returns the
+existing version instead of a copy.
+
+Promotion (simple for now): the fine-tuned model must beat the base model on the primary
+metric by ``promotion.min_gain_over_base``, and the current champion by
+``promotion.margin_over_champion``. A failed run never reaches this stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from domaintune import __version__
+from domaintune.config import RetrainConfig
+from domaintune.fingerprint import hash_obj
+from domaintune.manifests import EvaluationReport, ModelArtifact, RawSnapshot, Registration, SplitManifest
+from domaintune.store import Store, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STAGE = "register"
+VERSION = "1"
+MARKER = "registration.json"
+
+
+def code_version() -> dict[str, Any]:
+    """The package version plus the git commit of the source tree, when there is one."""
+    src = Path(__file__).resolve().parent.parent
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5).stdout.strip() or None
+        if commit:
+            dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=src, capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"domaintune": __version__, "git_commit": commit, "git_dirty": dirty}
+
+
+def registry_dir(store: Store, name: str) -> Path:
+    return store.entry_path("registry", name)
+
+
+def read_pointer(reg: Path, pointer: str) -> str | None:
+    p = reg / pointer
+    return p.read_text().strip() or None if p.is_file() else None
+
+
+def versions(reg: Path) -> list[dict[str, Any]]:
+    """Complete versions, oldest first (a version without its marker is not one)."""
+    out = []
+    for d in sorted(reg.glob("v[0-9][0-9][0-9][0-9]")):
+        if (d / MARKER).is_file():
+            out.append(json.loads((d / MARKER).read_text()))
+    return out
+
+
+def plan(config: RetrainConfig, model: ModelArtifact, evaluation: EvaluationReport) -> str:
+    return hash_obj(STAGE, VERSION, model.fingerprint, evaluation.fingerprint, config.model_dump(mode="json"))
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_dir():
+            _link_tree(item, dst / item.name)
+        elif item.name not in ("_COMPLETE.json", "train.log"):
+            try:
+                os.link(item, dst / item.name)
+            except OSError:
+                shutil.copy2(item, dst / item.name)
+
+
+def decide_promotion(config: RetrainConfig, evaluation: EvaluationReport, champion: dict[str, Any] | None) -> tuple[bool, str]:
+    m = evaluation.primary_metric
+    new = evaluation.finetuned[m]
+    base = evaluation.base[m]
+    need = config.promotion.min_gain_over_base
+    if new - base < need or new <= base:
+        return False, f"{m} {new:.4f} does not beat the base model's {base:.4f} by {need}"
+    if champion is None:
+        return True, f"first champion: {m} {new:.4f} (base {base:.4f})"
+    champ = champion.get("metrics", {}).get(m)
+    margin = config.promotion.margin_over_champion
+    if champ is not None and new < champ + margin:
+        return False, f"{m} {new:.4f} does not beat champion {champion['version']} ({champ:.4f}) by {margin}"
+    return True, f"{m} {new:.4f} beats champion {champion['version']} ({champ})"
+
+
+def register(
+    config: RetrainConfig,
+    raw: RawSnapshot,
+    splits: SplitManifest,
+    model: ModelArtifact,
+    evaluation: EvaluationReport,
+    store: Store,
+    flow_run_id: str | None = None,
+) -> Registration:
+    key = plan(config, model, evaluation)
+    reg = registry_dir(store, config.name)
+    reg.mkdir(parents=True, exist_ok=True)
+    with store.lock("registry", config.name):
+        existing = versions(reg)
+        for v in existing:
+            if v.get("key") == key:
+                log.info("register: %s %s already holds this model", config.name, v["version"])
+                return Registration.model_validate({**v, "reused": True})
+        number = max((int(v["version"][1:]) for v in existing), default=0) + 1
+        version = f"v{number:04d}"
+        champion_version = read_pointer(reg, "production")
+        champion = next((v for v in existing if v["version"] == champion_version), None)
+        promoted, reason = decide_promotion(config, evaluation, champion)
+        final = reg / version
+        tmp = reg / f".tmp-{version}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # an earlier attempt that never got its marker
+        try:
+            _link_tree(Path(model.model_dir), tmp / "model")
+            shutil.copy2(evaluation.metrics_json, tmp / "metrics.json")
+            shutil.copy2(evaluation.report_markdown, tmp / "evaluation.md")
+            (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+            lineage = {
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "prefect_flow_run_id": flow_run_id,
+                "code_version": code_version(),
+                "raw_snapshot": {"key": raw.key, "fingerprint": raw.fingerprint, "rows": raw.rows,
+                                 "sources": [s.model_dump() for s in raw.sources]},
+                "splits": {"key": splits.key, "fingerprint": splits.fingerprint,
+                           **{n: {"rows": s.rows, "fingerprint": s.fingerprint} for n, s in splits.splits.items()}},
+                "tokenizer_fingerprint": splits.tokenizer_fingerprint,
+                "base_model": {"name": model.base_model, "fingerprint": model.base_fingerprint},
+                "model": {"key": model.key, "fingerprint": model.fingerprint, "global_step": model.global_step,
+                          "attempts": model.attempts},
+                "evaluation": {"key": evaluation.key, "fingerprint": evaluation.fingerprint},
+            }
+            (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        manifest = Registration(
+            key=key,
+            path=str(final),
+            fingerprint=hash_obj(key, version),
+            name=config.name,
+            version=version,
+            model_dir=str(final / "model"),
+            promoted=promoted,
+            promotion_reason=reason,
+            registry_dir=str(reg),
+        )
+        record = {**manifest.model_dump(mode="json"),
+                  "metrics": {k: v for k, v in evaluation.finetuned.items() if isinstance(v, int | float)},
+                  "primary_metric": evaluation.primary_metric}
+        atomic_write_text(final / MARKER, json.dumps(record, indent=2))
+        atomic_write_text(reg / "latest", version)
+        if promoted:
+            atomic_write_text(reg / "production", version)
+        with open(reg / "history.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "version": version,
+                                "promoted": promoted, "reason": reason, "flow_run_id": flow_run_id}) + "\n")
+    log.info("register: %s %s (%s: %s)", config.name, version, "promoted" if promoted else "not promoted", reason)
+    return manifest
