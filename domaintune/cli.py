@@ -23,7 +23,9 @@ log = logging.getLogger("domaintune.cli")
 
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s | %(levelname)-7s | %(message)s", "%H:%M:%S")
+    )
     root = logging.getLogger("domaintune")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -31,18 +33,31 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="domaintune", description="Fine-tune pretrained language models for your domains.")
+    p = argparse.ArgumentParser(
+        prog="domaintune", description="Fine-tune pretrained language models for your domains."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in (
-        ("run", "run the retrain flow (ingest, validate, preprocess, finetune, evaluate, register)"),
+        (
+            "run",
+            "run the retrain flow (ingest, validate, preprocess, finetune, evaluate, register)",
+        ),
         ("validate", "ingest and validate the data against its contract; no training"),
     ):
         c = sub.add_parser(name, help=help_text)
         c.add_argument("config", help="YAML config of the use case")
-        c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set training.epochs=1 (repeatable)")
+        c.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set training.epochs=1 (repeatable)",
+        )
         c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-        c.add_argument("-v", "--verbose", action="store_true", help="debug logging (training output too)")
+        c.add_argument(
+            "-v", "--verbose", action="store_true", help="debug logging (training output too)"
+        )
     return p
 
 
@@ -63,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args, config)
 
 
-def _fail(args: argparse.Namespace, exc: BaseException, code: int, extra: dict[str, Any] | None = None) -> int:
+def _fail(
+    args: argparse.Namespace, exc: BaseException, code: int, extra: dict[str, Any] | None = None
+) -> int:
     msg = str(exc)
     if args.json:
         doc = {"status": "failed", "error": msg, "error_type": type(exc).__name__, **(extra or {})}
@@ -98,7 +115,9 @@ def _validate(args: argparse.Namespace, config: Any) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print(f"{config.name}: data contract passed ({report.evaluated} expectations, {raw.rows} rows)")
+        print(
+            f"{config.name}: data contract passed ({report.evaluated} expectations, {raw.rows} rows)"
+        )
         print(f"  labels: {', '.join(f'{k} {v}' for k, v in raw.label_counts.items())}")
         for note in raw.notes:
             print(f"  note: {note}")
@@ -128,14 +147,22 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     code = 2 if isinstance(exc, DomainTuneError) else 1
     if not isinstance(exc, BaseException):
         exc = RuntimeError(f"flow ended in state {state.name}: {state.message}")
-    return _fail(args, exc, code, {"run_id": run_id, "stages": stages, "promoted": False, "seconds": seconds})
+    return _fail(
+        args, exc, code, {"run_id": run_id, "stages": stages, "promoted": False, "seconds": seconds}
+    )
 
 
 def render_summary(s: dict[str, Any]) -> str:
-    lines = [f"retrain {s['name']!r} (domain {s['domain']}): {s['status'].upper()} in {s['seconds']:.1f} s"
-             f"   [flow run {s['run_id']}]", "", "  stage        cached   seconds"]
+    lines = [
+        f"retrain {s['name']!r} (domain {s['domain']}): {s['status'].upper()} in {s['seconds']:.1f} s"
+        f"   [flow run {s['run_id']}]",
+        "",
+        "  stage        cached   seconds",
+    ]
     for st in s["stages"]:
-        lines.append(f"  {st['name']:<12} {'yes' if st['cached'] else 'no':<8} {st['seconds']:>7.1f}")
+        lines.append(
+            f"  {st['name']:<12} {'yes' if st['cached'] else 'no':<8} {st['seconds']:>7.1f}"
+        )
     m = s["metrics"]
     lines += ["", f"  test metrics ({m['test_rows']} rows)   base   fine-tuned   gain"]
     for k, v in m["finetuned"].items():

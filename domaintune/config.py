@@ -30,9 +30,7 @@ class _Section(BaseModel):
 
 
 class TaskConfig(_Section):
-    type: TaskType = Field(
-        "text_classification", description="What the model learns to do."
-    )
+    type: TaskType = Field("text_classification", description="What the model learns to do.")
     labels: list[str] | None = Field(
         None,
         description="Declared label set, in id order. Integer labels in the data are mapped "
@@ -172,7 +170,9 @@ class PromotionConfig(_Section):
 
 
 class RetriesConfig(_Section):
-    count: int = Field(2, ge=0, description="Retries of a failed stage (bad input is never retried).")
+    count: int = Field(
+        2, ge=0, description="Retries of a failed stage (bad input is never retried)."
+    )
     delay_seconds: float = Field(5, ge=0)
 
 

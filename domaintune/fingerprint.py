@@ -19,6 +19,19 @@ _FILE_HASH_MEMO: dict[tuple[str, int, int], str] = {}
 _CHUNK = 4 * 1024 * 1024
 
 
+def library_versions(*names: str) -> dict[str, str]:
+    """Installed versions of libraries whose behaviour changes a stage's output."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
 def stable_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace: equal objects give equal strings."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)

@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 
 
-def predict_logits(model: Any, tokenizer: Any, task: Any, split_path: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(
+    model: Any, tokenizer: Any, task: Any, split_path: str, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(logits, references) for every row of a tokenized split, in the split's order.
 
     Rows are batched by length (less padding) and put back in order afterwards.

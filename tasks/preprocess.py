@@ -26,7 +26,7 @@ import pandas as pd
 
 from domaintune.config import RetrainConfig
 from domaintune.errors import DataError, ModelError
-from domaintune.fingerprint import hash_local_file, hash_obj, stable_json
+from domaintune.fingerprint import hash_local_file, hash_obj, library_versions, stable_json
 from domaintune.manifests import RawSnapshot, SplitInfo, SplitManifest
 from domaintune.models import ResolvedModel, resolve_model
 from domaintune.store import Store
@@ -40,9 +40,6 @@ SPLITS = ("train", "validation", "test")
 
 
 def plan(config: RetrainConfig, raw: RawSnapshot) -> tuple[str, ResolvedModel, str]:
-    import tokenizers
-    import transformers
-
     model = resolve_model(config.model.name_or_path, config.model.revision)
     tok_fp = model.tokenizer_fingerprint()
     key = hash_obj(
@@ -59,13 +56,14 @@ def plan(config: RetrainConfig, raw: RawSnapshot) -> tuple[str, ResolvedModel, s
             "val_size": config.evaluation.val_size,
         },
         tok_fp,
-        transformers.__version__,
-        tokenizers.__version__,
+        library_versions("transformers", "tokenizers", "datasets"),
     )
     return key, model, tok_fp
 
 
-def split_frame(df: pd.DataFrame, by: str | None, test_size: float, val_size: float, seed: int) -> dict[str, pd.DataFrame]:
+def split_frame(
+    df: pd.DataFrame, by: str | None, test_size: float, val_size: float, seed: int
+) -> dict[str, pd.DataFrame]:
     """Deterministic stratified split: within each group, order by a seeded text hash."""
     order = df["text"].map(lambda t: hashlib.sha256(f"{seed}\x1f{t}".encode()).hexdigest())
     df = df.assign(_order=order)
@@ -95,9 +93,13 @@ def load_fast_tokenizer(model: ResolvedModel, trust_remote_code: bool = False) -
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(model.path, use_fast=True, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            model.path, use_fast=True, trust_remote_code=trust_remote_code
+        )
     except Exception as exc:
-        raise ModelError(f"model.name_or_path: cannot load a tokenizer from {model.path}: {exc}") from None
+        raise ModelError(
+            f"model.name_or_path: cannot load a tokenizer from {model.path}: {exc}"
+        ) from None
     if not getattr(tok, "is_fast", False):
         raise ModelError(
             f"model.name_or_path: {model.name} has no fast tokenizer (tokenizer.json); rule: "
@@ -116,7 +118,14 @@ def preprocess(config: RetrainConfig, raw: RawSnapshot, store: Store) -> SplitMa
         return _run(config, raw, store, key, model, tok_fp)
 
 
-def _run(config: RetrainConfig, raw: RawSnapshot, store: Store, key: str, model: ResolvedModel, tok_fp: str) -> SplitManifest:
+def _run(
+    config: RetrainConfig,
+    raw: RawSnapshot,
+    store: Store,
+    key: str,
+    model: ResolvedModel,
+    tok_fp: str,
+) -> SplitManifest:
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
@@ -135,7 +144,13 @@ def _run(config: RetrainConfig, raw: RawSnapshot, store: Store, key: str, model:
         stats["dropped_duplicates"] = int(dup.sum())
         stats["duplicate_texts_with_conflicting_labels"] = int((conflicting > 1).sum())
         df = df[~dup]
-    parts = split_frame(df, task.stratify_column(), config.evaluation.test_size, config.evaluation.val_size, config.training.seed)
+    parts = split_frame(
+        df,
+        task.stratify_column(),
+        config.evaluation.test_size,
+        config.evaluation.val_size,
+        config.training.seed,
+    )
     for name, part in parts.items():
         if part.empty:
             raise DataError(
@@ -148,7 +163,9 @@ def _run(config: RetrainConfig, raw: RawSnapshot, store: Store, key: str, model:
     with store.writer(STAGE, key) as w:
         entry = store.entry_path(STAGE, key)
         for name, part in parts.items():
-            ds = Dataset.from_pandas(part[["text", "label", "_row", "_source"]], preserve_index=False)
+            ds = Dataset.from_pandas(
+                part[["text", "label", "_row", "_source"]], preserve_index=False
+            )
             ds = ds.map(
                 task.tokenize,
                 batched=True,

@@ -27,7 +27,13 @@ import yaml
 from domaintune import __version__
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj
-from domaintune.manifests import EvaluationReport, ModelArtifact, RawSnapshot, Registration, SplitManifest
+from domaintune.manifests import (
+    EvaluationReport,
+    ModelArtifact,
+    RawSnapshot,
+    Registration,
+    SplitManifest,
+)
 from domaintune.store import Store, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -42,9 +48,22 @@ def code_version() -> dict[str, Any]:
     src = Path(__file__).resolve().parent.parent
     commit = dirty = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
         if commit:
-            dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=src, capture_output=True, text=True, timeout=5).stdout.strip())
+            dirty = bool(
+                subprocess.run(
+                    ["git", "status", "--porcelain"],
+                    cwd=src,
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout.strip()
+            )
     except (OSError, subprocess.SubprocessError):
         pass
     return {"domaintune": __version__, "git_commit": commit, "git_dirty": dirty}
@@ -69,7 +88,16 @@ def versions(reg: Path) -> list[dict[str, Any]]:
 
 
 def plan(config: RetrainConfig, model: ModelArtifact, evaluation: EvaluationReport) -> str:
-    return hash_obj(STAGE, VERSION, model.fingerprint, evaluation.fingerprint, config.model_dump(mode="json"))
+    """The same model with the same evaluation is one version, whatever else (logging, say)
+    differed in the config; the promotion settings are part of it since they decide."""
+    return hash_obj(
+        STAGE,
+        VERSION,
+        config.name,
+        model.fingerprint,
+        evaluation.fingerprint,
+        config.promotion.model_dump(mode="json"),
+    )
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -84,7 +112,9 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(item, dst / item.name)
 
 
-def decide_promotion(config: RetrainConfig, evaluation: EvaluationReport, champion: dict[str, Any] | None) -> tuple[bool, str]:
+def decide_promotion(
+    config: RetrainConfig, evaluation: EvaluationReport, champion: dict[str, Any] | None
+) -> tuple[bool, str]:
     m = evaluation.primary_metric
     new = evaluation.finetuned[m]
     base = evaluation.base[m]
@@ -96,7 +126,10 @@ def decide_promotion(config: RetrainConfig, evaluation: EvaluationReport, champi
     champ = champion.get("metrics", {}).get(m)
     margin = config.promotion.margin_over_champion
     if champ is not None and new < champ + margin:
-        return False, f"{m} {new:.4f} does not beat champion {champion['version']} ({champ:.4f}) by {margin}"
+        return (
+            False,
+            f"{m} {new:.4f} does not beat champion {champion['version']} ({champ:.4f}) by {margin}",
+        )
     return True, f"{m} {new:.4f} beats champion {champion['version']} ({champ})"
 
 
@@ -131,19 +164,35 @@ def register(
             _link_tree(Path(model.model_dir), tmp / "model")
             shutil.copy2(evaluation.metrics_json, tmp / "metrics.json")
             shutil.copy2(evaluation.report_markdown, tmp / "evaluation.md")
-            (tmp / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+            (tmp / "config.yaml").write_text(
+                yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+            )
             lineage = {
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "prefect_flow_run_id": flow_run_id,
                 "code_version": code_version(),
-                "raw_snapshot": {"key": raw.key, "fingerprint": raw.fingerprint, "rows": raw.rows,
-                                 "sources": [s.model_dump() for s in raw.sources]},
-                "splits": {"key": splits.key, "fingerprint": splits.fingerprint,
-                           **{n: {"rows": s.rows, "fingerprint": s.fingerprint} for n, s in splits.splits.items()}},
+                "raw_snapshot": {
+                    "key": raw.key,
+                    "fingerprint": raw.fingerprint,
+                    "rows": raw.rows,
+                    "sources": [s.model_dump() for s in raw.sources],
+                },
+                "splits": {
+                    "key": splits.key,
+                    "fingerprint": splits.fingerprint,
+                    **{
+                        n: {"rows": s.rows, "fingerprint": s.fingerprint}
+                        for n, s in splits.splits.items()
+                    },
+                },
                 "tokenizer_fingerprint": splits.tokenizer_fingerprint,
                 "base_model": {"name": model.base_model, "fingerprint": model.base_fingerprint},
-                "model": {"key": model.key, "fingerprint": model.fingerprint, "global_step": model.global_step,
-                          "attempts": model.attempts},
+                "model": {
+                    "key": model.key,
+                    "fingerprint": model.fingerprint,
+                    "global_step": model.global_step,
+                    "attempts": model.attempts,
+                },
                 "evaluation": {"key": evaluation.key, "fingerprint": evaluation.fingerprint},
             }
             (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2))
@@ -161,16 +210,31 @@ def register(
             promoted=promoted,
             promotion_reason=reason,
             registry_dir=str(reg),
+            primary_metric=evaluation.primary_metric,
+            metrics={k: v for k, v in evaluation.finetuned.items() if isinstance(v, int | float)},
         )
-        record = {**manifest.model_dump(mode="json"),
-                  "metrics": {k: v for k, v in evaluation.finetuned.items() if isinstance(v, int | float)},
-                  "primary_metric": evaluation.primary_metric}
-        atomic_write_text(final / MARKER, json.dumps(record, indent=2))
+        atomic_write_text(final / MARKER, json.dumps(manifest.model_dump(mode="json"), indent=2))
         atomic_write_text(reg / "latest", version)
         if promoted:
             atomic_write_text(reg / "production", version)
         with open(reg / "history.jsonl", "a") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "version": version,
-                                "promoted": promoted, "reason": reason, "flow_run_id": flow_run_id}) + "\n")
-    log.info("register: %s %s (%s: %s)", config.name, version, "promoted" if promoted else "not promoted", reason)
+            f.write(
+                json.dumps(
+                    {
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "version": version,
+                        "promoted": promoted,
+                        "reason": reason,
+                        "flow_run_id": flow_run_id,
+                    }
+                )
+                + "\n"
+            )
+    log.info(
+        "register: %s %s (%s: %s)",
+        config.name,
+        version,
+        "promoted" if promoted else "not promoted",
+        reason,
+    )
     return manifest

@@ -49,7 +49,9 @@ def load_contract(config: RetrainConfig) -> dict[str, Any]:
             raise ConfigError(f"contract.path: {path} not found") from None
         origin = str(path)
     else:
-        res = importlib.resources.files("domaintune.data_contracts").joinpath(f"{task.contract}.yaml")
+        res = importlib.resources.files("domaintune.data_contracts").joinpath(
+            f"{task.contract}.yaml"
+        )
         text = res.read_text(encoding="utf-8")
         origin = f"data_contracts/{task.contract}.yaml"
     try:
@@ -97,7 +99,13 @@ def _expectation_class(type_name: str):
 
 def plan(config: RetrainConfig, raw: RawSnapshot) -> tuple[str, dict[str, Any]]:
     contract = load_contract(config)
-    key = hash_obj(STAGE, VERSION, raw.fingerprint, raw.labels, {k: v for k, v in contract.items() if k != "origin"})
+    key = hash_obj(
+        STAGE,
+        VERSION,
+        raw.fingerprint,
+        raw.labels,
+        {k: v for k, v in contract.items() if k != "origin"},
+    )
     return key, contract
 
 
@@ -110,7 +118,9 @@ def validate(config: RetrainConfig, raw: RawSnapshot, store: Store) -> Validatio
         else:
             report = _run(contract, raw, store, key)
     if not report.success:
-        raise ContractViolation(_failure_message(report, raw), report.report_markdown, report.failures)
+        raise ContractViolation(
+            _failure_message(report, raw), report.report_markdown, report.failures
+        )
     log.info(
         "validate: contract %r passed (%d expectations) -> %s",
         report.contract,
@@ -139,9 +149,13 @@ def _run(contract: dict[str, Any], raw: RawSnapshot, store: Store, key: str) -> 
         by_table.setdefault(spec.get("table", "rows"), []).append(spec)
     for table_name, specs in by_table.items():
         if table_name not in tables:
-            raise ConfigError(f"{contract['origin']}: unknown table {table_name!r}; allowed: {', '.join(tables)}")
+            raise ConfigError(
+                f"{contract['origin']}: unknown table {table_name!r}; allowed: {', '.join(tables)}"
+            )
         frame = tables[table_name]
-        batch_def = source.add_dataframe_asset(table_name).add_batch_definition_whole_dataframe("all")
+        batch_def = source.add_dataframe_asset(table_name).add_batch_definition_whole_dataframe(
+            "all"
+        )
         suite = ctx.suites.add(gx.ExpectationSuite(name=f"{task_name}.{table_name}"))
         index_cols: list[str] = []
         for spec in specs:
@@ -168,7 +182,9 @@ def _run(contract: dict[str, Any], raw: RawSnapshot, store: Store, key: str) -> 
             d = r.to_json_dict()
             exp_id = (d["expectation_config"].get("meta") or {}).get("id")
             spec = spec_by_id.get(exp_id, {})
-            results.append(json.loads(json.dumps(_summarise(d, spec, table_name, params), default=_plain)))
+            results.append(
+                json.loads(json.dumps(_summarise(d, spec, table_name, params), default=_plain))
+            )
 
     order = {s["id"]: i for i, s in enumerate(contract["expectations"])}
     results.sort(key=lambda r: order.get(r["id"], 0))
@@ -181,8 +197,12 @@ def _run(contract: dict[str, Any], raw: RawSnapshot, store: Store, key: str) -> 
             "contract_origin": contract["origin"],
             "contract_version": contract.get("version"),
             "parameters": contract["parameters"],
-            "raw_snapshot": {"key": raw.key, "fingerprint": raw.fingerprint, "rows": raw.rows,
-                             "sources": [s.path for s in raw.sources]},
+            "raw_snapshot": {
+                "key": raw.key,
+                "fingerprint": raw.fingerprint,
+                "rows": raw.rows,
+                "sources": [s.path for s in raw.sources],
+            },
             "success": success,
             "results": results,
         }
@@ -211,13 +231,17 @@ def _plain(v: Any) -> Any:
     return str(v)
 
 
-def _summarise(d: dict[str, Any], spec: dict[str, Any], table: str, params: dict[str, Any]) -> dict[str, Any]:
+def _summarise(
+    d: dict[str, Any], spec: dict[str, Any], table: str, params: dict[str, Any]
+) -> dict[str, Any]:
     result = d.get("result") or {}
     examples = []
     for item in (result.get("partial_unexpected_index_list") or [])[:MAX_EXAMPLES]:
         examples.append({k: v for k, v in item.items()})
     if not examples:
-        examples = [{"value": v} for v in (result.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]]
+        examples = [
+            {"value": v} for v in (result.get("partial_unexpected_list") or [])[:MAX_EXAMPLES]
+        ]
     return {
         "id": spec.get("id", d["expectation_config"]["type"]),
         "rule": _fill(spec.get("rule", ""), params),
@@ -230,7 +254,9 @@ def _summarise(d: dict[str, Any], spec: dict[str, Any], table: str, params: dict
         "unexpected_percent": result.get("unexpected_percent"),
         "observed_value": result.get("observed_value"),
         "examples": examples,
-        "exception": (d.get("exception_info") or {}).get("exception_message") if (d.get("exception_info") or {}).get("raised_exception") else None,
+        "exception": (d.get("exception_info") or {}).get("exception_message")
+        if (d.get("exception_info") or {}).get("raised_exception")
+        else None,
     }
 
 
@@ -242,7 +268,11 @@ def _example_text(ex: dict[str, Any]) -> str:
         parts.append(f"row {ex['_row']}")
     if "label" in ex and "_row" not in ex:
         parts.append(f"label {ex['label']!r}")
-    values = {k: v for k, v in ex.items() if k not in ("_source", "_row", "label") or (k == "label" and "_row" in ex)}
+    values = {
+        k: v
+        for k, v in ex.items()
+        if k not in ("_source", "_row", "label") or (k == "label" and "_row" in ex)
+    }
     shown = ", ".join(f"{_clip(v)}" for v in values.values())
     where = " ".join(parts)
     return f"{where}: {shown}" if where else shown

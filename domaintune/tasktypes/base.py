@@ -30,7 +30,9 @@ class TaskType(ABC):
         """Rename the user's columns to the raw snapshot's; errors name ``where`` (the file)."""
 
     @abstractmethod
-    def normalize_labels(self, df: pd.DataFrame, config: Any) -> tuple[pd.DataFrame, list[str], list[str]]:
+    def normalize_labels(
+        self, df: pd.DataFrame, config: Any
+    ) -> tuple[pd.DataFrame, list[str], list[str]]:
         """Return (table, label set, notes) with labels in their declared form."""
 
     # -- validate -------------------------------------------------------------
@@ -46,17 +48,23 @@ class TaskType(ABC):
     def stratify_column(self) -> str | None: ...
 
     @abstractmethod
-    def tokenize(self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]) -> dict[str, list]: ...
+    def tokenize(
+        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
+    ) -> dict[str, list]: ...
 
     # -- train / evaluate ------------------------------------------------------
     @abstractmethod
-    def load_model(self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False) -> Any: ...
+    def load_model(
+        self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
+    ) -> Any: ...
 
     @abstractmethod
     def collator(self, tokenizer: Any) -> Any: ...
 
     @abstractmethod
-    def compute_metrics(self, predictions: Any, references: Any, labels: list[str]) -> dict[str, Any]: ...
+    def compute_metrics(
+        self, predictions: Any, references: Any, labels: list[str]
+    ) -> dict[str, Any]: ...
 
     def metric_for_best_model(self, primary: str) -> tuple[str, bool]:
         """Trainer metric name and whether greater is better."""

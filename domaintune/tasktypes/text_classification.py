@@ -58,7 +58,9 @@ class TextClassification(TaskType):
             }
         )
 
-    def normalize_labels(self, df: pd.DataFrame, config: Any) -> tuple[pd.DataFrame, list[str], list[str]]:
+    def normalize_labels(
+        self, df: pd.DataFrame, config: Any
+    ) -> tuple[pd.DataFrame, list[str], list[str]]:
         notes: list[str] = []
         raw = df["label"].map(lambda v: None if v is None else v.strip())
         declared = config.task.labels
@@ -125,7 +127,9 @@ class TextClassification(TaskType):
     def stratify_column(self) -> str | None:
         return "label"
 
-    def tokenize(self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]) -> dict[str, list]:
+    def tokenize(
+        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
+    ) -> dict[str, list]:
         enc = tokenizer(batch["text"], truncation=True, max_length=config.training.max_length)
         index = {lab: i for i, lab in enumerate(labels)}
         enc["labels"] = [index[lab] for lab in batch["label"]]
@@ -133,7 +137,9 @@ class TextClassification(TaskType):
         return dict(enc)
 
     # -- train / evaluate ------------------------------------------------------
-    def load_model(self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False) -> Any:
+    def load_model(
+        self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
+    ) -> Any:
         from transformers import AutoModelForSequenceClassification, set_seed
 
         # Seeding right before loading makes the new head's initialisation a function of
@@ -153,8 +159,15 @@ class TextClassification(TaskType):
 
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
 
-    def compute_metrics(self, predictions: Any, references: Any, labels: list[str]) -> dict[str, Any]:
-        from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    def compute_metrics(
+        self, predictions: Any, references: Any, labels: list[str]
+    ) -> dict[str, Any]:
+        from sklearn.metrics import (
+            accuracy_score,
+            confusion_matrix,
+            f1_score,
+            precision_recall_fscore_support,
+        )
 
         preds = np.asarray(predictions)
         refs = np.asarray(references)
@@ -163,9 +176,16 @@ class TextClassification(TaskType):
         return {
             "accuracy": float(accuracy_score(refs, preds)),
             "macro_f1": float(f1_score(refs, preds, labels=ids, average="macro", zero_division=0)),
-            "weighted_f1": float(f1_score(refs, preds, labels=ids, average="weighted", zero_division=0)),
+            "weighted_f1": float(
+                f1_score(refs, preds, labels=ids, average="weighted", zero_division=0)
+            ),
             "per_class": {
-                lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                lab: {
+                    "precision": float(p[i]),
+                    "recall": float(r[i]),
+                    "f1": float(f[i]),
+                    "support": int(s[i]),
+                }
                 for i, lab in enumerate(labels)
             },
             "confusion_matrix": {

@@ -34,7 +34,7 @@ def emit(event: str, **fields: Any) -> None:
         print(PROGRESS_PREFIX + json.dumps({"event": event, **fields}, default=float), flush=True)
 
 
-def _callbacks(total_params: int, trainable: int):
+def _callbacks(total_params: int, trainable: int, seen: dict[str, Any]):
     from transformers import TrainerCallback
 
     class CheckpointMarker(TrainerCallback):
@@ -48,7 +48,9 @@ def _callbacks(total_params: int, trainable: int):
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
-                    (ckpt / CHECKPOINT_MARKER).write_text(json.dumps({"step": state.global_step, "time": time.time()}))
+                    (ckpt / CHECKPOINT_MARKER).write_text(
+                        json.dumps({"step": state.global_step, "time": time.time()})
+                    )
                     emit("checkpoint", step=state.global_step, path=str(ckpt))
 
     class Progress(TrainerCallback):
@@ -56,12 +58,23 @@ def _callbacks(total_params: int, trainable: int):
             self.t0 = time.time()
 
         def on_train_begin(self, args, state, control, **kwargs):
-            emit("train_begin", max_steps=state.max_steps, epochs=args.num_train_epochs,
-                 trainable_parameters=trainable, total_parameters=total_params)
+            seen["start_step"] = state.global_step  # > 0 when resumed from a checkpoint
+            emit(
+                "train_begin",
+                start_step=state.global_step,
+                max_steps=state.max_steps,
+                epochs=args.num_train_epochs,
+                trainable_parameters=trainable,
+                total_parameters=total_params,
+            )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            fields = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
-                      "elapsed": round(time.time() - self.t0, 2)}
+            fields = {
+                "step": state.global_step,
+                "max_steps": state.max_steps,
+                "epoch": state.epoch,
+                "elapsed": round(time.time() - self.t0, 2),
+            }
             fields.update({k: v for k, v in (logs or {}).items() if isinstance(v, int | float)})
             emit("log", **fields)
 
@@ -83,7 +96,9 @@ def run(spec: dict[str, Any]) -> None:
     task = get_task_type(spec["task_type"])
     labels = spec["labels"]
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"], use_fast=True)
-    model = task.load_model(spec["model_path"], labels, t["seed"], spec.get("trust_remote_code", False))
+    model = task.load_model(
+        spec["model_path"], labels, t["seed"], spec.get("trust_remote_code", False)
+    )
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -140,9 +155,12 @@ def run(spec: dict[str, Any]) -> None:
         average_tokens_across_devices=False,
         save_only_model=False,
     )
-    callbacks = _callbacks(total, trainable)
+    seen: dict[str, Any] = {}
+    callbacks = _callbacks(total, trainable, seen)
     if t.get("early_stopping_patience"):
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t["early_stopping_patience"]))
+        callbacks.append(
+            EarlyStoppingCallback(early_stopping_patience=t["early_stopping_patience"])
+        )
     trainer = Trainer(
         model=model,
         args=args,
@@ -171,20 +189,28 @@ def run(spec: dict[str, Any]) -> None:
             "trainable_parameters": trainable,
             "total_parameters": total,
             "resumed_from": resume,
+            "start_step": seen.get("start_step", 0),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "log_history": trainer.state.log_history,
         }
         (final / "training_summary.json").write_text(json.dumps(summary, indent=2, default=float))
-        emit("done", global_step=trainer.state.global_step, best_metric=trainer.state.best_metric,
-             train_seconds=round(seconds, 2))
+        emit(
+            "done",
+            global_step=trainer.state.global_step,
+            best_metric=trainer.state.best_metric,
+            train_seconds=round(seconds, 2),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="domaintune.training.worker")
     parser.add_argument("--spec", required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    logging.basicConfig(
+        level=logging.INFO if _rank() == 0 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
     spec = json.loads(Path(args.spec).read_text())
     run(spec)
     return 0

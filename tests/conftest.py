@@ -1,0 +1,200 @@
+"""Shared fixtures: an offline, isolated environment, tiny real models, and real-ish data.
+
+Everything is real: tokenizers are trained on the fly with `tokenizers`, models are tiny BERTs
+built from a config and saved in Hugging Face format, Prefect runs against a temporary local
+server, Great Expectations validates for real and training goes through the DeepSpeed launcher.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="domaintune-tests-"))
+
+
+def pytest_configure(config):
+    # Must happen before Prefect, GX or transformers are imported anywhere.
+    os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect-home")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.pop("PREFECT_API_URL", None)  # never talk to a developer's real server
+    os.environ["GX_ANALYTICS_ENABLED"] = "false"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HOME"] = str(_SESSION_TMP / "hf-home")
+    os.environ["HF_DATASETS_CACHE"] = str(_SESSION_TMP / "hf-datasets")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "domaintune" / "torch_extensions")
+    )
+    os.environ["DOMAINTUNE_CACHE"] = str(_SESSION_TMP / "domaintune-cache")
+    from domaintune.orchestration import configure_environment
+
+    configure_environment()
+
+
+# ----------------------------------------------------------------------------- data
+
+WORDS = {
+    "positive": "growth profit record gain strong beat rises upgrade boost surge win robust".split(),
+    "negative": "loss decline weak cut falls warning miss drop layoffs slump debt plunge".split(),
+    "neutral": "meeting announced scheduled report quarter statement office located annual plans".split(),
+}
+FILLER = "the company said its shares in market on for a of to with by from this year".split()
+LABELS = ["negative", "neutral", "positive"]
+
+
+def make_rows(n_per_class: int, seed: int = 0, labels: list[str] | None = None) -> list[dict]:
+    """Distinct short texts whose label is learnable from class-specific words."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    for label in labels or LABELS:
+        made = 0
+        while made < n_per_class:
+            words = rng.sample(WORDS[label], 3) + rng.sample(FILLER, rng.randint(3, 7))
+            rng.shuffle(words)
+            text = " ".join(words).capitalize() + "."
+            if text in seen:
+                continue
+            seen.add(text)
+            rows.append({"text": text, "label": label})
+            made += 1
+    rng.shuffle(rows)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict], columns=("text", "label"), encoding="utf-8") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding=encoding) as f:
+        w = csv.DictWriter(f, fieldnames=list(columns))
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c) for c in columns})
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def rows():
+    return make_rows
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_tiny_model(
+    out: Path, vocab_size: int = 300, seed: int = 0, extra_words: str = ""
+) -> Path:
+    """A tiny BERT encoder plus a WordPiece tokenizer trained here, saved like a hub model."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    corpus = [r["text"] for r in make_rows(40, seed=99)] + [extra_words]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    )
+    tok.train_from_iterator(corpus, trainer)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
+    )
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    model = BertModel(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return build_tiny_model(_SESSION_TMP / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_model() -> Path:
+    """Same architecture, a tokenizer trained with a different vocabulary size."""
+    return build_tiny_model(
+        _SESSION_TMP / "tiny-bert-other", vocab_size=200, extra_words="zebra quasar"
+    )
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model):
+    """Build a validated RetrainConfig for the tiny model on a given data source."""
+    from domaintune.config import load_config
+
+    def _make(source, **sections):
+        data = {
+            "name": "test-uc",
+            "domain": "finance",
+            "task": {"type": "text_classification", "labels": LABELS},
+            "data": {"source": str(source)},
+            "model": {"name_or_path": str(tiny_model)},
+            "training": {
+                "epochs": 8,
+                "learning_rate": 5e-3,
+                "batch_size": 8,
+                "max_length": 32,
+                "seed": 7,
+                "early_stopping_patience": None,
+                "warmup_ratio": 0.0,
+                "logging_steps": 5,
+            },
+            "evaluation": {"test_size": 0.2, "val_size": 0.15},
+            "retries": {"count": 0, "delay_seconds": 0},
+            "store": {"root": str(tmp_path / "store")},
+        }
+        for section, values in sections.items():
+            if isinstance(values, dict) and isinstance(data.get(section), dict):
+                data[section] = {**data[section], **values}
+            else:
+                data[section] = values
+        return load_config(data=data)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real temporary Prefect server (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

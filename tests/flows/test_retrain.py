@@ -1,0 +1,172 @@
+"""The whole retrain flow on a real (temporary) Prefect server, with real GX and DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from domaintune.errors import ContractViolation
+from tests.conftest import write_csv
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+
+STAGES = ["ingest", "validate", "preprocess", "finetune", "evaluate", "register"]
+
+
+def task_run_states(flow_run_id: str) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {r.name: r.state.name for r in runs}
+
+
+def cached(summary: dict) -> dict[str, bool]:
+    return {s["name"]: s["cached"] for s in summary["stages"]}
+
+
+def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows):
+    from transformers import AutoModelForSequenceClassification
+
+    from domaintune.flows.retrain import retrain
+
+    src = write_csv(tmp_path / "data" / "train.csv", rows(40))
+    cfg = make_config(src)
+
+    first = retrain(cfg)
+    assert [s["name"] for s in first["stages"]] == STAGES
+    assert not any(cached(first).values())
+    m = first["metrics"]
+    assert m["primary_metric"] == "accuracy" and m["test_rows"] == 24
+    assert m["finetuned"]["accuracy"] > m["base"]["accuracy"], m
+    assert {"accuracy", "macro_f1"} <= set(m["base"])
+    assert first["promoted"] and first["version"] == "v0001"
+    model_dir = Path(first["model_dir"])
+    assert (model_dir / "model.safetensors").is_file()
+    assert not list(model_dir.rglob("*.bin")) and not list(model_dir.rglob("*.pt")), (
+        "no pickles in the model"
+    )
+    loaded = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    assert loaded.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    reg = model_dir.parent
+    lineage = json.loads((reg / "lineage.json").read_text())
+    assert lineage["prefect_flow_run_id"] == first["run_id"]
+    assert lineage["raw_snapshot"]["sources"][0]["path"] == str(src)
+    assert (reg.parent / "latest").read_text() == "v0001" == (reg.parent / "production").read_text()
+    assert set(task_run_states(first["run_id"]).values()) == {"Completed"}
+
+    # the same config again: nothing is recomputed, and Prefect shows every stage as Cached
+    second = retrain(cfg)
+    assert all(cached(second).values()), second["stages"]
+    assert task_run_states(second["run_id"]) == {name: "Cached" for name in STAGES}
+    assert second["version"] == "v0001" and second["metrics"] == first["metrics"]
+
+    # a new max_length re-tokenizes and retrains, but keeps ingest and validate
+    third = retrain(make_config(src, training={"max_length": 24}))
+    assert cached(third) == {
+        "ingest": True,
+        "validate": True,
+        "preprocess": False,
+        "finetune": False,
+        "evaluate": False,
+        "register": False,
+    }
+    assert third["version"] == "v0002"
+
+    # a changed data file recomputes everything
+    write_csv(src, rows(40, seed=5))
+    fourth = retrain(cfg)
+    assert not any(cached(fourth).values()), fourth["stages"]
+
+
+def test_contract_violation_stops_the_flow_before_training(tmp_path, make_config, rows):
+    from domaintune.flows.retrain import retrain
+
+    r = rows(15)
+    for i in range(0, 12, 3):
+        r[i]["label"] = "bullish"
+    src = write_csv(tmp_path / "bad.csv", r)
+    before = src.read_bytes()
+    cfg = make_config(src)
+    state = retrain(cfg, return_state=True)
+    assert state.is_failed()
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, ContractViolation)
+    assert "label_in_set" in str(exc) and "'bullish'" in str(exc)
+    assert [s.name for s in exc.domaintune_stages] == ["ingest", "validate"]
+    store = Path(cfg.store.root)
+    raw = list((store / "ingest").glob("*/raw.parquet"))
+    assert len(raw) == 1, "the raw snapshot is kept"
+    assert not (store / "preprocess").exists() and not (store / "finetune").exists()
+    assert not (store / "registry").exists(), "nothing registered, nothing promoted"
+    assert src.read_bytes() == before
+    states = task_run_states(str(state.state_details.flow_run_id))
+    assert states == {"ingest": "Completed", "validate": "Failed"}, "bad data is not retried"
+
+
+def _kill_worker_after_first_checkpoint(work_root: Path, killed: dict) -> None:
+    import psutil
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        markers = list(
+            work_root.glob("finetune/.work/*/checkpoints/checkpoint-*/.domaintune-complete")
+        )
+        if markers:
+            for proc in psutil.Process(os.getpid()).children(recursive=True):
+                try:
+                    if "domaintune.training.worker" in " ".join(proc.cmdline()):
+                        killed["step"] = max(int(m.parent.name.split("-")[1]) for m in markers)
+                        proc.send_signal(signal.SIGKILL)
+                        killed["pid"] = proc.pid
+                except psutil.Error:
+                    continue
+            if "pid" in killed:
+                return
+        time.sleep(0.02)
+
+
+def test_killed_training_process_is_resumed_from_its_checkpoint_on_retry(
+    tmp_path, make_config, rows
+):
+    from domaintune.flows.retrain import retrain
+
+    src = write_csv(tmp_path / "data.csv", rows(40))
+    cfg = make_config(
+        src,
+        training={"max_steps": 80, "epochs": 50, "batch_size": 8, "checkpoint_every_steps": 5},
+        retries={"count": 1, "delay_seconds": 0},
+    )
+    killed: dict = {}
+    watcher = threading.Thread(
+        target=_kill_worker_after_first_checkpoint, args=(Path(cfg.store.root), killed)
+    )
+    watcher.start()
+    summary = retrain(cfg)
+    watcher.join()
+    assert "pid" in killed, "the training process was never killed"
+    model_dir = Path(summary["model_dir"]).parent / "lineage.json"
+    attempts = json.loads(model_dir.read_text())["model"]["attempts"]
+    assert len(attempts) == 2
+    assert attempts[0]["resumed_from"] is None and attempts[0]["exit_code"] != 0
+    resumed = attempts[1]["resumed_from"]
+    assert resumed is not None and int(resumed.split("-")[1]) >= 5
+    assert attempts[1]["exit_code"] == 0
+    states = task_run_states(summary["run_id"])
+    assert states["finetune"] == "Completed"
+    history = json.loads(
+        (Path(summary["model_dir"]).parent / "model" / "training_summary.json").read_text()
+    )
+    assert history["global_step"] == 80 and history["resumed_from"].endswith(resumed)
+    assert history["start_step"] == int(resumed.split("-")[1]), (
+        "the retry continued, it did not start over"
+    )

@@ -1,0 +1,74 @@
+import pandas as pd
+
+from domaintune.store import Store
+from domaintune.tasks.ingest import ingest
+from domaintune.tasks.preprocess import preprocess, split_frame
+from tests.conftest import write_csv
+
+
+def _splits(tmp_path, make_config, rows, **over):
+    src = tmp_path / "d.csv"
+    if not src.exists():
+        write_csv(src, rows(20))
+    cfg = make_config(src, **over)
+    store = Store(cfg.store.root)
+    return cfg, preprocess(cfg, ingest(cfg, store), store)
+
+
+def test_split_is_stratified_deterministic_and_order_independent(rows):
+    df = pd.DataFrame(rows(40))
+    a = split_frame(df, "label", 0.2, 0.1, seed=3)
+    b = split_frame(df.sample(frac=1, random_state=1), "label", 0.2, 0.1, seed=3)
+    for name in a:
+        assert a[name]["text"].tolist() == b[name]["text"].tolist()
+    assert a["test"]["label"].value_counts().to_dict() == {
+        "negative": 8,
+        "neutral": 8,
+        "positive": 8,
+    }
+    assert a["validation"]["label"].value_counts().to_dict() == {
+        "negative": 4,
+        "neutral": 4,
+        "positive": 4,
+    }
+    assert set(a["train"]["text"]).isdisjoint(a["test"]["text"])
+    c = split_frame(df, "label", 0.2, 0.1, seed=4)
+    assert c["test"]["text"].tolist() != a["test"]["text"].tolist()
+
+
+def test_cleaning_dedupe_and_tokenized_parquet(tmp_path, make_config, rows):
+    r = rows(20)
+    r.append({"text": "Profit &amp; growth   beat\n\nrecord", "label": "positive"})
+    r.append(
+        {"text": "Profit & growth beat record", "label": "positive"}
+    )  # duplicate after cleaning
+    write_csv(tmp_path / "d.csv", r)
+    cfg, splits = _splits(tmp_path, make_config, rows)
+    assert splits.stats["dropped_duplicates"] == 1
+    assert set(splits.splits) == {"train", "validation", "test"}
+    assert sum(s.rows for s in splits.splits.values()) == 61
+    frames = {n: pd.read_parquet(s.path) for n, s in splits.splits.items()}
+    texts = pd.concat(frames.values())["text"]
+    assert "Profit & growth beat record" in set(texts)
+    train = frames["train"]
+    assert {"input_ids", "attention_mask", "labels", "length", "_row", "_source"} <= set(
+        train.columns
+    )
+    lengths = train["input_ids"].map(len)
+    assert lengths.nunique() > 1, "no padding at preprocessing time: batches are padded dynamically"
+    assert lengths.max() <= cfg.training.max_length
+    assert set(train["labels"]) == {0, 1, 2}
+
+
+def test_cache_key_follows_max_length_and_tokenizer_content(
+    tmp_path, make_config, rows, other_tokenizer_model
+):
+    _, first = _splits(tmp_path, make_config, rows)
+    _, again = _splits(tmp_path, make_config, rows)
+    assert again.reused and again.key == first.key
+    _, longer = _splits(tmp_path, make_config, rows, training={"max_length": 48})
+    assert longer.key != first.key and not longer.reused
+    _, other = _splits(
+        tmp_path, make_config, rows, model={"name_or_path": str(other_tokenizer_model)}
+    )
+    assert other.key != first.key and other.tokenizer_fingerprint != first.tokenizer_fingerprint

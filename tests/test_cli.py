@@ -1,0 +1,108 @@
+"""The `domaintune` command as a user runs it: a subprocess with its own temporary Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import LABELS, write_csv
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)  # no configured API: the CLI starts Prefect's local server
+    return subprocess.run(
+        [sys.executable, "-m", "domaintune.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def write_config(path, source, store, model, **extra) -> str:
+    cfg = {
+        "name": "cli-uc",
+        "domain": "finance",
+        "task": {"type": "text_classification", "labels": LABELS},
+        "data": {"source": str(source)},
+        "model": {"name_or_path": str(model)},
+        "training": {
+            "epochs": 8,
+            "learning_rate": 5e-3,
+            "batch_size": 8,
+            "max_length": 32,
+            "early_stopping_patience": None,
+            "warmup_ratio": 0.0,
+        },
+        "retries": {"count": 0},
+        "store": {"root": str(store)},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_run_json_reports_stages_metrics_and_model_then_everything_cached(
+    tmp_path, rows, tiny_model
+):
+    src = write_csv(tmp_path / "d.csv", rows(30))
+    config = write_config(tmp_path / "c.yaml", src, tmp_path / "store", tiny_model)
+    first = cli("run", config, "--json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    doc = json.loads(first.stdout)  # stdout holds the JSON object and nothing else
+    assert doc["run_id"] and doc["promoted"] is True and os.path.isdir(doc["model_dir"])
+    assert [s["name"] for s in doc["stages"]] == [
+        "ingest",
+        "validate",
+        "preprocess",
+        "finetune",
+        "evaluate",
+        "register",
+    ]
+    assert all(s["cached"] is False and s["seconds"] >= 0 for s in doc["stages"])
+    assert set(doc["metrics"]["finetuned"]) >= {"accuracy", "macro_f1"}
+    assert set(doc["metrics"]["base"]) >= {"accuracy", "macro_f1"}
+    second = cli("run", config, "--json", "--set", "training.logging_steps=3")
+    doc2 = json.loads(second.stdout)
+    assert all(s["cached"] for s in doc2["stages"]), doc2["stages"]
+    assert doc2["model_dir"] == doc["model_dir"]
+    text = cli("run", config)
+    assert text.returncode == 0 and "fine-tuned" in text.stdout and "promoted: yes" in text.stdout
+
+
+def test_validate_command_and_exit_codes(tmp_path, rows, tiny_model):
+    good = write_csv(tmp_path / "good.csv", rows(12))
+    ok = cli(
+        "validate", write_config(tmp_path / "ok.yaml", good, tmp_path / "s", tiny_model), "--json"
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout)["status"] == "passed"
+    r = rows(12)
+    r[2]["label"] = "sideways"
+    bad = write_csv(tmp_path / "bad.csv", r)
+    failed = cli("validate", write_config(tmp_path / "bad.yaml", bad, tmp_path / "s", tiny_model))
+    assert failed.returncode == 2
+    assert "label_in_set" in failed.stderr and "bad.csv row 3: 'sideways'" in failed.stderr
+    assert "report:" in failed.stderr
+    typo = cli(
+        "run",
+        write_config(
+            tmp_path / "typo.yaml",
+            good,
+            tmp_path / "s",
+            tiny_model,
+            evaluation={"primery_metric": "accuracy"},
+        ),
+    )
+    assert (
+        typo.returncode == 2
+        and "evaluation.primery_metric: unknown key; did you mean 'primary_metric'?" in typo.stderr
+    )
