@@ -123,24 +123,47 @@ class Store:
         marker = self.read_marker(stage, key)
         return None if marker is None else marker["manifest"]
 
+    def cached_manifest(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The manifest of a complete entry, with the entry available locally; else None.
+
+        For a remote store the entry is mirrored into the local cache and the manifest's
+        paths (written by whichever machine computed it) are pointed at the local mirror.
+        """
+        manifest = self.manifest(stage, key)
+        if manifest is None or self.local:
+            return manifest
+        local = self.materialize(stage, key)
+        written_at = manifest.get("path")
+        if written_at and written_at != str(local):
+            manifest = json.loads(json.dumps(manifest).replace(written_at, str(local)))
+        return manifest
+
     def materialize(self, stage: str, key: str) -> Path:
         """Local directory holding a complete entry (downloads it for a remote store)."""
         local = self.entry_path(stage, key)
-        if self.local:
+        if self.local or (local / MARKER).is_file():
             return local
-        if (local / MARKER).is_file():
-            return local
-        tmp = local.parent / f".dl-{key}-{uuid.uuid4().hex[:8]}"
-        self.fs.get(self._remote_entry(stage, key) + "/", str(tmp), recursive=True)
-        os.replace(tmp, local) if not local.exists() else shutil.rmtree(tmp)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".dl-{key}-", dir=local.parent))
+        try:
+            self.fs.get(self._remote_entry(stage, key) + "/", str(tmp) + "/", recursive=True)
+            if local.exists():
+                shutil.rmtree(local)
+            os.replace(tmp, local)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return local
 
     # ------------------------------------------------------------- writing
     @contextlib.contextmanager
     def lock(self, stage: str, key: str, timeout: float = -1) -> Iterator[None]:
-        """Hold the entry's lock: concurrent runs compute an entry once."""
+        """Hold the entry's lock: concurrent runs (on this machine) compute an entry once."""
         lock_dir = self._cache_root / stage / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _store_error(exc, lock_dir) from exc
         with FileLock(str(lock_dir / f"{key}.lock"), timeout=timeout):
             yield
 

@@ -79,7 +79,7 @@ def _base_metrics(
     config: RetrainConfig, splits: SplitManifest, base_key: str, store: Store
 ) -> dict[str, Any]:
     with store.lock(BASE_STAGE, base_key):
-        cached = store.manifest(BASE_STAGE, base_key)
+        cached = store.cached_manifest(BASE_STAGE, base_key)
         if cached is not None:
             return cached["metrics"]
         base = resolve_model(config.model.name_or_path, config.model.revision)
@@ -95,7 +95,7 @@ def evaluate(
 ) -> EvaluationReport:
     key, base_key = plan(config, splits, model)
     with store.lock(STAGE, key):
-        cached = store.manifest(STAGE, key)
+        cached = store.cached_manifest(STAGE, key)
         if cached is not None:
             log.info("evaluate: reusing %s", key)
             return EvaluationReport.model_validate({**cached, "reused": True})

@@ -52,7 +52,7 @@ def plan(config: RetrainConfig) -> tuple[str, list[InputFile], str, dict[str, st
 def ingest(config: RetrainConfig, store: Store) -> RawSnapshot:
     key, files, fmt, hashes = plan(config)
     with store.lock(STAGE, key):
-        cached = store.manifest(STAGE, key)
+        cached = store.cached_manifest(STAGE, key)
         if cached is not None:
             log.info("ingest: reusing raw snapshot %s (%d rows)", key, cached["rows"])
             return RawSnapshot.model_validate({**cached, "reused": True})

@@ -111,7 +111,7 @@ def load_fast_tokenizer(model: ResolvedModel, trust_remote_code: bool = False) -
 def preprocess(config: RetrainConfig, raw: RawSnapshot, store: Store) -> SplitManifest:
     key, model, tok_fp = plan(config, raw)
     with store.lock(STAGE, key):
-        cached = store.manifest(STAGE, key)
+        cached = store.cached_manifest(STAGE, key)
         if cached is not None:
             log.info("preprocess: reusing splits %s", key)
             return SplitManifest.model_validate({**cached, "reused": True})

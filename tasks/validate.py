@@ -112,7 +112,7 @@ def plan(config: RetrainConfig, raw: RawSnapshot) -> tuple[str, dict[str, Any]]:
 def validate(config: RetrainConfig, raw: RawSnapshot, store: Store) -> ValidationReport:
     key, contract = plan(config, raw)
     with store.lock(STAGE, key):
-        cached = store.manifest(STAGE, key)
+        cached = store.cached_manifest(STAGE, key)
         if cached is not None:
             report = ValidationReport.model_validate({**cached, "reused": True})
         else:

@@ -49,3 +49,35 @@ def test_unwritable_store_gives_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="cannot write"):
         with Store(not_a_folder).writer("stage", "k"):
             pass
+
+
+def test_fsspec_store_and_source_round_trip_through_another_machines_cache(tmp_path, monkeypatch, make_config, rows):
+    """A memory:// store stands in for an object store; a second cache dir for a second machine."""
+    import fsspec
+
+    from domaintune.tasks.ingest import ingest
+    from domaintune.tasks.preprocess import preprocess
+    from domaintune.tasks.validate import validate
+    from tests.conftest import write_csv
+
+    mem = fsspec.filesystem("memory")
+    local_csv = write_csv(tmp_path / "d.csv", rows(12))
+    mem.pipe("/landing/finance/d.csv", local_csv.read_bytes())
+    monkeypatch.setenv("DOMAINTUNE_CACHE", str(tmp_path / "machine-a"))
+    cfg = make_config("memory:///landing/finance/*.csv", store={"root": "memory://bucket/store"})
+    store_a = Store(cfg.store.root)
+    raw = ingest(cfg, store_a)
+    assert raw.rows == 36 and raw.sources[0].path == "memory:///landing/finance/d.csv"
+    validate(cfg, raw, store_a)
+    splits = preprocess(cfg, raw, store_a)
+    assert mem.exists(f"/bucket/store/preprocess/{splits.key}/{MARKER}")
+
+    monkeypatch.setenv("DOMAINTUNE_CACHE", str(tmp_path / "machine-b"))
+    store_b = Store(cfg.store.root)
+    raw_b = ingest(cfg, store_b)
+    splits_b = preprocess(cfg, raw_b, store_b)
+    assert raw_b.reused and splits_b.reused and splits_b.key == splits.key
+    assert splits_b.splits["train"].path.startswith(str(tmp_path / "machine-b"))
+    import pandas as pd
+
+    assert len(pd.read_parquet(splits_b.splits["train"].path)) == splits.splits["train"].rows
