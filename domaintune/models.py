@@ -90,7 +90,8 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> ResolvedMod
                 "Hugging Face format (config.json, weights, tokenizer files)"
             )
         return ResolvedModel(name=name_or_path, path=os.path.abspath(local))
-    if local.startswith(("/", "./", "../", "~")) or os.sep in local and local.count("/") > 1:
+    looks_like_path = local.startswith(("/", "./", "../", "~")) or local.count("/") > 1
+    if looks_like_path:  # a hub id is "org/name"; anything else is a path that is missing
         raise ModelError(f"model.name_or_path: {local} does not exist")
     try:
         from huggingface_hub import snapshot_download

@@ -261,20 +261,15 @@ def _summarise(
 
 
 def _example_text(ex: dict[str, Any]) -> str:
-    parts = []
-    if "_source" in ex:
-        parts.append(os.path.basename(str(ex["_source"])))
+    """'data.csv row 4: 'postive'' for a row; "label 'neutral': 4" for a per-label table."""
     if "_row" in ex:
-        parts.append(f"row {ex['_row']}")
-    if "label" in ex and "_row" not in ex:
-        parts.append(f"label {ex['label']!r}")
-    values = {
-        k: v
-        for k, v in ex.items()
-        if k not in ("_source", "_row", "label") or (k == "label" and "_row" in ex)
-    }
-    shown = ", ".join(f"{_clip(v)}" for v in values.values())
-    where = " ".join(parts)
+        where = f"{os.path.basename(str(ex.get('_source', '')))} row {ex['_row']}".strip()
+        index = ("_row", "_source")
+    elif "label" in ex:
+        where, index = f"label {ex['label']!r}", ("label",)
+    else:
+        where, index = "", ()
+    shown = ", ".join(_clip(v) for k, v in ex.items() if k not in index)
     return f"{where}: {shown}" if where else shown
 
 

@@ -51,7 +51,9 @@ def test_unwritable_store_gives_a_clear_error(tmp_path):
             pass
 
 
-def test_fsspec_store_and_source_round_trip_through_another_machines_cache(tmp_path, monkeypatch, make_config, rows):
+def test_fsspec_store_and_source_round_trip_through_another_machines_cache(
+    tmp_path, monkeypatch, make_config, rows
+):
     """A memory:// store stands in for an object store; a second cache dir for a second machine."""
     import fsspec
 

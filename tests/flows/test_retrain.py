@@ -30,6 +30,19 @@ def task_run_states(flow_run_id: str) -> dict[str, str]:
     return {r.name: r.state.name for r in runs}
 
 
+def run_logs(flow_run_id: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler.flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return [log.message for log in logs]
+
+
 def cached(summary: dict) -> dict[str, bool]:
     return {s["name"]: s["cached"] for s in summary["stages"]}
 
@@ -63,6 +76,12 @@ def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows)
     assert lineage["raw_snapshot"]["sources"][0]["path"] == str(src)
     assert (reg.parent / "latest").read_text() == "v0001" == (reg.parent / "production").read_text()
     assert set(task_run_states(first["run_id"]).values()) == {"Completed"}
+    messages = run_logs(first["run_id"])
+    assert any(m.startswith("train: step=") for m in messages), "training progress reaches Prefect"
+    assert any(
+        m.startswith("finetune: launching 1 CPU process(es) with DeepSpeed ZeRO-2")
+        for m in messages
+    )
 
     # the same config again: nothing is recomputed, and Prefect shows every stage as Cached
     second = retrain(cfg)

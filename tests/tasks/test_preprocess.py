@@ -77,6 +77,14 @@ def test_cache_key_follows_max_length_and_tokenizer_content(
 def test_multiprocess_tokenization_gives_the_same_splits(tmp_path, make_config, rows):
     write_csv(tmp_path / "d.csv", rows(20))
     _, one = _splits(tmp_path, make_config, rows, preprocess={"num_proc": 1})
-    _, two = _splits(tmp_path, make_config, rows, preprocess={"num_proc": 2}, store={"root": str(tmp_path / "s2")})
+    _, two = _splits(
+        tmp_path,
+        make_config,
+        rows,
+        preprocess={"num_proc": 2},
+        store={"root": str(tmp_path / "s2")},
+    )
     assert not two.reused
-    assert {n: s.fingerprint for n, s in two.splits.items()} == {n: s.fingerprint for n, s in one.splits.items()}
+    assert {n: s.fingerprint for n, s in two.splits.items()} == {
+        n: s.fingerprint for n, s in one.splits.items()
+    }
