@@ -33,7 +33,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-prefect-"))
-    from domaintune.orchestration import configure_environment
+    from domaintune.environment import configure_environment
 
     configure_environment()
     logging.basicConfig(level=logging.WARNING)

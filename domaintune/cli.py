@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from domaintune.orchestration import configure_environment
+    from domaintune.environment import configure_environment
 
     configure_environment()
     _setup_logging(args.verbose)

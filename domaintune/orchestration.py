@@ -7,7 +7,6 @@ for exactly the stages that were skipped), logging into the run, and UI artifact
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,22 +18,6 @@ from prefect.states import Completed
 
 from domaintune.errors import DomainTuneError
 from domaintune.manifests import Manifest, StageRecord
-
-
-def configure_environment() -> None:
-    """Defaults for a local run; anything the user set wins."""
-    extra = os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "")
-    if "domaintune" not in extra.split(","):
-        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(
-            x for x in (extra, "domaintune") if x
-        )
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("great_expectations", "transformers", "datasets", "urllib3", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("domaintune").setLevel(logging.INFO)
 
 
 def should_retry(task: Task, task_run: Any, state: Any) -> bool:

@@ -33,7 +33,7 @@ def pytest_configure(config):
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "domaintune" / "torch_extensions")
     )
     os.environ["DOMAINTUNE_CACHE"] = str(_SESSION_TMP / "domaintune-cache")
-    from domaintune.orchestration import configure_environment
+    from domaintune.environment import configure_environment
 
     configure_environment()
 

@@ -1,0 +1,26 @@
+"""Process environment defaults, applied before Prefect, GX or transformers are imported.
+
+Prefect reads its settings (such as the extra loggers it forwards to the API) when it is
+first imported, so this module must not import Prefect itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def configure_environment() -> None:
+    """Defaults for a local run; anything the user set wins."""
+    extra = os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "")
+    if "domaintune" not in extra.split(","):
+        os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join(
+            x for x in (extra, "domaintune") if x
+        )
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("great_expectations", "transformers", "datasets", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("domaintune").setLevel(logging.INFO)
