@@ -21,9 +21,9 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from filelock import FileLock
@@ -34,6 +34,7 @@ from domaintune.fingerprint import hash_obj, stable_json
 log = logging.getLogger(__name__)
 
 MARKER = "_COMPLETE.json"
+M = TypeVar("M")
 
 
 def _is_local(root: str) -> bool:
@@ -122,6 +123,19 @@ class Store:
     def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
         marker = self.read_marker(stage, key)
         return None if marker is None else marker["manifest"]
+
+    def compute_once(
+        self, stage: str, key: str, manifest_type: type[M], compute: Callable[[], M]
+    ) -> M:
+        """A stage's output for ``key``: reused from the store when complete (with
+        ``reused=True``), else computed, under the entry's lock so concurrent runs compute it
+        once."""
+        with self.lock(stage, key):
+            cached = self.cached_manifest(stage, key)
+            if cached is not None:
+                log.info("%s: reusing store entry %s", stage, key)
+                return manifest_type.model_validate({**cached, "reused": True})  # type: ignore[attr-defined]
+            return compute()
 
     def cached_manifest(self, stage: str, key: str) -> dict[str, Any] | None:
         """The manifest of a complete entry, with the entry available locally; else None.

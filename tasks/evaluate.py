@@ -94,58 +94,64 @@ def evaluate(
     config: RetrainConfig, splits: SplitManifest, model: ModelArtifact, store: Store
 ) -> EvaluationReport:
     key, base_key = plan(config, splits, model)
-    with store.lock(STAGE, key):
-        cached = store.cached_manifest(STAGE, key)
-        if cached is not None:
-            log.info("evaluate: reusing %s", key)
-            return EvaluationReport.model_validate({**cached, "reused": True})
-        base = _base_metrics(config, splits, base_key, store)
-        finetuned, logits, refs = _score(config, model.model_dir, splits)
-        scalar = [k for k, v in finetuned.items() if isinstance(v, int | float)]
-        gain = {k: float(finetuned[k] - base[k]) for k in scalar}
-        primary = config.evaluation.primary_metric
-        test = pd.read_parquet(
-            splits.splits["test"].path, columns=["text", "label", "_row", "_source"]
+    return store.compute_once(
+        STAGE, key, EvaluationReport, lambda: _run(config, splits, model, store, key, base_key)
+    )
+
+
+def _run(
+    config: RetrainConfig,
+    splits: SplitManifest,
+    model: ModelArtifact,
+    store: Store,
+    key: str,
+    base_key: str,
+) -> EvaluationReport:
+    base = _base_metrics(config, splits, base_key, store)
+    finetuned, logits, refs = _score(config, model.model_dir, splits)
+    scalar = [k for k, v in finetuned.items() if isinstance(v, int | float)]
+    gain = {k: float(finetuned[k] - base[k]) for k in scalar}
+    primary = config.evaluation.primary_metric
+    test = pd.read_parquet(splits.splits["test"].path, columns=["text", "label", "_row", "_source"])
+    probs = _softmax(logits)
+    test["predicted"] = [splits.labels[i] for i in logits.argmax(-1)]
+    test["confidence"] = probs.max(-1)
+    with store.writer(STAGE, key) as w:
+        entry = store.entry_path(STAGE, key)
+        doc = {
+            "primary_metric": primary,
+            "test_rows": int(len(refs)),
+            "finetuned": finetuned,
+            "base": base,
+            "gain": gain,
+            "model": model.model_dir,
+            "base_model": model.base_model,
+        }
+        (w.path / "metrics.json").write_text(json.dumps(doc, indent=2))
+        (w.path / "report.md").write_text(render_markdown(doc))
+        test.to_parquet(w.path / "predictions.parquet", index=False)
+        manifest = EvaluationReport(
+            key=key,
+            path=str(entry),
+            fingerprint=hash_obj(doc),
+            primary_metric=primary,
+            finetuned=finetuned,
+            base=base,
+            gain=gain,
+            test_rows=int(len(refs)),
+            metrics_json=str(entry / "metrics.json"),
+            report_markdown=str(entry / "report.md"),
         )
-        probs = _softmax(logits)
-        test["predicted"] = [splits.labels[i] for i in logits.argmax(-1)]
-        test["confidence"] = probs.max(-1)
-        with store.writer(STAGE, key) as w:
-            entry = store.entry_path(STAGE, key)
-            doc = {
-                "primary_metric": primary,
-                "test_rows": int(len(refs)),
-                "finetuned": finetuned,
-                "base": base,
-                "gain": gain,
-                "model": model.model_dir,
-                "base_model": model.base_model,
-            }
-            (w.path / "metrics.json").write_text(json.dumps(doc, indent=2))
-            (w.path / "report.md").write_text(render_markdown(doc))
-            test.to_parquet(w.path / "predictions.parquet", index=False)
-            manifest = EvaluationReport(
-                key=key,
-                path=str(entry),
-                fingerprint=hash_obj(doc),
-                primary_metric=primary,
-                finetuned=finetuned,
-                base=base,
-                gain=gain,
-                test_rows=int(len(refs)),
-                metrics_json=str(entry / "metrics.json"),
-                report_markdown=str(entry / "report.md"),
-            )
-            w.manifest = manifest.model_dump(mode="json")
-        log.info(
-            "evaluate: %s fine-tuned %.4f vs base %.4f (%+.4f) on %d test rows",
-            primary,
-            finetuned[primary],
-            base[primary],
-            gain[primary],
-            len(refs),
-        )
-        return manifest
+        w.manifest = manifest.model_dump(mode="json")
+    log.info(
+        "evaluate: %s fine-tuned %.4f vs base %.4f (%+.4f) on %d test rows",
+        primary,
+        finetuned[primary],
+        base[primary],
+        gain[primary],
+        len(refs),
+    )
+    return manifest
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -58,12 +58,9 @@ def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedMod
 
 def finetune(config: RetrainConfig, splits: SplitManifest, store: Store) -> ModelArtifact:
     key, base, base_fp = plan(config, splits)
-    with store.lock(STAGE, key):
-        cached = store.cached_manifest(STAGE, key)
-        if cached is not None:
-            log.info("finetune: reusing model %s", key)
-            return ModelArtifact.model_validate({**cached, "reused": True})
-        return _run(config, splits, store, key, base, base_fp)
+    return store.compute_once(
+        STAGE, key, ModelArtifact, lambda: _run(config, splits, store, key, base, base_fp)
+    )
 
 
 # ------------------------------------------------------------------------------ devices

@@ -51,43 +51,51 @@ def plan(config: RetrainConfig) -> tuple[str, list[InputFile], str, dict[str, st
 
 def ingest(config: RetrainConfig, store: Store) -> RawSnapshot:
     key, files, fmt, hashes = plan(config)
-    with store.lock(STAGE, key):
-        cached = store.cached_manifest(STAGE, key)
-        if cached is not None:
-            log.info("ingest: reusing raw snapshot %s (%d rows)", key, cached["rows"])
-            return RawSnapshot.model_validate({**cached, "reused": True})
-        task = get_task_type(config.task.type)
-        tables: list[pd.DataFrame] = []
-        sources: list[SourceFile] = []
-        for f in files:
-            df, enc = read_file(f, fmt, config.data.encoding, config.data.delimiter)
-            df = task.map_columns(df, config, f.url)
-            tables.append(df)
-            sources.append(SourceFile(path=f.url, sha256=hashes[f.url], rows=len(df), encoding=enc))
-        raw = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
-        raw, labels, notes = task.normalize_labels(raw, config)
-        raw["_row"] = raw["_row"].astype("int64")
-        fingerprint = hash_dataframe(raw)
-        counts = {str(k): int(v) for k, v in raw["label"].value_counts(dropna=True).items()}
-        encodings = sorted({s.encoding for s in sources if s.encoding and s.encoding != "utf-8"})
-        if encodings:
-            notes.append(f"non-UTF-8 input decoded as {', '.join(encodings)}")
-        with store.writer(STAGE, key) as w:
-            raw.to_parquet(w.path / "raw.parquet", index=False)
-            manifest = RawSnapshot(
-                key=key,
-                path=str(store.entry_path(STAGE, key)),
-                fingerprint=fingerprint,
-                rows=len(raw),
-                columns=[str(c) for c in raw.columns],
-                sources=sources,
-                labels=labels,
-                label_counts=counts,
-                notes=notes,
-            )
-            w.manifest = manifest.model_dump(mode="json")
-            (w.path / "manifest.json").write_text(stable_json(w.manifest))
-        for note in notes:
-            log.info("ingest: %s", note)
-        log.info("ingest: %d rows from %d file(s) -> %s", len(raw), len(files), manifest.path)
-        return manifest
+    return store.compute_once(
+        STAGE, key, RawSnapshot, lambda: _run(config, store, key, files, fmt, hashes)
+    )
+
+
+def _run(
+    config: RetrainConfig,
+    store: Store,
+    key: str,
+    files: list[InputFile],
+    fmt: str,
+    hashes: dict[str, str],
+) -> RawSnapshot:
+    task = get_task_type(config.task.type)
+    tables: list[pd.DataFrame] = []
+    sources: list[SourceFile] = []
+    for f in files:
+        df, enc = read_file(f, fmt, config.data.encoding, config.data.delimiter)
+        df = task.map_columns(df, config, f.url)
+        tables.append(df)
+        sources.append(SourceFile(path=f.url, sha256=hashes[f.url], rows=len(df), encoding=enc))
+    raw = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+    raw, labels, notes = task.normalize_labels(raw, config)
+    raw["_row"] = raw["_row"].astype("int64")
+    fingerprint = hash_dataframe(raw)
+    counts = {str(k): int(v) for k, v in raw["label"].value_counts(dropna=True).items()}
+    encodings = sorted({s.encoding for s in sources if s.encoding and s.encoding != "utf-8"})
+    if encodings:
+        notes.append(f"non-UTF-8 input decoded as {', '.join(encodings)}")
+    with store.writer(STAGE, key) as w:
+        raw.to_parquet(w.path / "raw.parquet", index=False)
+        manifest = RawSnapshot(
+            key=key,
+            path=str(store.entry_path(STAGE, key)),
+            fingerprint=fingerprint,
+            rows=len(raw),
+            columns=[str(c) for c in raw.columns],
+            sources=sources,
+            labels=labels,
+            label_counts=counts,
+            notes=notes,
+        )
+        w.manifest = manifest.model_dump(mode="json")
+        (w.path / "manifest.json").write_text(stable_json(w.manifest))
+    for note in notes:
+        log.info("ingest: %s", note)
+    log.info("ingest: %d rows from %d file(s) -> %s", len(raw), len(files), manifest.path)
+    return manifest

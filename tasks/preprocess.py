@@ -110,12 +110,9 @@ def load_fast_tokenizer(model: ResolvedModel, trust_remote_code: bool = False) -
 
 def preprocess(config: RetrainConfig, raw: RawSnapshot, store: Store) -> SplitManifest:
     key, model, tok_fp = plan(config, raw)
-    with store.lock(STAGE, key):
-        cached = store.cached_manifest(STAGE, key)
-        if cached is not None:
-            log.info("preprocess: reusing splits %s", key)
-            return SplitManifest.model_validate({**cached, "reused": True})
-        return _run(config, raw, store, key, model, tok_fp)
+    return store.compute_once(
+        STAGE, key, SplitManifest, lambda: _run(config, raw, store, key, model, tok_fp)
+    )
 
 
 def _run(

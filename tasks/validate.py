@@ -111,12 +111,9 @@ def plan(config: RetrainConfig, raw: RawSnapshot) -> tuple[str, dict[str, Any]]:
 
 def validate(config: RetrainConfig, raw: RawSnapshot, store: Store) -> ValidationReport:
     key, contract = plan(config, raw)
-    with store.lock(STAGE, key):
-        cached = store.cached_manifest(STAGE, key)
-        if cached is not None:
-            report = ValidationReport.model_validate({**cached, "reused": True})
-        else:
-            report = _run(contract, raw, store, key)
+    report = store.compute_once(
+        STAGE, key, ValidationReport, lambda: _run(contract, raw, store, key)
+    )
     if not report.success:
         raise ContractViolation(
             _failure_message(report, raw), report.report_markdown, report.failures

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import LABELS, write_csv
+from tests.conftest import write_csv
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -26,35 +26,21 @@ def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-def write_config(path, source, store, model, **extra) -> str:
-    cfg = {
-        "name": "cli-uc",
-        "domain": "finance",
-        "task": {"type": "text_classification", "labels": LABELS},
-        "data": {"source": str(source)},
-        "model": {"name_or_path": str(model)},
-        "training": {
-            "epochs": 8,
-            "learning_rate": 5e-3,
-            "batch_size": 8,
-            "max_length": 32,
-            "early_stopping_patience": None,
-            "warmup_ratio": 0.0,
-        },
-        "retries": {"count": 0},
-        "store": {"root": str(store)},
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(cfg))
+def write_config(path, config, **extra) -> str:
+    """A config file as a user would write it, from a validated config plus raw extra keys."""
+    doc = config.model_dump(mode="json")
+    for section, values in extra.items():
+        doc.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(doc))
     return str(path)
 
 
 @pytest.mark.slow
 def test_run_json_reports_stages_metrics_and_model_then_everything_cached(
-    tmp_path, rows, tiny_model
+    tmp_path, rows, make_config
 ):
     src = write_csv(tmp_path / "d.csv", rows(30))
-    config = write_config(tmp_path / "c.yaml", src, tmp_path / "store", tiny_model)
+    config = write_config(tmp_path / "c.yaml", make_config(src))
     first = cli("run", config, "--json")
     assert first.returncode == 0, first.stderr[-3000:]
     doc = json.loads(first.stdout)  # stdout holds the JSON object and nothing else
@@ -78,28 +64,22 @@ def test_run_json_reports_stages_metrics_and_model_then_everything_cached(
     assert text.returncode == 0 and "fine-tuned" in text.stdout and "promoted: yes" in text.stdout
 
 
-def test_validate_command_and_exit_codes(tmp_path, rows, tiny_model):
+def test_validate_command_and_exit_codes(tmp_path, rows, make_config):
     good = write_csv(tmp_path / "good.csv", rows(12))
-    ok = cli(
-        "validate", write_config(tmp_path / "ok.yaml", good, tmp_path / "s", tiny_model), "--json"
-    )
+    ok = cli("validate", write_config(tmp_path / "ok.yaml", make_config(good)), "--json")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads(ok.stdout)["status"] == "passed"
     r = rows(12)
     r[2]["label"] = "sideways"
     bad = write_csv(tmp_path / "bad.csv", r)
-    failed = cli("validate", write_config(tmp_path / "bad.yaml", bad, tmp_path / "s", tiny_model))
+    failed = cli("validate", write_config(tmp_path / "bad.yaml", make_config(bad)))
     assert failed.returncode == 2
     assert "label_in_set" in failed.stderr and "bad.csv row 3: 'sideways'" in failed.stderr
     assert "report:" in failed.stderr
     typo = cli(
         "run",
         write_config(
-            tmp_path / "typo.yaml",
-            good,
-            tmp_path / "s",
-            tiny_model,
-            evaluation={"primery_metric": "accuracy"},
+            tmp_path / "typo.yaml", make_config(good), evaluation={"primery_metric": "accuracy"}
         ),
     )
     assert (
