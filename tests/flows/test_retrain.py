@@ -43,6 +43,16 @@ def run_logs(flow_run_id: str) -> list[str]:
     return [log.message for log in logs]
 
 
+def run_artifacts(flow_run_id: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
 def cached(summary: dict) -> dict[str, bool]:
     return {s["name"]: s["cached"] for s in summary["stages"]}
 
@@ -82,6 +92,8 @@ def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows)
         m.startswith("finetune: launching 1 CPU process(es) with DeepSpeed ZeRO-2")
         for m in messages
     )
+    artifact_types = {a.type for a in run_artifacts(first["run_id"])}
+    assert {"table", "markdown"} <= artifact_types, "metrics table and reports are attached"
 
     # the same config again: nothing is recomputed, and Prefect shows every stage as Cached
     second = retrain(cfg)

@@ -1,0 +1,70 @@
+"""finetune -> evaluate -> register as plain functions (no Prefect), with real DeepSpeed launches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from domaintune.store import Store
+from domaintune.tasks.evaluate import evaluate
+from domaintune.tasks.finetune import finetune
+from domaintune.tasks.ingest import ingest
+from domaintune.tasks.preprocess import preprocess
+from domaintune.tasks.register import register
+from tests.conftest import write_csv
+
+pytestmark = pytest.mark.slow
+
+
+def _stages(cfg):
+    store = Store(cfg.store.root)
+    raw = ingest(cfg, store)
+    splits = preprocess(cfg, raw, store)
+    return store, raw, splits
+
+
+def test_early_stopping_and_a_model_that_is_not_better_is_not_promoted(tmp_path, make_config, rows):
+    src = write_csv(tmp_path / "d.csv", rows(30))
+    # a learning rate too small to change anything: validation never improves
+    cfg = make_config(
+        src, training={"learning_rate": 1e-12, "epochs": 6, "early_stopping_patience": 1}
+    )
+    store, raw, splits = _stages(cfg)
+    model = finetune(cfg, splits, store)
+    steps_per_epoch = -(-splits.splits["train"].rows // cfg.training.batch_size)
+    assert model.global_step == 2 * steps_per_epoch, (
+        "stopped after one evaluation without improvement"
+    )
+    summary = json.loads((Path(model.model_dir) / "training_summary.json").read_text())
+    assert summary["global_step"] < 6 * steps_per_epoch
+    evaluation = evaluate(cfg, splits, model, store)
+    assert set(evaluation.finetuned["per_class"]) == {"negative", "neutral", "positive"}
+    assert sum(map(sum, evaluation.finetuned["confusion_matrix"]["matrix"])) == evaluation.test_rows
+    reg = register(cfg, raw, splits, model, evaluation, store)
+    assert not reg.promoted and "does not beat the base model" in reg.promotion_reason
+    registry = Path(reg.registry_dir)
+    assert (registry / "latest").read_text() == reg.version
+    assert not (registry / "production").exists()
+
+
+def test_a_better_model_is_registered_once_and_promoted(tmp_path, make_config, rows):
+    src = write_csv(tmp_path / "d.csv", rows(30))
+    cfg = make_config(src)
+    store, raw, splits = _stages(cfg)
+    model = finetune(cfg, splits, store)
+    assert (Path(model.model_dir) / "model.safetensors").is_file()
+    assert model.trainable_parameters == model.total_parameters > 0
+    evaluation = evaluate(cfg, splits, model, store)
+    assert evaluation.finetuned["accuracy"] > evaluation.base["accuracy"]
+    assert evaluate(cfg, splits, model, store).reused
+    reg = register(cfg, raw, splits, model, evaluation, store, flow_run_id="run-1")
+    assert reg.promoted and reg.version == "v0001"
+    assert (Path(reg.registry_dir) / "production").read_text() == "v0001"
+    lineage = json.loads((Path(reg.path) / "lineage.json").read_text())
+    assert lineage["prefect_flow_run_id"] == "run-1"
+    assert lineage["code_version"]["domaintune"]
+    assert lineage["base_model"]["fingerprint"] == model.base_fingerprint
+    again = register(cfg, raw, splits, model, evaluation, store, flow_run_id="run-2")
+    assert again.reused and again.version == "v0001"
