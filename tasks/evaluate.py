@@ -12,12 +12,10 @@ import json
 import logging
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj
-from domaintune.inference import predict_logits
 from domaintune.manifests import EvaluationReport, ModelArtifact, SplitManifest
 from domaintune.models import resolve_model
 from domaintune.store import Store
@@ -54,7 +52,8 @@ def plan(config: RetrainConfig, splits: SplitManifest, model: ModelArtifact) -> 
 
 def _score(
     config: RetrainConfig, model_path: str, splits: SplitManifest
-) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """(metrics, per-example predictions) of one model on the test split."""
     import torch
     from datasets import disable_progress_bars
     from transformers import AutoTokenizer
@@ -68,11 +67,9 @@ def _score(
     model = task.load_model(
         model_path, splits.labels, config.training.seed, config.model.trust_remote_code
     )
-    logits, refs = predict_logits(
-        model, tok, task, splits.splits["test"].path, config.evaluation.batch_size
+    return task.score_split(
+        model, tok, splits.splits["test"].path, splits.labels, config.evaluation.batch_size
     )
-    preds = logits.argmax(-1)
-    return task.compute_metrics(preds, refs, splits.labels), logits, refs
 
 
 def _base_metrics(
@@ -83,7 +80,7 @@ def _base_metrics(
         if cached is not None:
             return cached["metrics"]
         base = resolve_model(config.model.name_or_path, config.model.revision)
-        metrics, _, _ = _score(config, base.path, splits)
+        metrics, _ = _score(config, base.path, splits)
         with store.writer(BASE_STAGE, base_key) as w:
             (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
             w.manifest = {"metrics": metrics, "model": base.name}
@@ -108,19 +105,16 @@ def _run(
     base_key: str,
 ) -> EvaluationReport:
     base = _base_metrics(config, splits, base_key, store)
-    finetuned, logits, refs = _score(config, model.model_dir, splits)
+    finetuned, predictions = _score(config, model.model_dir, splits)
     scalar = [k for k, v in finetuned.items() if isinstance(v, int | float)]
     gain = {k: float(finetuned[k] - base[k]) for k in scalar}
     primary = config.evaluation.primary_metric
-    test = pd.read_parquet(splits.splits["test"].path, columns=["text", "label", "_row", "_source"])
-    probs = _softmax(logits)
-    test["predicted"] = [splits.labels[i] for i in logits.argmax(-1)]
-    test["confidence"] = probs.max(-1)
+    test_rows = splits.splits["test"].rows
     with store.writer(STAGE, key) as w:
         entry = store.entry_path(STAGE, key)
         doc = {
             "primary_metric": primary,
-            "test_rows": int(len(refs)),
+            "test_rows": test_rows,
             "finetuned": finetuned,
             "base": base,
             "gain": gain,
@@ -129,7 +123,7 @@ def _run(
         }
         (w.path / "metrics.json").write_text(json.dumps(doc, indent=2))
         (w.path / "report.md").write_text(render_markdown(doc))
-        test.to_parquet(w.path / "predictions.parquet", index=False)
+        predictions.to_parquet(w.path / "predictions.parquet", index=False)
         manifest = EvaluationReport(
             key=key,
             path=str(entry),
@@ -138,7 +132,7 @@ def _run(
             finetuned=finetuned,
             base=base,
             gain=gain,
-            test_rows=int(len(refs)),
+            test_rows=test_rows,
             metrics_json=str(entry / "metrics.json"),
             report_markdown=str(entry / "report.md"),
         )
@@ -149,14 +143,9 @@ def _run(
         finetuned[primary],
         base[primary],
         gain[primary],
-        len(refs),
+        test_rows,
     )
     return manifest
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def metric_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:

@@ -193,3 +193,23 @@ class TextClassification(TaskType):
                 "matrix": confusion_matrix(refs, preds, labels=ids).tolist(),
             },
         }
+
+    def trainer_metrics(self, eval_pred: Any, labels: list[str]) -> dict[str, float]:
+        logits, refs = eval_pred
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        m = self.compute_metrics(np.argmax(logits, axis=-1), refs, labels)
+        return {k: v for k, v in m.items() if isinstance(v, int | float)}
+
+    def score_split(
+        self, model: Any, tokenizer: Any, split_path: str, labels: list[str], batch_size: int
+    ) -> tuple[dict[str, Any], pd.DataFrame]:
+        from domaintune.inference import predict_logits
+
+        logits, refs = predict_logits(model, tokenizer, self, split_path, batch_size)
+        metrics = self.compute_metrics(logits.argmax(-1), refs, labels)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        table = pd.read_parquet(split_path, columns=["text", "label", "_row", "_source"])
+        table["predicted"] = [labels[i] for i in logits.argmax(-1)]
+        table["confidence"] = probs.max(-1)
+        return metrics, table

@@ -82,7 +82,6 @@ def _callbacks(total_params: int, trainable: int, seen: dict[str, Any]):
 
 
 def run(spec: dict[str, Any]) -> None:
-    import numpy as np
     import torch
     from datasets import Dataset, disable_progress_bars
     from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainingArguments
@@ -112,10 +111,7 @@ def run(spec: dict[str, Any]) -> None:
     metric_name, greater = task.metric_for_best_model(primary)
 
     def compute_metrics(eval_pred) -> dict[str, float]:
-        logits, refs = eval_pred
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        m = task.compute_metrics(np.argmax(logits, axis=-1), refs, labels)
-        return {k: v for k, v in m.items() if isinstance(v, int | float)}
+        return task.trainer_metrics(eval_pred, labels)
 
     every = t.get("checkpoint_every_steps")
     strategy = "steps" if every else "epoch"
