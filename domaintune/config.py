@@ -17,11 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from domaintune.errors import ConfigError
 
-TaskType = Literal["text_classification"]
+TaskType = Literal["text_classification", "token_classification"]
 
-#: Metrics a run can be judged by, per task type (evaluation.primary_metric).
+#: Metrics a run can be judged by, per task type (evaluation.primary_metric); the first is
+#: the default.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "text_classification": ("accuracy", "macro_f1", "weighted_f1"),
+    "token_classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
 }
 
 
@@ -34,7 +36,19 @@ class TaskConfig(_Section):
     labels: list[str] | None = Field(
         None,
         description="Declared label set, in id order. Integer labels in the data are mapped "
-        "through it (0 -> first). Omitted: inferred from the data (sorted).",
+        "through it (0 -> first). token_classification: entity types (PER, ORG) or the full "
+        "IOB2 tag list. Omitted: inferred from the data (sorted).",
+    )
+    iob_repair: bool = Field(
+        False,
+        description="token_classification: turn an I- tag that starts an entity into B- "
+        "(IOB1 -> IOB2) instead of failing the contract.",
+    )
+    stride: int = Field(
+        32,
+        ge=0,
+        description="token_classification: tokens of overlap between windows of a sentence "
+        "longer than training.max_length (no entity is cut off silently).",
     )
 
     @field_validator("labels")
@@ -57,10 +71,11 @@ class DataConfig(_Section):
         description="Path, glob, fsspec URL (s3://, gs://, ...) or pkg://<package>/<path> of "
         "the input files; a list for several.",
     )
-    format: Literal["csv", "jsonl", "parquet", "text"] | None = Field(
+    format: Literal["csv", "jsonl", "parquet", "text", "conll"] | None = Field(
         None,
         description="File format; inferred from the extension when absent. `text`: one "
-        "document per file, with its `directory` and `filename` as columns.",
+        "document per file, with its `directory` and `filename` as columns. `conll`: "
+        "`token TAG` lines, blank line between sentences.",
     )
     encoding: str = Field(
         "auto",
@@ -69,6 +84,8 @@ class DataConfig(_Section):
     )
     text_column: str = Field("text", description="Column holding the text.")
     label_column: str = Field("label", description="Column holding the label.")
+    tokens_column: str = Field("tokens", description="token_classification: list of tokens.")
+    tags_column: str = Field("tags", description="token_classification: list of tags.")
     delimiter: str | None = Field(None, description="CSV delimiter; sniffed when absent.")
 
 
@@ -133,10 +150,11 @@ class PreprocessConfig(_Section):
 class EvaluationConfig(_Section):
     test_size: float = Field(0.15, gt=0, lt=1, description="Share of rows held out for test.")
     val_size: float = Field(0.10, gt=0, lt=1, description="Share of rows for validation.")
-    primary_metric: str = Field(
-        "accuracy",
-        description="Metric that picks the best checkpoint and decides promotion "
-        "(text_classification: accuracy, macro_f1, weighted_f1).",
+    primary_metric: str | None = Field(
+        None,
+        description="Metric that picks the best checkpoint and decides promotion; default: "
+        "the task's first. text_classification: accuracy, macro_f1, weighted_f1; "
+        "token_classification: entity_f1, entity_precision, entity_recall, token_accuracy.",
     )
     batch_size: int = Field(64, ge=1)
 
@@ -202,6 +220,8 @@ class RetrainConfig(_Section):
     @model_validator(mode="after")
     def _metric_fits_task(self) -> RetrainConfig:
         allowed = TASK_METRICS[self.task.type]
+        if self.evaluation.primary_metric is None:
+            self.evaluation.primary_metric = allowed[0]
         if self.evaluation.primary_metric not in allowed:
             raise ValueError(
                 f"evaluation.primary_metric {self.evaluation.primary_metric!r} is not a "

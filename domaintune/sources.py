@@ -33,6 +33,9 @@ FORMAT_BY_SUFFIX = {
     ".json": "jsonl",
     ".parquet": "parquet",
     ".pq": "parquet",
+    ".conll": "conll",
+    ".iob": "conll",
+    ".bio": "conll",
 }
 _MAGIC = set("*?[")
 ROW = "_row"
@@ -153,7 +156,7 @@ def infer_format(files: list[SourceFile], declared: str | None) -> str:
         odd = next(f.url for f in files if not _known_suffix(f.path))
         raise ConfigError(
             f"data.format: cannot infer the format of {odd}; set data.format to one of "
-            "csv, jsonl, parquet, text"
+            "csv, jsonl, parquet, text, conll"
         )
     if len(formats) > 1:
         raise ConfigError(
@@ -254,6 +257,8 @@ def read_file(
             df = _read_csv(text, src.url, delimiter or _sniff_delimiter(text, src.path))
         elif fmt == "jsonl":
             df = _read_jsonl(text, src.url)
+        elif fmt == "conll":
+            df = _read_conll(text, src.url)
         elif fmt == "text":
             df = pd.DataFrame(
                 {
@@ -347,6 +352,39 @@ def _read_jsonl(text: str, where: str) -> pd.DataFrame:
     df = pd.DataFrame.from_records(records)
     df[ROW] = lines  # JSONL rows are named by their line number
     return df
+
+
+def _read_conll(text: str, where: str) -> pd.DataFrame:
+    """CoNLL: ``token ... TAG`` per line (first and last whitespace-separated fields), a blank
+    line between sentences, ``-DOCSTART-`` lines ignored. ``_row`` is the line number of each
+    sentence's first token."""
+    sentences: list[tuple[list[str], list[str], int]] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    start = 0
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if tokens:
+                sentences.append((tokens, tags, start))
+            tokens, tags = [], []
+            continue
+        if len(fields) < 2:
+            raise DataError(
+                f"{where}: line {n}: expected 'token TAG', got {line.strip()!r}; rule: every "
+                "token line has a tag (CoNLL format)"
+            )
+        if not tokens:
+            start = n
+        tokens.append(fields[0])
+        tags.append(fields[-1])
+    if tokens:
+        sentences.append((tokens, tags, start))
+    if not sentences:
+        raise DataError(f"{where}: no sentences (CoNLL: 'token TAG' lines, blank line between sentences)")
+    return pd.DataFrame(
+        {"tokens": [s[0] for s in sentences], "tags": [s[1] for s in sentences], ROW: [s[2] for s in sentences]}
+    )
 
 
 def _read_parquet(data: bytes, where: str) -> pd.DataFrame:

@@ -76,7 +76,7 @@ def _run(
     raw, labels, notes = task.normalize_labels(raw, config)
     raw["_row"] = raw["_row"].astype("int64")
     fingerprint = hash_dataframe(raw)
-    counts = {str(k): int(v) for k, v in raw["label"].value_counts(dropna=True).items()}
+    counts = task.label_counts(raw)
     encodings = sorted({s.encoding for s in sources if s.encoding and s.encoding != "utf-8"})
     if encodings:
         notes.append(f"non-UTF-8 input decoded as {', '.join(encodings)}")

@@ -130,14 +130,15 @@ def _run(
     labels = raw.labels
     df = pd.read_parquet(raw.table)
     stats: dict[str, Any] = {"raw_rows": len(df)}
-    df = df[df["label"].isin(labels) & df["text"].notna()]
+    df = task.usable_rows(df, labels)
     stats["dropped_invalid"] = stats["raw_rows"] - len(df)
     before = len(df)
     df = task.clean(df, config)
     stats["dropped_blank_after_cleaning"] = before - len(df)
     if config.preprocess.drop_duplicates:
         dup = df.duplicated("text", keep="first")
-        conflicting = df[df["text"].isin(df.loc[dup, "text"])].groupby("text")["label"].nunique()
+        targets = df[task.target_column].astype(str)
+        conflicting = targets[df["text"].isin(df.loc[dup, "text"])].groupby(df["text"]).nunique()
         stats["dropped_duplicates"] = int(dup.sum())
         stats["duplicate_texts_with_conflicting_labels"] = int((conflicting > 1).sum())
         df = df[~dup]
@@ -160,13 +161,13 @@ def _run(
     with store.writer(STAGE, key) as w:
         entry = store.entry_path(STAGE, key)
         for name, part in parts.items():
-            ds = Dataset.from_pandas(
-                part[["text", "label", "_row", "_source"]], preserve_index=False
-            )
+            # _example numbers the examples of a split: a long one may become several windows
+            ds = Dataset.from_pandas(part.assign(_example=range(len(part))), preserve_index=False)
             ds = ds.map(
                 task.tokenize,
                 batched=True,
                 batch_size=1000,
+                remove_columns=ds.column_names,  # tokenize returns every column it keeps
                 num_proc=_num_proc(config.preprocess.num_proc, len(ds)) if len(ds) > 1 else None,
                 fn_kwargs={"tokenizer": tokenizer, "config": config, "labels": labels},
                 desc=f"tokenize {name}",
@@ -174,6 +175,7 @@ def _run(
             out = w.path / f"{name}.parquet"
             ds.to_parquet(str(out))
             lengths = np.asarray(ds["length"])
+            stats[f"{name}_windows"] = len(ds)
             stats[f"{name}_tokens"] = {
                 "p50": int(np.percentile(lengths, 50)),
                 "p95": int(np.percentile(lengths, 95)),
@@ -182,9 +184,9 @@ def _run(
             }
             splits[name] = SplitInfo(
                 path=str(entry / f"{name}.parquet"),
-                rows=len(ds),
+                rows=len(part),
                 fingerprint=hash_local_file(out)[:32],
-                label_counts={str(k): int(v) for k, v in part["label"].value_counts().items()},
+                label_counts=task.label_counts(part),
             )
         manifest = SplitManifest(
             key=key,

@@ -112,4 +112,5 @@ def test_config_is_a_json_schema_for_the_prefect_form():
         "jsonl",
         "parquet",
         "text",
+        "conll",
     ]

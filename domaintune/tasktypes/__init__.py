@@ -14,7 +14,13 @@ def get_task_type(name: str) -> TaskType:
         from domaintune.tasktypes.text_classification import TextClassification
 
         return TextClassification()
-    raise ConfigError(f"task.type: unknown task type {name!r}; allowed: text_classification")
+    if name == "token_classification":
+        from domaintune.tasktypes.token_classification import TokenClassification
+
+        return TokenClassification()
+    raise ConfigError(
+        f"task.type: unknown task type {name!r}; allowed: text_classification, token_classification"
+    )
 
 
 __all__ = ["TaskType", "get_task_type"]

@@ -23,6 +23,8 @@ class TaskType(ABC):
     raw_columns: tuple[str, ...]
     #: Columns a tokenized split keeps for the model.
     model_columns: tuple[str, ...]
+    #: The raw column holding what is learned (labels, tags, answers).
+    target_column: str
 
     # -- ingest ---------------------------------------------------------------
     @abstractmethod
@@ -35,12 +37,20 @@ class TaskType(ABC):
     ) -> tuple[pd.DataFrame, list[str], list[str]]:
         """Return (table, label set, notes) with labels in their declared form."""
 
+    @abstractmethod
+    def label_counts(self, df: pd.DataFrame) -> dict[str, int]:
+        """Counts reported for a table: examples per label, or entities per type."""
+
     # -- validate -------------------------------------------------------------
     @abstractmethod
     def contract_tables(self, df: pd.DataFrame, labels: list[str]) -> dict[str, pd.DataFrame]:
         """Tables the contract's expectations run on (``rows`` plus derived ones)."""
 
     # -- preprocess -----------------------------------------------------------
+    @abstractmethod
+    def usable_rows(self, df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+        """Rows a (possibly relaxed) contract let through that cannot be trained on."""
+
     @abstractmethod
     def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame: ...
 

@@ -36,6 +36,8 @@ class TextClassification(TaskType):
     contract = "text_classification"
     raw_columns = ("text", "label")
     model_columns = ("input_ids", "attention_mask", "token_type_ids", "labels")
+    target_column = "label"
+    _keep = ("text", "label", "_row", "_source", "_example")
 
     # -- ingest ---------------------------------------------------------------
     def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
@@ -96,6 +98,9 @@ class TextClassification(TaskType):
             notes.append(f"{changed} label(s) matched to task.labels ignoring case/whitespace")
         return df.assign(label=out), labels, notes
 
+    def label_counts(self, df: pd.DataFrame) -> dict[str, int]:
+        return {str(k): int(v) for k, v in df["label"].value_counts(dropna=True).items()}
+
     # -- validate -------------------------------------------------------------
     def contract_tables(self, df: pd.DataFrame, labels: list[str]) -> dict[str, pd.DataFrame]:
         rows = df.copy()
@@ -108,6 +113,9 @@ class TextClassification(TaskType):
         return {"rows": rows, "classes": classes}
 
     # -- preprocess -----------------------------------------------------------
+    def usable_rows(self, df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+        return df[df["label"].isin(labels) & df["text"].notna()]
+
     def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame:
         p = config.preprocess
 
@@ -134,7 +142,7 @@ class TextClassification(TaskType):
         index = {lab: i for i, lab in enumerate(labels)}
         enc["labels"] = [index[lab] for lab in batch["label"]]
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        return dict(enc)
+        return {**enc, **{k: batch[k] for k in self._keep}}
 
     # -- train / evaluate ------------------------------------------------------
     def load_model(
