@@ -381,9 +381,15 @@ def _read_conll(text: str, where: str) -> pd.DataFrame:
     if tokens:
         sentences.append((tokens, tags, start))
     if not sentences:
-        raise DataError(f"{where}: no sentences (CoNLL: 'token TAG' lines, blank line between sentences)")
+        raise DataError(
+            f"{where}: no sentences (CoNLL: 'token TAG' lines, blank line between sentences)"
+        )
     return pd.DataFrame(
-        {"tokens": [s[0] for s in sentences], "tags": [s[1] for s in sentences], ROW: [s[2] for s in sentences]}
+        {
+            "tokens": [s[0] for s in sentences],
+            "tags": [s[1] for s in sentences],
+            ROW: [s[2] for s in sentences],
+        }
     )
 
 

@@ -178,17 +178,23 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines.append(
             f"| {r['metric']} | {r['base']:.4f} | {r['fine-tuned']:.4f} | {r['gain']:+.4f} |"
         )
-    per_class = doc["finetuned"].get("per_class")
-    if per_class:
+    for table_key, title, unit in (
+        ("per_class", "Per class", "label"),
+        ("per_type", "Per entity type", "type"),
+    ):
+        table = doc["finetuned"].get(table_key)
+        if not table:
+            continue
         lines += [
             "",
-            "## Per class (fine-tuned)",
+            f"## {title} (fine-tuned)",
             "",
-            "| label | precision | recall | f1 | support | base f1 |",
+            f"| {unit} | precision | recall | f1 | support | base f1 |",
             "|---|---|---|---|---|---|",
         ]
-        for lab, m in per_class.items():
-            bf1 = doc["base"]["per_class"][lab]["f1"]
+        base_table = doc["base"].get(table_key) or {}
+        for lab, m in table.items():
+            bf1 = base_table.get(lab, {}).get("f1", 0.0)
             lines.append(
                 f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} | {bf1:.3f} |"
             )

@@ -35,7 +35,7 @@ from domaintune.tasktypes import get_task_type
 log = logging.getLogger(__name__)
 
 STAGE = "preprocess"
-VERSION = "1"
+VERSION = "2"  # 2: splits keep _example ids (windows of long examples)
 SPLITS = ("train", "validation", "test")
 
 

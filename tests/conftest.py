@@ -198,3 +198,60 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# ------------------------------------------------------------------------ NER data
+
+PEOPLE = [
+    "Anna Berg",
+    "Tom Hale",
+    "Mia Stone",
+    "Omar Reyes",
+    "Lena Park",
+    "Ivan Petrov",
+    "Sara Cole",
+]
+ORGS = ["Acme Corp", "Globex", "Initech", "Umbrella Bank", "Nordic Mining", "Vortex Labs"]
+PLACES = ["Oslo", "Lagos", "Lima", "New York", "Cairo", "Hanoi"]
+TEMPLATES = [
+    "{PER} joined {ORG} in {LOC} .",
+    "{ORG} hired {PER} last week .",
+    "Shares of {ORG} rose in {LOC} trading .",
+    "{PER} met investors from {ORG} .",
+    "The office in {LOC} belongs to {ORG} .",
+    "Analysts in {LOC} praised {PER} .",
+]
+
+
+def make_ner_sentences(n: int, seed: int = 0) -> list[dict]:
+    """Distinct sentences with IOB2 tags for PER, ORG and LOC."""
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        template = rng.choice(TEMPLATES)
+        tokens, tags = [], []
+        for part in template.split():
+            if part.startswith("{"):
+                etype = part[1:-1]
+                name = rng.choice({"PER": PEOPLE, "ORG": ORGS, "LOC": PLACES}[etype])
+                words = name.split()
+                tokens += words
+                tags += [f"B-{etype}"] + [f"I-{etype}"] * (len(words) - 1)
+            else:
+                tokens.append(part)
+                tags.append("O")
+        key = " ".join(tokens)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append({"tokens": tokens, "tags": tags})
+    return out
+
+
+def write_conll(path: Path, sentences: list[dict], docstart: bool = True) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["-DOCSTART- -X- O O", ""] if docstart else []
+    for s in sentences:
+        lines += [f"{t} {g}" for t, g in zip(s["tokens"], s["tags"], strict=True)] + [""]
+    path.write_text("\n".join(lines))
+    return path

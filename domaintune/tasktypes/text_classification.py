@@ -213,11 +213,11 @@ class TextClassification(TaskType):
     ) -> tuple[dict[str, Any], pd.DataFrame]:
         from domaintune.inference import predict_logits
 
-        logits, refs = predict_logits(model, tokenizer, self, split_path, batch_size)
-        metrics = self.compute_metrics(logits.argmax(-1), refs, labels)
+        logits = np.stack(predict_logits(model, tokenizer, self, split_path, batch_size))
+        table = pd.read_parquet(split_path, columns=["text", "label", "labels", "_row", "_source"])
+        metrics = self.compute_metrics(logits.argmax(-1), table.pop("labels").to_numpy(), labels)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        table = pd.read_parquet(split_path, columns=["text", "label", "_row", "_source"])
         table["predicted"] = [labels[i] for i in logits.argmax(-1)]
         table["confidence"] = probs.max(-1)
         return metrics, table

@@ -1,0 +1,321 @@
+"""Token classification (named entities: people, organisations, drugs, products, tickers ...).
+
+Labels are IOB2 tags. Sub-word alignment: the first sub-token of each word carries the word's
+tag and the other sub-tokens are ignored in the loss (label -100); a word's prediction is the
+prediction at its first sub-token. This is the convention of the BERT paper and of seqeval
+scoring, and it keeps entity counts equal to word-level counts.
+
+Sentences longer than ``training.max_length`` are cut into overlapping windows
+(``task.stride`` tokens of overlap) instead of being truncated, so no entity is dropped; at
+evaluation each word takes its prediction from the window where it has the most context on
+both sides.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from domaintune.errors import DataError
+from domaintune.tasktypes.base import TaskType
+
+_IOB = re.compile(r"^[BI]-.+$")
+
+
+def _as_list(value: Any) -> list[str] | None:
+    """Tokens or tags from a list, an array (Parquet), a JSON list string or a spaced string."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, list | tuple | np.ndarray):
+        return [str(x) for x in value]
+    text = str(value).strip()
+    if text.startswith("["):
+        try:
+            return [str(x) for x in json.loads(text)]
+        except ValueError:
+            pass
+    return text.split()
+
+
+def spans(tags: list[str]) -> list[tuple[str, int, int]]:
+    """Entities as (type, first, last) word positions; an I- that starts an entity counts."""
+    out: list[tuple[str, int, int]] = []
+    current: list | None = None
+    for i, tag in enumerate(tags):
+        kind, _, etype = tag.partition("-")
+        if tag == "O" or not etype:
+            current = None
+            continue
+        if kind == "B" or current is None or current[0] != etype:
+            current = [etype, i, i]
+            out.append(current)  # type: ignore[arg-type]
+        else:
+            current[2] = i
+    return [tuple(s) for s in out]  # type: ignore[misc]
+
+
+def iob2_error(tags: list[str]) -> str:
+    """'' when the tags are valid IOB2, else the first violation."""
+    prev = "O"
+    for i, tag in enumerate(tags):
+        if tag.startswith("I-") and prev[2:] != tag[2:]:
+            return f"token {i + 1}: {tag!r} follows {prev!r}"
+        prev = tag
+    return ""
+
+
+def repair_iob(tags: list[str]) -> list[str]:
+    """IOB1 -> IOB2: an I- tag that starts an entity becomes B-."""
+    out, prev = [], "O"
+    for tag in tags:
+        if tag.startswith("I-") and prev[2:] != tag[2:]:
+            tag = "B-" + tag[2:]
+        out.append(tag)
+        prev = tag
+    return out
+
+
+def tag_set(labels: list[str]) -> list[str]:
+    """Declared labels as a tag list: IOB2 tags as given, or entity types expanded."""
+    if all(lab == "O" or _IOB.match(lab) for lab in labels):
+        return labels if "O" in labels else ["O", *labels]
+    tags = ["O"]
+    for etype in labels:
+        tags += [f"B-{etype}", f"I-{etype}"]
+    return tags
+
+
+class TokenClassification(TaskType):
+    name = "token_classification"
+    contract = "token_classification"
+    raw_columns = ("tokens", "tags", "text")
+    model_columns = ("input_ids", "attention_mask", "token_type_ids", "labels")
+    target_column = "tags"
+    _keep = ("text", "tokens", "tags", "_row", "_source", "_example")
+
+    # -- ingest ---------------------------------------------------------------
+    def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
+        wanted = {"tokens": config.data.tokens_column, "tags": config.data.tags_column}
+        available = [str(c) for c in df.columns if not str(c).startswith("_")]
+        for role, col in wanted.items():
+            if col not in df.columns:
+                close = difflib.get_close_matches(col, available, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise DataError(
+                    f"{where}: column {col!r} (data.{role}_column) not found{hint} "
+                    f"columns: {', '.join(available)}"
+                )
+        tokens = df[wanted["tokens"]].map(_as_list)
+        return pd.DataFrame(
+            {
+                "tokens": tokens,
+                "tags": df[wanted["tags"]].map(_as_list),
+                "text": tokens.map(lambda t: " ".join(t) if t else None),
+                "_row": df["_row"],
+                "_source": df["_source"],
+            }
+        )
+
+    def normalize_labels(
+        self, df: pd.DataFrame, config: Any
+    ) -> tuple[pd.DataFrame, list[str], list[str]]:
+        notes: list[str] = []
+        tags = df["tags"].map(lambda t: None if t is None else [x.strip() for x in t])
+        if config.task.iob_repair:
+            repaired = tags.map(lambda t: None if t is None else repair_iob(t))
+            changed = int((repaired.map(str) != tags.map(str)).sum())
+            if changed:
+                notes.append(
+                    f"task.iob_repair: I- tags starting an entity made B- in {changed} sentence(s)"
+                )
+            tags = repaired
+        if config.task.labels:
+            labels = tag_set(list(config.task.labels))
+        else:
+            present = sorted({t[2:] for ts in tags.dropna() for t in ts if _IOB.match(t)})
+            labels = tag_set(present) if present else ["O"]
+            notes.append(f"task.labels not declared; inferred entity types {present} from the data")
+        return df.assign(tags=tags), labels, notes
+
+    def label_counts(self, df: pd.DataFrame) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for ts in df["tags"].dropna():
+            for etype, _, _ in spans(list(ts)):
+                counts[etype] = counts.get(etype, 0) + 1
+        return dict(sorted(counts.items()))
+
+    # -- validate -------------------------------------------------------------
+    def contract_tables(self, df: pd.DataFrame, labels: list[str]) -> dict[str, pd.DataFrame]:
+        rows = df.copy()
+        toks = rows["tokens"].map(lambda t: [] if t is None else list(t))
+        tags = rows["tags"].map(lambda t: [] if t is None else list(t))
+        known = set(labels)
+        rows["_n_tokens"] = toks.map(len)
+        rows["_length_mismatch"] = [
+            "" if len(a) == len(b) else f"{len(a)} tokens, {len(b)} tags"
+            for a, b in zip(toks, tags, strict=True)
+        ]
+        rows["_unknown_tags"] = tags.map(lambda ts: ", ".join(sorted(set(ts) - known)))
+        rows["_iob_error"] = tags.map(iob2_error)
+        key = rows["text"]
+        rows["_is_duplicate"] = (key.duplicated(keep="first") & key.notna()).astype(float)
+        rows = rows.drop(columns=["tokens", "tags"])  # lists; the derived columns say it all
+        counts = self.label_counts(df)
+        types = sorted({lab[2:] for lab in labels if lab != "O"})
+        entity_types = pd.DataFrame({"type": types, "count": [counts.get(t, 0) for t in types]})
+        return {"rows": rows, "entity_types": entity_types}
+
+    # -- preprocess -----------------------------------------------------------
+    def usable_rows(self, df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+        known = set(labels)
+        ok = [
+            t is not None and g is not None and 0 < len(t) == len(g) and set(g) <= known
+            for t, g in zip(df["tokens"], df["tags"], strict=True)
+        ]
+        return df[ok]
+
+    def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame:
+        return df[df["tokens"].map(len) > 0]
+
+    def stratify_column(self) -> str | None:
+        return None
+
+    def tokenize(
+        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
+    ) -> dict[str, list]:
+        max_length = config.training.max_length
+        enc = tokenizer(
+            [list(t) for t in batch["tokens"]],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=max_length,
+            stride=min(config.task.stride, max_length // 2),
+            return_overflowing_tokens=True,
+        )
+        index = {lab: i for i, lab in enumerate(labels)}
+        mapping = enc["overflow_to_sample_mapping"]
+        label_ids, word_ids = [], []
+        for i, sample in enumerate(mapping):
+            tags = list(batch["tags"][sample])
+            wids = enc.word_ids(i)
+            ids, prev = [], None
+            for w in wids:
+                # first sub-token of a word carries its tag; the rest and specials are ignored
+                ids.append(-100 if w is None or w == prev else index[tags[w]])
+                prev = w
+            label_ids.append(ids)
+            word_ids.append([-1 if w is None else w for w in wids])
+        out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        out["labels"] = label_ids
+        out["word_ids"] = word_ids
+        out["length"] = [len(ids) for ids in enc["input_ids"]]
+        for k in self._keep:
+            out[k] = [batch[k][s] for s in mapping]
+        return out
+
+    # -- train / evaluate ------------------------------------------------------
+    def load_model(
+        self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
+    ) -> Any:
+        from transformers import AutoModelForTokenClassification, set_seed
+
+        set_seed(seed)  # the new head's initialisation depends on the seed alone
+        return AutoModelForTokenClassification.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+            trust_remote_code=trust_remote_code,
+        )
+
+    def collator(self, tokenizer: Any) -> Any:
+        from transformers import DataCollatorForTokenClassification
+
+        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8)
+
+    def compute_metrics(
+        self, predictions: Any, references: Any, labels: list[str]
+    ) -> dict[str, Any]:
+        """Entity-level scores (seqeval, micro-averaged, CoNLL rules) on word tag sequences."""
+        from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+        preds = [list(p) for p in predictions]
+        refs = [list(r) for r in references]
+        flat_p = [t for s in preds for t in s]
+        flat_r = [t for s in refs for t in s]
+        report = classification_report(refs, preds, output_dict=True, zero_division=0)
+        per_type = {
+            k: {
+                "precision": float(v["precision"]),
+                "recall": float(v["recall"]),
+                "f1": float(v["f1-score"]),
+                "support": int(v["support"]),
+            }
+            for k, v in report.items()
+            if "avg" not in k
+        }
+        return {
+            "entity_f1": float(f1_score(refs, preds, zero_division=0)),
+            "entity_precision": float(precision_score(refs, preds, zero_division=0)),
+            "entity_recall": float(recall_score(refs, preds, zero_division=0)),
+            "token_accuracy": float(np.mean([a == b for a, b in zip(flat_p, flat_r, strict=True)]))
+            if flat_r
+            else 0.0,
+            "per_type": per_type,
+        }
+
+    def trainer_metrics(self, eval_pred: Any, labels: list[str]) -> dict[str, float]:
+        logits, refs = eval_pred
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        preds = np.argmax(logits, axis=-1)
+        p_seqs, r_seqs = [], []
+        for p_row, r_row in zip(preds, refs, strict=True):
+            keep = r_row != -100
+            p_seqs.append([labels[i] for i in p_row[keep]])
+            r_seqs.append([labels[i] for i in r_row[keep]])
+        m = self.compute_metrics(p_seqs, r_seqs, labels)
+        return {k: v for k, v in m.items() if isinstance(v, int | float)}
+
+    def score_split(
+        self, model: Any, tokenizer: Any, split_path: str, labels: list[str], batch_size: int
+    ) -> tuple[dict[str, Any], pd.DataFrame]:
+        from domaintune.inference import predict_logits
+
+        logits = predict_logits(model, tokenizer, self, split_path, batch_size)
+        windows = pd.read_parquet(
+            split_path,
+            columns=["_example", "word_ids", "tokens", "tags", "text", "_row", "_source"],
+        )
+        best: dict[int, dict[int, tuple[int, int]]] = {}  # example -> word -> (context, label id)
+        for example, wids, window_logits in zip(
+            windows["_example"], windows["word_ids"], logits, strict=True
+        ):
+            wids = list(wids)
+            content = [p for p, w in enumerate(wids) if w >= 0]
+            if not content:
+                continue
+            lo, hi = content[0], content[-1]
+            words = best.setdefault(int(example), {})
+            prev = None
+            for p, w in enumerate(wids):
+                if w >= 0 and w != prev:
+                    context = min(p - lo, hi - p)
+                    if w not in words or context > words[w][0]:
+                        words[w] = (context, int(window_logits[p].argmax()))
+                prev = w
+        examples = windows.drop_duplicates("_example").sort_values("_example")
+        preds, refs = [], []
+        for example, tags in zip(examples["_example"], examples["tags"], strict=True):
+            words = best.get(int(example), {})
+            refs.append(list(tags))
+            preds.append([labels[words[i][1]] if i in words else "O" for i in range(len(tags))])
+        metrics = self.compute_metrics(preds, refs, labels)
+        table = examples[["text", "_row", "_source"]].copy()
+        table["tags"] = [" ".join(r) for r in refs]
+        table["predicted"] = [" ".join(p) for p in preds]
+        return metrics, table.reset_index(drop=True)
