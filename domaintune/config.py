@@ -65,11 +65,19 @@ class TaskConfig(_Section):
         return v
 
 
+SplitName = Literal["train", "validation", "test"]
+
+
 class DataConfig(_Section):
-    source: str | list[str] = Field(
-        ...,
+    source: str | list[str] | None = Field(
+        None,
         description="Path, glob, fsspec URL (s3://, gs://, ...) or pkg://<package>/<path> of "
-        "the input files; a list for several.",
+        "the input files; a list for several. Split by evaluation.test_size / val_size.",
+    )
+    splits: dict[SplitName, str | list[str]] | None = Field(
+        None,
+        description="Instead of `source`: predefined splits, e.g. a benchmark's official "
+        "train / validation / test files. `validation` is carved from train when absent.",
     )
     format: Literal["csv", "jsonl", "parquet", "text", "conll"] | None = Field(
         None,
@@ -87,6 +95,18 @@ class DataConfig(_Section):
     tokens_column: str = Field("tokens", description="token_classification: list of tokens.")
     tags_column: str = Field("tags", description="token_classification: list of tags.")
     delimiter: str | None = Field(None, description="CSV delimiter; sniffed when absent.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.source is None) == (self.splits is None):
+            raise ValueError("give exactly one of data.source and data.splits")
+        if self.splits is not None and not {"train", "test"} <= set(self.splits):
+            raise ValueError("data.splits needs at least `train` and `test`")
+        return self
+
+    def sources_by_split(self) -> dict[str | None, str | list[str]]:
+        """{None: source} for one source, else {split name: source}."""
+        return {None: self.source} if self.splits is None else dict(self.splits)  # type: ignore[dict-item]
 
 
 class ModelConfig(_Section):
@@ -305,13 +325,19 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         p = os.path.expanduser(p)
         return p if os.path.isabs(p) else os.path.normpath(str(base / p))
 
+    def fix_source(src: Any) -> Any:
+        if isinstance(src, str):
+            return fix(src)
+        if isinstance(src, list):
+            return [fix(s) if isinstance(s, str) else s for s in src]
+        return src
+
     d = data.get("data")
     if isinstance(d, dict):
-        src = d.get("source")
-        if isinstance(src, str):
-            d["source"] = fix(src)
-        elif isinstance(src, list):
-            d["source"] = [fix(s) if isinstance(s, str) else s for s in src]
+        if "source" in d:
+            d["source"] = fix_source(d["source"])
+        if isinstance(d.get("splits"), dict):
+            d["splits"] = {k: fix_source(v) for k, v in d["splits"].items()}
     for section, key in (("store", "root"), ("contract", "path")):
         sec = data.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str):

@@ -22,6 +22,7 @@ class SourceFile(BaseModel):
     sha256: str
     rows: int
     encoding: str | None = None
+    split: str | None = Field(None, description="Predefined split (data.splits), if any.")
 
 
 class RawSnapshot(Manifest):

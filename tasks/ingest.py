@@ -32,19 +32,26 @@ def _file_fingerprint(f: InputFile) -> str:
     return hash_obj({k: str(v) for k, v in info.items() if k != "name"}, length=64)
 
 
-def plan(config: RetrainConfig) -> tuple[str, list[InputFile], str, dict[str, str]]:
-    """Resolve the inputs and compute the stage key without reading the data."""
-    files = resolve_sources(config.data.source)
-    fmt = infer_format(files, config.data.format)
-    hashes = {f.url: _file_fingerprint(f) for f in files}
+def plan(
+    config: RetrainConfig,
+) -> tuple[str, list[tuple[str | None, InputFile]], str, dict[str, str]]:
+    """Resolve the inputs (per predefined split, if any) and compute the stage key without
+    reading the data."""
+    files: list[tuple[str | None, InputFile]] = []
+    for split, source in config.data.sources_by_split().items():
+        field = "data.source" if split is None else f"data.splits.{split}"
+        files += [(split, f) for f in resolve_sources(source, field)]
+    fmt = infer_format([f for _, f in files], config.data.format)
+    hashes = {f.url: _file_fingerprint(f) for _, f in files}
     key = hash_obj(
         STAGE,
         VERSION,
         config.task.type,
         config.task.labels,
-        config.data.model_dump(exclude={"source"}),
+        config.data.model_dump(exclude={"source", "splits"}),
         fmt,
         sorted(hashes.items()),
+        [(split, f.url) for split, f in files],
     )
     return key, files, fmt, hashes
 
@@ -60,18 +67,22 @@ def _run(
     config: RetrainConfig,
     store: Store,
     key: str,
-    files: list[InputFile],
+    files: list[tuple[str | None, InputFile]],
     fmt: str,
     hashes: dict[str, str],
 ) -> RawSnapshot:
     task = get_task_type(config.task.type)
     tables: list[pd.DataFrame] = []
     sources: list[SourceFile] = []
-    for f in files:
+    for split, f in files:
         df, enc = read_file(f, fmt, config.data.encoding, config.data.delimiter)
         df = task.map_columns(df, config, f.url)
+        if split is not None:
+            df["_split"] = split
         tables.append(df)
-        sources.append(SourceFile(path=f.url, sha256=hashes[f.url], rows=len(df), encoding=enc))
+        sources.append(
+            SourceFile(path=f.url, sha256=hashes[f.url], rows=len(df), encoding=enc, split=split)
+        )
     raw = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
     raw, labels, notes = task.normalize_labels(raw, config)
     raw["_row"] = raw["_row"].astype("int64")

@@ -72,8 +72,8 @@ def split_frame(
     for g in groups:
         g = g.sort_values("_order")
         n = len(g)
-        n_test = min(n, max(1, round(n * test_size))) if n >= 3 else 0
-        n_val = min(n - n_test, max(1, round(n * val_size))) if n >= 3 else 0
+        n_test = min(n, max(1, round(n * test_size))) if n >= 3 and test_size > 0 else 0
+        n_val = min(n - n_test, max(1, round(n * val_size))) if n >= 3 and val_size > 0 else 0
         parts["test"].append(g.iloc[:n_test])
         parts["validation"].append(g.iloc[n_test : n_test + n_val])
         parts["train"].append(g.iloc[n_test + n_val :])
@@ -135,20 +135,38 @@ def _run(
     before = len(df)
     df = task.clean(df, config)
     stats["dropped_blank_after_cleaning"] = before - len(df)
+    predefined = "_split" in df.columns
     if config.preprocess.drop_duplicates:
-        dup = df.duplicated("text", keep="first")
+        if predefined:  # within a split, and never in an official test set: it stays as published
+            dup = df.duplicated(["_split", "text"], keep="first") & (df["_split"] != "test")
+        else:
+            dup = df.duplicated("text", keep="first")
         targets = df[task.target_column].astype(str)
         conflicting = targets[df["text"].isin(df.loc[dup, "text"])].groupby(df["text"]).nunique()
         stats["dropped_duplicates"] = int(dup.sum())
         stats["duplicate_texts_with_conflicting_labels"] = int((conflicting > 1).sum())
         df = df[~dup]
-    parts = split_frame(
-        df,
-        task.stratify_column(),
-        config.evaluation.test_size,
-        config.evaluation.val_size,
-        config.training.seed,
-    )
+    if predefined:
+        parts = {name: df[df["_split"] == name].drop(columns="_split") for name in SPLITS}
+        if parts["validation"].empty:  # carve validation from train, stratified as usual
+            carved = split_frame(
+                parts["train"],
+                task.stratify_column(),
+                config.evaluation.val_size,
+                0.0,
+                config.training.seed,
+            )
+            parts["validation"], parts["train"] = carved["test"], carved["train"]
+        else:
+            parts = {n: p.reset_index(drop=True) for n, p in parts.items()}
+    else:
+        parts = split_frame(
+            df,
+            task.stratify_column(),
+            config.evaluation.test_size,
+            config.evaluation.val_size,
+            config.training.seed,
+        )
     for name, part in parts.items():
         if part.empty:
             raise DataError(

@@ -165,7 +165,7 @@ def make_config(tmp_path, tiny_model):
             "name": "test-uc",
             "domain": "finance",
             "task": {"type": "text_classification", "labels": LABELS},
-            "data": {"source": str(source)},
+            "data": {"source": None if source is None else str(source)},
             "model": {"name_or_path": str(tiny_model)},
             "training": {
                 "epochs": 8,

@@ -75,6 +75,10 @@ def test_missing_required_key_is_named():
     with pytest.raises(ConfigError) as e:
         load_config(data={"name": "uc"})
     assert "data: required key is missing" in str(e.value)
+    with pytest.raises(ConfigError, match="exactly one of data.source and data.splits"):
+        load_config(data={"name": "uc", "data": {"text_column": "t"}})
+    with pytest.raises(ConfigError, match="needs at least `train` and `test`"):
+        load_config(data={"name": "uc", "data": {"splits": {"train": "a.csv"}}})
 
 
 def test_set_overrides_are_typed(tmp_path):

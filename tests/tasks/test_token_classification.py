@@ -122,3 +122,25 @@ def test_ner_through_the_retrain_flow_reports_entity_f1_for_base_and_finetuned(
     metrics = json.loads(open(m["report"].replace("report.md", "metrics.json")).read())
     assert set(metrics["finetuned"]["per_type"]) == {"PER", "ORG", "LOC"}
     assert "Per entity type" in open(m["report"]).read()
+
+
+def test_predefined_splits_keep_the_official_test_set(tmp_path, make_config):
+    sents = make_ner_sentences(60)
+    train = write_conll(tmp_path / "train.txt", sents[:40])
+    test = write_conll(tmp_path / "test.txt", sents[40:] + sents[40:42])  # duplicates kept in test
+    cfg = make_config(
+        None,
+        task=NER,
+        data={
+            "source": None,
+            "splits": {"train": str(train), "test": str(test)},
+            "format": "conll",
+        },
+    )
+    store = Store(cfg.store.root)
+    raw = ingest(cfg, store)
+    assert {s.split for s in raw.sources} == {"train", "test"}
+    splits = preprocess(cfg, raw, store)
+    assert splits.splits["test"].rows == 22, "the official test set is used whole"
+    assert splits.splits["train"].rows + splits.splits["validation"].rows == 40
+    assert splits.splits["validation"].rows == 6  # evaluation.val_size of train
