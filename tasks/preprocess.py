@@ -190,6 +190,9 @@ def _run(
                 fn_kwargs={"tokenizer": tokenizer, "config": config, "labels": labels},
                 desc=f"tokenize {name}",
             )
+            ds, pack_stats = task.pack(ds, tokenizer, config)
+            if pack_stats:
+                stats[f"{name}_packing"] = pack_stats
             out = w.path / f"{name}.parquet"
             ds.to_parquet(str(out))
             lengths = np.asarray(ds["length"])

@@ -115,17 +115,20 @@ def _link_tree(src: Path, dst: Path) -> None:
 def decide_promotion(
     config: RetrainConfig, evaluation: EvaluationReport, champion: dict[str, Any] | None
 ) -> tuple[bool, str]:
+    from domaintune.config import LOWER_IS_BETTER
+
     m = evaluation.primary_metric
+    sign = -1.0 if m in LOWER_IS_BETTER else 1.0  # compare as "higher is better"
     new = evaluation.finetuned[m]
     base = evaluation.base[m]
     need = config.promotion.min_gain_over_base
-    if new - base < need or new <= base:
+    if sign * (new - base) < need or sign * (new - base) <= 0:
         return False, f"{m} {new:.4f} does not beat the base model's {base:.4f} by {need}"
     if champion is None:
         return True, f"first champion: {m} {new:.4f} (base {base:.4f})"
     champ = champion.get("metrics", {}).get(m)
     margin = config.promotion.margin_over_champion
-    if champ is not None and new < champ + margin:
+    if champ is not None and sign * (new - champ) < margin:
         return (
             False,
             f"{m} {new:.4f} does not beat champion {champion['version']} ({champ:.4f}) by {margin}",

@@ -255,3 +255,54 @@ def write_conll(path: Path, sentences: list[dict], docstart: bool = True) -> Pat
         lines += [f"{t} {g}" for t, g in zip(s["tokens"], s["tags"], strict=True)] + [""]
     path.write_text("\n".join(lines))
     return path
+
+
+# -------------------------------------------------------------------- causal models
+
+
+def build_tiny_causal_model(out: Path, seed: int = 0) -> Path:
+    """A tiny Llama with a byte-level BPE tokenizer trained here (EOS = pad)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = [r["text"] for r in make_rows(40, seed=99)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        model_max_length=128,
+    )
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.eos_token_id,
+        pad_token_id=fast.eos_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_model() -> Path:
+    return build_tiny_causal_model(_SESSION_TMP / "tiny-llama")

@@ -18,8 +18,13 @@ def get_task_type(name: str) -> TaskType:
         from domaintune.tasktypes.token_classification import TokenClassification
 
         return TokenClassification()
+    if name == "causal_lm":
+        from domaintune.tasktypes.causal_lm import CausalLM
+
+        return CausalLM()
     raise ConfigError(
-        f"task.type: unknown task type {name!r}; allowed: text_classification, token_classification"
+        f"task.type: unknown task type {name!r}; allowed: text_classification, "
+        "token_classification, causal_lm"
     )
 
 

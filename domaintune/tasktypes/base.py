@@ -78,4 +78,10 @@ class TaskType(ABC):
 
     def metric_for_best_model(self, primary: str) -> tuple[str, bool]:
         """Trainer metric name and whether greater is better."""
-        return primary, True
+        from domaintune.config import LOWER_IS_BETTER
+
+        return primary, primary not in LOWER_IS_BETTER
+
+    def pack(self, ds: Any, tokenizer: Any, config: Any) -> tuple[Any, dict[str, Any]]:
+        """After tokenization: regroup a split's rows (causal LM packs blocks). Default: as is."""
+        return ds, {}

@@ -113,6 +113,9 @@ def run(spec: dict[str, Any]) -> None:
     def compute_metrics(eval_pred) -> dict[str, float]:
         return task.trainer_metrics(eval_pred, labels)
 
+    # judged by the validation loss alone (causal LM): never gather full-vocabulary logits
+    loss_only = metric_name == "loss"
+
     every = t.get("checkpoint_every_steps")
     strategy = "steps" if every else "epoch"
     use_cpu = not torch.cuda.is_available()
@@ -138,6 +141,7 @@ def run(spec: dict[str, Any]) -> None:
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model=metric_name,
+        prediction_loss_only=loss_only,
         greater_is_better=greater,
         train_sampling_strategy="group_by_length",  # less padding per batch
         length_column_name="length",
@@ -163,7 +167,7 @@ def run(spec: dict[str, Any]) -> None:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=task.collator(tokenizer),
-        compute_metrics=compute_metrics,
+        compute_metrics=None if loss_only else compute_metrics,
         callbacks=callbacks,
     )
     resume = spec.get("resume_from")
