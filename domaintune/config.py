@@ -17,13 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from domaintune.errors import ConfigError
 
-TaskType = Literal["text_classification", "token_classification", "causal_lm"]
+TaskType = Literal["text_classification", "token_classification", "question_answering", "causal_lm"]
 
 #: Metrics a run can be judged by, per task type (evaluation.primary_metric); the first is
 #: the default.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "text_classification": ("accuracy", "macro_f1", "weighted_f1"),
     "token_classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
+    "question_answering": ("f1", "exact_match"),
     "causal_lm": ("perplexity",),
 }
 #: Metrics where lower is better (all others: higher is better).
@@ -32,6 +33,7 @@ LOWER_IS_BETTER = frozenset({"perplexity"})
 DEFAULT_MODELS: dict[str, str] = {
     "text_classification": "sentence-transformers/all-MiniLM-L6-v2",
     "token_classification": "sentence-transformers/all-MiniLM-L6-v2",
+    "question_answering": "sentence-transformers/all-MiniLM-L6-v2",
     "causal_lm": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
@@ -56,8 +58,12 @@ class TaskConfig(_Section):
     stride: int = Field(
         32,
         ge=0,
-        description="token_classification: tokens of overlap between windows of a sentence "
-        "longer than training.max_length (no entity is cut off silently).",
+        description="token_classification / question_answering: tokens of overlap between "
+        "windows of a sentence or context longer than training.max_length.",
+    )
+    allow_unanswerable: bool = Field(
+        False,
+        description="question_answering: questions without an answer in the context are valid.",
     )
 
     @field_validator("labels")
@@ -103,6 +109,13 @@ class DataConfig(_Section):
     label_column: str = Field("label", description="Column holding the label.")
     tokens_column: str = Field("tokens", description="token_classification: list of tokens.")
     tags_column: str = Field("tags", description="token_classification: list of tags.")
+    context_column: str = Field("context", description="question_answering: the passage.")
+    question_column: str = Field("question", description="question_answering: the question.")
+    answers_column: str = Field(
+        "answers",
+        description="question_answering: {text: [...], answer_start: [...]} (SQuAD layout); "
+        "flat answer_text + answer_start columns work too.",
+    )
     delimiter: str | None = Field(None, description="CSV delimiter; sniffed when absent.")
 
     @model_validator(mode="after")

@@ -46,8 +46,7 @@ def plan(
     key = hash_obj(
         STAGE,
         VERSION,
-        config.task.type,
-        config.task.labels,
+        config.task.model_dump(include={"type", "labels", "iob_repair"}),
         config.data.model_dump(exclude={"source", "splits"}),
         fmt,
         sorted(hashes.items()),

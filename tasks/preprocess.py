@@ -51,6 +51,7 @@ def plan(config: RetrainConfig, raw: RawSnapshot) -> tuple[str, ResolvedModel, s
         config.preprocess.model_dump(exclude={"num_proc"}),
         {
             "max_length": config.training.max_length,
+            "stride": config.task.stride,
             "seed": config.training.seed,
             "test_size": config.evaluation.test_size,
             "val_size": config.evaluation.val_size,

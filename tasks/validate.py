@@ -104,6 +104,7 @@ def plan(config: RetrainConfig, raw: RawSnapshot) -> tuple[str, dict[str, Any]]:
         VERSION,
         raw.fingerprint,
         raw.labels,
+        config.task.allow_unanswerable,
         {k: v for k, v in contract.items() if k != "origin"},
     )
     return key, contract
@@ -112,7 +113,7 @@ def plan(config: RetrainConfig, raw: RawSnapshot) -> tuple[str, dict[str, Any]]:
 def validate(config: RetrainConfig, raw: RawSnapshot, store: Store) -> ValidationReport:
     key, contract = plan(config, raw)
     report = store.compute_once(
-        STAGE, key, ValidationReport, lambda: _run(contract, raw, store, key)
+        STAGE, key, ValidationReport, lambda: _run(config, contract, raw, store, key)
     )
     if not report.success:
         raise ContractViolation(
@@ -127,14 +128,16 @@ def validate(config: RetrainConfig, raw: RawSnapshot, store: Store) -> Validatio
     return report
 
 
-def _run(contract: dict[str, Any], raw: RawSnapshot, store: Store, key: str) -> ValidationReport:
+def _run(
+    config: RetrainConfig, contract: dict[str, Any], raw: RawSnapshot, store: Store, key: str
+) -> ValidationReport:
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     task_name = contract["name"]
     task = get_task_type(task_name)
     df = pd.read_parquet(raw.table)
-    tables = task.contract_tables(df, raw.labels)
+    tables = task.contract_tables(df, raw.labels, config)
     params = {**contract["parameters"], "labels": raw.labels}
 
     ctx = gx.get_context(mode="ephemeral")

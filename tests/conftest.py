@@ -306,3 +306,30 @@ def build_tiny_causal_model(out: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_causal_model() -> Path:
     return build_tiny_causal_model(_SESSION_TMP / "tiny-llama")
+
+
+def make_qa_rows(n: int, seed: int = 0) -> list[dict]:
+    """SQuAD-layout questions over short synthetic business passages."""
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        person, org, place = rng.choice(PEOPLE), rng.choice(ORGS), rng.choice(PLACES)
+        filler = " ".join(rng.sample(FILLER, 5))
+        context = f"{filler.capitalize()} . {person} joined {org} in {place} . {' '.join(rng.sample(FILLER, 4))} ."
+        kind = rng.choice(["who", "where", "which"])
+        question, answer = {
+            "who": (f"Who joined {org} ?", person),
+            "where": (f"Where did {person} join {org} ?", place),
+            "which": (f"Which company did {person} join ?", org),
+        }[kind]
+        if (question, context) in seen:
+            continue
+        seen.add((question, context))
+        out.append(
+            {
+                "context": context,
+                "question": question,
+                "answers": {"text": [answer], "answer_start": [context.index(f" {answer} ") + 1]},
+            }
+        )
+    return out

@@ -18,13 +18,17 @@ def get_task_type(name: str) -> TaskType:
         from domaintune.tasktypes.token_classification import TokenClassification
 
         return TokenClassification()
+    if name == "question_answering":
+        from domaintune.tasktypes.question_answering import QuestionAnswering
+
+        return QuestionAnswering()
     if name == "causal_lm":
         from domaintune.tasktypes.causal_lm import CausalLM
 
         return CausalLM()
     raise ConfigError(
         f"task.type: unknown task type {name!r}; allowed: text_classification, "
-        "token_classification, causal_lm"
+        "token_classification, question_answering, causal_lm"
     )
 
 

@@ -43,7 +43,9 @@ class TaskType(ABC):
 
     # -- validate -------------------------------------------------------------
     @abstractmethod
-    def contract_tables(self, df: pd.DataFrame, labels: list[str]) -> dict[str, pd.DataFrame]:
+    def contract_tables(
+        self, df: pd.DataFrame, labels: list[str], config: Any = None
+    ) -> dict[str, pd.DataFrame]:
         """Tables the contract's expectations run on (``rows`` plus derived ones)."""
 
     # -- preprocess -----------------------------------------------------------

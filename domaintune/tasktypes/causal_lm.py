@@ -61,7 +61,9 @@ class CausalLM(TaskType):
         return {"documents": int(len(text)), "characters": int(text.str.len().sum())}
 
     # -- validate -------------------------------------------------------------
-    def contract_tables(self, df: pd.DataFrame, labels: list[str]) -> dict[str, pd.DataFrame]:
+    def contract_tables(
+        self, df: pd.DataFrame, labels: list[str], config: Any = None
+    ) -> dict[str, pd.DataFrame]:
         rows = df.copy()
         key = rows["text"].map(lambda t: " ".join(t.split()) if isinstance(t, str) else None)
         rows["_is_duplicate"] = (key.duplicated(keep="first") & key.notna()).astype(float)

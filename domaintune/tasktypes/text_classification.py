@@ -102,7 +102,9 @@ class TextClassification(TaskType):
         return {str(k): int(v) for k, v in df["label"].value_counts(dropna=True).items()}
 
     # -- validate -------------------------------------------------------------
-    def contract_tables(self, df: pd.DataFrame, labels: list[str]) -> dict[str, pd.DataFrame]:
+    def contract_tables(
+        self, df: pd.DataFrame, labels: list[str], config: Any = None
+    ) -> dict[str, pd.DataFrame]:
         rows = df.copy()
         key = rows["text"].map(lambda t: _WS.sub(" ", t).strip() if isinstance(t, str) else None)
         rows["_is_duplicate"] = (key.duplicated(keep="first") & key.notna()).astype(float)

@@ -150,7 +150,9 @@ class TokenClassification(TaskType):
         return dict(sorted(counts.items()))
 
     # -- validate -------------------------------------------------------------
-    def contract_tables(self, df: pd.DataFrame, labels: list[str]) -> dict[str, pd.DataFrame]:
+    def contract_tables(
+        self, df: pd.DataFrame, labels: list[str], config: Any = None
+    ) -> dict[str, pd.DataFrame]:
         rows = df.copy()
         toks = rows["tokens"].map(lambda t: [] if t is None else list(t))
         tags = rows["tags"].map(lambda t: [] if t is None else list(t))

@@ -1,0 +1,328 @@
+"""Extractive question answering (SQuAD format): the answer is a span of the context.
+
+Rows hold ``context``, ``question`` and ``answers`` = {"text": [...], "answer_start": [...]}
+(the Hugging Face SQuAD layout; a flat ``answer_text`` + ``answer_start`` pair works too).
+Contexts longer than ``training.max_length`` are cut into overlapping windows
+(``task.stride`` tokens of overlap) with their character offsets; a window that does not hold
+the answer is trained to point at the first token (no answer here). At evaluation the best
+valid span over all windows wins (start and end inside the context, end not before start, at
+most ``MAX_ANSWER_TOKENS`` long). Metrics are SQuAD's exact match and token F1, implemented
+here (``evaluate.load`` needs a hub), taking the best over the gold answers.
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import json
+import re
+import string
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from domaintune.errors import DataError
+from domaintune.tasktypes.base import TaskType
+
+MAX_ANSWER_TOKENS = 30
+N_BEST = 20
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, truths: list[str]) -> float:
+    if not truths:
+        return float(prediction == "")
+    return max(float(normalize_answer(prediction) == normalize_answer(t)) for t in truths)
+
+
+def token_f1(prediction: str, truths: list[str]) -> float:
+    if not truths:
+        return float(prediction == "")
+
+    def f1(pred: str, truth: str) -> float:
+        p, t = normalize_answer(pred).split(), normalize_answer(truth).split()
+        if not p or not t:
+            return float(p == t)
+        common = sum((collections.Counter(p) & collections.Counter(t)).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(p), common / len(t)
+        return 2 * precision * recall / (precision + recall)
+
+    return max(f1(prediction, t) for t in truths)
+
+
+def _answers(value: Any) -> dict[str, list] | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if not isinstance(value, dict):
+        return None
+    texts = value.get("text")
+    starts = value.get("answer_start")
+    texts = [] if texts is None else [str(t) for t in list(texts)]
+    starts = [] if starts is None else [int(s) for s in list(starts)]
+    return {"text": texts, "answer_start": starts}
+
+
+def answer_error(context: Any, answers: dict | None, allow_unanswerable: bool) -> str:
+    """'' when every answer is the context slice at its answer_start, else what is wrong."""
+    if not isinstance(context, str):
+        return ""  # the null check reports it
+    if answers is None:
+        return "answers missing or not {text: [...], answer_start: [...]}"
+    if len(answers["text"]) != len(answers["answer_start"]):
+        return f"{len(answers['text'])} answer texts but {len(answers['answer_start'])} answer_start values"
+    if not answers["text"]:
+        return "" if allow_unanswerable else "no answer (set task.allow_unanswerable to allow it)"
+    for text, start in zip(answers["text"], answers["answer_start"], strict=True):
+        found = context[start : start + len(text)]
+        if found != text:
+            return f"answer {text!r} != context[{start}:{start + len(text)}] {found!r}"
+    return ""
+
+
+class QuestionAnswering(TaskType):
+    name = "question_answering"
+    contract = "question_answering"
+    raw_columns = ("context", "question", "answers", "text")
+    model_columns = (
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "start_positions",
+        "end_positions",
+    )
+    target_column = "answers"
+    _keep = ("_row", "_source", "_example")
+
+    # -- ingest ---------------------------------------------------------------
+    def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
+        d = config.data
+        available = [str(c) for c in df.columns if not str(c).startswith("_")]
+        flat = d.answers_column not in df.columns and {"answer_text", "answer_start"} <= set(
+            df.columns
+        )
+        wanted = {"context": d.context_column, "question": d.question_column}
+        if not flat:
+            wanted["answers"] = d.answers_column
+        for role, col in wanted.items():
+            if col not in df.columns:
+                close = difflib.get_close_matches(col, available, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise DataError(
+                    f"{where}: column {col!r} (data.{role}_column) not found{hint} columns: {', '.join(available)}"
+                )
+        if flat:
+            answers = [
+                {
+                    "text": [] if pd.isna(t) else [str(t)],
+                    "answer_start": [] if pd.isna(s) else [int(s)],
+                }
+                for t, s in zip(df["answer_text"], df["answer_start"], strict=True)
+            ]
+        else:
+            answers = df[d.answers_column].map(_answers).tolist()
+        context = df[d.context_column].map(lambda v: None if pd.isna(v) else str(v))
+        question = df[d.question_column].map(lambda v: None if pd.isna(v) else str(v))
+        return pd.DataFrame(
+            {
+                "context": context.astype(object),
+                "question": question.astype(object),
+                # JSON text: a list-of-struct column whose lists may be empty round-trips badly
+                "answers": [None if a is None else json.dumps(a) for a in answers],
+                "text": [
+                    f"{q}\n{c}" if q and c else None for q, c in zip(question, context, strict=True)
+                ],
+                "_row": df["_row"],
+                "_source": df["_source"],
+            }
+        )
+
+    def normalize_labels(
+        self, df: pd.DataFrame, config: Any
+    ) -> tuple[pd.DataFrame, list[str], list[str]]:
+        return df, [], []
+
+    def label_counts(self, df: pd.DataFrame) -> dict[str, int]:
+        answers = df["answers"].map(_answers)
+        answerable = int(answers.map(lambda a: bool(a and a["text"])).sum())
+        return {
+            "questions": int(len(df)),
+            "answerable": answerable,
+            "unanswerable": int(len(df)) - answerable,
+        }
+
+    # -- validate -------------------------------------------------------------
+    def contract_tables(
+        self, df: pd.DataFrame, labels: list[str], config: Any = None
+    ) -> dict[str, pd.DataFrame]:
+        allow = bool(getattr(getattr(config, "task", None), "allow_unanswerable", False))
+        rows = df.copy()
+        rows["_answer_error"] = [
+            answer_error(c, _answers(a), allow)
+            for c, a in zip(rows["context"], rows["answers"], strict=True)
+        ]
+        key = rows["text"]
+        rows["_is_duplicate"] = (key.duplicated(keep="first") & key.notna()).astype(float)
+        return {"rows": rows.drop(columns=["answers"])}
+
+    # -- preprocess -----------------------------------------------------------
+    def usable_rows(self, df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+        ok = [
+            isinstance(c, str) and isinstance(q, str) and answer_error(c, _answers(a), True) == ""
+            for c, q, a in zip(df["context"], df["question"], df["answers"], strict=True)
+        ]
+        return df[ok]
+
+    def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame:
+        # contexts stay byte for byte: answer_start offsets point into them
+        out = df.copy()
+        out["question"] = out["question"].map(lambda q: " ".join(q.split()))
+        return out[out["question"].str.len() > 0]
+
+    def stratify_column(self) -> str | None:
+        return None
+
+    def tokenize(
+        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
+    ) -> dict[str, list]:
+        max_length = config.training.max_length
+        enc = tokenizer(
+            batch["question"],
+            batch["context"],
+            truncation="only_second",
+            max_length=max_length,
+            stride=min(config.task.stride, max_length // 4),
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+        )
+        mapping = enc.pop("overflow_to_sample_mapping")
+        offsets_all = enc.pop("offset_mapping")
+        starts, ends, offsets_out = [], [], []
+        for i, sample in enumerate(mapping):
+            seq_ids = enc.sequence_ids(i)
+            offsets = [
+                list(o) if s == 1 else [-1, -1]
+                for o, s in zip(offsets_all[i], seq_ids, strict=True)
+            ]
+            offsets_out.append(offsets)
+            answers = _answers(batch["answers"][sample])
+            start_tok = end_tok = 0  # "not in this window": point at the first token
+            if answers and answers["text"]:
+                a_start = answers["answer_start"][0]
+                a_end = a_start + len(answers["text"][0])
+                ctx = [k for k, s in enumerate(seq_ids) if s == 1]
+                if ctx and offsets[ctx[0]][0] <= a_start and offsets[ctx[-1]][1] >= a_end:
+                    start_tok = next(k for k in ctx if offsets[k][1] > a_start)
+                    end_tok = next(k for k in reversed(ctx) if offsets[k][0] < a_end)
+            starts.append(start_tok)
+            ends.append(end_tok)
+        out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        out.update(
+            start_positions=starts,
+            end_positions=ends,
+            offsets=offsets_out,
+            length=[len(x) for x in enc["input_ids"]],
+        )
+        for k in (*self._keep, "context", "question", "answers", "text"):
+            out[k] = [batch[k][s] for s in mapping]
+        return out
+
+    # -- train / evaluate ------------------------------------------------------
+    def load_model(
+        self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
+    ) -> Any:
+        from transformers import AutoModelForQuestionAnswering, set_seed
+
+        set_seed(seed)  # the new span head's initialisation depends on the seed alone
+        return AutoModelForQuestionAnswering.from_pretrained(
+            path, trust_remote_code=trust_remote_code
+        )
+
+    def collator(self, tokenizer: Any) -> Any:
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+
+    def metric_for_best_model(self, primary: str) -> tuple[str, bool]:
+        return "loss", False  # span metrics need the contexts: checkpoints are picked by loss
+
+    def compute_metrics(
+        self, predictions: Any, references: Any, labels: list[str]
+    ) -> dict[str, Any]:
+        """``predictions``: answer strings; ``references``: lists of gold answer strings."""
+        em = [exact_match(p, r) for p, r in zip(predictions, references, strict=True)]
+        f1 = [token_f1(p, r) for p, r in zip(predictions, references, strict=True)]
+        return {
+            "exact_match": float(np.mean(em)) if em else 0.0,
+            "f1": float(np.mean(f1)) if f1 else 0.0,
+        }
+
+    def trainer_metrics(self, eval_pred: Any, labels: list[str]) -> dict[str, float]:
+        raise NotImplementedError("question_answering checkpoints are picked by validation loss")
+
+    def score_split(
+        self, model: Any, tokenizer: Any, split_path: str, labels: list[str], batch_size: int
+    ) -> tuple[dict[str, Any], pd.DataFrame]:
+        import torch
+
+        windows = pd.read_parquet(split_path)
+        cols = [
+            c for c in ("input_ids", "attention_mask", "token_type_ids") if c in windows.columns
+        ]
+        feats = [{c: windows[c].iloc[i].tolist() for c in cols} for i in range(len(windows))]
+        collate = self.collator(tokenizer)
+        model.eval()
+        device = next(model.parameters()).device
+        start_logits: list[np.ndarray] = []
+        end_logits: list[np.ndarray] = []
+        with torch.inference_mode():
+            for s in range(0, len(feats), batch_size):
+                batch = {k: v.to(device) for k, v in collate(feats[s : s + batch_size]).items()}
+                out = model(**batch)
+                for j in range(len(batch["input_ids"])):
+                    n = len(feats[s + j]["input_ids"])
+                    start_logits.append(out.start_logits[j, :n].float().cpu().numpy())
+                    end_logits.append(out.end_logits[j, :n].float().cpu().numpy())
+        best: dict[int, tuple[float, str]] = {}
+        for i, (example, context, offsets) in enumerate(
+            zip(windows["_example"], windows["context"], windows["offsets"], strict=True)
+        ):
+            offsets = [list(o) for o in offsets]
+            st, en = start_logits[i], end_logits[i]
+            for a in np.argsort(st)[::-1][:N_BEST]:
+                for b in np.argsort(en)[::-1][:N_BEST]:
+                    if (
+                        offsets[a][0] < 0
+                        or offsets[b][0] < 0
+                        or b < a
+                        or b - a + 1 > MAX_ANSWER_TOKENS
+                    ):
+                        continue
+                    score = float(st[a] + en[b])
+                    if int(example) not in best or score > best[int(example)][0]:
+                        best[int(example)] = (score, context[offsets[a][0] : offsets[b][1]])
+        examples = windows.drop_duplicates("_example").sort_values("_example")
+        preds, refs = [], []
+        for example, answers in zip(examples["_example"], examples["answers"], strict=True):
+            preds.append(best.get(int(example), (0.0, ""))[1])
+            refs.append((_answers(answers) or {"text": []})["text"])
+        metrics = self.compute_metrics(preds, refs, labels)
+        table = examples[["question", "_row", "_source"]].copy()
+        table["answers"] = [" | ".join(r) for r in refs]
+        table["predicted"] = preds
+        return metrics, table.reset_index(drop=True)
