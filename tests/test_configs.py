@@ -20,4 +20,23 @@ def test_example_config_is_valid(path):
 
 def test_every_task_type_has_an_example():
     types = {load_config(p).task.type for p in CONFIGS}
-    assert {"text_classification", "token_classification", "causal_lm"} <= types
+    assert {
+        "text_classification",
+        "token_classification",
+        "question_answering",
+        "causal_lm",
+    } <= types
+
+
+def test_the_bbc_qa_example_passes_its_contract(tmp_path, monkeypatch):
+    from domaintune.store import Store
+    from domaintune.tasks.ingest import ingest
+    from domaintune.tasks.validate import validate
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    cfg = load_config(root / "configs" / "qa_bbc_business.yaml", [f"store.root={tmp_path}"])
+    store = Store(cfg.store.root)
+    raw = ingest(cfg, store)
+    assert raw.rows == 35 and raw.label_counts["answerable"] == 35
+    assert validate(cfg, raw, store).success
