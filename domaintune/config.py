@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from domaintune.errors import ConfigError
 
-TaskType = Literal["text_classification", "token_classification", "question_answering", "causal_lm"]
+TaskType = Literal[
+    "text_classification",
+    "token_classification",
+    "question_answering",
+    "causal_lm",
+    "instruction_tuning",
+]
 
 #: Metrics a run can be judged by, per task type (evaluation.primary_metric); the first is
 #: the default.
@@ -26,6 +32,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "token_classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
     "question_answering": ("f1", "exact_match"),
     "causal_lm": ("perplexity",),
+    "instruction_tuning": ("rougeL", "bleu"),
 }
 #: Metrics where lower is better (all others: higher is better).
 LOWER_IS_BETTER = frozenset({"perplexity"})
@@ -35,6 +42,7 @@ DEFAULT_MODELS: dict[str, str] = {
     "token_classification": "sentence-transformers/all-MiniLM-L6-v2",
     "question_answering": "sentence-transformers/all-MiniLM-L6-v2",
     "causal_lm": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "instruction_tuning": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
 
@@ -111,6 +119,10 @@ class DataConfig(_Section):
     tags_column: str = Field("tags", description="token_classification: list of tags.")
     context_column: str = Field("context", description="question_answering: the passage.")
     question_column: str = Field("question", description="question_answering: the question.")
+    messages_column: str = Field("messages", description="instruction_tuning: chat messages.")
+    instruction_column: str = Field("instruction", description="instruction_tuning (no messages).")
+    input_column: str = Field("input", description="instruction_tuning: optional extra input.")
+    output_column: str = Field("output", description="instruction_tuning: the reference answer.")
     answers_column: str = Field(
         "answers",
         description="question_answering: {text: [...], answer_start: [...]} (SQuAD layout); "

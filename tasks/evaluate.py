@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
 BASE_STAGE = "evaluate_base"
-VERSION = "1"
+VERSION = "2"  # 2: base predictions kept; sample generations in the report
 
 
 def plan(config: RetrainConfig, splits: SplitManifest, model: ModelArtifact) -> tuple[str, str]:
@@ -80,9 +80,10 @@ def _base_metrics(
         if cached is not None:
             return cached["metrics"]
         base = resolve_config_model(config)
-        metrics, _ = _score(config, base.path, splits)
+        metrics, predictions = _score(config, base.path, splits)
         with store.writer(BASE_STAGE, base_key) as w:
             (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            predictions.to_parquet(w.path / "predictions.parquet", index=False)
             w.manifest = {"metrics": metrics, "model": base.name}
         return metrics
 
@@ -122,7 +123,10 @@ def _run(
             "base_model": model.base_model,
         }
         (w.path / "metrics.json").write_text(json.dumps(doc, indent=2))
-        (w.path / "report.md").write_text(render_markdown(doc))
+        samples = _samples(config, store, base_key, predictions)
+        if samples is not None:
+            samples.to_parquet(w.path / "samples.parquet", index=False)
+        (w.path / "report.md").write_text(render_markdown(doc, samples))
         predictions.to_parquet(w.path / "predictions.parquet", index=False)
         manifest = EvaluationReport(
             key=key,
@@ -148,6 +152,25 @@ def _run(
     return manifest
 
 
+def _samples(
+    config: RetrainConfig, store: Store, base_key: str, finetuned: pd.DataFrame
+) -> pd.DataFrame | None:
+    """Generation tasks: prompt, reference, base output and fine-tuned output side by side."""
+    task = get_task_type(config.task.type)
+    base_file = store.entry_path(BASE_STAGE, base_key) / "predictions.parquet"
+    if not getattr(task, "generative", False) or not base_file.is_file():
+        return None
+    base = pd.read_parquet(base_file)
+    return pd.DataFrame(
+        {
+            "prompt": finetuned["prompt"],
+            "reference": finetuned["reference"],
+            "base": base["predicted"],
+            "fine-tuned": finetuned["predicted"],
+        }
+    )
+
+
 def metric_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Scalar metrics as table rows: metric, base, fine-tuned, gain."""
     rows = []
@@ -164,7 +187,13 @@ def metric_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def render_markdown(doc: dict[str, Any]) -> str:
+def _cell(text: Any, n: int = 200) -> str:
+    s = " ".join(str(text).split())
+    s = s if len(s) <= n else s[: n - 3] + "..."
+    return s.replace("|", "\\|")
+
+
+def render_markdown(doc: dict[str, Any], samples: pd.DataFrame | None = None) -> str:
     lines = [
         f"# Evaluation on {doc['test_rows']} test rows",
         "",
@@ -210,4 +239,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
         ]
         for lab, row in zip(labs, cm["matrix"], strict=True):
             lines.append(f"| {lab} | " + " | ".join(str(x) for x in row) + " |")
+    if samples is not None and len(samples):
+        lines += [
+            "",
+            f"## Sample generations ({min(10, len(samples))} of {len(samples)})",
+            "",
+            "| prompt | reference | base model | fine-tuned |",
+            "|---|---|---|---|",
+        ]
+        for r in samples.head(10).itertuples(index=False):
+            lines.append(f"| {_cell(r[0])} | {_cell(r[1])} | {_cell(r[2])} | {_cell(r[3])} |")
     return "\n".join(lines) + "\n"

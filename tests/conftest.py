@@ -283,6 +283,10 @@ def build_tiny_causal_model(out: Path, seed: int = 0) -> Path:
         bos_token="<|endoftext|>",
         model_max_length=128,
     )
+    fast.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=tok.get_vocab_size(),

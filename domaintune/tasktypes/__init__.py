@@ -22,13 +22,17 @@ def get_task_type(name: str) -> TaskType:
         from domaintune.tasktypes.question_answering import QuestionAnswering
 
         return QuestionAnswering()
+    if name == "instruction_tuning":
+        from domaintune.tasktypes.instruction_tuning import InstructionTuning
+
+        return InstructionTuning()
     if name == "causal_lm":
         from domaintune.tasktypes.causal_lm import CausalLM
 
         return CausalLM()
     raise ConfigError(
         f"task.type: unknown task type {name!r}; allowed: text_classification, "
-        "token_classification, question_answering, causal_lm"
+        "token_classification, question_answering, causal_lm, instruction_tuning"
     )
 
 

@@ -1,0 +1,259 @@
+"""Instruction tuning for generation tasks: summaries, translation, product descriptions,
+customer-support answers.
+
+Rows are chat ``messages`` ([{role, content}, ...], the last one the assistant's answer) or
+``instruction`` / ``input`` / ``output`` columns (turned into a user turn and an assistant
+turn). Examples are rendered with the model's own chat template; the loss covers the
+response tokens only (the prompt's labels are -100). After training, the base and the
+fine-tuned model generate an answer for every test prompt (greedy), scored against the
+reference with BLEU (sacrebleu) and ROUGE-L F1 (rouge-score); the generations are kept so
+that the report can show them side by side.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from domaintune.errors import DataError, ModelError
+from domaintune.tasktypes.base import TaskType
+
+MAX_NEW_TOKENS = 128
+
+
+def _messages_from_row(
+    row: dict[str, Any], has_messages: bool, cols: dict[str, str]
+) -> list[dict] | None:
+    if has_messages:
+        value = row[cols["messages"]]
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return None
+        if value is None or not isinstance(value, list | tuple | np.ndarray):
+            return None
+        return [dict(m) if isinstance(m, dict) else m for m in value]
+    instruction, extra, output = (row.get(cols[k]) for k in ("instruction", "input", "output"))
+    if instruction is None or (isinstance(instruction, float) and np.isnan(instruction)):
+        return None
+    prompt = str(instruction)
+    if isinstance(extra, str) and extra.strip():
+        prompt += "\n\n" + extra
+    answer = (
+        None if output is None or (isinstance(output, float) and np.isnan(output)) else str(output)
+    )
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def messages_error(messages: list[dict] | None) -> str:
+    """'' for a usable conversation, else what is wrong with it."""
+    if not messages:
+        return "no messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            return f"message {i + 1}: role must be system, user or assistant"
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            return f"message {i + 1} ({m.get('role')}): empty content"
+    if messages[-1]["role"] != "assistant":
+        return "the last message must be the assistant's answer"
+    if not any(m["role"] == "user" for m in messages[:-1]):
+        return "no user message before the answer"
+    return ""
+
+
+class InstructionTuning(TaskType):
+    name = "instruction_tuning"
+    contract = "instruction_tuning"
+    raw_columns = ("messages", "text", "reference")
+    model_columns = ("input_ids", "attention_mask", "labels")
+    target_column = "reference"
+    generative = True
+
+    # -- ingest ---------------------------------------------------------------
+    def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
+        d = config.data
+        cols = {
+            "messages": d.messages_column,
+            "instruction": d.instruction_column,
+            "input": d.input_column,
+            "output": d.output_column,
+        }
+        has_messages = cols["messages"] in df.columns
+        if not has_messages:
+            for role in ("instruction", "output"):
+                if cols[role] not in df.columns:
+                    available = [str(c) for c in df.columns if not str(c).startswith("_")]
+                    close = difflib.get_close_matches(cols[role], available, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise DataError(
+                        f"{where}: neither a {cols['messages']!r} column nor {cols[role]!r} "
+                        f"(data.{role}_column){hint} columns: {', '.join(available)}"
+                    )
+        messages = [_messages_from_row(r, has_messages, cols) for r in df.to_dict("records")]
+        return pd.DataFrame(
+            {
+                "messages": [
+                    None if m is None else json.dumps(m, ensure_ascii=False) for m in messages
+                ],
+                "text": [
+                    None
+                    if not m
+                    else "\n".join(str(x.get("content")) for x in m[:-1] if isinstance(x, dict))
+                    for m in messages
+                ],
+                "reference": [
+                    None if not m or not isinstance(m[-1], dict) else m[-1].get("content")
+                    for m in messages
+                ],
+                "_row": df["_row"],
+                "_source": df["_source"],
+            }
+        )
+
+    def normalize_labels(
+        self, df: pd.DataFrame, config: Any
+    ) -> tuple[pd.DataFrame, list[str], list[str]]:
+        return df, [], []
+
+    def label_counts(self, df: pd.DataFrame) -> dict[str, int]:
+        return {"conversations": int(df["messages"].notna().sum())}
+
+    # -- validate -------------------------------------------------------------
+    def contract_tables(
+        self, df: pd.DataFrame, labels: list[str], config: Any = None
+    ) -> dict[str, pd.DataFrame]:
+        rows = df.copy()
+        rows["_messages_error"] = rows["messages"].map(
+            lambda m: messages_error(None if m is None else json.loads(m))
+        )
+        key = rows["messages"]
+        rows["_is_duplicate"] = (key.duplicated(keep="first") & key.notna()).astype(float)
+        return {"rows": rows.drop(columns=["messages"])}
+
+    # -- preprocess -----------------------------------------------------------
+    def usable_rows(self, df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+        ok = df["messages"].map(lambda m: m is not None and messages_error(json.loads(m)) == "")
+        return df[ok]
+
+    def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame:
+        return df
+
+    def stratify_column(self) -> str | None:
+        return None
+
+    def tokenize(
+        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
+    ) -> dict[str, list]:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ModelError(
+                "model.name_or_path: the tokenizer has no chat template; rule: instruction_tuning renders examples with it"
+            )
+        max_length = config.training.max_length
+        out: dict[str, list] = {
+            k: [] for k in ("input_ids", "attention_mask", "labels", "prompt_ids", "length")
+        }
+        for raw in batch["messages"]:
+            messages = json.loads(raw)
+            prompt = list(
+                tokenizer.apply_chat_template(
+                    messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+            full = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+            # the loss covers what follows the prompt (with its generation header): the answer
+            prompt_len = len(prompt)
+            ids = full[:max_length]
+            lab = [-100] * min(prompt_len, len(ids)) + ids[prompt_len:]
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append(lab[: len(ids)])
+            out["prompt_ids"].append(prompt[-max_length:])
+            out["length"].append(len(ids))
+        for k in ("messages", "text", "reference", "_row", "_source", "_example"):
+            out[k] = batch[k]
+        return out
+
+    # -- train / evaluate ------------------------------------------------------
+    def load_model(
+        self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
+    ) -> Any:
+        from transformers import AutoModelForCausalLM, set_seed
+
+        set_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = model.config.eos_token_id
+        return model
+
+    def collator(self, tokenizer: Any) -> Any:
+        from transformers import DataCollatorForSeq2Seq
+
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return DataCollatorForSeq2Seq(
+            tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8
+        )
+
+    def metric_for_best_model(self, primary: str) -> tuple[str, bool]:
+        return "loss", False  # generation metrics are computed after training, on the test split
+
+    def compute_metrics(
+        self, predictions: Any, references: Any, labels: list[str]
+    ) -> dict[str, Any]:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+
+        preds = [str(p) for p in predictions]
+        refs = [str(r) for r in references]
+        bleu = sacrebleu.corpus_bleu(preds, [refs]).score / 100.0 if preds else 0.0
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs, strict=True)]
+        return {"rougeL": float(np.mean(rouge)) if rouge else 0.0, "bleu": float(bleu)}
+
+    def trainer_metrics(self, eval_pred: Any, labels: list[str]) -> dict[str, float]:
+        raise NotImplementedError("instruction_tuning checkpoints are picked by validation loss")
+
+    def score_split(
+        self, model: Any, tokenizer: Any, split_path: str, labels: list[str], batch_size: int
+    ) -> tuple[dict[str, Any], pd.DataFrame]:
+        import torch
+
+        table = pd.read_parquet(
+            split_path, columns=["prompt_ids", "text", "reference", "_row", "_source"]
+        )
+        prompts = [p.tolist() for p in table["prompt_ids"]]
+        pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        model.eval()
+        device = next(model.parameters()).device
+        outputs: list[str] = []
+        with torch.inference_mode():
+            for s in range(0, len(prompts), batch_size):
+                chunk = prompts[s : s + batch_size]
+                width = max(len(p) for p in chunk)
+                ids = torch.tensor(
+                    [[pad] * (width - len(p)) + p for p in chunk], device=device
+                )  # left padding
+                mask = torch.tensor(
+                    [[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device
+                )
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=MAX_NEW_TOKENS,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                outputs += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        outputs = [o.strip() for o in outputs]
+        metrics = self.compute_metrics(outputs, table["reference"].tolist(), labels)
+        result = table.drop(columns=["prompt_ids"]).rename(columns={"text": "prompt"})
+        result["predicted"] = outputs
+        return metrics, result.reset_index(drop=True)

@@ -1,0 +1,112 @@
+"""instruction_tuning: chat template, loss on the answer only, BLEU / ROUGE-L by generation."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from domaintune.errors import ContractViolation
+from domaintune.store import Store
+from domaintune.tasks.ingest import ingest
+from domaintune.tasks.preprocess import preprocess
+from domaintune.tasks.validate import validate
+from tests.conftest import write_jsonl
+
+IT = {"type": "instruction_tuning"}
+
+
+def it_config(make_config, source, model, **over):
+    sections = {"task": IT, "model": {"name_or_path": str(model)}, "training": {"max_length": 96}}
+    for k, v in over.items():
+        sections[k] = {**sections.get(k, {}), **v} if isinstance(v, dict) else v
+    return make_config(source, **sections)
+
+
+def examples(rows, n=20):
+    return [
+        {
+            "instruction": "Label the sentiment of this headline.",
+            "input": r["text"],
+            "output": r["label"],
+        }
+        for r in rows(n)
+    ]
+
+
+def test_prompt_tokens_are_masked_and_answers_learned(
+    tmp_path, make_config, rows, tiny_causal_model
+):
+    from transformers import AutoTokenizer
+
+    src = write_jsonl(tmp_path / "it.jsonl", examples(rows))
+    cfg = it_config(make_config, src, tiny_causal_model)
+    store = Store(cfg.store.root)
+    raw = ingest(cfg, store)
+    assert raw.label_counts == {"conversations": 60}
+    splits = preprocess(cfg, raw, store)
+    tok = AutoTokenizer.from_pretrained(tiny_causal_model)
+    train = pd.read_parquet(splits.splits["train"].path)
+    for _, r in train.head(5).iterrows():
+        ids, labels, prompt = list(r["input_ids"]), list(r["labels"]), list(r["prompt_ids"])
+        assert ids[: len(prompt)] == prompt, "the chat-template prompt starts the example"
+        assert all(lab == -100 for lab in labels[: len(prompt)]), "no loss on the prompt"
+        answer = tok.decode(
+            [i for i, lab in zip(ids, labels, strict=True) if lab != -100], skip_special_tokens=True
+        )
+        assert answer.strip() == r["reference"]
+
+
+def test_malformed_conversations_break_the_contract(tmp_path, make_config, rows, tiny_causal_model):
+    good = [
+        {
+            "messages": [
+                {"role": "user", "content": e["input"]},
+                {"role": "assistant", "content": e["output"]},
+            ]
+        }
+        for e in examples(rows, 5)
+    ]
+    good[1]["messages"][1]["content"] = " "  # empty answer (line 2)
+    good[3]["messages"] = good[3]["messages"][:1]  # no answer at all (line 4)
+    src = write_jsonl(tmp_path / "chat.jsonl", good)
+    cfg = it_config(make_config, src, tiny_causal_model)
+    store = Store(cfg.store.root)
+    with pytest.raises(ContractViolation) as e:
+        validate(cfg, ingest(cfg, store), store)
+    msg = str(e.value)
+    assert (
+        "conversation_well_formed" in msg and "chat.jsonl row 2" in msg and "empty content" in msg
+    )
+    assert "chat.jsonl row 4" in msg and "assistant's answer last" in msg
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_instruction_tuning_flow_scores_generations_of_base_and_finetuned(
+    tmp_path, make_config, rows, tiny_causal_model
+):
+    from domaintune.flows.retrain import retrain
+
+    src = write_jsonl(tmp_path / "it.jsonl", examples(rows, 40))
+    summary = retrain(it_config(make_config, src, tiny_causal_model, training={"epochs": 10}))
+    m = summary["metrics"]
+    assert m["primary_metric"] == "rougeL"
+    assert m["finetuned"]["rougeL"] > m["base"]["rougeL"], m
+    report = open(m["report"]).read()
+    assert (
+        "## Sample generations" in report
+        and "| prompt | reference | base model | fine-tuned |" in report
+    )
+    samples = pd.read_parquet(m["report"].replace("report.md", "samples.parquet"))
+    assert (
+        list(samples.columns) == ["prompt", "reference", "base", "fine-tuned"]
+        and len(samples) == m["test_rows"]
+    )
+    assert (
+        json.loads(open(m["report"].replace("report.md", "metrics.json")).read())["finetuned"][
+            "bleu"
+        ]
+        >= 0
+    )
