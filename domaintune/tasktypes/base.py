@@ -8,10 +8,57 @@ how predictions are scored.
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from typing import Any
 
 import pandas as pd
+
+from domaintune.errors import DataError
+
+
+def require_columns(df: pd.DataFrame, wanted: dict[str, str], where: str, what: str = "") -> None:
+    """Raise a DataError naming the file, the missing column, its config key and a guess."""
+    available = [str(c) for c in df.columns if not str(c).startswith("_")]
+    for role, col in wanted.items():
+        if col not in df.columns:
+            close = difflib.get_close_matches(col, available, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DataError(
+                f"{where}: {what}column {col!r} (data.{role}_column) not found{hint} "
+                f"columns: {', '.join(available)}"
+            )
+
+
+def load_labelled_model(
+    auto_class: Any, path: str, labels: list[str], seed: int, trust_remote_code: bool
+) -> Any:
+    """A model with a new head for ``labels``, initialised from ``seed`` alone.
+
+    Seeding right before loading makes the head a function of the seed: the base model
+    evaluated "before fine-tuning" starts from exactly the head that training started from.
+    """
+    from transformers import set_seed
+
+    set_seed(seed)
+    return auto_class.from_pretrained(
+        path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={lab: i for i, lab in enumerate(labels)},
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def load_causal_model(path: str, seed: int, trust_remote_code: bool) -> Any:
+    """A causal LM with a pad token id (its EOS when it declares none)."""
+    from transformers import AutoModelForCausalLM, set_seed
+
+    set_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
 
 
 class TaskType(ABC):

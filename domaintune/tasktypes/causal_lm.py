@@ -11,7 +11,6 @@ perplexity, exp(mean token negative log-likelihood), before and after fine-tunin
 
 from __future__ import annotations
 
-import difflib
 import html
 import math
 import re
@@ -20,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domaintune.errors import DataError, ModelError
-from domaintune.tasktypes.base import TaskType
+from domaintune.errors import ModelError
+from domaintune.tasktypes.base import TaskType, load_causal_model, require_columns
 
 _SPACES = re.compile(r"[ \t\f\v]+")
 _BLANKS = re.compile(r"\n{3,}")
@@ -37,13 +36,7 @@ class CausalLM(TaskType):
     # -- ingest ---------------------------------------------------------------
     def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
         col = config.data.text_column
-        if col not in df.columns:
-            available = [str(c) for c in df.columns if not str(c).startswith("_")]
-            close = difflib.get_close_matches(col, available, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise DataError(
-                f"{where}: column {col!r} (data.text_column) not found{hint} columns: {', '.join(available)}"
-            )
+        require_columns(df, {"text": col}, where)
         text = df[col].map(
             lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
         )
@@ -141,13 +134,7 @@ class CausalLM(TaskType):
     def load_model(
         self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
     ) -> Any:
-        from transformers import AutoModelForCausalLM, set_seed
-
-        set_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = model.config.eos_token_id
-        return model
+        return load_causal_model(path, seed, trust_remote_code)
 
     def collator(self, tokenizer: Any) -> Any:
         from transformers import default_data_collator

@@ -12,15 +12,14 @@ that the report can show them side by side.
 
 from __future__ import annotations
 
-import difflib
 import json
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from domaintune.errors import DataError, ModelError
-from domaintune.tasktypes.base import TaskType
+from domaintune.errors import ModelError
+from domaintune.tasktypes.base import TaskType, load_causal_model, require_columns
 
 MAX_NEW_TOKENS = 128
 
@@ -85,15 +84,8 @@ class InstructionTuning(TaskType):
         }
         has_messages = cols["messages"] in df.columns
         if not has_messages:
-            for role in ("instruction", "output"):
-                if cols[role] not in df.columns:
-                    available = [str(c) for c in df.columns if not str(c).startswith("_")]
-                    close = difflib.get_close_matches(cols[role], available, n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
-                    raise DataError(
-                        f"{where}: neither a {cols['messages']!r} column nor {cols[role]!r} "
-                        f"(data.{role}_column){hint} columns: {', '.join(available)}"
-                    )
+            required = {role: cols[role] for role in ("instruction", "output")}
+            require_columns(df, required, where, what=f"no {cols['messages']!r} column and no ")
         messages = [_messages_from_row(r, has_messages, cols) for r in df.to_dict("records")]
         return pd.DataFrame(
             {
@@ -182,13 +174,7 @@ class InstructionTuning(TaskType):
     def load_model(
         self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
     ) -> Any:
-        from transformers import AutoModelForCausalLM, set_seed
-
-        set_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = model.config.eos_token_id
-        return model
+        return load_causal_model(path, seed, trust_remote_code)
 
     def collator(self, tokenizer: Any) -> Any:
         from transformers import DataCollatorForSeq2Seq

@@ -13,7 +13,6 @@ here (``evaluate.load`` needs a hub), taking the best over the gold answers.
 from __future__ import annotations
 
 import collections
-import difflib
 import json
 import re
 import string
@@ -22,8 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domaintune.errors import DataError
-from domaintune.tasktypes.base import TaskType
+from domaintune.tasktypes.base import TaskType, require_columns
 
 MAX_ANSWER_TOKENS = 30
 N_BEST = 20
@@ -112,20 +110,13 @@ class QuestionAnswering(TaskType):
     # -- ingest ---------------------------------------------------------------
     def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
         d = config.data
-        available = [str(c) for c in df.columns if not str(c).startswith("_")]
         flat = d.answers_column not in df.columns and {"answer_text", "answer_start"} <= set(
             df.columns
         )
         wanted = {"context": d.context_column, "question": d.question_column}
         if not flat:
             wanted["answers"] = d.answers_column
-        for role, col in wanted.items():
-            if col not in df.columns:
-                close = difflib.get_close_matches(col, available, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise DataError(
-                    f"{where}: column {col!r} (data.{role}_column) not found{hint} columns: {', '.join(available)}"
-                )
+        require_columns(df, wanted, where)
         if flat:
             answers = [
                 {

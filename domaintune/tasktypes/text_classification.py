@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import html
 import re
 import unicodedata
@@ -11,8 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domaintune.errors import DataError
-from domaintune.tasktypes.base import TaskType
+from domaintune.tasktypes.base import TaskType, load_labelled_model, require_columns
 
 _WS = re.compile(r"\s+")
 
@@ -42,15 +40,7 @@ class TextClassification(TaskType):
     # -- ingest ---------------------------------------------------------------
     def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
         wanted = {"text": config.data.text_column, "label": config.data.label_column}
-        available = [str(c) for c in df.columns if not str(c).startswith("_")]
-        for role, col in wanted.items():
-            if col not in df.columns:
-                close = difflib.get_close_matches(col, available, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise DataError(
-                    f"{where}: column {col!r} (data.{role}_column) not found{hint} "
-                    f"columns: {', '.join(available)}"
-                )
+        require_columns(df, wanted, where)
         return pd.DataFrame(
             {
                 "text": df[wanted["text"]].map(_str_or_none).astype(object),
@@ -150,18 +140,10 @@ class TextClassification(TaskType):
     def load_model(
         self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
     ) -> Any:
-        from transformers import AutoModelForSequenceClassification, set_seed
+        from transformers import AutoModelForSequenceClassification
 
-        # Seeding right before loading makes the new head's initialisation a function of
-        # the seed alone: the base model evaluated as "before fine-tuning" starts from
-        # exactly the head that training started from.
-        set_seed(seed)
-        return AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={lab: i for i, lab in enumerate(labels)},
-            trust_remote_code=trust_remote_code,
+        return load_labelled_model(
+            AutoModelForSequenceClassification, path, labels, seed, trust_remote_code
         )
 
     def collator(self, tokenizer: Any) -> Any:

@@ -13,7 +13,6 @@ both sides.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from typing import Any
@@ -21,8 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domaintune.errors import DataError
-from domaintune.tasktypes.base import TaskType
+from domaintune.tasktypes.base import TaskType, load_labelled_model, require_columns
 
 _IOB = re.compile(r"^[BI]-.+$")
 
@@ -101,15 +99,7 @@ class TokenClassification(TaskType):
     # -- ingest ---------------------------------------------------------------
     def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
         wanted = {"tokens": config.data.tokens_column, "tags": config.data.tags_column}
-        available = [str(c) for c in df.columns if not str(c).startswith("_")]
-        for role, col in wanted.items():
-            if col not in df.columns:
-                close = difflib.get_close_matches(col, available, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise DataError(
-                    f"{where}: column {col!r} (data.{role}_column) not found{hint} "
-                    f"columns: {', '.join(available)}"
-                )
+        require_columns(df, wanted, where)
         tokens = df[wanted["tokens"]].map(_as_list)
         return pd.DataFrame(
             {
@@ -224,15 +214,10 @@ class TokenClassification(TaskType):
     def load_model(
         self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
     ) -> Any:
-        from transformers import AutoModelForTokenClassification, set_seed
+        from transformers import AutoModelForTokenClassification
 
-        set_seed(seed)  # the new head's initialisation depends on the seed alone
-        return AutoModelForTokenClassification.from_pretrained(
-            path,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={lab: i for i, lab in enumerate(labels)},
-            trust_remote_code=trust_remote_code,
+        return load_labelled_model(
+            AutoModelForTokenClassification, path, labels, seed, trust_remote_code
         )
 
     def collator(self, tokenizer: Any) -> Any:
