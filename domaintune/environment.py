@@ -18,6 +18,9 @@ def configure_environment() -> None:
             x for x in (extra, "domaintune") if x
         )
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's local server gets 20 s to start by default; a busy 2-core machine (training
+    # in the background, CI) can need more, and a timeout there fails the whole run.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
