@@ -18,6 +18,8 @@ def configure_environment() -> None:
             x for x in (extra, "domaintune") if x
         )
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # stage functions also run outside flows (domaintune validate, benches): no warnings then
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # Prefect's local server gets 20 s to start by default; a busy 2-core machine (training
     # in the background, CI) can need more, and a timeout there fails the whole run.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
