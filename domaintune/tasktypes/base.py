@@ -78,11 +78,13 @@ class TaskType(ABC):
     def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
         """Rename the user's columns to the raw snapshot's; errors name ``where`` (the file)."""
 
-    @abstractmethod
     def normalize_labels(
         self, df: pd.DataFrame, config: Any
     ) -> tuple[pd.DataFrame, list[str], list[str]]:
-        """Return (table, label set, notes) with labels in their declared form."""
+        """Return (table, label set, notes) with labels in their declared form.
+
+        Default for task types without labels (QA, causal LM, instruction tuning)."""
+        return df, [], []
 
     @abstractmethod
     def label_counts(self, df: pd.DataFrame) -> dict[str, int]:

@@ -44,11 +44,6 @@ class CausalLM(TaskType):
             {"text": text.astype(object), "_row": df["_row"], "_source": df["_source"]}
         )
 
-    def normalize_labels(
-        self, df: pd.DataFrame, config: Any
-    ) -> tuple[pd.DataFrame, list[str], list[str]]:
-        return df, [], []
-
     def label_counts(self, df: pd.DataFrame) -> dict[str, int]:
         text = df["text"].dropna()
         return {"documents": int(len(text)), "characters": int(text.str.len().sum())}

@@ -107,11 +107,6 @@ class InstructionTuning(TaskType):
             }
         )
 
-    def normalize_labels(
-        self, df: pd.DataFrame, config: Any
-    ) -> tuple[pd.DataFrame, list[str], list[str]]:
-        return df, [], []
-
     def label_counts(self, df: pd.DataFrame) -> dict[str, int]:
         return {"conversations": int(df["messages"].notna().sum())}
 

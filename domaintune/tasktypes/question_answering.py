@@ -143,11 +143,6 @@ class QuestionAnswering(TaskType):
             }
         )
 
-    def normalize_labels(
-        self, df: pd.DataFrame, config: Any
-    ) -> tuple[pd.DataFrame, list[str], list[str]]:
-        return df, [], []
-
     def label_counts(self, df: pd.DataFrame) -> dict[str, int]:
         answers = df["answers"].map(_answers)
         answerable = int(answers.map(lambda a: bool(a and a["text"])).sum())
