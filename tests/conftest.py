@@ -155,6 +155,14 @@ def other_tokenizer_model() -> Path:
 # --------------------------------------------------------------------------- config
 
 
+def merge_sections(defaults: dict, overrides: dict) -> dict:
+    """A task's test defaults with a test's overrides merged in, one section deep."""
+    out = dict(defaults)
+    for k, v in overrides.items():
+        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
+    return out
+
+
 @pytest.fixture
 def make_config(tmp_path, tiny_model):
     """Build a validated RetrainConfig for the tiny model on a given data source."""

@@ -11,7 +11,7 @@ from domaintune.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate
-from tests.conftest import write_jsonl
+from tests.conftest import merge_sections, write_jsonl
 
 
 def lm_config(make_config, source, model, **over):
@@ -20,9 +20,7 @@ def lm_config(make_config, source, model, **over):
         "model": {"name_or_path": str(model)},
         "training": {"max_length": 32},
     }
-    for k, v in over.items():
-        sections[k] = {**sections.get(k, {}), **v} if isinstance(v, dict) else v
-    return make_config(source, **sections)
+    return make_config(source, **merge_sections(sections, over))
 
 
 def docs(rows, n=20):

@@ -12,16 +12,14 @@ from domaintune.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate
-from tests.conftest import write_jsonl
+from tests.conftest import merge_sections, write_jsonl
 
 IT = {"type": "instruction_tuning"}
 
 
 def it_config(make_config, source, model, **over):
     sections = {"task": IT, "model": {"name_or_path": str(model)}, "training": {"max_length": 96}}
-    for k, v in over.items():
-        sections[k] = {**sections.get(k, {}), **v} if isinstance(v, dict) else v
-    return make_config(source, **sections)
+    return make_config(source, **merge_sections(sections, over))
 
 
 def examples(rows, n=20):

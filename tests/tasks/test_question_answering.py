@@ -11,16 +11,14 @@ from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate
 from domaintune.tasktypes.question_answering import exact_match, normalize_answer, token_f1
-from tests.conftest import make_qa_rows, write_jsonl
+from tests.conftest import make_qa_rows, merge_sections, write_jsonl
 
 QA = {"type": "question_answering"}
 
 
 def qa_config(make_config, source, **over):
     sections = {"task": QA, "training": {"max_length": 64}}
-    for k, v in over.items():
-        sections[k] = {**sections.get(k, {}), **v} if isinstance(v, dict) else v
-    return make_config(source, **sections)
+    return make_config(source, **merge_sections(sections, over))
 
 
 def test_squad_metrics():

@@ -13,16 +13,14 @@ from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate
 from domaintune.tasktypes.token_classification import iob2_error, repair_iob, spans
-from tests.conftest import make_ner_sentences, write_conll, write_jsonl
+from tests.conftest import make_ner_sentences, merge_sections, write_conll, write_jsonl
 
 NER = {"type": "token_classification", "labels": ["PER", "ORG", "LOC"]}
 
 
 def ner_config(make_config, source, **over):
     sections = {"task": NER, "data": {"format": "conll"} if str(source).endswith(".txt") else {}}
-    for k, v in over.items():
-        sections[k] = {**sections.get(k, {}), **v} if isinstance(v, dict) else v
-    return make_config(source, **sections)
+    return make_config(source, **merge_sections(sections, over))
 
 
 def test_iob_helpers():
