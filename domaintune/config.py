@@ -34,6 +34,8 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "causal_lm": ("perplexity",),
     "instruction_tuning": ("rougeL", "bleu"),
 }
+#: Task types whose classification head training.strategy.head can replace.
+HEAD_TASKS = ("text_classification", "token_classification")
 #: Metrics where lower is better (all others: higher is better).
 LOWER_IS_BETTER = frozenset({"perplexity"})
 #: Base model per task type when model.name_or_path is not given.
@@ -162,21 +164,187 @@ class DeepSpeedConfig(_Section):
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory.")
 
 
+Component = Literal["attention", "feed_forward", "layer_norm", "embeddings", "head"]
+StrategyKind = Literal["full", "head_only", "last_n_layers", "components", "lora"]
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, description="Rank of the low-rank update.")
+    alpha: float = Field(16, gt=0, description="Scale of the update is alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["attention"],
+        description="Where adapters go: component names (attention, feed_forward), resolved "
+        "per architecture to their linear layers, or module names (query, c_attn, q_proj).",
+    )
+    merge_on_export: bool = Field(
+        True,
+        description="Register the adapter merged into a plain Hugging Face model (true) or "
+        "the adapter alone plus a reference to its base model (false). The adapter is kept "
+        "in `adapter/` either way.",
+    )
+
+
+class HeadConfig(_Section):
+    hidden_sizes: list[int] = Field(
+        default_factory=list,
+        description="Hidden layers of the classification head (empty: one linear layer).",
+    )
+    dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Dropout between the head's layers (default: classifier dropout).",
+    )
+    activation: Literal["gelu", "relu", "tanh"] = "gelu"
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(int(x) < 1 for x in v):
+            raise ValueError(f"hidden sizes must be positive integers (got {v})")
+        return v
+
+
+class StrategyConfig(_Section):
+    """What trains. YAML accepts the short forms ``strategy: head_only``,
+    ``strategy: {last_n_layers: 2}``, ``strategy: {components: [attention, head]}`` and
+    ``strategy: {lora: {r: 8}}`` besides the explicit ``kind:``."""
+
+    kind: StrategyKind = Field("full", description="Which parameters train.")
+    last_n_layers: int | None = Field(
+        None, ge=1, description="last_n_layers: top transformer blocks that train (plus the head)."
+    )
+    components: list[Component] | None = Field(
+        None, description="components: the parts that train, resolved per architecture."
+    )
+    lora: LoraConfig | None = Field(None, description="lora: adapter settings (peft).")
+    freeze_embeddings: bool = Field(
+        False, description="Keep the input embeddings frozen whatever the strategy."
+    )
+    init_embeddings_from: str | None = Field(
+        None,
+        description="Checkpoint (path, hub id, pkg://) whose input embeddings replace the base "
+        "model's before training; its vocabulary must equal the base tokenizer's.",
+    )
+    drop_top_layers: int = Field(
+        0, ge=0, description="Remove this many top transformer blocks (a smaller, faster model)."
+    )
+    head: HeadConfig | None = Field(
+        None,
+        description="text/token classification: a head with hidden layers instead of one "
+        "linear layer. Models with such a head load with domaintune's loaders.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_forms(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"kind": data}
+        if isinstance(data, dict) and "kind" not in data:
+            named = [k for k in ("last_n_layers", "components", "lora") if data.get(k) is not None]
+            if len(named) > 1:
+                raise ValueError(f"choose one strategy, got {' and '.join(named)}")
+            if named:
+                data = {**data, "kind": named[0]}
+                if named[0] == "lora" and data["lora"] is True:
+                    data["lora"] = {}
+        return data
+
+    @model_validator(mode="after")
+    def _settings_match_kind(self) -> StrategyConfig:
+        if self.kind == "last_n_layers" and self.last_n_layers is None:
+            raise ValueError("kind last_n_layers needs last_n_layers: N")
+        if self.kind == "components" and not self.components:
+            raise ValueError(
+                "kind components needs components: a list of attention, feed_forward, "
+                "layer_norm, embeddings, head"
+            )
+        if self.kind == "lora" and self.lora is None:
+            self.lora = LoraConfig()
+        for key in ("last_n_layers", "components", "lora"):
+            if key != self.kind and getattr(self, key) is not None:
+                raise ValueError(f"{key} is set but the strategy kind is {self.kind!r}")
+        if (
+            self.freeze_embeddings
+            and self.kind == "components"
+            and "embeddings" in (self.components or [])
+        ):
+            raise ValueError("components lists embeddings but freeze_embeddings is true")
+        return self
+
+    def describe(self) -> str:
+        """One line for logs and reports, e.g. ``last_n_layers(2)``."""
+        if self.kind == "last_n_layers":
+            text = f"last_n_layers({self.last_n_layers})"
+        elif self.kind == "components":
+            text = f"components({', '.join(self.components or [])})"
+        elif self.kind == "lora" and self.lora is not None:
+            text = f"lora(r={self.lora.r}, alpha={self.lora.alpha:g})"
+        else:
+            text = self.kind
+        extras = [
+            "frozen embeddings" if self.freeze_embeddings else "",
+            "embeddings from checkpoint" if self.init_embeddings_from else "",
+            f"top {self.drop_top_layers} layers dropped" if self.drop_top_layers else "",
+            f"head {self.head.hidden_sizes}" if self.head and self.head.hidden_sizes else "",
+        ]
+        extras = [e for e in extras if e]
+        return text + (f" + {', '.join(extras)}" if extras else "")
+
+
+class DropoutConfig(_Section):
+    hidden: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Dropout on hidden states (BERT hidden_dropout_prob, "
+        "GPT-2 resid/embd_pdrop); null keeps the model's.",
+    )
+    attention: float | None = Field(
+        None, ge=0, lt=1, description="Dropout on attention probabilities."
+    )
+    classifier: float | None = Field(
+        None, ge=0, lt=1, description="Dropout before the classification head."
+    )
+
+
 class TrainingConfig(_Section):
     epochs: float = Field(3, gt=0, description="Passes over the training split.")
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
-    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Base learning rate.")
+    head_learning_rate: float | None = Field(
+        None, gt=0, lt=1, description="Learning rate of the task head (default: the base one)."
+    )
+    head_lr_multiplier: float | None = Field(
+        None, gt=0, description="... or the head's learning rate as a multiple of the base one."
+    )
+    layerwise_lr_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Layer-wise learning-rate decay: block k below the top trains at "
+        "learning_rate * decay**k, the embeddings at decay**(layers); the head at its own rate.",
+    )
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    dropout: DropoutConfig = Field(default_factory=DropoutConfig)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the loss.")
     batch_size: int = Field(16, ge=1, description="Per-device training batch size.")
     eval_batch_size: int = Field(64, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(256, ge=8, description="Tokens per example after truncation.")
     seed: int = Field(42, description="Seeds the split, head initialisation and data order.")
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
-    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW weight decay; never applied to biases and norm weights."
+    )
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps spent warming up.")
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+        "constant_with_warmup", "inverse_sqrt",
+    ] = "linear"  # fmt: skip
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (global norm).")
     early_stopping_patience: int | None = Field(
         2, ge=1, description="Evaluations without improvement before stopping; null: never."
     )
@@ -191,6 +359,17 @@ class TrainingConfig(_Section):
         "auto", description="GPUs to train on (`auto`: all visible; CPU: one process)."
     )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @model_validator(mode="after")
+    def _one_head_rate(self) -> TrainingConfig:
+        if self.head_learning_rate is not None and self.head_lr_multiplier is not None:
+            raise ValueError("give head_learning_rate or head_lr_multiplier, not both")
+        return self
+
+    def head_lr(self) -> float:
+        if self.head_learning_rate is not None:
+            return self.head_learning_rate
+        return self.learning_rate * (self.head_lr_multiplier or 1.0)
 
 
 class PreprocessConfig(_Section):
@@ -284,6 +463,11 @@ class RetrainConfig(_Section):
             raise ValueError(
                 f"evaluation.primary_metric {self.evaluation.primary_metric!r} is not a "
                 f"{self.task.type} metric; allowed: {', '.join(allowed)}"
+            )
+        if self.training.strategy.head is not None and self.task.type not in HEAD_TASKS:
+            raise ValueError(
+                f"training.strategy.head applies to {' and '.join(HEAD_TASKS)}, not "
+                f"{self.task.type}"
             )
         return self
 
@@ -380,6 +564,11 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         sec = data.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             sec[key] = fix(sec[key])
+    strategy = (data.get("training") or {}).get("strategy")
+    if isinstance(strategy, dict) and isinstance(strategy.get("init_embeddings_from"), str):
+        src = strategy["init_embeddings_from"]
+        if (base / src).exists():  # a local folder; otherwise a hub id or pkg:// URL
+            strategy["init_embeddings_from"] = fix(src)
 
 
 def format_validation_error(exc: ValidationError, origin: str) -> str:

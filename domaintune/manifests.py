@@ -77,6 +77,13 @@ class ModelArtifact(Manifest):
     best_metric: float | None = None
     train_seconds: float
     attempts: list[dict[str, Any]] = Field(default_factory=list)
+    #: What trained: strategy, trainable / total parameters per component, trained blocks.
+    strategy: dict[str, Any] = Field(default_factory=dict)
+    #: Optimizer groups: learning rate, weight decay, parameters, model parts.
+    optimizer_groups: list[dict[str, Any]] = Field(default_factory=list)
+    seconds_per_epoch: float | None = None
+    peak_rss_mb: float | None = None
+    peak_gpu_allocated_mb: float | None = None
 
 
 class EvaluationReport(Manifest):

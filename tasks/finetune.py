@@ -26,9 +26,10 @@ from domaintune.config import RetrainConfig
 from domaintune.errors import TrainingFailed
 from domaintune.fingerprint import hash_obj, library_versions
 from domaintune.manifests import ModelArtifact, SplitManifest
-from domaintune.models import ResolvedModel, resolve_config_model
+from domaintune.models import ResolvedModel, resolve_config_model, resolve_model
 from domaintune.store import Store, atomic_write_text
 from domaintune.training.deepspeed_config import build_deepspeed_config
+from domaintune.training.strategies import preflight
 from domaintune.training.worker import CHECKPOINT_MARKER, PROGRESS_PREFIX
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ _TAIL_LINES = 60
 def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedModel, str]:
     base = resolve_config_model(config)
     base_fp = base.fingerprint()
+    embeddings_from = config.training.strategy.init_embeddings_from
     key = hash_obj(
         STAGE,
         VERSION,
@@ -51,7 +53,8 @@ def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedMod
         config.model.trust_remote_code,
         config.training.model_dump(exclude={"logging_steps"}),
         config.evaluation.primary_metric,
-        library_versions("torch", "transformers", "deepspeed", "accelerate"),
+        resolve_model(embeddings_from).fingerprint() if embeddings_from else None,
+        library_versions("torch", "transformers", "deepspeed", "accelerate", "peft"),
     )
     return key, base, base_fp
 
@@ -135,6 +138,8 @@ def _run(
     base: ResolvedModel,
     base_fp: str,
 ) -> ModelArtifact:
+    # a strategy that cannot apply to this model fails here, clearly, before any launch
+    checked = preflight(config.training, base.path, config.task.type)
     work = store.scratch_dir(STAGE, key)
     ckpt_dir = work / "checkpoints"
     final_dir = work / "final"
@@ -161,6 +166,7 @@ def _run(
         "output_dir": str(ckpt_dir),
         "final_dir": str(final_dir),
         "training": config.training.model_dump(mode="json"),
+        "config_overrides": checked["config_overrides"],
         "primary_metric": config.evaluation.primary_metric,
         "deepspeed": build_deepspeed_config(config.training.deepspeed, bf16=bf16, fp16=fp16),
         "bf16": bf16,
@@ -225,9 +231,20 @@ def _run(
             best_metric=summary.get("best_metric"),
             train_seconds=float(summary["train_seconds"]),
             attempts=attempts,
+            strategy=summary.get("strategy", {}),
+            optimizer_groups=summary.get("optimizer_groups", []),
+            seconds_per_epoch=summary.get("seconds_per_epoch"),
+            peak_rss_mb=summary.get("peak_rss_mb"),
+            peak_gpu_allocated_mb=summary.get("peak_gpu_allocated_mb"),
         )
         w.manifest = manifest.model_dump(mode="json")
     shutil.rmtree(work, ignore_errors=True)  # checkpoints (optimizer state) are no longer needed
+    log.info(
+        "finetune: strategy %s trained %s of %s parameters",
+        manifest.strategy.get("strategy", "full"),
+        f"{manifest.trainable_parameters:,}",
+        f"{manifest.total_parameters:,}",
+    )
     log.info(
         "finetune: %d steps in %.1f s, best %s %.4f -> %s",
         manifest.global_step,

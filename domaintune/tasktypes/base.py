@@ -30,37 +30,6 @@ def require_columns(df: pd.DataFrame, wanted: dict[str, str], where: str, what: 
             )
 
 
-def load_labelled_model(
-    auto_class: Any, path: str, labels: list[str], seed: int, trust_remote_code: bool
-) -> Any:
-    """A model with a new head for ``labels``, initialised from ``seed`` alone.
-
-    Seeding right before loading makes the head a function of the seed: the base model
-    evaluated "before fine-tuning" starts from exactly the head that training started from.
-    """
-    from transformers import set_seed
-
-    set_seed(seed)
-    return auto_class.from_pretrained(
-        path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={lab: i for i, lab in enumerate(labels)},
-        trust_remote_code=trust_remote_code,
-    )
-
-
-def load_causal_model(path: str, seed: int, trust_remote_code: bool) -> Any:
-    """A causal LM with a pad token id (its EOS when it declares none)."""
-    from transformers import AutoModelForCausalLM, set_seed
-
-    set_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
-    return model
-
-
 class TaskType(ABC):
     #: Value of ``task.type``.
     name: str
@@ -72,6 +41,10 @@ class TaskType(ABC):
     model_columns: tuple[str, ...]
     #: The raw column holding what is learned (labels, tags, answers).
     target_column: str
+    #: transformers Auto class of the task model.
+    auto_model: str
+    #: Whether the head is sized by the label set.
+    labelled_head: bool = False
 
     # -- ingest ---------------------------------------------------------------
     @abstractmethod
@@ -114,10 +87,50 @@ class TaskType(ABC):
     ) -> dict[str, list]: ...
 
     # -- train / evaluate ------------------------------------------------------
-    @abstractmethod
     def load_model(
-        self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
-    ) -> Any: ...
+        self,
+        path: str,
+        labels: list[str],
+        seed: int,
+        trust_remote_code: bool = False,
+        **config_overrides: Any,
+    ) -> Any:
+        """The task model; a new head is sized by ``labels`` and initialised from ``seed``
+        alone (so the base model evaluated "before fine-tuning" starts from exactly the head
+        that training started from). ``config_overrides`` set model config attributes
+        (dropout). A custom head saved by domaintune is restored."""
+        import transformers
+
+        from domaintune.training.strategies import restore_head
+
+        transformers.set_seed(seed)
+        auto = getattr(transformers, self.auto_model)
+        model = auto.from_pretrained(
+            path,
+            trust_remote_code=trust_remote_code,
+            **self._label_kwargs(labels),
+            **config_overrides,
+        )
+        if self.auto_model == "AutoModelForCausalLM" and model.config.pad_token_id is None:
+            model.config.pad_token_id = model.config.eos_token_id
+        return restore_head(model, path)
+
+    def model_from_config(self, model_config: Any, labels: list[str]) -> Any:
+        """The task model's structure without weights (use under ``torch.device("meta")``)."""
+        import transformers
+
+        for key, value in self._label_kwargs(labels).items():
+            setattr(model_config, key, value)
+        return getattr(transformers, self.auto_model).from_config(model_config)
+
+    def _label_kwargs(self, labels: list[str]) -> dict[str, Any]:
+        if not self.labelled_head:
+            return {}
+        return {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {lab: i for i, lab in enumerate(labels)},
+        }
 
     @abstractmethod
     def collator(self, tokenizer: Any) -> Any: ...

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from domaintune.errors import ModelError
-from domaintune.tasktypes.base import TaskType, load_causal_model, require_columns
+from domaintune.tasktypes.base import TaskType, require_columns
 
 _SPACES = re.compile(r"[ \t\f\v]+")
 _BLANKS = re.compile(r"\n{3,}")
@@ -29,6 +29,7 @@ _BLANKS = re.compile(r"\n{3,}")
 class CausalLM(TaskType):
     name = "causal_lm"
     contract = "causal_lm"
+    auto_model = "AutoModelForCausalLM"
     raw_columns = ("text",)
     model_columns = ("input_ids", "attention_mask", "labels")
     target_column = "text"
@@ -126,11 +127,6 @@ class CausalLM(TaskType):
         return packed, stats
 
     # -- train / evaluate ------------------------------------------------------
-    def load_model(
-        self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
-    ) -> Any:
-        return load_causal_model(path, seed, trust_remote_code)
-
     def collator(self, tokenizer: Any) -> Any:
         from transformers import default_data_collator
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from domaintune.errors import ModelError
-from domaintune.tasktypes.base import TaskType, load_causal_model, require_columns
+from domaintune.tasktypes.base import TaskType, require_columns
 
 MAX_NEW_TOKENS = 128
 
@@ -68,6 +68,7 @@ def messages_error(messages: list[dict] | None) -> str:
 class InstructionTuning(TaskType):
     name = "instruction_tuning"
     contract = "instruction_tuning"
+    auto_model = "AutoModelForCausalLM"
     raw_columns = ("messages", "text", "reference")
     model_columns = ("input_ids", "attention_mask", "labels")
     target_column = "reference"
@@ -166,11 +167,6 @@ class InstructionTuning(TaskType):
         return out
 
     # -- train / evaluate ------------------------------------------------------
-    def load_model(
-        self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
-    ) -> Any:
-        return load_causal_model(path, seed, trust_remote_code)
-
     def collator(self, tokenizer: Any) -> Any:
         from transformers import DataCollatorForSeq2Seq
 

@@ -96,6 +96,7 @@ def answer_error(context: Any, answers: dict | None, allow_unanswerable: bool) -
 class QuestionAnswering(TaskType):
     name = "question_answering"
     contract = "question_answering"
+    auto_model = "AutoModelForQuestionAnswering"
     raw_columns = ("context", "question", "answers", "text")
     model_columns = (
         "input_ids",
@@ -229,16 +230,6 @@ class QuestionAnswering(TaskType):
         return out
 
     # -- train / evaluate ------------------------------------------------------
-    def load_model(
-        self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
-    ) -> Any:
-        from transformers import AutoModelForQuestionAnswering, set_seed
-
-        set_seed(seed)  # the new span head's initialisation depends on the seed alone
-        return AutoModelForQuestionAnswering.from_pretrained(
-            path, trust_remote_code=trust_remote_code
-        )
-
     def collator(self, tokenizer: Any) -> Any:
         from transformers import DataCollatorWithPadding
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domaintune.tasktypes.base import TaskType, load_labelled_model, require_columns
+from domaintune.tasktypes.base import TaskType, require_columns
 
 _WS = re.compile(r"\s+")
 
@@ -32,6 +32,8 @@ def _int_like(value: str) -> int | None:
 class TextClassification(TaskType):
     name = "text_classification"
     contract = "text_classification"
+    auto_model = "AutoModelForSequenceClassification"
+    labelled_head = True
     raw_columns = ("text", "label")
     model_columns = ("input_ids", "attention_mask", "token_type_ids", "labels")
     target_column = "label"
@@ -137,15 +139,6 @@ class TextClassification(TaskType):
         return {**enc, **{k: batch[k] for k in self._keep}}
 
     # -- train / evaluate ------------------------------------------------------
-    def load_model(
-        self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
-    ) -> Any:
-        from transformers import AutoModelForSequenceClassification
-
-        return load_labelled_model(
-            AutoModelForSequenceClassification, path, labels, seed, trust_remote_code
-        )
-
     def collator(self, tokenizer: Any) -> Any:
         from transformers import DataCollatorWithPadding
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domaintune.tasktypes.base import TaskType, load_labelled_model, require_columns
+from domaintune.tasktypes.base import TaskType, require_columns
 
 _IOB = re.compile(r"^[BI]-.+$")
 
@@ -91,6 +91,8 @@ def tag_set(labels: list[str]) -> list[str]:
 class TokenClassification(TaskType):
     name = "token_classification"
     contract = "token_classification"
+    auto_model = "AutoModelForTokenClassification"
+    labelled_head = True
     raw_columns = ("tokens", "tags", "text")
     model_columns = ("input_ids", "attention_mask", "token_type_ids", "labels")
     target_column = "tags"
@@ -211,15 +213,6 @@ class TokenClassification(TaskType):
         return out
 
     # -- train / evaluate ------------------------------------------------------
-    def load_model(
-        self, path: str, labels: list[str], seed: int, trust_remote_code: bool = False
-    ) -> Any:
-        from transformers import AutoModelForTokenClassification
-
-        return load_labelled_model(
-            AutoModelForTokenClassification, path, labels, seed, trust_remote_code
-        )
-
     def collator(self, tokenizer: Any) -> Any:
         from transformers import DataCollatorForTokenClassification
 

@@ -34,7 +34,7 @@ def emit(event: str, **fields: Any) -> None:
         print(PROGRESS_PREFIX + json.dumps({"event": event, **fields}, default=float), flush=True)
 
 
-def _callbacks(total_params: int, trainable: int, seen: dict[str, Any]):
+def _callbacks(report: dict[str, Any], seen: dict[str, Any]):
     from transformers import TrainerCallback
 
     class CheckpointMarker(TrainerCallback):
@@ -52,6 +52,11 @@ def _callbacks(total_params: int, trainable: int, seen: dict[str, Any]):
                         json.dumps({"step": state.global_step, "time": time.time()})
                     )
                     emit("checkpoint", step=state.global_step, path=str(ckpt))
+            crash_at = os.environ.get("DOMAINTUNE_FAULT_EXIT_AFTER_STEP")
+            if crash_at and state.global_step >= int(crash_at):
+                # fault injection for tests: die like a lost node, right after a checkpoint
+                print(f"DOMAINTUNE_FAULT_EXIT_AFTER_STEP={crash_at}: exiting", flush=True)
+                os._exit(3)
 
     class Progress(TrainerCallback):
         def __init__(self):
@@ -59,13 +64,18 @@ def _callbacks(total_params: int, trainable: int, seen: dict[str, Any]):
 
         def on_train_begin(self, args, state, control, **kwargs):
             seen["start_step"] = state.global_step  # > 0 when resumed from a checkpoint
+            stopper = _early_stopper(seen.get("trainer"))
+            if stopper is not None:  # restored from the checkpoint on resume
+                seen["early_stopping_counter_at_start"] = stopper.early_stopping_patience_counter
             emit(
                 "train_begin",
                 start_step=state.global_step,
                 max_steps=state.max_steps,
                 epochs=args.num_train_epochs,
-                trainable_parameters=trainable,
-                total_parameters=total_params,
+                strategy=report["strategy"],
+                trainable_parameters=report["trainable_parameters"],
+                total_parameters=report["total_parameters"],
+                early_stopping_counter=seen.get("early_stopping_counter_at_start"),
             )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -81,25 +91,92 @@ def _callbacks(total_params: int, trainable: int, seen: dict[str, Any]):
     return [CheckpointMarker(), Progress()]
 
 
+def _early_stopper(trainer: Any) -> Any:
+    if trainer is None:
+        return None
+    from transformers import EarlyStoppingCallback
+
+    return next(
+        (cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)),
+        None,
+    )
+
+
+def prepare_model(spec: dict[str, Any], training: Any) -> Any:
+    """The base model as training starts from it: dropout overrides, then the strategy's
+    architecture changes (dropped blocks, custom head, embeddings from a checkpoint)."""
+    from domaintune.tasktypes import get_task_type
+    from domaintune.training.strategies import prepare_structure
+
+    task = get_task_type(spec["task_type"])
+    model = task.load_model(
+        spec["model_path"],
+        spec["labels"],
+        training.seed,
+        spec.get("trust_remote_code", False),
+        **spec.get("config_overrides", {}),
+    )
+    for note in prepare_structure(model, training.strategy, spec["model_path"]):
+        logging.getLogger(__name__).info("strategy: %s", note)
+    return model
+
+
+def _strategy_trainer():
+    from transformers import Trainer
+
+    from domaintune.training.strategies import param_groups
+
+    class StrategyTrainer(Trainer):
+        """The Trainer with domaintune's optimizer groups: trainable parameters only, the
+        head / layer-wise learning rates, no weight decay on biases and norms."""
+
+        training_config: Any = None
+        group_report: list[dict[str, Any]] = []
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                groups, self.group_report = param_groups(
+                    model if model is not None else self.model, self.training_config
+                )
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+                self.optimizer = cls(groups, **kwargs)
+            return self.optimizer
+
+    return StrategyTrainer
+
+
+def _peak_memory_mb() -> dict[str, float]:
+    import resource
+
+    import torch
+
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_gpu_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def run(spec: dict[str, Any]) -> None:
     import torch
     from datasets import Dataset, disable_progress_bars
-    from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
+    from domaintune.config import TrainingConfig
     from domaintune.tasktypes import get_task_type
+    from domaintune.training import strategies
 
     disable_progress_bars()
     hf_logging.set_verbosity_warning() if _rank() == 0 else hf_logging.set_verbosity_error()
     t = spec["training"]
+    training = TrainingConfig.model_validate(t)
     task = get_task_type(spec["task_type"])
     labels = spec["labels"]
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"], use_fast=True)
-    model = task.load_model(
-        spec["model_path"], labels, t["seed"], spec.get("trust_remote_code", False)
-    )
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model = prepare_model(spec, training)
+    # before DeepSpeed initialises: what trains is decided here, once
+    model, report = strategies.apply_strategy(model, training.strategy, spec["task_type"])
+    emit("strategy", **{k: v for k, v in report.items() if k != "components"})
 
     def load(split: str) -> Dataset:
         ds = Dataset.from_parquet(spec["splits"][split])
@@ -154,14 +231,19 @@ def run(spec: dict[str, Any]) -> None:
         dataloader_num_workers=0,
         average_tokens_across_devices=False,
         save_only_model=False,
+        label_smoothing_factor=training.label_smoothing,
+        # the early-stopping counter (and other callback state) survives a resume
+        restore_callback_states_from_checkpoint=True,
     )
     seen: dict[str, Any] = {}
-    callbacks = _callbacks(total, trainable, seen)
+    callbacks = _callbacks(report, seen)
     if t.get("early_stopping_patience"):
         callbacks.append(
             EarlyStoppingCallback(early_stopping_patience=t["early_stopping_patience"])
         )
-    trainer = Trainer(
+    trainer_cls = _strategy_trainer()
+    trainer_cls.training_config = training
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -170,12 +252,23 @@ def run(spec: dict[str, Any]) -> None:
         compute_metrics=None if loss_only else compute_metrics,
         callbacks=callbacks,
     )
+    seen["trainer"] = trainer
     resume = spec.get("resume_from")
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - t0
+    optimizer_params = sum(g["parameters"] for g in trainer.group_report)
+    state_elements = strategies.optimizer_state_elements(trainer.optimizer)
+    stopper = _early_stopper(trainer)
     final = Path(spec["final_dir"])
-    trainer.save_model(str(final))  # every rank: ZeRO-3 gathers the full weights here
+    lora = training.strategy.kind == "lora"
+    # every rank: ZeRO-3 gathers the full weights here (for LoRA: the adapter and new head)
+    trainer.save_model(str(final / "adapter" if lora else final))
+    if lora and trainer.is_world_process_zero():
+        # the plain model: the base as prepared for training + the adapter, merged
+        merged = strategies.merge_lora(prepare_model(spec, training), str(final / "adapter"))
+        merged.save_pretrained(str(final))
+        (final / "adapter" / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final))
         (final / "training_args.bin").unlink(missing_ok=True)  # a pickle; the summary has the args
@@ -186,8 +279,19 @@ def run(spec: dict[str, Any]) -> None:
             "metric_for_best_model": metric_name,
             "train_seconds": seconds,
             "train_loss": result.training_loss,
-            "trainable_parameters": trainable,
-            "total_parameters": total,
+            "trainable_parameters": report["trainable_parameters"],
+            "total_parameters": report["total_parameters"],
+            "strategy": report,
+            "optimizer_groups": trainer.group_report,
+            "optimizer_parameters": optimizer_params,
+            "optimizer_state_elements": state_elements,
+            "early_stopping_counter": getattr(stopper, "early_stopping_patience_counter", None),
+            "early_stopping_counter_at_start": seen.get("early_stopping_counter_at_start"),
+            "epochs_completed": trainer.state.epoch,
+            "seconds_per_epoch": seconds / max(trainer.state.epoch or 1.0, 1e-9)
+            if not resume
+            else None,
+            **_peak_memory_mb(),
             "resumed_from": resume,
             "start_step": seen.get("start_step", 0),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),

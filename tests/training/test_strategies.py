@@ -1,0 +1,407 @@
+"""Strategies: what trains, proven by comparing weights before and after real DeepSpeed runs.
+
+The fast tests check the per-architecture parameter map (BERT, GPT-2, Llama), the optimizer
+groups and the pre-flight errors on models built in memory. The slow ones train a few steps
+through the real launcher under ZeRO-0 / ZeRO-2 (and one ZeRO-3 case with partial freezing)
+and compare every saved tensor with the base model's: exactly the intended ones changed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from domaintune.errors import ConfigError
+from domaintune.store import Store
+from domaintune.tasks.finetune import finetune
+from domaintune.tasks.ingest import ingest
+from domaintune.tasks.preprocess import preprocess
+from domaintune.tasktypes import get_task_type
+from domaintune.training import strategies
+from tests.conftest import LABELS, write_csv, write_jsonl
+
+
+def _tiny(kind: str, task: str = "text_classification"):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    cfg = {
+        "bert": BertConfig(
+            vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64,
+        ),
+        "gpt2": GPT2Config(vocab_size=120, n_embd=32, n_layer=3, n_head=2, n_positions=64),
+        "llama": LlamaConfig(
+            vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+            tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ),
+    }[kind]  # fmt: skip
+    torch.manual_seed(0)
+    return get_task_type(task).model_from_config(cfg, LABELS)
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _strategy(value):
+    from domaintune.config import StrategyConfig
+
+    return StrategyConfig.model_validate(value)
+
+
+# ------------------------------------------------------------------------- fast checks
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize(
+    "task", ["text_classification", "token_classification", "question_answering", "causal_lm"]
+)
+def test_every_parameter_has_a_component_and_a_depth(arch, task):
+    if arch == "bert" and task == "causal_lm":
+        pytest.skip("BERT is not a causal LM")
+    model = _tiny(arch, task)
+    pmap = strategies.parameter_map(model)
+    assert pmap.resolved_by == "table" and pmap.num_layers == 3
+    assert all(p.components <= set(strategies.COMPONENTS) for p in pmap.params)
+    assert sum(p.numel for p in pmap.params) == sum(p.numel() for p in model.parameters())
+    counts = strategies.component_counts(pmap)
+    assert {"embeddings", "attention", "feed_forward", "layer_norm", "head"} <= set(counts)
+    depths = {p.depth for p in pmap.params}
+    assert depths == {0, 1, 2, 3, 4}
+
+
+def test_components_are_resolved_per_architecture():
+    bert = {n: p for p in strategies.parameter_map(_tiny("bert")).params for n in p.names}
+    assert bert["bert.encoder.layer.0.attention.output.dense.weight"].components == {"attention"}
+    assert bert["bert.encoder.layer.0.attention.output.LayerNorm.weight"].components == {
+        "layer_norm"
+    }
+    assert bert["bert.encoder.layer.2.output.dense.weight"].components == {"feed_forward"}
+    assert bert["bert.embeddings.LayerNorm.weight"].depth == 0
+    assert bert["bert.pooler.dense.weight"].components == {"head"}
+    gpt2 = {
+        n: p for p in strategies.parameter_map(_tiny("gpt2", "causal_lm")).params for n in p.names
+    }
+    assert gpt2["transformer.h.1.attn.c_attn.weight"].components == {"attention"}
+    assert gpt2["transformer.h.1.mlp.c_fc.weight"].components == {"feed_forward"}
+    assert gpt2["transformer.ln_f.weight"].components == {"layer_norm"}
+    assert gpt2["transformer.ln_f.weight"].depth == 4
+    llama = strategies.parameter_map(_tiny("llama", "causal_lm"))
+    tied = next(p for p in llama.params if "lm_head.weight" in p.names)
+    assert tied.components == {"embeddings", "head"} and "model.embed_tokens.weight" in tied.names
+    names = {n: p for p in llama.params for n in p.names}
+    assert names["model.layers.2.mlp.down_proj.weight"].components == {"feed_forward"}
+    assert names["model.layers.0.input_layernorm.weight"].no_decay
+
+
+@pytest.mark.parametrize(
+    "strategy, expected",
+    [
+        ("full", r".*"),
+        ("head_only", r"^(classifier|bert\.pooler)\."),
+        ({"last_n_layers": 1}, r"^(classifier|bert\.pooler|bert\.encoder\.layer\.2)\."),
+        (
+            {"components": ["attention", "layer_norm"]},
+            r"(\.attention\.|LayerNorm)",
+        ),
+        ({"kind": "full", "freeze_embeddings": True}, r"^(?!bert\.embeddings\.\w+_embeddings)"),
+    ],
+)
+def test_each_strategy_selects_exactly_its_parameters(strategy, expected):
+    model = _tiny("bert")
+    names = {n for n, _ in model.named_parameters()}
+    model, report = strategies.apply_strategy(model, _strategy(strategy), "text_classification")
+    assert _trainable(model) == {n for n in names if re.search(expected, n)}
+    assert report["trainable_parameters"] == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+
+
+def test_lora_trains_adapters_and_the_new_head_only():
+    model = _tiny("bert")
+    model, report = strategies.apply_strategy(
+        model, _strategy({"lora": {"r": 4}}), "text_classification"
+    )
+    trainable = _trainable(model)
+    assert trainable and all(".lora_" in n or ".modules_to_save." in n for n in trainable)
+    adapted = {
+        n.split(".lora_")[0].split("base_model.model.")[-1] for n in trainable if ".lora_" in n
+    }
+    assert adapted == {
+        f"bert.encoder.layer.{i}.attention.{m}"
+        for i in range(3)
+        for m in ("self.query", "self.key", "self.value", "output.dense")
+    }
+    assert report["adapter_parameters"] > 0
+    assert report["trainable_parameters"] < report["total_parameters"] / 4
+
+
+def test_optimizer_groups_hold_trainable_parameters_only_with_their_rates():
+    from domaintune.config import TrainingConfig
+
+    training = TrainingConfig(
+        learning_rate=1e-3,
+        head_lr_multiplier=10,
+        layerwise_lr_decay=0.5,
+        weight_decay=0.1,
+        strategy={"last_n_layers": 2},
+    )
+    model, _ = strategies.apply_strategy(_tiny("bert"), training.strategy, "text_classification")
+    groups, rows = strategies.param_groups(model, training)
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
+    lr_of = {}
+    for g in groups:
+        for p in g["params"]:
+            lr_of[id(p)] = (g["lr"], g["weight_decay"])
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["classifier.weight"])] == (1e-2, 0.1)
+    assert lr_of[id(named["classifier.bias"])] == (1e-2, 0.0)
+    assert lr_of[id(named["bert.encoder.layer.2.attention.self.query.weight"])] == (1e-3, 0.1)
+    assert lr_of[id(named["bert.encoder.layer.1.attention.self.query.weight"])] == (5e-4, 0.1)
+    assert lr_of[id(named["bert.encoder.layer.1.output.LayerNorm.weight"])] == (5e-4, 0.0)
+    assert sum(r["parameters"] for r in rows) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+
+
+def test_drop_top_layers_and_a_custom_head_survive_save_and_load(tmp_path, tiny_model):
+    task = get_task_type("text_classification")
+    model = task.load_model(str(tiny_model), LABELS, 7)
+    notes = strategies.prepare_structure(
+        model,
+        _strategy({"kind": "full", "drop_top_layers": 1, "head": {"hidden_sizes": [16]}}),
+        str(tiny_model),
+    )
+    assert len(notes) == 2 and model.config.num_hidden_layers == 1
+    model.save_pretrained(tmp_path / "m")
+    again = task.load_model(str(tmp_path / "m"), LABELS, 0)
+    assert len(again.bert.encoder.layer) == 1
+    assert isinstance(again.classifier, torch.nn.Sequential)
+    batch = {"input_ids": torch.tensor([[2, 10, 11, 12, 3]])}
+    model.eval()
+    again.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, again(**batch).logits, atol=1e-6)
+
+
+def test_preflight_names_what_cannot_apply(tiny_model, other_tokenizer_model, tiny_causal_model):
+    from domaintune.config import TrainingConfig
+
+    def check(path, task="text_classification", **training):
+        strategies.preflight(TrainingConfig(**training), str(path), task)
+
+    with pytest.raises(ConfigError, match="last_n_layers: 5 is more than the model's 2"):
+        check(tiny_model, strategy={"last_n_layers": 5})
+    with pytest.raises(ConfigError, match="drop_top_layers: 2 would leave no blocks"):
+        check(tiny_model, strategy={"kind": "full", "drop_top_layers": 2})
+    with pytest.raises(ConfigError, match="'c_attn' matches no linear layer.*query"):
+        check(tiny_model, strategy={"lora": {"target_modules": ["c_attn"]}})
+    with pytest.raises(ConfigError, match="training.dropout.hidden: model type 'llama'"):
+        check(tiny_causal_model, "causal_lm", dropout={"hidden": 0.2})
+    with pytest.raises(ConfigError, match="vocabularies differ"):
+        check(
+            tiny_model,
+            strategy={"kind": "full", "init_embeddings_from": str(other_tokenizer_model)},
+        )
+    out = strategies.preflight(
+        TrainingConfig(dropout={"hidden": 0.2, "attention": 0.3, "classifier": 0.4}),
+        str(tiny_model),
+        "text_classification",
+    )
+    assert out["config_overrides"] == {
+        "hidden_dropout_prob": 0.2,
+        "attention_probs_dropout_prob": 0.3,
+        "classifier_dropout": 0.4,
+    }
+
+
+# ------------------------------------------------------------------ real training runs
+
+
+def _base_state(cfg, labels) -> dict[str, torch.Tensor]:
+    task = get_task_type(cfg.task.type)
+    model = task.load_model(cfg.model.name_or_path, labels, cfg.training.seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _saved_state(model_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in Path(model_dir).glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _changed(before, after) -> set[str]:
+    assert set(after) <= set(before), set(after) - set(before)
+    return {k for k, v in after.items() if not torch.equal(v.float(), before[k].float())}
+
+
+def _train(make_config, tmp_path, rows, strategy, zero, **sections):
+    src = write_csv(tmp_path / "d.csv", rows(12))
+    training = {
+        "strategy": strategy,
+        "max_steps": 4,
+        "epochs": 1,
+        "learning_rate": 1e-2,
+        "batch_size": 8,
+        "deepspeed": {"zero_stage": zero},
+        **sections.pop("training", {}),
+    }
+    cfg = make_config(src, training=training, **sections)
+    store = Store(cfg.store.root)
+    splits = preprocess(cfg, ingest(cfg, store), store)
+    return cfg, splits, finetune(cfg, splits, store)
+
+
+STRATEGY_CASES = {
+    "full": ("full", r".*"),
+    "head_only": ("head_only", r"^(classifier|bert\.pooler)\."),
+    "last_n_layers": (
+        {"last_n_layers": 1},
+        r"^(classifier|bert\.pooler|bert\.encoder\.layer\.1)\.",
+    ),
+    "components": (
+        {"components": ["attention", "head"]},
+        r"^(classifier\.|bert\.pooler\.)|\.attention\.(self\.|output\.dense)",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [0, 2])
+@pytest.mark.parametrize("case", list(STRATEGY_CASES))
+def test_exactly_the_intended_parameters_change(tmp_path, make_config, rows, case, zero):
+    strategy, expected = STRATEGY_CASES[case]
+    cfg, splits, model = _train(make_config, tmp_path, rows, strategy, zero)
+    before, after = _base_state(cfg, splits.labels), _saved_state(model.model_dir)
+    assert set(after) == set(before)
+    intended = {k for k in before if re.search(expected, k)}
+    assert _changed(before, after) == intended
+    summary = json.loads((Path(model.model_dir) / "training_summary.json").read_text())
+    trainable = sum(before[k].numel() for k in intended)
+    assert model.trainable_parameters == trainable == summary["optimizer_parameters"]
+    assert model.strategy["kind"] == _strategy(strategy).kind
+    # Adam state exists for the trainable parameters only (ZeRO may pad its flat buffer)
+    state = summary["optimizer_state_elements"]
+    assert trainable <= state <= trainable + 64, (state, trainable)
+    assert model.peak_rss_mb and model.peak_rss_mb > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [0, 2])
+def test_lora_changes_only_the_head_and_its_merged_export_matches_the_adapter_model(
+    tmp_path, make_config, rows, zero
+):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg, splits, model = _train(make_config, tmp_path, rows, {"lora": {"r": 4, "alpha": 8}}, zero)
+    before, merged = _base_state(cfg, splits.labels), _saved_state(model.model_dir)
+    changed = _changed(before, merged)
+    # the merged attention weights moved by B @ A; the head trained; nothing else moved
+    attention = {
+        k for k in before
+        if re.search(r"\.attention\.(self\.(query|key|value)|output\.dense)\.weight$", k)
+    }  # fmt: skip
+    assert changed == attention | {k for k in before if k.startswith("classifier.")}
+    adapter = Path(model.model_dir) / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    # the merged export loads in plain transformers and gives the adapter model's outputs
+    plain = AutoModelForSequenceClassification.from_pretrained(model.model_dir).eval()
+    base = get_task_type(cfg.task.type).load_model(
+        cfg.model.name_or_path, splits.labels, cfg.training.seed
+    )
+    with_adapter = PeftModel.from_pretrained(base, str(adapter)).eval()
+    tok = AutoTokenizer.from_pretrained(model.model_dir)
+    batch = tok(
+        ["Record profit and strong growth.", "Weak outlook, shares drop."],
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        a, b = plain(**batch).logits, with_adapter(**batch).logits
+    assert torch.allclose(a, b, atol=1e-5), (a, b)
+    assert model.strategy["adapter_parameters"] > 0
+
+
+@pytest.mark.slow
+def test_partial_freezing_under_zero3_saves_full_weights_that_load_in_transformers(
+    tmp_path, make_config, rows, tiny_causal_model
+):
+    from transformers import AutoModelForCausalLM
+
+    docs = [{"text": f"{r['text']} The {r['label']} note ends here."} for r in rows(12)]
+    src = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    cfg = make_config(
+        src,
+        task={"type": "causal_lm", "labels": None},
+        model={"name_or_path": str(tiny_causal_model)},
+        training={
+            "strategy": {"last_n_layers": 1},
+            "max_length": 32,
+            "max_steps": 4,
+            "learning_rate": 1e-2,
+            "batch_size": 4,
+            "deepspeed": {"zero_stage": 3},
+        },
+    )
+    store = Store(cfg.store.root)
+    splits = preprocess(cfg, ingest(cfg, store), store)
+    model = finetune(cfg, splits, store)
+    before, after = _base_state(cfg, splits.labels), _saved_state(model.model_dir)
+    assert set(after) == set(before), "ZeRO-3 gathered every tensor, frozen ones included"
+    assert all(after[k].shape == before[k].shape for k in before)
+    # tiny Llama unties its LM head: the top block, the final norm and the head train
+    intended = {k for k in before if re.match(r"(model\.layers\.1\.|model\.norm\.|lm_head\.)", k)}
+    assert _changed(before, after) == intended
+    loaded = AutoModelForCausalLM.from_pretrained(model.model_dir)
+    assert sum(p.numel() for p in loaded.parameters()) == model.total_parameters
+
+
+@pytest.mark.slow
+def test_early_stopping_counter_survives_a_resume(tmp_path, make_config, rows):
+    """A checkpoint taken after one evaluation without improvement resumes with counter 1."""
+    from domaintune.tasks import finetune as finetune_stage
+
+    src = write_csv(tmp_path / "d.csv", rows(12))
+    cfg = make_config(
+        src,
+        training={
+            "learning_rate": 1e-12,  # nothing improves: the counter rises every evaluation
+            "epochs": 1,
+            "max_steps": 8,
+            "batch_size": 8,
+            "checkpoint_every_steps": 1,
+            "early_stopping_patience": 3,
+        },
+    )
+    store = Store(cfg.store.root)
+    splits = preprocess(cfg, ingest(cfg, store), store)
+    key, _, _ = finetune_stage.plan(cfg, splits)
+    ckpts = store.scratch_dir("finetune", key) / "checkpoints"
+    # first attempt: stopped by the crash after step 2 (counter 1 after the 2nd evaluation)
+    import os
+
+    os.environ["DOMAINTUNE_FAULT_EXIT_AFTER_STEP"] = "2"
+    try:
+        with pytest.raises(Exception, match="training exited with code"):
+            finetune(cfg, splits, store)
+    finally:
+        del os.environ["DOMAINTUNE_FAULT_EXIT_AFTER_STEP"]
+    state = json.loads((ckpts / "checkpoint-2" / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["EarlyStoppingCallback"]["attributes"]
+    assert saved["early_stopping_patience_counter"] == 1
+    model = finetune(cfg, splits, store)
+    summary = json.loads((Path(model.model_dir) / "training_summary.json").read_text())
+    assert summary["start_step"] == 2
+    assert summary["early_stopping_counter_at_start"] == 1
+    # patience 3: evaluations 3 and 4 bring it to 3 -> stops at step 4, not step 5
+    assert model.global_step == 4
