@@ -128,5 +128,7 @@ class RunSummary(BaseModel):
     promoted: bool = False
     promotion_reason: str | None = None
     validation_report: str | None = None
+    #: What trained: strategy, trainable / total parameters, seconds per epoch, peak memory.
+    training: dict[str, Any] = Field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None

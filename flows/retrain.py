@@ -15,10 +15,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from domaintune.config import RetrainConfig
-from domaintune.manifests import EvaluationReport, RunSummary, StageRecord, ValidationReport
+from domaintune.manifests import (
+    EvaluationReport,
+    ModelArtifact,
+    RunSummary,
+    StageRecord,
+    ValidationReport,
+)
 from domaintune.orchestration import call_stage, stage_task
 from domaintune.tasks.evaluate import evaluate, metric_rows
-from domaintune.tasks.finetune import finetune
+from domaintune.tasks.finetune import finetune, training_markdown, training_summary
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.register import register
@@ -46,10 +52,16 @@ def _publish_evaluation(report: EvaluationReport) -> None:
         create_markdown_artifact(f.read(), description="Evaluation report")
 
 
+def _publish_training(model: ModelArtifact) -> None:
+    create_markdown_artifact(
+        training_markdown(model), description="Fine-tuning: strategy and trainable parameters"
+    )
+
+
 ingest_task = stage_task(ingest, "ingest")
 validate_task = stage_task(validate, "validate", after=_publish_validation)
 preprocess_task = stage_task(preprocess, "preprocess")
-finetune_task = stage_task(finetune, "finetune")
+finetune_task = stage_task(finetune, "finetune", after=_publish_training)
 evaluate_task = stage_task(evaluate, "evaluate", after=_publish_evaluation)
 register_task = stage_task(register, "register")
 
@@ -94,6 +106,7 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         promoted=registration.promoted,
         promotion_reason=registration.promotion_reason,
         validation_report=validation.report_markdown,
+        training=training_summary(model),
         seconds=round(time.perf_counter() - t0, 3),
     )
     return summary.model_dump(mode="json")

@@ -313,3 +313,60 @@ def _kill_group(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def training_summary(model: ModelArtifact) -> dict[str, Any]:
+    """The run summary's view of what trained."""
+    return {
+        "strategy": model.strategy.get("strategy", "full"),
+        "trainable_parameters": model.trainable_parameters,
+        "total_parameters": model.total_parameters,
+        "trainable_share": round(model.trainable_parameters / max(model.total_parameters, 1), 6),
+        "trained_blocks": model.strategy.get("trained_blocks"),
+        "global_step": model.global_step,
+        "train_seconds": round(model.train_seconds, 2),
+        "seconds_per_epoch": model.seconds_per_epoch,
+        "peak_rss_mb": model.peak_rss_mb,
+        "peak_gpu_allocated_mb": model.peak_gpu_allocated_mb,
+    }
+
+
+def training_markdown(model: ModelArtifact) -> str:
+    """What trained, for the Prefect UI: strategy, parameters per component, learning rates."""
+    s = model.strategy
+    lines = [
+        f"## Training: {s.get('strategy', 'full')}",
+        "",
+        f"Trainable parameters: **{model.trainable_parameters:,}** of "
+        f"{model.total_parameters:,} ({100 * model.trainable_parameters / max(model.total_parameters, 1):.2f}%); "
+        f"{model.global_step} steps in {model.train_seconds:.1f} s",
+        "",
+    ]
+    if s.get("num_layers"):
+        blocks = s.get("trained_blocks") or []
+        lines += [f"Transformer blocks trained: {blocks or 'none'} of 1..{s['num_layers']}", ""]
+    if s.get("components"):
+        lines += ["| component | trainable | total |", "|---|---:|---:|"]
+        for comp, row in s["components"].items():
+            lines.append(f"| {comp} | {row['trainable']:,} | {row['total']:,} |")
+        lines.append("")
+    if model.optimizer_groups:
+        lines += [
+            "| learning rate | weight decay | parameters | parts |",
+            "|---:|---:|---:|---|",
+        ]
+        for g in model.optimizer_groups:
+            lines.append(
+                f"| {g['lr']:.3g} | {g['weight_decay']:g} | {g['parameters']:,} | "
+                f"{', '.join(g['parts'])} |"
+            )
+        lines.append("")
+    mem = model.peak_gpu_allocated_mb or model.peak_rss_mb
+    if mem:
+        lines.append(
+            f"Peak memory of the training process: {mem:,.0f} MB "
+            f"({'GPU allocated' if model.peak_gpu_allocated_mb else 'resident'})"
+        )
+    for note in s.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"

@@ -112,6 +112,33 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(item, dst / item.name)
 
 
+def _export_model(config: RetrainConfig, model: ModelArtifact, dst: Path) -> None:
+    """The registered model: a plain Hugging Face model folder, or for LoRA with
+    ``merge_on_export: false`` the adapter alone, its tokenizer and its base model's name."""
+    src = Path(model.model_dir)
+    lora = config.training.strategy.lora
+    if lora is None or lora.merge_on_export or not (src / "adapter").is_dir():
+        _link_tree(src, dst)
+        return
+    _link_tree(src / "adapter", dst)
+    weights = ("model.safetensors", "model.safetensors.index.json", "config.json")
+    for item in src.iterdir():
+        if item.is_file() and item.name not in weights and not item.name.startswith("model-"):
+            if not (dst / item.name).exists() and item.name not in ("_COMPLETE.json", "train.log"):
+                shutil.copy2(item, dst / item.name)
+    (dst / "base_model.json").write_text(
+        json.dumps(
+            {
+                "name": model.base_model,
+                "fingerprint": model.base_fingerprint,
+                "strategy": config.training.strategy.model_dump(mode="json"),
+                "load": "peft.PeftModel.from_pretrained(<base prepared as in strategy>, this folder)",
+            },
+            indent=2,
+        )
+    )
+
+
 def decide_promotion(
     config: RetrainConfig, evaluation: EvaluationReport, champion: dict[str, Any] | None
 ) -> tuple[bool, str]:
@@ -164,7 +191,7 @@ def register(
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)  # an earlier attempt that never got its marker
         try:
-            _link_tree(Path(model.model_dir), tmp / "model")
+            _export_model(config, model, tmp / "model")
             shutil.copy2(evaluation.metrics_json, tmp / "metrics.json")
             shutil.copy2(evaluation.report_markdown, tmp / "evaluation.md")
             (tmp / "config.yaml").write_text(

@@ -92,8 +92,12 @@ def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows)
         m.startswith("finetune: launching 1 CPU process(es) with DeepSpeed ZeRO-2")
         for m in messages
     )
-    artifact_types = {a.type for a in run_artifacts(first["run_id"])}
-    assert {"table", "markdown"} <= artifact_types, "metrics table and reports are attached"
+    artifacts = run_artifacts(first["run_id"])
+    assert {"table", "markdown"} <= {a.type for a in artifacts}, "metrics and reports attached"
+    training_md = [a.data for a in artifacts if (a.description or "").startswith("Fine-tuning")]
+    assert training_md and "Trainable parameters: **" in training_md[0], "strategy in the UI"
+    t = first["training"]
+    assert t["strategy"] == "full" and t["trainable_parameters"] == t["total_parameters"] > 0
 
     # the same config again: nothing is recomputed, and Prefect shows every stage as Cached
     second = retrain(cfg)

@@ -17,9 +17,11 @@ import torch
 
 from domaintune.errors import ConfigError
 from domaintune.store import Store
+from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.finetune import finetune
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
+from domaintune.tasks.register import register
 from domaintune.tasktypes import get_task_type
 from domaintune.training import strategies
 from tests.conftest import LABELS, write_csv, write_jsonl
@@ -303,7 +305,9 @@ def test_lora_changes_only_the_head_and_its_merged_export_matches_the_adapter_mo
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    cfg, splits, model = _train(make_config, tmp_path, rows, {"lora": {"r": 4, "alpha": 8}}, zero)
+    merge = zero == 2  # one run of each export form
+    lora = {"lora": {"r": 4, "alpha": 8, "merge_on_export": merge}}
+    cfg, splits, model = _train(make_config, tmp_path, rows, lora, zero)
     before, merged = _base_state(cfg, splits.labels), _saved_state(model.model_dir)
     changed = _changed(before, merged)
     # the merged attention weights moved by B @ A; the head trained; nothing else moved
@@ -330,6 +334,23 @@ def test_lora_changes_only_the_head_and_its_merged_export_matches_the_adapter_mo
         a, b = plain(**batch).logits, with_adapter(**batch).logits
     assert torch.allclose(a, b, atol=1e-5), (a, b)
     assert model.strategy["adapter_parameters"] > 0
+    # the registered model: merged weights, or the adapter alone when merge_on_export is off
+    store = Store(cfg.store.root)
+    raw = ingest(cfg, store)
+    reg = register(cfg, raw, splits, model, evaluate(cfg, splits, model, store), store)
+    exported = Path(reg.model_dir)
+    assert (exported / "model.safetensors").is_file() == merge
+    assert (exported / "adapter_model.safetensors").is_file() != merge
+    if not merge:
+        assert json.loads((exported / "base_model.json").read_text())["name"]
+        again = PeftModel.from_pretrained(
+            get_task_type(cfg.task.type).load_model(
+                cfg.model.name_or_path, splits.labels, cfg.training.seed
+            ),
+            str(exported),
+        ).eval()
+        with torch.no_grad():
+            assert torch.allclose(again(**batch).logits, b, atol=1e-6)
 
 
 @pytest.mark.slow
