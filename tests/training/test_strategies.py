@@ -124,6 +124,47 @@ def test_each_strategy_selects_exactly_its_parameters(strategy, expected):
     )
 
 
+def _batch(task: str) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[5, 17, 23, 42, 8, 9], [7, 11, 13, 19, 29, 31]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if task == "text_classification":
+        batch["labels"] = torch.tensor([0, 2])
+    elif task == "token_classification":
+        batch["labels"] = torch.tensor([[0, 1, 2, 0, -100, 1], [2, 2, 1, 0, 0, -100]])
+    elif task == "question_answering":
+        batch.update(start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([2, 4]))
+    else:
+        batch["labels"] = ids.clone()
+    return batch
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        "text_classification",
+        "token_classification",
+        "question_answering",
+        "causal_lm",
+        "instruction_tuning",
+    ],
+)
+@pytest.mark.parametrize(
+    "strategy",
+    ["head_only", {"last_n_layers": 1}, {"components": ["feed_forward", "layer_norm"]}, "lora"],
+    ids=["head_only", "last_n_layers", "components", "lora"],
+)
+def test_every_strategy_trains_every_task_type(task, strategy):
+    """One backward pass: gradients reach exactly the parameters the strategy left trainable."""
+    arch = "llama" if task in ("causal_lm", "instruction_tuning") else "bert"
+    model = _tiny(arch, task)
+    model, report = strategies.apply_strategy(model, _strategy(strategy), task)
+    model.train()
+    model(**_batch(task)).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and with_grad <= _trainable(model)
+    assert report["trainable_parameters"] < report["total_parameters"]
+
+
 def test_lora_trains_adapters_and_the_new_head_only():
     model = _tiny("bert")
     model, report = strategies.apply_strategy(
