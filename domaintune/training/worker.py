@@ -265,7 +265,11 @@ def run(spec: dict[str, Any]) -> None:
     # every rank: ZeRO-3 gathers the full weights here (for LoRA: the adapter and new head)
     trainer.save_model(str(final / "adapter" if lora else final))
     if lora and trainer.is_world_process_zero():
-        # the plain model: the base as prepared for training + the adapter, merged
+        # the plain model: the base as prepared for training + the adapter, merged; loaded
+        # whole on this rank (not partitioned as ZeRO-3 would while its config is active)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         merged = strategies.merge_lora(prepare_model(spec, training), str(final / "adapter"))
         merged.save_pretrained(str(final))
         (final / "adapter" / "training_args.bin").unlink(missing_ok=True)

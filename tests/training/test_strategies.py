@@ -467,3 +467,60 @@ def test_early_stopping_counter_survives_a_resume(tmp_path, make_config, rows):
     assert summary["early_stopping_counter_at_start"] == 1
     # patience 3: evaluations 3 and 4 bring it to 3 -> stops at step 4, not step 5
     assert model.global_step == 4
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_on_token_classification(tmp_path, make_config):
+    from tests.conftest import make_ner_sentences
+
+    src = write_jsonl(tmp_path / "ner.jsonl", make_ner_sentences(40))
+    cfg = make_config(
+        src,
+        task={"type": "token_classification", "labels": ["PER", "ORG", "LOC"]},
+        training={
+            "strategy": {"lora": {"r": 4, "target_modules": ["attention", "feed_forward"]}},
+            "max_steps": 3,
+            "learning_rate": 1e-2,
+            "deepspeed": {"zero_stage": 3},
+        },
+    )
+    store = Store(cfg.store.root)
+    splits = preprocess(cfg, ingest(cfg, store), store)
+    model = finetune(cfg, splits, store)
+    before, after = _base_state(cfg, splits.labels), _saved_state(model.model_dir)
+    adapted = {
+        k for k in before
+        if re.search(r"\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)\.weight$", k)
+    }  # fmt: skip
+    assert _changed(before, after) == adapted | {"classifier.weight", "classifier.bias"}
+    report = evaluate(cfg, splits, model, store)
+    assert "entity_f1" in report.finetuned
+
+
+@pytest.mark.slow
+def test_smaller_model_custom_head_and_borrowed_frozen_embeddings(
+    tmp_path, make_config, rows, tiny_model
+):
+    from transformers import AutoConfig, AutoTokenizer, BertModel
+
+    donor = tmp_path / "donor"  # same tokenizer, other weights
+    torch.manual_seed(1)
+    BertModel(AutoConfig.from_pretrained(tiny_model)).save_pretrained(donor)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(donor)
+    strategy = {
+        "kind": "full",
+        "drop_top_layers": 1,
+        "head": {"hidden_sizes": [16], "dropout": 0.0},
+        "init_embeddings_from": str(donor),
+        "freeze_embeddings": True,
+    }
+    cfg, splits, model = _train(make_config, tmp_path, rows, strategy, 2)
+    after = _saved_state(model.model_dir)
+    donor_state = _saved_state(str(donor))
+    key = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(after[key], donor_state["embeddings.word_embeddings.weight"])
+    assert not any(k.startswith("bert.encoder.layer.1.") for k in after), "top block dropped"
+    assert {"classifier.0.weight", "classifier.3.weight"} <= set(after)
+    assert model.strategy["num_layers"] == 1
+    report = evaluate(cfg, splits, model, Store(cfg.store.root))
+    assert 0 <= report.finetuned["accuracy"] <= 1
