@@ -163,6 +163,14 @@ def render_summary(s: dict[str, Any]) -> str:
         lines.append(
             f"  {st['name']:<12} {'yes' if st['cached'] else 'no':<8} {st['seconds']:>7.1f}"
         )
+    t = s.get("training") or {}
+    if t:
+        lines += [
+            "",
+            f"  trained:  {t['strategy']}: {t['trainable_parameters']:,} of "
+            f"{t['total_parameters']:,} parameters ({100 * t['trainable_share']:.2f}%), "
+            f"{t['global_step']} steps",
+        ]
     m = s["metrics"]
     lines += ["", f"  test metrics ({m['test_rows']} rows)   base   fine-tuned   gain"]
     for k, v in m["finetuned"].items():

@@ -262,6 +262,12 @@ def test_preflight_names_what_cannot_apply(tiny_model, other_tokenizer_model, ti
         "attention_probs_dropout_prob": 0.3,
         "classifier_dropout": 0.4,
     }
+    model = get_task_type("text_classification").load_model(
+        str(tiny_model), LABELS, 0, **out["config_overrides"]
+    )
+    assert model.dropout.p == 0.4  # before the classifier
+    assert model.bert.embeddings.dropout.p == 0.2
+    assert model.config.attention_probs_dropout_prob == 0.3
 
 
 # ------------------------------------------------------------------ real training runs
