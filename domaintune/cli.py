@@ -2,6 +2,8 @@
 
     domaintune run CONFIG.yaml [--set key.path=value ...] [--json]
     domaintune validate CONFIG.yaml [--set key.path=value ...] [--json]
+    domaintune models list [NAME] | show NAME VERSION | promote NAME VERSION | rollback NAME
+        [--store ROOT | --config CONFIG.yaml] [--json]
 
 Exit codes: 0 success, 1 the run failed, 2 bad config or bad data (nothing trained).
 """
@@ -58,6 +60,27 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument(
             "-v", "--verbose", action="store_true", help="debug logging (training output too)"
         )
+    m = sub.add_parser("models", help="the model registry: list, show, promote, roll back")
+    msub = m.add_subparsers(dest="action", required=True)
+    for action, help_text, positional in (
+        ("list", "use cases, or the versions of one with their status", ["name?"]),
+        ("show", "one version: metrics, lineage, config", ["name", "version"]),
+        ("promote", "make a version the champion (production) by hand", ["name", "version"]),
+        ("rollback", "give production back to the previous champion", ["name"]),
+    ):
+        a = msub.add_parser(action, help=help_text)
+        for pos in positional:
+            if pos.endswith("?"):
+                a.add_argument(pos[:-1], nargs="?", help="use case name")
+            else:
+                a.add_argument(pos)
+        where = a.add_mutually_exclusive_group()
+        where.add_argument("--store", help="store root (default ./.domaintune)")
+        where.add_argument("--config", help="take the store root from this config")
+        a.add_argument("--json", action="store_true", help="print JSON on stdout")
+        a.add_argument("-v", "--verbose", action="store_true")
+        if action in ("promote", "rollback"):
+            a.add_argument("--reason", default=f"manual {action} (domaintune models {action})")
     return p
 
 
@@ -67,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_environment()
     _setup_logging(args.verbose)
+    if args.command == "models":
+        return _models(args)
     from domaintune.config import load_config
 
     try:
@@ -150,6 +175,66 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     return _fail(
         args, exc, code, {"run_id": run_id, "stages": stages, "promoted": False, "seconds": seconds}
     )
+
+
+def _models(args: argparse.Namespace) -> int:
+    from domaintune.store import Store
+    from domaintune.tasks import register as registry
+
+    try:
+        if args.config:
+            from domaintune.config import load_config
+
+            root = load_config(args.config).store.root
+        else:
+            root = args.store or "./.domaintune"
+        store = Store(root)
+        if args.action == "list":
+            doc: Any = (
+                registry.version_table(store, args.name)
+                if args.name
+                else [
+                    {"name": n, "versions": len(registry.version_table(store, n))}
+                    for n in registry.use_cases(store)
+                ]
+            )
+        elif args.action == "show":
+            doc = registry.show_version(store, args.name, args.version)
+        elif args.action == "promote":
+            doc = {"production": registry.promote(store, args.name, args.version, args.reason)}
+        else:
+            doc = {"production": registry.rollback(store, args.name, args.reason)}
+    except DomainTuneError as exc:
+        return _fail(args, exc, 2)
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+    elif args.action == "list" and args.name:
+        print(f"{'version':<8} {'status':<17} {'metric':<12} {'value':>8}  reason")
+        for r in doc:
+            value = f"{r['value']:.4f}" if isinstance(r["value"], float) else "-"
+            print(
+                f"{r['version']:<8} {r['status']:<17} {r['primary_metric']:<12} {value:>8}  "
+                f"{r['reason']}"
+            )
+    elif args.action == "list":
+        for r in doc:
+            print(f"{r['name']}  ({r['versions']} versions)")
+    elif args.action == "show":
+        reg, lin = doc["registration"], doc["lineage"]
+        print(f"{reg['name']} {reg['version']}{'  (production)' if doc['production'] else ''}")
+        print(f"  promoted: {reg['promoted']} - {reg['promotion_reason']}")
+        for k, v in reg["metrics"].items():
+            print(f"  {k}: {v:.4f}")
+        print(f"  model: {reg['model_dir']}")
+        print(f"  base model: {lin['base_model']['name']}")
+        print(
+            f"  data: {lin['raw_snapshot']['rows']} rows, fingerprint {lin['raw_snapshot']['fingerprint']}"
+        )
+        print(f"  code: {lin['code_version']}")
+        print(f"  prefect flow run: {lin['prefect_flow_run_id']}")
+    else:
+        print(f"{args.name}: production is now {doc['production']}")
+    return 0
 
 
 def render_summary(s: dict[str, Any]) -> str:

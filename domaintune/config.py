@@ -418,7 +418,18 @@ class PromotionConfig(_Section):
         0.0, description="The fine-tuned model must beat the base model by at least this."
     )
     margin_over_champion: float = Field(
-        0.0, description="... and the current champion (same primary metric) by this."
+        0.0,
+        description="... and the current champion, re-scored on the same test split, by more "
+        "than this (a tie never replaces the champion).",
+    )
+    min_primary_metric: float | None = Field(
+        None,
+        description="Absolute floor of the primary metric (a ceiling for perplexity); null: none.",
+    )
+    max_class_regression: float = Field(
+        0.05,
+        ge=0,
+        description="No class (entity type) F1 may fall below the champion's by more than this.",
     )
 
 

@@ -93,6 +93,9 @@ class EvaluationReport(Manifest):
     base: dict[str, Any]
     gain: dict[str, float]
     test_rows: int
+    #: The production model at evaluation time: {version, metrics (re-scored on this test
+    #: split, or None), note}; None when there is no champion yet.
+    champion: dict[str, Any] | None = None
     metrics_json: str
     report_markdown: str
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -25,10 +26,34 @@ log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
 BASE_STAGE = "evaluate_base"
+CHAMPION_STAGE = "evaluate_champion"
 VERSION = "2"  # 2: base predictions kept; sample generations in the report
 
 
-def plan(config: RetrainConfig, splits: SplitManifest, model: ModelArtifact) -> tuple[str, str]:
+def current_champion(config: RetrainConfig, store: Store) -> dict[str, Any] | None:
+    """The production version of this use case: version, model folder, model fingerprint."""
+    from domaintune.tasks.register import MARKER, read_pointer, registry_dir
+
+    reg = registry_dir(store, config.name)
+    version = read_pointer(reg, "production") if reg.is_dir() else None
+    if not version or not (reg / version / MARKER).is_file():
+        return None
+    registration = json.loads((reg / version / MARKER).read_text())
+    lineage = json.loads((reg / version / "lineage.json").read_text())
+    return {
+        "version": version,
+        "model_dir": registration["model_dir"],
+        "fingerprint": lineage["model"]["fingerprint"],
+        "recorded_metrics": registration.get("metrics", {}),
+    }
+
+
+def plan(
+    config: RetrainConfig,
+    splits: SplitManifest,
+    model: ModelArtifact,
+    champion: dict[str, Any] | None = None,
+) -> tuple[str, str]:
     test = splits.splits["test"]
     base_key = hash_obj(
         BASE_STAGE,
@@ -46,6 +71,7 @@ def plan(config: RetrainConfig, splits: SplitManifest, model: ModelArtifact) -> 
         model.fingerprint,
         base_key,
         config.evaluation.primary_metric,
+        champion["fingerprint"] if champion else None,
     )
     return key, base_key
 
@@ -91,10 +117,52 @@ def _base_metrics(
 def evaluate(
     config: RetrainConfig, splits: SplitManifest, model: ModelArtifact, store: Store
 ) -> EvaluationReport:
-    key, base_key = plan(config, splits, model)
+    champion = current_champion(config, store)
+    key, base_key = plan(config, splits, model, champion)
     return store.compute_once(
-        STAGE, key, EvaluationReport, lambda: _run(config, splits, model, store, key, base_key)
+        STAGE,
+        key,
+        EvaluationReport,
+        lambda: _run(config, splits, model, store, key, base_key, champion),
     )
+
+
+def _champion_metrics(
+    config: RetrainConfig, splits: SplitManifest, champion: dict[str, Any] | None, store: Store
+) -> dict[str, Any] | None:
+    """The champion re-scored on this run's test split (the same frozen set as the new
+    model), or why it cannot be: then promotion compares with its recorded metrics."""
+    if champion is None:
+        return None
+    out: dict[str, Any] = {"version": champion["version"], "metrics": None}
+    model_dir = Path(champion["model_dir"])
+    if not (model_dir / "config.json").is_file():
+        out["note"] = "exported as an adapter only; compared on its recorded metrics"
+        return out
+    if splits.labels:
+        cfg = json.loads((model_dir / "config.json").read_text())
+        theirs = [cfg.get("id2label", {}).get(str(i)) for i in range(len(cfg.get("id2label", {})))]
+        if theirs != list(splits.labels):
+            out["note"] = "its label set differs from this run's; compared on its recorded metrics"
+            return out
+    key = hash_obj(
+        CHAMPION_STAGE,
+        VERSION,
+        splits.splits["test"].fingerprint,
+        champion["fingerprint"],
+        splits.labels,
+        config.task.type,
+    )
+    with store.lock(CHAMPION_STAGE, key):
+        cached = store.cached_manifest(CHAMPION_STAGE, key)
+        if cached is None:
+            metrics, _ = _score(config, str(model_dir), splits)
+            with store.writer(CHAMPION_STAGE, key) as w:
+                (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+                w.manifest = {"metrics": metrics, "version": champion["version"]}
+            cached = {"metrics": metrics}
+    out["metrics"] = cached["metrics"]
+    return out
 
 
 def _run(
@@ -104,8 +172,10 @@ def _run(
     store: Store,
     key: str,
     base_key: str,
+    champion_info: dict[str, Any] | None = None,
 ) -> EvaluationReport:
     base = _base_metrics(config, splits, base_key, store)
+    champion = _champion_metrics(config, splits, champion_info, store)
     finetuned, predictions = _score(config, model.model_dir, splits)
     scalar = [k for k, v in finetuned.items() if isinstance(v, int | float)]
     gain = {k: float(finetuned[k] - base[k]) for k in scalar}
@@ -121,6 +191,7 @@ def _run(
             "gain": gain,
             "model": model.model_dir,
             "base_model": model.base_model,
+            "champion": champion,
         }
         (w.path / "metrics.json").write_text(json.dumps(doc, indent=2))
         samples = _samples(config, store, base_key, predictions)
@@ -137,6 +208,7 @@ def _run(
             base=base,
             gain=gain,
             test_rows=test_rows,
+            champion=champion,
             metrics_json=str(entry / "metrics.json"),
             report_markdown=str(entry / "report.md"),
         )
@@ -174,16 +246,18 @@ def _samples(
 def metric_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Scalar metrics as table rows: metric, base, fine-tuned, gain."""
     rows = []
+    champ = (doc.get("champion") or {}).get("metrics") or {}
     for k, v in doc["finetuned"].items():
         if isinstance(v, int | float):
-            rows.append(
-                {
-                    "metric": k,
-                    "base": round(doc["base"][k], 4),
-                    "fine-tuned": round(v, 4),
-                    "gain": round(v - doc["base"][k], 4),
-                }
-            )
+            row = {
+                "metric": k,
+                "base": round(doc["base"][k], 4),
+                "fine-tuned": round(v, 4),
+                "gain": round(v - doc["base"][k], 4),
+            }
+            if champ:
+                row["champion"] = round(champ[k], 4) if k in champ else None
+            rows.append(row)
     return rows
 
 
@@ -207,6 +281,22 @@ def render_markdown(doc: dict[str, Any], samples: pd.DataFrame | None = None) ->
         lines.append(
             f"| {r['metric']} | {r['base']:.4f} | {r['fine-tuned']:.4f} | {r['gain']:+.4f} |"
         )
+    champion = doc.get("champion")
+    if champion:
+        lines += [
+            "",
+            f"Champion {champion['version']}: "
+            + (
+                "re-scored on this test split: "
+                + ", ".join(
+                    f"{r['metric']} {r['champion']:.4f}"
+                    for r in metric_rows(doc)
+                    if r.get("champion") is not None
+                )
+                if champion.get("metrics")
+                else champion.get("note", "not re-scored")
+            ),
+        ]
     for table_key, title, unit in (
         ("per_class", "Per class", "label"),
         ("per_type", "Per entity type", "type"),

@@ -6,9 +6,10 @@ as its completion marker, ``registration.json``. ``latest`` names the newest ver
 ``production`` the champion. Registering the same model, metrics and config again returns the
 existing version instead of a copy.
 
-Promotion (simple for now): the fine-tuned model must beat the base model on the primary
-metric by ``promotion.min_gain_over_base``, and the current champion by
-``promotion.margin_over_champion``. A failed run never reaches this stage.
+Promotion (``decide_promotion``): the fine-tuned model must beat the base model, clear an
+absolute floor, beat the champion re-scored on the same test split by a margin, and regress
+no class or entity type beyond a tolerance. A model that is not promoted is still registered,
+as a rejected candidate with the reason. A failed run never reaches this stage.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 
 from domaintune import __version__
 from domaintune.config import RetrainConfig
+from domaintune.errors import DomainTuneError
 from domaintune.fingerprint import hash_obj
 from domaintune.manifests import (
     EvaluationReport,
@@ -142,25 +144,56 @@ def _export_model(config: RetrainConfig, model: ModelArtifact, dst: Path) -> Non
 def decide_promotion(
     config: RetrainConfig, evaluation: EvaluationReport, champion: dict[str, Any] | None
 ) -> tuple[bool, str]:
+    """(promote?, why). In order: beat the base model by ``min_gain_over_base``; clear the
+    absolute ``min_primary_metric`` (a ceiling for perplexity); beat the champion, re-scored
+    on this run's test split, by ``margin_over_champion``; and no class or entity type F1
+    below the champion's by more than ``max_class_regression``."""
     from domaintune.config import LOWER_IS_BETTER
 
+    rules = config.promotion
     m = evaluation.primary_metric
     sign = -1.0 if m in LOWER_IS_BETTER else 1.0  # compare as "higher is better"
     new = evaluation.finetuned[m]
     base = evaluation.base[m]
-    need = config.promotion.min_gain_over_base
+    need = rules.min_gain_over_base
     if sign * (new - base) < need or sign * (new - base) <= 0:
         return False, f"{m} {new:.4f} does not beat the base model's {base:.4f} by {need}"
+    floor = rules.min_primary_metric
+    if floor is not None and sign * (new - floor) < 0:
+        bound = "above the ceiling" if sign < 0 else "below the floor"
+        return False, f"{m} {new:.4f} is {bound} of {floor} (promotion.min_primary_metric)"
     if champion is None:
         return True, f"first champion: {m} {new:.4f} (base {base:.4f})"
-    champ = champion.get("metrics", {}).get(m)
-    margin = config.promotion.margin_over_champion
-    if champ is not None and sign * (new - champ) < margin:
+    scored = evaluation.champion or {}
+    champ_metrics = scored.get("metrics")
+    if champ_metrics:
+        champ, where = champ_metrics[m], "on this test split"
+    else:
+        champ = champion.get("metrics", {}).get(m)
+        where = f"as recorded ({scored.get('note', 'not re-scored')})"
+    name = champion["version"]
+    margin = rules.margin_over_champion
+    if champ is not None and (sign * (new - champ) <= 0 or sign * (new - champ) < margin):
         return (
             False,
-            f"{m} {new:.4f} does not beat champion {champion['version']} ({champ:.4f}) by {margin}",
+            f"{m} {new:.4f} does not beat champion {name} ({champ:.4f} {where}) by {margin}",
         )
-    return True, f"{m} {new:.4f} beats champion {champion['version']} ({champ})"
+    for table, unit in (("per_class", "class"), ("per_type", "entity type")):
+        ours = evaluation.finetuned.get(table) or {}
+        theirs = (champ_metrics or {}).get(table) or {}
+        drops = [
+            (theirs[lab]["f1"] - ours.get(lab, {}).get("f1", 0.0), lab)
+            for lab in theirs
+            if theirs[lab].get("support", 1)
+        ]
+        if drops and max(drops)[0] > rules.max_class_regression:
+            drop, lab = max(drops)
+            return False, (
+                f"{unit} {lab!r} F1 falls from {theirs[lab]['f1']:.4f} (champion {name}) to "
+                f"{ours.get(lab, {}).get('f1', 0.0):.4f}, more than "
+                f"promotion.max_class_regression {rules.max_class_regression}"
+            )
+    return True, f"{m} {new:.4f} beats champion {name} ({champ:.4f} {where})"
 
 
 def register(
@@ -247,19 +280,14 @@ def register(
         atomic_write_text(reg / "latest", version)
         if promoted:
             atomic_write_text(reg / "production", version)
-        with open(reg / "history.jsonl", "a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "version": version,
-                        "promoted": promoted,
-                        "reason": reason,
-                        "flow_run_id": flow_run_id,
-                    }
-                )
-                + "\n"
-            )
+        _history(
+            reg,
+            action="register",
+            version=version,
+            promoted=promoted,
+            reason=reason,
+            flow_run_id=flow_run_id,
+        )
     log.info(
         "register: %s %s (%s: %s)",
         config.name,
@@ -268,3 +296,111 @@ def register(
         reason,
     )
     return manifest
+
+
+# ------------------------------------------------------------------ registry operations
+
+
+def _history(reg: Path, **event: Any) -> None:
+    event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **event}
+    with open(reg / "history.jsonl", "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def history(reg: Path) -> list[dict[str, Any]]:
+    p = reg / "history.jsonl"
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def production_stack(reg: Path) -> list[str]:
+    """Champions in order: each promotion pushes, each rollback pops."""
+    stack: list[str] = []
+    for e in history(reg):
+        action = e.get("action", "register")
+        if action == "register" and e.get("promoted") or action == "promote":
+            if not stack or stack[-1] != e["version"]:
+                stack.append(e["version"])
+        elif action == "rollback" and stack:
+            stack.pop()
+    return stack
+
+
+def use_cases(store: Store) -> list[str]:
+    root = store.entry_path("registry", "x").parent
+    return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+
+
+def version_table(store: Store, name: str) -> list[dict[str, Any]]:
+    """Every version of a use case with its status: champion, candidate or rejected."""
+    reg = registry_dir(store, name)
+    prod = read_pointer(reg, "production")
+    rows = []
+    for v in versions(reg):
+        status = (
+            "champion"
+            if v["version"] == prod
+            else ("rejected" if not v["promoted"] else "former champion")
+        )
+        rows.append(
+            {
+                "version": v["version"],
+                "status": status,
+                "primary_metric": v["primary_metric"],
+                "value": v["metrics"].get(v["primary_metric"]),
+                "reason": v["promotion_reason"],
+                "created_at": _created_at(reg / v["version"]),
+            }
+        )
+    return rows
+
+
+def show_version(store: Store, name: str, version: str) -> dict[str, Any]:
+    reg = registry_dir(store, name)
+    d = reg / version
+    if not (d / MARKER).is_file():
+        known = ", ".join(v["version"] for v in versions(reg)) or "none"
+        raise DomainTuneError(f"{name}: no registered version {version!r} (known: {known})")
+    return {
+        "registration": json.loads((d / MARKER).read_text()),
+        "lineage": json.loads((d / "lineage.json").read_text()),
+        "metrics": json.loads((d / "metrics.json").read_text()),
+        "config": yaml.safe_load((d / "config.yaml").read_text()),
+        "production": read_pointer(reg, "production") == version,
+    }
+
+
+def promote(store: Store, name: str, version: str, reason: str = "manual promotion") -> str:
+    """Make ``version`` the champion by hand (the gate is not consulted: a person decided)."""
+    reg = registry_dir(store, name)
+    show_version(store, name, version)  # exists?
+    with store.lock("registry", name):
+        previous = read_pointer(reg, "production")
+        atomic_write_text(reg / "production", version)
+        _history(reg, action="promote", version=version, previous=previous, reason=reason)
+    log.info("models: %s production %s -> %s (%s)", name, previous, version, reason)
+    return version
+
+
+def rollback(store: Store, name: str, reason: str = "manual rollback") -> str:
+    """Give production back to the champion before the current one."""
+    reg = registry_dir(store, name)
+    with store.lock("registry", name):
+        stack = production_stack(reg)
+        if len(stack) < 2:
+            raise DomainTuneError(
+                f"{name}: nothing to roll back to (production history: {stack or 'empty'})"
+            )
+        current, previous = stack[-1], stack[-2]
+        atomic_write_text(reg / "production", previous)
+        _history(reg, action="rollback", version=previous, previous=current, reason=reason)
+    log.info("models: %s rolled back %s -> %s", name, current, previous)
+    return previous
+
+
+def _created_at(version_dir: Path) -> str | None:
+    try:
+        return json.loads((version_dir / "lineage.json").read_text()).get("created_at")
+    except (OSError, ValueError):
+        return None
