@@ -118,6 +118,8 @@ def evaluate(
     config: RetrainConfig, splits: SplitManifest, model: ModelArtifact, store: Store
 ) -> EvaluationReport:
     champion = current_champion(config, store)
+    if champion is not None and champion["fingerprint"] == model.fingerprint:
+        champion = None  # this very model is the champion: the same run again, all cached
     key, base_key = plan(config, splits, model, champion)
     return store.compute_once(
         STAGE,

@@ -259,6 +259,7 @@ def _run(
 def _launch(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, list[str]]:
     """Run the launcher, forward its output, return (exit code, last lines)."""
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+    progress = _PrefectProgress()
     with open(log_path, "a", encoding="utf-8") as logf:
         logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         proc = subprocess.Popen(
@@ -277,7 +278,7 @@ def _launch(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, l
                 logf.write(line)
                 line = line.rstrip("\n")
                 tail.append(line)
-                _forward(line)
+                _forward(line, progress)
             rc = proc.wait()
         except BaseException:
             _kill_group(proc)
@@ -285,7 +286,37 @@ def _launch(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, l
     return rc, list(tail)
 
 
-def _forward(line: str) -> None:
+class _PrefectProgress:
+    """A Prefect progress artifact for the training, updated as steps complete (only when
+    running inside a Prefect task run; never fails the training)."""
+
+    def __init__(self) -> None:
+        self.artifact_id: Any = None
+        self.last = -1.0
+
+    def update(self, step: int, max_steps: int) -> None:
+        if max_steps <= 0:
+            return
+        percent = round(100.0 * min(step, max_steps) / max_steps, 1)
+        if percent == self.last:
+            return
+        try:
+            from prefect.artifacts import create_progress_artifact, update_progress_artifact
+            from prefect.context import TaskRunContext
+
+            if TaskRunContext.get() is None:
+                return
+            description = f"Training: step {step} of {max_steps}"
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(percent, description=description)
+            else:
+                update_progress_artifact(self.artifact_id, percent, description=description)
+            self.last = percent
+        except Exception as exc:  # the UI's progress bar is not worth a failed run
+            log.debug("finetune: progress artifact not updated: %s", exc)
+
+
+def _forward(line: str, progress: _PrefectProgress | None = None) -> None:
     if line.startswith(PROGRESS_PREFIX):
         try:
             event = json.loads(line[len(PROGRESS_PREFIX) :])
@@ -293,6 +324,10 @@ def _forward(line: str) -> None:
             log.info("train: %s", line)
             return
         kind = event.pop("event", "")
+        if progress is not None and kind in ("train_begin", "log", "done"):
+            step = event.get("step", event.get("start_step", event.get("global_step", 0)))
+            total = event.get("max_steps") or (event.get("global_step") if kind == "done" else 0)
+            progress.update(int(step or 0), int(total or 0))
         if kind == "log":
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in event.items()}
             log.info("train: %s", " ".join(f"{k}={v}" for k, v in shown.items()))

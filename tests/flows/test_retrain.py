@@ -93,7 +93,9 @@ def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows)
         for m in messages
     )
     artifacts = run_artifacts(first["run_id"])
-    assert {"table", "markdown"} <= {a.type for a in artifacts}, "metrics and reports attached"
+    assert {"table", "markdown", "progress"} <= {a.type for a in artifacts}, "artifacts attached"
+    bars = [a for a in artifacts if a.type == "progress"]
+    assert float(bars[0].data) == 100.0, "the training progress bar reached the end"
     training_md = [a.data for a in artifacts if (a.description or "").startswith("Fine-tuning")]
     assert training_md and "Trainable parameters: **" in training_md[0], "strategy in the UI"
     t = first["training"]
