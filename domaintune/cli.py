@@ -81,6 +81,39 @@ def _parser() -> argparse.ArgumentParser:
         a.add_argument("-v", "--verbose", action="store_true")
         if action in ("promote", "rollback"):
             a.add_argument("--reason", default=f"manual {action} (domaintune models {action})")
+    d = sub.add_parser("data", help="land new data for a domain")
+    dsub = d.add_subparsers(dest="action", required=True)
+    add = dsub.add_parser(
+        "add", help="copy files into the domain's landing folder atomically and announce them"
+    )
+    add.add_argument("domain")
+    add.add_argument("files", nargs="+")
+    add.add_argument("--landing", help="landing root (default $DOMAINTUNE_LANDING or ./landing)")
+    add.add_argument("--no-event", action="store_true", help="land only; the watcher announces")
+    add.add_argument("--json", action="store_true")
+    add.add_argument("-v", "--verbose", action="store_true")
+
+    w = sub.add_parser("watch", help="announce new complete files in the landing zones")
+    w.add_argument("--landing", help="landing root (default $DOMAINTUNE_LANDING or ./landing)")
+    w.add_argument("--domain", action="append", help="only these domains (repeatable)")
+    w.add_argument("--interval", type=float, default=2.0, help="seconds between scans")
+    w.add_argument("--settle", type=float, default=2.0, help="seconds a file must be unchanged")
+    w.add_argument("--once", action="store_true", help="one scan, then exit")
+    w.add_argument("--json", action="store_true")
+    w.add_argument("-v", "--verbose", action="store_true")
+
+    srv = sub.add_parser(
+        "serve",
+        help="a Prefect server (unless PREFECT_API_URL is set), the deployments, a worker and "
+        "the landing watcher, all local",
+    )
+    srv.add_argument("--port", type=int, default=4200)
+    srv.add_argument("--prefect-file", default="deployments/prefect.yaml")
+    srv.add_argument("--pool", default="domaintune")
+    srv.add_argument("--landing", help="landing root (default $DOMAINTUNE_LANDING or ./landing)")
+    srv.add_argument("--no-watch", action="store_true")
+    srv.add_argument("--json", action="store_true")
+    srv.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
@@ -92,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     if args.command == "models":
         return _models(args)
+    if args.command == "data":
+        return _data_add(args)
+    if args.command == "watch":
+        return _watch(args)
+    if args.command == "serve":
+        from domaintune.serve import serve
+
+        return serve(args)
     from domaintune.config import load_config
 
     try:
@@ -234,6 +275,41 @@ def _models(args: argparse.Namespace) -> int:
         print(f"  prefect flow run: {lin['prefect_flow_run_id']}")
     else:
         print(f"{args.name}: production is now {doc['production']}")
+    return 0
+
+
+def _data_add(args: argparse.Namespace) -> int:
+    from domaintune.landing import land_and_announce, landing_root
+
+    try:
+        announced = land_and_announce(
+            args.domain, args.files, landing_root(args.landing), emit=not args.no_event
+        )
+    except DomainTuneError as exc:
+        return _fail(args, exc, 2)
+    if args.json:
+        print(json.dumps({"domain": args.domain, "announced": announced}, indent=2))
+    else:
+        for f in announced:
+            print(f"{args.domain}: landed {f['path']} ({f['bytes']:,} bytes)")
+        if not announced:
+            print(f"{args.domain}: nothing new (the same content was landed before)")
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from domaintune.landing import landing_root, watch, watch_once
+
+    root = landing_root(args.landing)
+    if args.once:
+        fired = watch_once(root, args.domain, args.settle)
+        if args.json:
+            print(json.dumps(fired, indent=2))
+        return 0
+    try:
+        watch(root, args.domain, args.interval, args.settle)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -1,0 +1,64 @@
+"""Landing zones: atomic landing, complete-file detection, one announcement per content."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from domaintune import landing
+
+
+def test_files_land_atomically_and_originals_are_untouched(tmp_path):
+    src = tmp_path / "in" / "batch.csv"
+    src.parent.mkdir()
+    src.write_text("text,label\na,b\n")
+    before = (src.read_bytes(), src.stat().st_mtime_ns)
+    root = tmp_path / "landing"
+    (landed,) = landing.add_files("finance", [src], root)
+    assert landed == root / "finance" / "batch.csv" and landed.read_bytes() == before[0]
+    assert (src.read_bytes(), src.stat().st_mtime_ns) == before
+    assert not [p for p in landed.parent.iterdir() if p.name.endswith(".part")]
+    # the same name with other content keeps both; the same content is not copied twice
+    src.write_text("text,label\nc,d\n")
+    (other,) = landing.add_files("finance", [src], root)
+    assert (
+        other != landed and other.name.startswith("batch-") and landed.read_text().endswith("a,b\n")
+    )
+    assert landing.add_files("finance", [src], root) == [other]
+
+
+def test_scan_ignores_partial_and_fresh_files_and_fires_once_per_content(tmp_path):
+    d = tmp_path / "landing" / "health"
+    d.mkdir(parents=True)
+    done = d / "a.csv"
+    done.write_text("x\n")
+    old = time.time() - 60
+    os.utime(done, (old, old))
+    (d / "b.csv.part").write_text("partial")
+    (d / ".hidden.csv").write_text("x")
+    (d / "c.csv").write_text("still being written")  # mtime now: not settled
+    found = landing.scan(d, settle_seconds=5)
+    assert [f["path"] for f in found] == [str(done)]
+    landing.mark_announced(d, found)
+    assert landing.scan(d, settle_seconds=5) == []
+    # a copy of announced content under another name does not fire again
+    copy = d / "a-copy.csv"
+    copy.write_text("x\n")
+    os.utime(copy, (old, old))
+    assert landing.scan(d, settle_seconds=5) == []
+
+
+def test_data_add_announces_once_and_the_watcher_not_again(tmp_path, monkeypatch):
+    sent = []
+    monkeypatch.setattr(landing, "announce", lambda domain, files: sent.append((domain, files)))
+    src = tmp_path / "new.csv"
+    src.write_text("text,label\nx,y\n")
+    root = tmp_path / "landing"
+    infos = landing.land_and_announce("ecommerce", [src], root)
+    assert len(infos) == 1 and sent == [("ecommerce", infos)]
+    assert landing.land_and_announce("ecommerce", [src], root) == []
+    landed = root / "ecommerce" / "new.csv"
+    old = time.time() - 60
+    os.utime(landed, (old, old))
+    assert landing.watch_once(root, settle_seconds=0) == {}
+    assert len(sent) == 1
