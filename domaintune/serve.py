@@ -139,6 +139,11 @@ def serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("DOMAINTUNE_PROJECT_DIR", str(project))
     procs: list[subprocess.Popen] = []
+
+    def _terminate(signum, frame):  # `kill` and service managers: stop like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         api = env.get("PREFECT_API_URL")
         if not api:
