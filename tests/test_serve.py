@@ -49,7 +49,11 @@ def _stop(*procs):
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def test_deployments_schedules_triggers_and_a_data_arrival_run(tmp_path, tiny_model, rows):
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory, tiny_model):
+    """A real Prefect server on a free port, the project's deployments (the finance one on
+    the tiny model), and a process worker."""
+    tmp_path = tmp_path_factory.mktemp("ops")
     doc = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     doc.pop("definitions", None)
     landing = tmp_path / "landing"
@@ -57,7 +61,7 @@ def test_deployments_schedules_triggers_and_a_data_arrival_run(tmp_path, tiny_mo
     for dep in doc["deployments"]:
         cfg = dep["parameters"]["config"]
         cfg["store"] = {"root": str(store)}
-        if cfg["domain"] == "finance":  # the triggered run: the tiny model, a few seconds
+        if cfg["domain"] == "finance":  # runs here use the tiny model: seconds, not minutes
             cfg["model"] = {"name_or_path": str(tiny_model)}
             cfg["data"] = {"source": str(landing / "finance" / "*.csv")}
             cfg["training"] = {
@@ -71,7 +75,6 @@ def test_deployments_schedules_triggers_and_a_data_arrival_run(tmp_path, tiny_mo
             cfg["evaluation"] = {"test_size": 0.2, "val_size": 0.15}
     prefect_file = tmp_path / "prefect.yaml"
     prefect_file.write_text(yaml.safe_dump(doc, sort_keys=False))
-
     env = dict(os.environ)
     env.pop("PREFECT_API_URL", None)
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
@@ -81,71 +84,134 @@ def test_deployments_schedules_triggers_and_a_data_arrival_run(tmp_path, tiny_mo
         server, api = start_server(free_port(), tmp_path / "logs", env)
         env["PREFECT_API_URL"] = api
         deploy(str(prefect_file), "domaintune", env, cwd=ROOT)
-
+        worker = start_worker("domaintune", tmp_path / "logs", env)
         deployments = {d["name"]: d for d in _api(api, "deployments/filter")}
-        assert {"finance-sentiment", "healthcare-diagnosis", "ecommerce-reviews"} <= set(
-            deployments
+        yield {
+            "api": api,
+            "env": env,
+            "tmp": tmp_path,
+            "landing": landing,
+            "store": store,
+            "deployments": deployments,
+        }
+    finally:
+        _stop(worker, server)
+
+
+def _wait_completed(api: str, deployment_id: str, logs: Path, exclude=(), timeout=420) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = _api(
+            api,
+            "flow_runs/filter",
+            {
+                "deployments": {"id": {"any_": [deployment_id]}},
+                "flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED"]}}},
+            },
         )
-        finance = deployments["finance-sentiment"]
-        assert finance["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
-        assert "finance" in finance["tags"]
-        automations = _api(api, "automations/filter")
-        triggers = [a["trigger"] for a in automations]
+        for run in runs:
+            if run["id"] in exclude:
+                continue
+            state = run["state"]["type"]
+            assert state not in ("FAILED", "CRASHED"), run["state"]
+            if state == "COMPLETED":
+                return run
+        time.sleep(3)
+    raise AssertionError((logs / "worker.log").read_text()[-3000:])
+
+
+def _version_of(store: Path, name: str, flow_run_id: str) -> Path:
+    for v in sorted((store / "registry" / name).glob("v0*")):
+        if json.loads((v / "lineage.json").read_text())["prefect_flow_run_id"] == flow_run_id:
+            return v
+    raise AssertionError(f"no version of {name} from flow run {flow_run_id}")
+
+
+def test_deployments_schedules_triggers_and_a_data_arrival_run(ops, rows):
+    api, env = ops["api"], ops["env"]
+    deployments = ops["deployments"]
+    assert {"finance-sentiment", "healthcare-diagnosis", "ecommerce-reviews"} <= set(deployments)
+    finance = deployments["finance-sentiment"]
+    assert finance["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
+    assert "finance" in finance["tags"]
+    triggers = [a["trigger"] for a in _api(api, "automations/filter")]
+    for domain in ("finance", "healthcare", "ecommerce"):
         assert any(
-            t.get("match", {}).get("prefect.resource.id") == "domaintune.domain.finance"
+            t.get("match", {}).get("prefect.resource.id") == f"domaintune.domain.{domain}"
             and t.get("expect") == ["domaintune.data.arrived"]
             for t in triggers
         ), triggers
 
-        # the scheduler creates the weekly runs ahead of time
-        deadline = time.time() + 90
-        scheduled = []
-        while time.time() < deadline and not scheduled:
-            scheduled = _api(
-                api,
-                "flow_runs/filter",
-                {
-                    "deployments": {"id": {"any_": [finance["id"]]}},
-                    "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
-                },
-            )
-            time.sleep(2)
-        assert scheduled, "no scheduled run was created"
-        start = datetime.fromisoformat(scheduled[0]["expected_start_time"].replace("Z", "+00:00"))
-        assert (start.weekday(), start.hour, start.minute) == (0, 3, 0)
+    # the scheduler creates the weekly runs ahead of time
+    deadline = time.time() + 90
+    scheduled = []
+    while time.time() < deadline and not scheduled:
+        scheduled = _api(
+            api,
+            "flow_runs/filter",
+            {
+                "deployments": {"id": {"any_": [finance["id"]]}},
+                "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+            },
+        )
+        time.sleep(2)
+    assert scheduled, "no scheduled run was created"
+    start = datetime.fromisoformat(scheduled[0]["expected_start_time"].replace("Z", "+00:00"))
+    assert (start.weekday(), start.hour, start.minute) == (0, 3, 0)
 
-        worker = start_worker("domaintune", tmp_path / "logs", env)
-        batch = write_csv(tmp_path / "incoming" / "batch-1.csv", rows(30))
-        added = subprocess.run(
-            [sys.executable, "-m", "domaintune.cli", "data", "add", "finance", str(batch),
-             "--landing", str(landing), "--json"],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert added.returncode == 0, added.stderr[-2000:]
-        assert json.loads(added.stdout)["announced"][0]["path"].endswith("batch-1.csv")
+    batch = write_csv(ops["tmp"] / "incoming" / "batch-1.csv", rows(30))
+    added = subprocess.run(
+        [sys.executable, "-m", "domaintune.cli", "data", "add", "finance", str(batch),
+         "--landing", str(ops["landing"]), "--json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr[-2000:]
+    assert json.loads(added.stdout)["announced"][0]["path"].endswith("batch-1.csv")
+    done = _wait_completed(api, finance["id"], ops["tmp"] / "logs")
+    version = _version_of(ops["store"], "finance-sentiment", done["id"])
+    lineage = json.loads((version / "lineage.json").read_text())
+    assert lineage["raw_snapshot"]["sources"][0]["path"].endswith("batch-1.csv")
+    ops["data_run"] = done["id"]
 
-        deadline = time.time() + 420
-        done = None
-        while time.time() < deadline and done is None:
-            runs = _api(
-                api,
-                "flow_runs/filter",
-                {
-                    "deployments": {"id": {"any_": [finance["id"]]}},
-                    "flow_runs": {"state": {"type": {"not_any_": ["SCHEDULED"]}}},
-                },
-            )
-            for run in runs:
-                state = run["state"]["type"]
-                assert state not in ("FAILED", "CRASHED"), run["state"]
-                if state == "COMPLETED":
-                    done = run
-            time.sleep(3)
-        assert done is not None, (tmp_path / "logs" / "worker.log").read_text()[-3000:]
-        registry = store / "registry" / "finance-sentiment"
-        assert (registry / "latest").read_text() == "v0001"
-        lineage = json.loads((registry / "v0001" / "lineage.json").read_text())
-        assert lineage["prefect_flow_run_id"] == done["id"]
-        assert lineage["raw_snapshot"]["sources"][0]["path"].endswith("batch-1.csv")
-    finally:
-        _stop(worker, server)
+
+@pytest.mark.browser
+def test_a_custom_run_from_the_ui_uses_the_changed_parameter(ops, rows):
+    """Headless Chromium opens the Prefect UI, starts a custom run of the finance deployment
+    with training.epochs changed in the parameter form, and sees it complete."""
+    import re
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make install adds it with apt-get)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from domaintune import landing
+
+    landing.add_files(
+        "finance", [write_csv(ops["tmp"] / "ui" / "seed.csv", rows(30))], ops["landing"]
+    )
+    api = ops["api"]
+    ui = api[: -len("/api")]
+    finance = ops["deployments"]["finance-sentiment"]
+    earlier = {r["id"] for r in _api(api, "flow_runs/filter")}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{ui}/deployments/deployment/{finance['id']}/run", wait_until="networkidle")
+            label = page.locator(".schema-form-property__label", has_text=re.compile(r"^Epochs"))
+            epochs = page.locator(".schema-form-property").filter(has=label).last
+            box = epochs.locator("input[type=number]").first
+            assert box.input_value() == "4", "the form shows the deployment's default"
+            box.fill("2")
+            page.get_by_role("button", name="Submit").click()
+            page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+(\?.*)?$"), timeout=60_000)
+            done = _wait_completed(api, finance["id"], ops["tmp"] / "logs", exclude=earlier)
+            run_id = done["id"]
+            assert done["parameters"]["config"]["training"]["epochs"] == 2
+            page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="networkidle")
+            page.get_by_text("Completed").first.wait_for(timeout=30_000)
+        finally:
+            browser.close()
+    version = _version_of(ops["store"], "finance-sentiment", run_id)
+    assert yaml.safe_load((version / "config.yaml").read_text())["training"]["epochs"] == 2
