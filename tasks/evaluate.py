@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 STAGE = "evaluate"
 BASE_STAGE = "evaluate_base"
 CHAMPION_STAGE = "evaluate_champion"
-VERSION = "2"  # 2: base predictions kept; sample generations in the report
+VERSION = "3"  # 2: base predictions kept; sample generations; 3: champion, charts
 
 
 def current_champion(config: RetrainConfig, store: Store) -> dict[str, Any] | None:
@@ -199,7 +199,10 @@ def _run(
         samples = _samples(config, store, base_key, predictions)
         if samples is not None:
             samples.to_parquet(w.path / "samples.parquet", index=False)
-        (w.path / "report.md").write_text(render_markdown(doc, samples))
+        charts = _charts(model, finetuned)
+        for name, svg in charts.items():
+            (w.path / f"{name}.svg").write_text(svg)
+        (w.path / "report.md").write_text(render_markdown(doc, samples, charts))
         predictions.to_parquet(w.path / "predictions.parquet", index=False)
         manifest = EvaluationReport(
             key=key,
@@ -224,6 +227,20 @@ def _run(
         test_rows,
     )
     return manifest
+
+
+def _charts(model: ModelArtifact, finetuned: dict[str, Any]) -> dict[str, str]:
+    """SVG charts for the report: the training / validation loss and the confusion matrix."""
+    from domaintune.charts import confusion_matrix_svg, loss_curve_svg
+
+    charts = {}
+    history = Path(model.model_dir) / "log_history.json"
+    if history.is_file():
+        charts["loss_curve"] = loss_curve_svg(json.loads(history.read_text()))
+    cm = finetuned.get("confusion_matrix")
+    if cm and cm.get("labels"):
+        charts["confusion_matrix"] = confusion_matrix_svg(cm["labels"], cm["matrix"])
+    return charts
 
 
 def _samples(
@@ -269,7 +286,14 @@ def _cell(text: Any, n: int = 200) -> str:
     return s.replace("|", "\\|")
 
 
-def render_markdown(doc: dict[str, Any], samples: pd.DataFrame | None = None) -> str:
+def render_markdown(
+    doc: dict[str, Any],
+    samples: pd.DataFrame | None = None,
+    charts: dict[str, str] | None = None,
+) -> str:
+    from domaintune.charts import data_uri
+
+    charts = charts or {}
     lines = [
         f"# Evaluation on {doc['test_rows']} test rows",
         "",
@@ -331,6 +355,15 @@ def render_markdown(doc: dict[str, Any], samples: pd.DataFrame | None = None) ->
         ]
         for lab, row in zip(labs, cm["matrix"], strict=True):
             lines.append(f"| {lab} | " + " | ".join(str(x) for x in row) + " |")
+    if "confusion_matrix" in charts:
+        lines += ["", f"![confusion matrix]({data_uri(charts['confusion_matrix'])})"]
+    if "loss_curve" in charts:
+        lines += [
+            "",
+            "## Training and validation loss",
+            "",
+            f"![loss curve]({data_uri(charts['loss_curve'])})",
+        ]
     if samples is not None and len(samples):
         lines += [
             "",

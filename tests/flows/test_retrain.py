@@ -96,6 +96,10 @@ def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows)
     assert {"table", "markdown", "progress"} <= {a.type for a in artifacts}, "artifacts attached"
     bars = [a for a in artifacts if a.type == "progress"]
     assert float(bars[0].data) == 100.0, "the training progress bar reached the end"
+    report_md = [a.data for a in artifacts if a.description == "Evaluation report"]
+    assert report_md and report_md[0].count("](data:image/svg+xml;base64,") == 2, (
+        "loss curve and confusion matrix images in the report"
+    )
     training_md = [a.data for a in artifacts if (a.description or "").startswith("Fine-tuning")]
     assert training_md and "Trainable parameters: **" in training_md[0], "strategy in the UI"
     t = first["training"]
