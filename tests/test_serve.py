@@ -215,3 +215,38 @@ def test_a_custom_run_from_the_ui_uses_the_changed_parameter(ops, rows):
             browser.close()
     version = _version_of(ops["store"], "finance-sentiment", run_id)
     assert yaml.safe_load((version / "config.yaml").read_text())["training"]["epochs"] == 2
+
+
+def test_serve_starts_server_deployments_and_worker_and_stops_them(tmp_path):
+    import signal
+
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    env["DOMAINTUNE_LANDING"] = str(tmp_path / "landing")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "domaintune.cli", "serve", "--json", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        info = json.loads(proc.stdout.readline())
+        with urllib.request.urlopen(info["ui"], timeout=10) as r:
+            assert r.status == 200, "the UI answers"
+        names = {d["name"] for d in _api(info["api"], "deployments/filter")}
+        assert {"finance-sentiment", "healthcare-diagnosis", "ecommerce-reviews"} <= names
+        deadline = time.time() + 60
+        workers = []
+        while time.time() < deadline and not workers:
+            workers = _api(info["api"], "work_pools/domaintune/workers/filter")
+            time.sleep(1)
+        assert workers, "a worker polls the pool"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    with pytest.raises(OSError):  # the server it started is gone with it
+        urllib.request.urlopen(info["api"] + "/health", timeout=3)
