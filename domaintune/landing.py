@@ -1,12 +1,13 @@
 """Landing zones: where new data for a domain arrives, and how its arrival becomes an event.
 
-Each domain has a folder ``<landing root>/<domain>/`` (the root: ``--landing``, else
-``$DOMAINTUNE_LANDING``, else ``./landing``). A domain's deployment reads every file there, so
+Each domain has a landing location ``<landing root>/<domain>/`` (the root: ``--landing``,
+else ``$DOMAINTUNE_LANDING``, else ``./landing``): a local folder or an fsspec URL
+(``s3://bucket/landing``, ``gs://...``, ``memory://...``). A domain's deployment reads every file there, so
 a run trains on the accumulated dataset: earlier files plus new ones, deduplicated by
 preprocess, as a new fingerprinted snapshot.
 
-- :func:`add_files` lands files atomically (copied to a hidden temporary name, then renamed),
-  never touching the originals; a name already taken by other content gets a content suffix.
+- :func:`add_files` lands files atomically (copied to a hidden temporary name, then renamed;
+  on object stores an object is visible only once complete), never touching the originals; a name already taken by other content gets a content suffix.
 - :func:`scan` finds complete new files: not hidden or temporary (``.part``, ``.tmp``,
   ``.crdownload``), unchanged for ``settle_seconds``, and with content never announced before
   (a ledger of sha256 per domain, so a file copied twice or touched never fires twice).
@@ -21,8 +22,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,86 +34,138 @@ log = logging.getLogger(__name__)
 EVENT = "domaintune.data.arrived"
 TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".swp")
 LEDGER = ".domaintune-announced.json"
+#: sizes seen by the previous scan, for file systems that report no modification time
+_LAST_SIZES: dict[str, int] = {}
 
 
-def landing_root(root: str | os.PathLike | None = None) -> Path:
-    return Path(root or os.environ.get("DOMAINTUNE_LANDING") or "landing").resolve()
+def landing_root(root: str | os.PathLike | None = None) -> str:
+    """The landing root as a URL or an absolute local path."""
+    r = str(root or os.environ.get("DOMAINTUNE_LANDING") or "landing")
+    return r if "://" in r else str(Path(r).resolve())
 
 
 def resource_id(domain: str) -> str:
     return f"domaintune.domain.{domain}"
 
 
-def _sha256(path: Path) -> str:
+def _fs(url: str) -> tuple[Any, str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path.rstrip("/")
+
+
+def _full(fs: Any, path: str) -> str:
+    """A path as the user would write it: local paths plain, others with their protocol."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _sha256_fs(fs: Any, path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _is_candidate(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and not p.name.endswith(TEMP_SUFFIXES)
+def _sha256(path: str | os.PathLike) -> str:
+    fs, p = _fs(str(path))
+    return _sha256_fs(fs, p)
 
 
-def add_files(domain: str, files: list[str | os.PathLike], root: Path | None = None) -> list[Path]:
-    """Copy files into the domain's landing folder atomically; returns the landed paths."""
-    dest_dir = landing_root(root) / domain
-    dest_dir.mkdir(parents=True, exist_ok=True)
+def _mtime(info: dict[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(key)
+        if isinstance(v, int | float):
+            return float(v)
+        if isinstance(v, datetime):
+            return v.timestamp()
+        if isinstance(v, str):
+            try:
+                return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
+
+
+def _is_candidate(rel: str) -> bool:
+    parts = rel.split("/")
+    return not any(x.startswith(".") for x in parts) and not parts[-1].endswith(TEMP_SUFFIXES)
+
+
+def add_files(domain: str, files: list[str | os.PathLike], root: str | None = None) -> list[str]:
+    """Copy files into the domain's landing location; returns the landed paths. Local
+    folders get a hidden temporary name and a rename; object stores show an object only
+    once it is complete."""
+    fs, base = _fs(landing_root(root))
+    dest_dir = f"{base}/{domain}"
+    fs.makedirs(dest_dir, exist_ok=True)
     landed = []
     for f in files:
         src = Path(f)
         if not src.is_file():
             raise DataError(f"data add: {src}: no such file")
         digest = _sha256(src)
-        dest = dest_dir / src.name
-        if dest.exists():
-            if _sha256(dest) == digest:
-                log.info("data add: %s is already in %s", src.name, dest_dir)
-                landed.append(dest)
+        dest = f"{dest_dir}/{src.name}"
+        if fs.exists(dest):
+            if _sha256_fs(fs, dest) == digest:
+                log.info("data add: %s is already in %s", src.name, _full(fs, dest_dir))
+                landed.append(_full(fs, dest))
                 continue
-            dest = dest_dir / f"{src.stem}-{digest[:8]}{src.suffix}"
-        tmp = dest_dir / f".{dest.name}.{os.getpid()}.part"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)  # the file appears complete or not at all
-        landed.append(dest)
-        log.info("data add: landed %s -> %s", src, dest)
+            dest = f"{dest_dir}/{src.stem}-{digest[:8]}{src.suffix}"
+        tmp = f"{dest_dir}/.{src.name}.{os.getpid()}.part"
+        fs.put_file(str(src), tmp)
+        fs.mv(tmp, dest)  # appears complete or not at all
+        landed.append(_full(fs, dest))
+        log.info("data add: landed %s -> %s", src, _full(fs, dest))
     return landed
 
 
-def _ledger(domain_dir: Path) -> dict[str, Any]:
-    p = domain_dir / LEDGER
-    return json.loads(p.read_text()) if p.is_file() else {"announced": {}}
+def _ledger(fs: Any, domain_dir: str) -> dict[str, Any]:
+    p = f"{domain_dir}/{LEDGER}"
+    return json.loads(fs.cat_file(p)) if fs.exists(p) else {"announced": {}}
 
 
-def scan(domain_dir: Path, settle_seconds: float = 2.0) -> list[dict[str, Any]]:
-    """New complete files of one domain (not yet announced), oldest first."""
-    if not domain_dir.is_dir():
+def scan(domain_dir: str | os.PathLike, settle_seconds: float = 2.0) -> list[dict[str, Any]]:
+    """New complete files of one domain's landing location (not yet announced), oldest
+    first. Settled: unchanged for ``settle_seconds`` (or, where the file system keeps no
+    modification time, the same size as in the previous scan)."""
+    fs, d = _fs(str(domain_dir))
+    if not fs.isdir(d):
         return []
-    seen = _ledger(domain_dir)["announced"]
+    seen = _ledger(fs, d)["announced"]
     now = time.time()
     new = []
-    for p in sorted(domain_dir.rglob("*")):
-        hidden = any(part.startswith(".") for part in p.relative_to(domain_dir).parts)
-        if hidden or not _is_candidate(p):
+    for path, info in sorted(fs.find(d, detail=True, withdirs=False).items()):
+        rel = path[len(d) + 1 :]
+        if info.get("type") != "file" or not _is_candidate(rel):
             continue
-        st = p.stat()
-        if now - st.st_mtime < settle_seconds:
+        mtime = _mtime(info)
+        key = _full(fs, path)
+        size = int(info.get("size") or 0)
+        settled = (
+            now - mtime >= settle_seconds if mtime is not None else _LAST_SIZES.get(key) == size
+        )
+        _LAST_SIZES[key] = size
+        if not settled:
             continue  # still being written (or just landed): look again next time
-        digest = _sha256(p)
+        digest = _sha256_fs(fs, path)
         if digest in seen:
             continue
-        new.append({"path": str(p), "sha256": digest, "bytes": st.st_size, "mtime": st.st_mtime})
-    return sorted(new, key=lambda f: f["mtime"])
+        new.append({"path": key, "sha256": digest, "bytes": size, "mtime": mtime})
+    return sorted(new, key=lambda f: f["mtime"] or 0)
 
 
-def mark_announced(domain_dir: Path, files: list[dict[str, Any]]) -> None:
-    ledger = _ledger(domain_dir)
+def mark_announced(domain_dir: str | os.PathLike, files: list[dict[str, Any]]) -> None:
+    fs, d = _fs(str(domain_dir))
+    ledger = _ledger(fs, d)
     for f in files:
         ledger["announced"][f["sha256"]] = {"path": f["path"], "time": time.time()}
-    tmp = domain_dir / f".{LEDGER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(ledger, indent=2))
-    os.replace(tmp, domain_dir / LEDGER)
+    tmp = f"{d}/.{LEDGER}.{os.getpid()}.tmp"
+    fs.pipe_file(tmp, json.dumps(ledger, indent=2).encode())
+    fs.mv(tmp, f"{d}/{LEDGER}")
 
 
 def announce(domain: str, files: list[dict[str, Any]]) -> Any:
@@ -129,61 +182,76 @@ def announce(domain: str, files: list[dict[str, Any]]) -> Any:
     return event
 
 
-def _lock(domain_dir: Path):
+def _lock(domain_url: str):
+    """One lock per landing location, kept on local disk (object stores have none)."""
     from filelock import FileLock
 
-    domain_dir.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(domain_dir / ".domaintune.lock"))
+    locks = Path.home() / ".cache" / "domaintune" / "landing-locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(domain_url.encode()).hexdigest()[:16]
+    return FileLock(str(locks / f"{name}.lock"))
 
 
 def land_and_announce(
-    domain: str, files: list[str | os.PathLike], root: Path | None = None, emit: bool = True
+    domain: str, files: list[str | os.PathLike], root: str | None = None, emit: bool = True
 ) -> list[dict[str, Any]]:
     """``domaintune data add``: land the files, then announce those not announced before
     (under the domain's lock, so the watcher never announces them a second time)."""
-    domain_dir = landing_root(root) / domain
-    with _lock(domain_dir):
+    domain_url = f"{landing_root(root).rstrip('/')}/{domain}"
+    with _lock(domain_url):
         landed = add_files(domain, files, root)
-        seen = _ledger(domain_dir)["announced"]
+        fs, d = _fs(domain_url)
+        seen = _ledger(fs, d)["announced"]
         infos = []
-        for p in landed:
-            digest = _sha256(p)
+        for path in landed:
+            digest = _sha256(path)
             if digest not in seen and digest not in {i["sha256"] for i in infos}:
-                st = p.stat()
+                info = fs.info(_fs(path)[1])
                 infos.append(
-                    {"path": str(p), "sha256": digest, "bytes": st.st_size, "mtime": st.st_mtime}
+                    {
+                        "path": path,
+                        "sha256": digest,
+                        "bytes": int(info.get("size") or 0),
+                        "mtime": _mtime(info),
+                    }
                 )
         if infos and emit:
             announce(domain, infos)
         if infos:
-            mark_announced(domain_dir, infos)
+            mark_announced(domain_url, infos)
     return infos
 
 
-def watch_once(root: Path, domains: list[str] | None = None, settle_seconds: float = 2.0) -> dict:
+def watch_once(
+    root: str | os.PathLike, domains: list[str] | None = None, settle_seconds: float = 2.0
+) -> dict:
     """One pass over the landing zones: announce each domain's new complete files once."""
+    root = landing_root(root)
+    fs, base = _fs(root)
     fired = {}
     if domains:
         names = list(domains)
-    elif root.is_dir():
-        names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    elif fs.isdir(base):
+        names = sorted(
+            p.rstrip("/").rsplit("/", 1)[-1]
+            for p in fs.ls(base, detail=False)
+            if fs.isdir(p) and not p.rstrip("/").rsplit("/", 1)[-1].startswith(".")
+        )
     else:
         names = []
     for domain in names:
-        d = root / domain
-        if not d.is_dir():
-            continue
-        with _lock(d):
-            new = scan(d, settle_seconds)
+        domain_url = f"{root.rstrip('/')}/{domain}"
+        with _lock(domain_url):
+            new = scan(domain_url, settle_seconds)
             if new:
                 announce(domain, new)
-                mark_announced(d, new)
+                mark_announced(domain_url, new)
                 fired[domain] = new
     return fired
 
 
 def watch(
-    root: Path,
+    root: str | os.PathLike,
     domains: list[str] | None = None,
     interval: float = 2.0,
     settle_seconds: float = 2.0,

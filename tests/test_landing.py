@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from domaintune import landing
 
@@ -15,15 +16,15 @@ def test_files_land_atomically_and_originals_are_untouched(tmp_path):
     before = (src.read_bytes(), src.stat().st_mtime_ns)
     root = tmp_path / "landing"
     (landed,) = landing.add_files("finance", [src], root)
+    landed = Path(landed)
     assert landed == root / "finance" / "batch.csv" and landed.read_bytes() == before[0]
     assert (src.read_bytes(), src.stat().st_mtime_ns) == before
     assert not [p for p in landed.parent.iterdir() if p.name.endswith(".part")]
     # the same name with other content keeps both; the same content is not copied twice
     src.write_text("text,label\nc,d\n")
     (other,) = landing.add_files("finance", [src], root)
-    assert (
-        other != landed and other.name.startswith("batch-") and landed.read_text().endswith("a,b\n")
-    )
+    assert Path(other) != landed and Path(other).name.startswith("batch-")
+    assert landed.read_text().endswith("a,b\n")
     assert landing.add_files("finance", [src], root) == [other]
 
 
@@ -62,3 +63,25 @@ def test_data_add_announces_once_and_the_watcher_not_again(tmp_path, monkeypatch
     os.utime(landed, (old, old))
     assert landing.watch_once(root, settle_seconds=0) == {}
     assert len(sent) == 1
+
+
+def test_an_object_store_landing_location_works_the_same(tmp_path, monkeypatch):
+    """fsspec's in-memory file system stands in for s3:// or gs://."""
+    sent = []
+    monkeypatch.setattr(landing, "announce", lambda domain, files: sent.append((domain, files)))
+    src = tmp_path / "batch.csv"
+    src.write_text("text,label\nx,y\n")
+    root = f"memory://landing-{os.getpid()}"
+    infos = landing.land_and_announce("finance", [src], root)
+    assert infos[0]["path"] == f"memory:///landing-{os.getpid()}/finance/batch.csv"
+    assert len(sent) == 1
+    # a file put there by another tool: announced by the watcher once it has settled
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file(f"/landing-{os.getpid()}/finance/more.csv", b"text,label\nz,w\n")
+    assert landing.watch_once(root, settle_seconds=3600) == {}, "not settled yet"
+    fired = landing.watch_once(root, settle_seconds=0)
+    assert [f["path"].rsplit("/", 1)[-1] for f in fired["finance"]] == ["more.csv"]
+    assert landing.watch_once(root, settle_seconds=0) == {}
+    assert len(sent) == 2

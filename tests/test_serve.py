@@ -171,7 +171,24 @@ def test_deployments_schedules_triggers_and_a_data_arrival_run(ops, rows):
     version = _version_of(ops["store"], "finance-sentiment", done["id"])
     lineage = json.loads((version / "lineage.json").read_text())
     assert lineage["raw_snapshot"]["sources"][0]["path"].endswith("batch-1.csv")
-    ops["data_run"] = done["id"]
+    registry = ops["store"] / "registry" / "finance-sentiment"
+    champion = (registry / "production").read_text()
+
+    # a worse model (a learning rate too small to learn anything) is registered, not promoted
+    config = json.loads(json.dumps(finance["parameters"]["config"]))
+    config["training"]["learning_rate"] = 1e-12
+    worse = _api(
+        api, f"deployments/{finance['id']}/create_flow_run", {"parameters": {"config": config}}
+    )
+    done = _wait_completed(api, finance["id"], ops["tmp"] / "logs", exclude={done["id"]})
+    assert done["id"] == worse["id"]
+    rejected = json.loads(
+        (
+            _version_of(ops["store"], "finance-sentiment", done["id"]) / "registration.json"
+        ).read_text()
+    )
+    assert not rejected["promoted"] and "does not beat" in rejected["promotion_reason"]
+    assert (registry / "production").read_text() == champion
 
 
 @pytest.mark.browser
