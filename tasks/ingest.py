@@ -7,6 +7,7 @@ source file and row of every example. Source files are only ever read.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pandas as pd
@@ -14,15 +15,15 @@ import pandas as pd
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_dataframe, hash_local_file, hash_obj, stable_json
 from domaintune.manifests import RawSnapshot, SourceFile
+from domaintune.sources import SOURCE, infer_format, read_file, resolve_sources
 from domaintune.sources import SourceFile as InputFile
-from domaintune.sources import infer_format, read_file, resolve_sources
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
 
 log = logging.getLogger(__name__)
 
 STAGE = "ingest"
-VERSION = "1"
+VERSION = "2"  # 2: rows repeating an earlier file are dropped
 
 
 def _file_fingerprint(f: InputFile) -> str:
@@ -83,7 +84,17 @@ def _run(
             SourceFile(path=f.url, sha256=hashes[f.url], rows=len(df), encoding=enc, split=split)
         )
     raw = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+    repeats = 0
+    if config.data.splits is None and len(tables) > 1 and fmt in ("csv", "jsonl", "parquet"):
+        # tables of records (not one document per file): later exports may repeat earlier ones
+        raw, repeats = drop_repeats_of_earlier_files(raw, task.raw_columns)
     raw, labels, notes = task.normalize_labels(raw, config)
+    if repeats:
+        notes.append(
+            f"{repeats} row(s) repeat rows of earlier files (accumulated data, e.g. a landing "
+            "zone's overlapping exports) and were left out of the snapshot; the files are "
+            "unchanged"
+        )
     raw["_row"] = raw["_row"].astype("int64")
     fingerprint = hash_dataframe(raw)
     counts = task.label_counts(raw)
@@ -109,3 +120,20 @@ def _run(
         log.info("ingest: %s", note)
     log.info("ingest: %d rows from %d file(s) -> %s", len(raw), len(files), manifest.path)
     return manifest
+
+
+def drop_repeats_of_earlier_files(
+    raw: pd.DataFrame, columns: tuple[str, ...]
+) -> tuple[pd.DataFrame, int]:
+    """Rows whose content (all of ``columns``) already appeared in an earlier file, in file
+    order. Repeats inside one file stay: the contract judges those."""
+    cols = [c for c in columns if c in raw.columns]
+    keys = raw[cols].apply(lambda r: json.dumps(list(r), default=str, sort_keys=True), axis=1)
+    earlier: set[str] = set()
+    keep = pd.Series(True, index=raw.index)
+    for _, idx in raw.groupby(SOURCE, sort=False).groups.items():
+        these = keys.loc[idx]
+        keep.loc[idx] = ~these.isin(earlier)
+        earlier.update(these)
+    dropped = int((~keep).sum())
+    return (raw[keep].reset_index(drop=True) if dropped else raw), dropped

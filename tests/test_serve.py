@@ -65,7 +65,7 @@ def ops(tmp_path_factory, tiny_model):
             cfg["model"] = {"name_or_path": str(tiny_model)}
             cfg["data"] = {"source": str(landing / "finance" / "*.csv")}
             cfg["training"] = {
-                "epochs": 4,
+                "epochs": 8,
                 "learning_rate": 5e-3,
                 "batch_size": 8,
                 "max_length": 32,
@@ -113,7 +113,10 @@ def _wait_completed(api: str, deployment_id: str, logs: Path, exclude=(), timeou
             if run["id"] in exclude:
                 continue
             state = run["state"]["type"]
-            assert state not in ("FAILED", "CRASHED"), run["state"]
+            assert state not in ("FAILED", "CRASHED"), (
+                run["state"].get("message"),
+                (logs / "worker.log").read_text()[-4000:],
+            )
             if state == "COMPLETED":
                 return run
         time.sleep(3)
@@ -172,7 +175,8 @@ def test_deployments_schedules_triggers_and_a_data_arrival_run(ops, rows):
     lineage = json.loads((version / "lineage.json").read_text())
     assert lineage["raw_snapshot"]["sources"][0]["path"].endswith("batch-1.csv")
     registry = ops["store"] / "registry" / "finance-sentiment"
-    champion = (registry / "production").read_text()
+    production = registry / "production"
+    champion = production.read_text() if production.exists() else None
 
     # a worse model (a learning rate too small to learn anything) is registered, not promoted
     config = json.loads(json.dumps(finance["parameters"]["config"]))
@@ -188,7 +192,7 @@ def test_deployments_schedules_triggers_and_a_data_arrival_run(ops, rows):
         ).read_text()
     )
     assert not rejected["promoted"] and "does not beat" in rejected["promotion_reason"]
-    assert (registry / "production").read_text() == champion
+    assert (production.read_text() if production.exists() else None) == champion
 
 
 @pytest.mark.browser
@@ -204,9 +208,8 @@ def test_a_custom_run_from_the_ui_uses_the_changed_parameter(ops, rows):
     sync_api = pytest.importorskip("playwright.sync_api")
     from domaintune import landing
 
-    landing.add_files(
-        "finance", [write_csv(ops["tmp"] / "ui" / "seed.csv", rows(30))], ops["landing"]
-    )
+    more = write_csv(ops["tmp"] / "ui" / "more.csv", rows(30, seed=11))
+    landing.add_files("finance", [more], ops["landing"])
     api = ops["api"]
     ui = api[: -len("/api")]
     finance = ops["deployments"]["finance-sentiment"]
@@ -219,7 +222,7 @@ def test_a_custom_run_from_the_ui_uses_the_changed_parameter(ops, rows):
             label = page.locator(".schema-form-property__label", has_text=re.compile(r"^Epochs"))
             epochs = page.locator(".schema-form-property").filter(has=label).last
             box = epochs.locator("input[type=number]").first
-            assert box.input_value() == "4", "the form shows the deployment's default"
+            assert box.input_value() == "8", "the form shows the deployment's default"
             box.fill("2")
             page.get_by_role("button", name="Submit").click()
             page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+(\?.*)?$"), timeout=60_000)
