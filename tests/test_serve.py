@@ -265,6 +265,24 @@ def test_serve_starts_server_deployments_and_worker_and_stops_them(tmp_path):
             workers = _api(info["api"], "work_pools/domaintune/workers/filter")
             time.sleep(1)
         assert workers, "a worker polls the pool"
+
+        # with PREFECT_API_URL set, serve uses that server as it is and starts none
+        other = subprocess.Popen(
+            [sys.executable, "-m", "domaintune.cli", "serve", "--json", "--no-watch"],
+            cwd=ROOT,
+            env={**env, "PREFECT_API_URL": info["api"]},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert json.loads(other.stdout.readline())["api"] == info["api"]
+        finally:
+            os.killpg(other.pid, signal.SIGTERM)
+            assert other.wait(timeout=60) == 0
+        with urllib.request.urlopen(info["api"] + "/health", timeout=5) as r:
+            assert r.status == 200, "stopping the second serve left the server it found alone"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
