@@ -135,8 +135,6 @@ def _find_blocks(base: Any, model_type: str) -> tuple[str, Any, Arch | None]:
 
 def parameter_map(model: Any) -> ParameterMap:
     """Place every parameter of ``model`` in a component and at a depth (see module doc)."""
-    import torch.nn as nn
-
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     model_type = getattr(getattr(inner, "config", None), "model_type", "") or ""
     prefix = _base_prefix(inner)
@@ -162,7 +160,6 @@ def parameter_map(model: Any) -> ParameterMap:
                 info.names.append(full)
                 info.components.add(comp)
                 info.depth = min(info.depth, depth)
-    _ = nn
     return ParameterMap(order, n, model_type, "table" if arch else "module types")
 
 
