@@ -78,8 +78,9 @@ class TaskType(ABC):
     @abstractmethod
     def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame: ...
 
-    @abstractmethod
-    def stratify_column(self) -> str | None: ...
+    def stratify_column(self) -> str | None:
+        """Column the split stratifies by (None: a plain seeded split)."""
+        return None
 
     @abstractmethod
     def tokenize(

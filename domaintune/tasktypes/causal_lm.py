@@ -78,9 +78,6 @@ class CausalLM(TaskType):
         out["text"] = out["text"].map(fix)
         return out[out["text"].str.len() > 0]
 
-    def stratify_column(self) -> str | None:
-        return None
-
     def tokenize(
         self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
     ) -> dict[str, list]:

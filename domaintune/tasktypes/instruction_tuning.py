@@ -131,9 +131,6 @@ class InstructionTuning(TaskType):
     def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame:
         return df
 
-    def stratify_column(self) -> str | None:
-        return None
-
     def tokenize(
         self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
     ) -> dict[str, list]:

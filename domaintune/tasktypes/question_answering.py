@@ -181,9 +181,6 @@ class QuestionAnswering(TaskType):
         out["question"] = out["question"].map(lambda q: " ".join(q.split()))
         return out[out["question"].str.len() > 0]
 
-    def stratify_column(self) -> str | None:
-        return None
-
     def tokenize(
         self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
     ) -> dict[str, list]:

@@ -176,9 +176,6 @@ class TokenClassification(TaskType):
     def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame:
         return df[df["tokens"].map(len) > 0]
 
-    def stratify_column(self) -> str | None:
-        return None
-
     def tokenize(
         self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
     ) -> dict[str, list]:
