@@ -160,8 +160,28 @@ class ModelConfig(_Section):
 
 
 class DeepSpeedConfig(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO optimisation stage.")
-    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2,
+        description="ZeRO optimisation stage: 1 partitions optimizer state across ranks, 2 "
+        "also gradients, 3 also the parameters (gathered to full 16-bit weights on save).",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Keep optimizer state (and its step) in CPU memory (ZeRO 1-3)."
+    )
+    offload_parameters: bool = Field(
+        False, description="ZeRO-3 only: keep the partitioned parameters in CPU memory."
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedConfig:
+        if self.offload_parameters and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_parameters needs zero_stage 3 (got {self.zero_stage}); "
+                "ZeRO 1 and 2 keep full parameters on every rank"
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (got 0)")
+        return self
 
 
 Component = Literal["attention", "feed_forward", "layer_norm", "embeddings", "head"]
@@ -355,10 +375,69 @@ class TrainingConfig(_Section):
         "the work a killed run loses).",
     )
     logging_steps: int = Field(10, ge=1)
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Examples per optimizer step over all ranks. Gradient accumulation is "
+        "derived from it (global / (batch_size x ranks)), so the run means the same on one "
+        "CPU process, 8 GPUs or 4 nodes; null: batch_size x gradient_accumulation_steps x ranks.",
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Mixed precision. auto: bf16 on GPUs that support it, fp16 on older "
+        "GPUs, fp32 on CPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~20% slower."
+    )
+    torch_compile: bool = Field(
+        False,
+        description="torch.compile the model. Pays off on GPUs with fixed shapes (packed "
+        "causal-LM blocks); on CPU the compile time usually exceeds the gain.",
+    )
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto",
+        description="Attention kernel. auto: FlashAttention-2 on a GPU in bf16/fp16 when the "
+        "flash-attn package is installed and the model supports it, else PyTorch SDPA.",
+    )
     num_gpus: int | Literal["auto"] = Field(
-        "auto", description="GPUs to train on (`auto`: all visible; CPU: one process)."
+        "auto", description="GPUs per node to train on (`auto`: all visible)."
+    )
+    cpu_processes: int = Field(
+        1,
+        ge=1,
+        description="Ranks per node on a machine without a GPU (gloo backend); the cores "
+        "are shared among them.",
+    )
+    num_nodes: int = Field(
+        1, ge=1, description="Hosts to train on; more than one needs training.hostfile."
+    )
+    hostfile: str | None = Field(
+        None,
+        description="MPI-style hostfile for the DeepSpeed launcher: one `<host> slots=<gpus>` "
+        "line per node; the first num_nodes hosts are used.",
+    )
+    master_addr: str | None = Field(
+        None,
+        description="Address of rank 0 (default: 127.0.0.1 on one node, else the first host "
+        "of the hostfile).",
+    )
+    master_port: int | None = Field(
+        None, ge=1, le=65535, description="Port of rank 0 (default: a free port)."
+    )
+    launcher: Literal["pdsh", "openmpi", "mpich", "impi", "mvapich", "slurm"] = Field(
+        "pdsh", description="How the DeepSpeed launcher reaches other nodes (num_nodes > 1)."
     )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @model_validator(mode="after")
+    def _nodes_need_hosts(self) -> TrainingConfig:
+        if self.num_nodes > 1 and not self.hostfile:
+            raise ValueError(
+                f"num_nodes is {self.num_nodes}: give training.hostfile (one "
+                "`<host> slots=<gpus>` line per node) so the launcher knows where to start ranks"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_head_rate(self) -> TrainingConfig:
@@ -575,6 +654,9 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         sec = data.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             sec[key] = fix(sec[key])
+    training = data.get("training")
+    if isinstance(training, dict) and isinstance(training.get("hostfile"), str):
+        training["hostfile"] = fix(training["hostfile"])
     strategy = (data.get("training") or {}).get("strategy")
     if isinstance(strategy, dict) and isinstance(strategy.get("init_embeddings_from"), str):
         src = strategy["init_embeddings_from"]

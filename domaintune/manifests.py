@@ -84,6 +84,12 @@ class ModelArtifact(Manifest):
     seconds_per_epoch: float | None = None
     peak_rss_mb: float | None = None
     peak_gpu_allocated_mb: float | None = None
+    #: Where it ran: world size, nodes, precision, micro / accumulation / global batch.
+    launch: dict[str, Any] = Field(default_factory=dict)
+    #: Training throughput of the last attempt: samples/s and real (non-padding) tokens/s.
+    throughput: dict[str, Any] = Field(default_factory=dict)
+    #: What the saved-model check found: files, tensors, parameters, bytes.
+    saved_model: dict[str, Any] = Field(default_factory=dict)
 
 
 class EvaluationReport(Manifest):

@@ -15,9 +15,7 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,15 +26,18 @@ from domaintune.fingerprint import hash_obj, library_versions
 from domaintune.manifests import ModelArtifact, SplitManifest
 from domaintune.models import ResolvedModel, resolve_config_model, resolve_model
 from domaintune.store import Store, atomic_write_text
+from domaintune.training.checks import verify_saved_model
 from domaintune.training.deepspeed_config import build_deepspeed_config
+from domaintune.training.launch import child_env, plan_launch, write_deepspeed_env
 from domaintune.training.strategies import preflight
 from domaintune.training.worker import CHECKPOINT_MARKER, PROGRESS_PREFIX
 
 log = logging.getLogger(__name__)
 
 STAGE = "finetune"
-VERSION = "1"
+VERSION = "2"  # 2: launch plan, throughput and saved-model check in the artifact
 _TAIL_LINES = 60
+_NOT_IN_KEY = {"logging_steps", "hostfile", "master_addr", "master_port", "launcher"}
 
 
 def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedModel, str]:
@@ -51,7 +52,8 @@ def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedMod
         config.task.type,
         base_fp,
         config.model.trust_remote_code,
-        config.training.model_dump(exclude={"logging_steps"}),
+        # where rank 0 listens and how hosts are reached do not change what is learned
+        config.training.model_dump(exclude=_NOT_IN_KEY),
         config.evaluation.primary_metric,
         resolve_model(embeddings_from).fingerprint() if embeddings_from else None,
         library_versions("torch", "transformers", "deepspeed", "accelerate", "peft"),
@@ -66,29 +68,7 @@ def finetune(config: RetrainConfig, splits: SplitManifest, store: Store) -> Mode
     )
 
 
-# ------------------------------------------------------------------------------ devices
-
-
-def _devices(config: RetrainConfig) -> tuple[int, bool, bool, bool]:
-    """(processes, use_gpu, bf16, fp16) for this machine."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return 1, False, False, False
-    visible = torch.cuda.device_count()
-    n = (
-        visible
-        if config.training.num_gpus == "auto"
-        else min(int(config.training.num_gpus), visible)
-    )
-    bf16 = torch.cuda.is_bf16_supported()
-    return max(1, n), True, bf16, not bf16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# --------------------------------------------------------------------------- checkpoints
 
 
 def latest_complete_checkpoint(output_dir: Path) -> Path | None:
@@ -114,19 +94,6 @@ def latest_complete_checkpoint(output_dir: Path) -> Path | None:
     return best[1] if best else None
 
 
-def _child_env(use_gpu: bool) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "domaintune" / "torch_extensions")
-    )
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    return env
-
-
 # -------------------------------------------------------------------------------- stage
 
 
@@ -144,7 +111,7 @@ def _run(
     ckpt_dir = work / "checkpoints"
     final_dir = work / "final"
     shutil.rmtree(final_dir, ignore_errors=True)
-    n_proc, use_gpu, bf16, fp16 = _devices(config)
+    launch = plan_launch(config.training)
     resume = latest_complete_checkpoint(ckpt_dir)
     attempts_path = work / "attempts.json"
     attempts: list[dict[str, Any]] = (
@@ -154,8 +121,9 @@ def _run(
         "attempt": len(attempts) + 1,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_from": resume.name if resume else None,
-        "processes": n_proc,
-        "device": "gpu" if use_gpu else "cpu",
+        "processes": launch.world_size,
+        "nodes": launch.num_nodes,
+        "device": "gpu" if launch.use_gpu else "cpu",
     }
     spec = {
         "task_type": config.task.type,
@@ -168,32 +136,31 @@ def _run(
         "training": config.training.model_dump(mode="json"),
         "config_overrides": checked["config_overrides"],
         "primary_metric": config.evaluation.primary_metric,
-        "deepspeed": build_deepspeed_config(config.training.deepspeed, bf16=bf16, fp16=fp16),
-        "bf16": bf16,
-        "fp16": fp16,
+        "deepspeed": build_deepspeed_config(
+            config.training.deepspeed, bf16=launch.bf16, fp16=launch.fp16
+        ),
+        "bf16": launch.bf16,
+        "fp16": launch.fp16,
+        "launch": launch.summary(),
         "resume_from": str(resume) if resume else None,
     }
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     if resume:
         log.info("finetune: attempt %d resumes from %s", attempt["attempt"], resume.name)
-    cmd = [
-        sys.executable, "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(n_proc),
-        "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()),
-        "--no_local_rank",
-        "--module", "domaintune.training.worker",
-        "--spec", str(spec_path),
-    ]  # fmt: skip
+    env = child_env(launch)
+    if launch.multi_node:  # ranks on other hosts get these variables from the launcher
+        write_deepspeed_env(work, env)
+    cmd = launch.command(spec_path)
+    for note in launch.notes:
+        log.warning("finetune: %s", note)
     log.info(
-        "finetune: launching %d %s process(es) with DeepSpeed ZeRO-%d",
-        n_proc,
-        "GPU" if use_gpu else "CPU",
+        "finetune: launching %s with DeepSpeed ZeRO-%d",
+        launch.describe(),
         config.training.deepspeed.zero_stage,
     )
     t0 = time.time()
-    rc, tail = _launch(cmd, _child_env(use_gpu), work / "train.log")
+    rc, tail = _launch(cmd, env, work / "train.log", cwd=work)
     attempt.update(exit_code=rc, seconds=round(time.time() - t0, 2))
     attempts.append(attempt)
     atomic_write_text(attempts_path, json.dumps(attempts, indent=2))
@@ -207,6 +174,23 @@ def _run(
             log_tail=last,
         )
     summary = json.loads((final_dir / "training_summary.json").read_text())
+    # a "successful" run that saved empty ZeRO-3 partitions must not get any further
+    summary["saved_model"] = verify_saved_model(
+        final_dir,
+        config.task.type,
+        splits.labels,
+        expected_parameters=summary.get("exported_parameters"),
+        seed=config.training.seed,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    atomic_write_text(final_dir / "training_summary.json", json.dumps(summary, indent=2))
+    log.info(
+        "finetune: saved model checked: %s parameters in %d tensors (%.1f MB) load in plain "
+        "transformers",
+        f"{summary['saved_model']['parameters']:,}",
+        summary["saved_model"]["tensors"],
+        summary["saved_model"]["bytes"] / 2**20,
+    )
     model_fp = ResolvedModel(name="finetuned", path=str(final_dir)).fingerprint()
     with store.writer(STAGE, key) as w:
         for item in final_dir.iterdir():
@@ -236,6 +220,26 @@ def _run(
             seconds_per_epoch=summary.get("seconds_per_epoch"),
             peak_rss_mb=summary.get("peak_rss_mb"),
             peak_gpu_allocated_mb=summary.get("peak_gpu_allocated_mb"),
+            launch={
+                **summary.get("launch", {}),
+                "precision": summary.get("precision"),
+                "attention": summary.get("attention"),
+                "gradient_checkpointing": summary.get("gradient_checkpointing"),
+                "torch_compile": summary.get("torch_compile"),
+                "zero_stage": config.training.deepspeed.zero_stage,
+            },
+            throughput={
+                k: summary[k]
+                for k in (
+                    "trained_steps",
+                    "train_samples",
+                    "train_tokens",
+                    "train_samples_per_second",
+                    "train_tokens_per_second",
+                )
+                if k in summary
+            },
+            saved_model=summary["saved_model"],
         )
         w.manifest = manifest.model_dump(mode="json")
     shutil.rmtree(work, ignore_errors=True)  # checkpoints (optimizer state) are no longer needed
@@ -256,7 +260,9 @@ def _run(
     return manifest
 
 
-def _launch(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, list[str]]:
+def _launch(
+    cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None
+) -> tuple[int, list[str]]:
     """Run the launcher, forward its output, return (exit code, last lines)."""
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     progress = _PrefectProgress()
@@ -265,6 +271,7 @@ def _launch(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, l
         proc = subprocess.Popen(
             cmd,
             env=env,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -294,11 +301,11 @@ class _PrefectProgress:
         self.artifact_id: Any = None
         self.last = -1.0
 
-    def update(self, step: int, max_steps: int) -> None:
+    def update(self, step: int, max_steps: int, **latest: float) -> None:
         if max_steps <= 0:
             return
         percent = round(100.0 * min(step, max_steps) / max_steps, 1)
-        if percent == self.last:
+        if percent == self.last and not latest:
             return
         try:
             from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -306,7 +313,7 @@ class _PrefectProgress:
 
             if TaskRunContext.get() is None:
                 return
-            description = f"Training: step {step} of {max_steps}"
+            description = progress_description(step, max_steps, **latest)
             if self.artifact_id is None:
                 self.artifact_id = create_progress_artifact(percent, description=description)
             else:
@@ -314,6 +321,18 @@ class _PrefectProgress:
             self.last = percent
         except Exception as exc:  # the UI's progress bar is not worth a failed run
             log.debug("finetune: progress artifact not updated: %s", exc)
+
+
+def progress_description(step: int, max_steps: int, **latest: float) -> str:
+    """ "Training: step 40 of 80 · loss 0.5312 · 1,234 tokens/s"."""
+    parts = [f"Training: step {step} of {max_steps}"]
+    if latest.get("loss") is not None:
+        parts.append(f"loss {latest['loss']:.4g}")
+    if latest.get("tokens_per_second"):
+        parts.append(f"{latest['tokens_per_second']:,.0f} tokens/s")
+    if latest.get("samples_per_second"):
+        parts.append(f"{latest['samples_per_second']:,.1f} samples/s")
+    return " · ".join(parts)
 
 
 def _forward(line: str, progress: _PrefectProgress | None = None) -> None:
@@ -327,7 +346,12 @@ def _forward(line: str, progress: _PrefectProgress | None = None) -> None:
         if progress is not None and kind in ("train_begin", "log", "done"):
             step = event.get("step", event.get("start_step", event.get("global_step", 0)))
             total = event.get("max_steps") or (event.get("global_step") if kind == "done" else 0)
-            progress.update(int(step or 0), int(total or 0))
+            latest = {
+                k: event[k]
+                for k in ("loss", "tokens_per_second", "samples_per_second")
+                if kind == "log" and isinstance(event.get(k), int | float)
+            }
+            progress.update(int(step or 0), int(total or 0), **latest)
         if kind == "log":
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in event.items()}
             log.info("train: %s", " ".join(f"{k}={v}" for k, v in shown.items()))
@@ -363,7 +387,16 @@ def training_summary(model: ModelArtifact) -> dict[str, Any]:
         "seconds_per_epoch": model.seconds_per_epoch,
         "peak_rss_mb": model.peak_rss_mb,
         "peak_gpu_allocated_mb": model.peak_gpu_allocated_mb,
+        "world_size": model.launch.get("world_size"),
+        "precision": model.launch.get("precision"),
+        "global_batch_size": model.launch.get("global_batch_size"),
+        "samples_per_second": _rounded(model.throughput.get("train_samples_per_second")),
+        "tokens_per_second": _rounded(model.throughput.get("train_tokens_per_second")),
     }
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(float(x), 2)
 
 
 def training_markdown(model: ModelArtifact) -> str:
@@ -395,6 +428,22 @@ def training_markdown(model: ModelArtifact) -> str:
                 f"| {g['lr']:.3g} | {g['weight_decay']:g} | {g['parameters']:,} | "
                 f"{', '.join(g['parts'])} |"
             )
+        lines.append("")
+    if model.launch:
+        la = model.launch
+        lines.append(
+            f"Ran on {la.get('world_size')} {la.get('device', '').upper()} rank(s) on "
+            f"{la.get('num_nodes', 1)} node(s), {la.get('precision')}, ZeRO-{la.get('zero_stage')}; "
+            f"global batch {la.get('global_batch_size')} = {la.get('micro_batch_size')} per rank x "
+            f"{la.get('gradient_accumulation_steps')} accumulation"
+        )
+        lines.append("")
+    tp = model.throughput
+    if tp.get("train_samples_per_second"):
+        lines.append(
+            f"Throughput: {tp['train_samples_per_second']:,.1f} samples/s, "
+            f"{tp.get('train_tokens_per_second', 0):,.0f} tokens/s (non-padding)"
+        )
         lines.append("")
     mem = model.peak_gpu_allocated_mb or model.peak_rss_mb
     if mem:

@@ -13,6 +13,8 @@ def build_deepspeed_config(ds: DeepSpeedConfig, *, bf16: bool, fp16: bool) -> di
         zero.update(overlap_comm=False, contiguous_gradients=True)
     if ds.offload_optimizer and ds.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_parameters and ds.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     if ds.zero_stage == 3:
         # gather the full 16-bit weights on save, so the saved model loads in plain transformers
         zero["stage3_gather_16bit_weights_on_model_save"] = True

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,19 +55,30 @@ def _callbacks(report: dict[str, Any], seen: dict[str, Any]):
                     emit("checkpoint", step=state.global_step, path=str(ckpt))
             crash_at = os.environ.get("DOMAINTUNE_FAULT_EXIT_AFTER_STEP")
             if crash_at and state.global_step >= int(crash_at):
-                # fault injection for tests: die like a lost node, right after a checkpoint
-                print(f"DOMAINTUNE_FAULT_EXIT_AFTER_STEP={crash_at}: exiting", flush=True)
-                os._exit(3)
+                # fault injection for tests and bench/faults.py, right after a checkpoint:
+                # every rank exits, or only DOMAINTUNE_FAULT_KILL_RANK dies by SIGKILL (a lost
+                # rank: the others are left waiting in a collective until the launcher ends them)
+                victim = os.environ.get("DOMAINTUNE_FAULT_KILL_RANK")
+                if victim is None:
+                    print(f"DOMAINTUNE_FAULT_EXIT_AFTER_STEP={crash_at}: exiting", flush=True)
+                    os._exit(3)
+                if int(victim) == _rank():
+                    print(f"DOMAINTUNE_FAULT_KILL_RANK={victim}: SIGKILL", flush=True)
+                    time.sleep(1.0)  # rank 0 marks the checkpoint it has just written
+                    os.kill(os.getpid(), signal.SIGKILL)
 
     class Progress(TrainerCallback):
         def __init__(self):
             self.t0 = time.time()
+            self.last: tuple[float, int, int] | None = None  # (time, step, tokens)
 
         def on_train_begin(self, args, state, control, **kwargs):
             seen["start_step"] = state.global_step  # > 0 when resumed from a checkpoint
+            seen["tokens_at_start"] = state.num_input_tokens_seen or 0
             stopper = _early_stopper(seen.get("trainer"))
             if stopper is not None:  # restored from the checkpoint on resume
                 seen["early_stopping_counter_at_start"] = stopper.early_stopping_patience_counter
+            self.last = (time.time(), state.global_step, state.num_input_tokens_seen or 0)
             emit(
                 "train_begin",
                 start_step=state.global_step,
@@ -86,6 +98,15 @@ def _callbacks(report: dict[str, Any], seen: dict[str, Any]):
                 "elapsed": round(time.time() - self.t0, 2),
             }
             fields.update({k: v for k, v in (logs or {}).items() if isinstance(v, int | float)})
+            now, tokens = time.time(), state.num_input_tokens_seen or 0
+            if self.last is not None and state.global_step > self.last[1] and now > self.last[0]:
+                dt = now - self.last[0]  # includes any evaluation since: a conservative rate
+                fields["samples_per_second"] = round(
+                    (state.global_step - self.last[1]) * report["global_batch_size"] / dt, 2
+                )
+                if tokens > self.last[2]:
+                    fields["tokens_per_second"] = round((tokens - self.last[2]) / dt, 1)
+                self.last = (now, state.global_step, tokens)
             emit("log", **fields)
 
     return [CheckpointMarker(), Progress()]
@@ -109,16 +130,35 @@ def prepare_model(spec: dict[str, Any], training: Any) -> Any:
     from domaintune.training.strategies import prepare_structure
 
     task = get_task_type(spec["task_type"])
+    overrides = dict(spec.get("config_overrides", {}))
+    attention = attention_implementation(training.attention, spec)
+    if attention:
+        overrides["attn_implementation"] = attention
     model = task.load_model(
         spec["model_path"],
         spec["labels"],
         training.seed,
         spec.get("trust_remote_code", False),
-        **spec.get("config_overrides", {}),
+        **overrides,
     )
     for note in prepare_structure(model, training.strategy, spec["model_path"]):
         logging.getLogger(__name__).info("strategy: %s", note)
     return model
+
+
+def attention_implementation(choice: str, spec: dict[str, Any]) -> str | None:
+    """The attention kernel to load the model with (None: transformers' default, SDPA
+    where the model supports it)."""
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    import torch
+
+    half = spec.get("bf16") or spec.get("fp16")
+    if torch.cuda.is_available() and half and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return None
 
 
 def _strategy_trainer():
@@ -193,6 +233,11 @@ def run(spec: dict[str, Any]) -> None:
     # judged by the validation loss alone (causal LM): never gather full-vocabulary logits
     loss_only = metric_name == "loss"
 
+    launch = spec.get("launch") or {
+        "gradient_accumulation_steps": t["gradient_accumulation_steps"],
+        "global_batch_size": t["batch_size"] * t["gradient_accumulation_steps"],
+    }
+    report["global_batch_size"] = launch["global_batch_size"]
     every = t.get("checkpoint_every_steps")
     strategy = "steps" if every else "epoch"
     use_cpu = not torch.cuda.is_available()
@@ -203,7 +248,8 @@ def run(spec: dict[str, Any]) -> None:
         learning_rate=t["learning_rate"],
         per_device_train_batch_size=t["batch_size"],
         per_device_eval_batch_size=t["eval_batch_size"],
-        gradient_accumulation_steps=t["gradient_accumulation_steps"],
+        # derived by the launch plan so that the global batch is the same at any world size
+        gradient_accumulation_steps=launch["gradient_accumulation_steps"],
         weight_decay=t["weight_decay"],
         warmup_steps=t["warmup_ratio"],  # a float < 1 is a share of the total steps
         lr_scheduler_type=t["lr_scheduler"],
@@ -234,6 +280,13 @@ def run(spec: dict[str, Any]) -> None:
         label_smoothing_factor=training.label_smoothing,
         # the early-stopping counter (and other callback state) survives a resume
         restore_callback_states_from_checkpoint=True,
+        include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens only
+        activation_checkpointing=training.gradient_checkpointing,
+        # non-reentrant: gradients also flow when the embeddings are frozen
+        activation_checkpointing_kwargs={"use_reentrant": False}
+        if training.gradient_checkpointing
+        else None,
+        torch_compile=training.torch_compile,
     )
     seen: dict[str, Any] = {}
     callbacks = _callbacks(report, seen)
@@ -257,6 +310,8 @@ def run(spec: dict[str, Any]) -> None:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - t0
+    trained_steps = trainer.state.global_step - seen.get("start_step", 0)
+    tokens = trainer.state.num_input_tokens_seen - seen.get("tokens_at_start", 0)
     optimizer_params = sum(g["parameters"] for g in trainer.group_report)
     state_elements = strategies.optimizer_state_elements(trainer.optimizer)
     stopper = _early_stopper(trainer)
@@ -297,6 +352,18 @@ def run(spec: dict[str, Any]) -> None:
             else None,
             **_peak_memory_mb(),
             "resumed_from": resume,
+            "launch": launch,
+            "precision": "bf16" if spec["bf16"] else "fp16" if spec["fp16"] else "fp32",
+            "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
+            "gradient_checkpointing": training.gradient_checkpointing,
+            "torch_compile": training.torch_compile,
+            # what the saved model must hold: the parent checks the files against it
+            "exported_parameters": report["total_parameters"],
+            "trained_steps": trained_steps,
+            "train_samples": trained_steps * launch["global_batch_size"],
+            "train_tokens": tokens,
+            "train_samples_per_second": trained_steps * launch["global_batch_size"] / seconds,
+            "train_tokens_per_second": tokens / seconds,
             "start_step": seen.get("start_step", 0),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "log_history": trainer.state.log_history,

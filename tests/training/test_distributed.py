@@ -1,0 +1,282 @@
+"""Launching at scale: the launch plan (world size, precision, constant global batch,
+hostfiles) and real multi-rank DeepSpeed runs on CPU (gloo): ZeRO-2 and ZeRO-3 with two
+ranks, the saved model loading in plain transformers, and a killed rank resumed on retry."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from domaintune.config import TrainingConfig
+from domaintune.errors import ConfigError, TrainingFailed
+from domaintune.store import Store
+from domaintune.tasks import finetune as finetune_stage
+from domaintune.tasks.ingest import ingest
+from domaintune.tasks.preprocess import preprocess
+from domaintune.training.checks import saved_tensors, verify_saved_model
+from domaintune.training.deepspeed_config import build_deepspeed_config
+from domaintune.training.launch import plan_launch, read_hostfile, write_deepspeed_env
+from tests.conftest import write_csv
+
+# ------------------------------------------------------------------ launch plan (fast)
+
+
+def _plan(gpus=0, bf16=False, **training):
+    return plan_launch(TrainingConfig.model_validate(training), gpus=gpus, bf16_supported=bf16)
+
+
+def test_cpu_defaults_to_one_fp32_rank_on_localhost():
+    plan = _plan()
+    assert (plan.world_size, plan.precision, plan.use_gpu) == (1, "fp32", False)
+    cmd = plan.command("/x/spec.json")
+    assert cmd[cmd.index("--num_gpus") + 1] == "1"
+    assert cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
+    assert "--hostfile" not in cmd and cmd[-2:] == ["--spec", "/x/spec.json"]
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+def test_global_batch_is_the_same_at_every_world_size(gpus):
+    plan = _plan(gpus=gpus, bf16=True, batch_size=4, global_batch_size=32)
+    assert plan.global_batch_size == 32 and plan.world_size == gpus
+    assert plan.gradient_accumulation_steps == 32 // (4 * gpus)
+
+
+def test_global_batch_that_does_not_divide_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"global_batch_size 30 is not a multiple of.*4 x 2"):
+        _plan(cpu_processes=2, batch_size=4, global_batch_size=30)
+
+
+def test_without_global_batch_the_accumulation_is_the_configured_one():
+    plan = _plan(cpu_processes=2, batch_size=4, gradient_accumulation_steps=3)
+    assert plan.gradient_accumulation_steps == 3 and plan.global_batch_size == 24
+
+
+def test_precision_follows_the_gpu():
+    assert _plan(gpus=2, bf16=True).precision == "bf16"
+    assert _plan(gpus=2, bf16=False).precision == "fp16"  # e.g. V100, T4
+    assert _plan(gpus=0, precision="bf16").precision == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        _plan(gpus=0, precision="fp16")
+    with pytest.raises(ConfigError, match="does not support bf16"):
+        _plan(gpus=1, bf16=False, precision="bf16")
+
+
+def test_num_gpus_is_capped_by_what_is_visible():
+    plan = _plan(gpus=2, bf16=True, num_gpus=8)
+    assert plan.world_size == 2 and any("8 but 2 visible" in n for n in plan.notes)
+
+
+def test_multi_node_plan_from_a_hostfile(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# the training cluster\nnode-a slots=8\nnode-b slots=8\nnode-c slots=8\n")
+    plan = _plan(gpus=8, bf16=True, num_nodes=2, hostfile=str(hostfile), global_batch_size=256,
+                 batch_size=8)  # fmt: skip
+    assert plan.hosts == [("node-a", 8), ("node-b", 8)] and plan.world_size == 16
+    assert plan.gradient_accumulation_steps == 2 and plan.multi_node
+    cmd = plan.command("/shared/spec.json")
+    assert cmd[cmd.index("--hostfile") + 1] == str(hostfile)
+    assert cmd[cmd.index("--num_nodes") + 1] == "2"
+    assert cmd[cmd.index("--launcher") + 1] == "pdsh"
+    assert cmd[cmd.index("--master_addr") + 1] == "node-a"
+    assert "--num_gpus" not in cmd  # every slot of each host
+    limited = _plan(gpus=8, bf16=True, num_nodes=2, num_gpus=4, hostfile=str(hostfile),
+                    master_addr="10.0.0.1", master_port=29600, launcher="slurm")  # fmt: skip
+    cmd = limited.command("/s.json")
+    assert limited.world_size == 8 and cmd[cmd.index("--num_gpus") + 1] == "4"
+    assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1"
+    assert cmd[cmd.index("--master_port") + 1] == "29600"
+    assert cmd[cmd.index("--launcher") + 1] == "slurm"
+
+
+def test_a_hostfile_of_this_host_alone_starts_ranks_directly(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=4\n")
+    plan = _plan(cpu_processes=2, hostfile=str(hostfile))
+    assert plan.hosts == [("localhost", 2)] and not plan.multi_node
+    assert "--hostfile" not in plan.command("/s.json")  # no ssh to localhost
+
+
+def test_hostfile_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "hosts"
+    bad.write_text("node-a slots=8\nnode-b 8\n")
+    with pytest.raises(ConfigError, match=r"hosts, line 2: expected '<host> slots=<n>'"):
+        read_hostfile(str(bad))
+    ok = tmp_path / "ok"
+    ok.write_text("node-a slots=8\n")
+    with pytest.raises(ConfigError, match=r"num_nodes is 2 but .* lists 1 host"):
+        _plan(gpus=8, bf16=True, num_nodes=2, hostfile=str(ok))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        read_hostfile(str(tmp_path / "missing"))
+
+
+def test_config_rules_for_nodes_and_offload():
+    with pytest.raises(ValueError, match="give training.hostfile"):
+        TrainingConfig(num_nodes=2)
+    with pytest.raises(ValueError, match="offload_parameters needs zero_stage 3"):
+        TrainingConfig.model_validate({"deepspeed": {"zero_stage": 2, "offload_parameters": True}})
+    ds = TrainingConfig.model_validate(
+        {"deepspeed": {"zero_stage": 3, "offload_optimizer": True, "offload_parameters": True}}
+    ).deepspeed
+    zero = build_deepspeed_config(ds, bf16=True, fp16=False)["zero_optimization"]
+    assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_other_hosts_get_the_needed_variables_and_no_secrets(tmp_path):
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "DS_ACCELERATOR": "cpu",
+        "HF_TOKEN": "hf_secret",
+        "AWS_SECRET_ACCESS_KEY": "x",
+    }
+    text = write_deepspeed_env(tmp_path, env).read_text()
+    assert "HF_HUB_OFFLINE=1" in text and "DS_ACCELERATOR=cpu" in text
+    assert "secret" not in text.lower() and "HF_TOKEN" not in text
+
+
+def test_progress_description_shows_loss_and_throughput():
+    text = finetune_stage.progress_description(
+        40, 80, loss=0.53125, tokens_per_second=1234.5, samples_per_second=12.25
+    )
+    assert text == "Training: step 40 of 80 · loss 0.5312 · 1,234 tokens/s · 12.2 samples/s"
+
+
+# ------------------------------------------------------------- saved-model check (fast)
+
+
+def test_a_zero3_save_of_empty_partitions_is_rejected(tmp_path, tiny_model):
+    """What an un-gathered ZeRO-3 save looks like: every tensor of shape [0]."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    good = tmp_path / "good"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
+    model.save_pretrained(good)
+    n = sum(p.numel() for p in model.parameters())
+    info = verify_saved_model(good, "text_classification", ["a", "b", "c"], expected_parameters=n)
+    assert info["parameters"] == n and info["loads_in_transformers"]
+    with pytest.raises(TrainingFailed, match="training built"):
+        verify_saved_model(good, "text_classification", ["a", "b", "c"], expected_parameters=n + 1)
+
+    empty = tmp_path / "empty"
+    model.save_pretrained(empty)
+    f = next(empty.glob("*.safetensors"))
+    save_file({k: torch.empty(0) for k in load_file(str(f))}, str(f), metadata={"format": "pt"})
+    assert all(s == (0,) for s in saved_tensors(empty).values())
+    with pytest.raises(TrainingFailed, match=r"saved empty.*ZeRO-3 partitions were not gathered"):
+        verify_saved_model(empty, "text_classification", ["a", "b", "c"], expected_parameters=n)
+
+    partial = tmp_path / "partial"  # one rank's shard only: a weight is missing
+    model.save_pretrained(partial)
+    f = next(partial.glob("*.safetensors"))
+    state = load_file(str(f))
+    state.pop("classifier.weight")
+    save_file(state, str(f), metadata={"format": "pt"})
+    with pytest.raises(TrainingFailed, match="classifier.weight is not in the saved files"):
+        verify_saved_model(partial, "text_classification", ["a", "b", "c"], expected_parameters=n)
+
+
+# --------------------------------------------------------- real two-rank launches (slow)
+
+
+def _two_rank_config(make_config, tmp_path, rows, zero, **training):
+    src = write_csv(tmp_path / "d.csv", rows(16))
+    return make_config(
+        src,
+        training={
+            "cpu_processes": 2,
+            "batch_size": 4,
+            "global_batch_size": 16,  # 4 per rank x 2 ranks x 2 accumulation
+            "max_steps": 4,
+            "epochs": 1,
+            "learning_rate": 5e-3,
+            "deepspeed": {"zero_stage": zero},
+            **training,
+        },
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_cpu_ranks_train_and_save_a_model_plain_transformers_loads(
+    tmp_path, make_config, rows, zero
+):
+    from transformers import AutoModelForSequenceClassification
+
+    extra = {}
+    if zero == 3:  # the hostfile route of the launcher, on this one host
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("localhost slots=2\n")
+        extra = {"hostfile": str(hostfile)}
+    cfg = _two_rank_config(make_config, tmp_path, rows, zero, **extra)
+    store = Store(cfg.store.root)
+    splits = preprocess(cfg, ingest(cfg, store), store)
+    model = finetune_stage.finetune(cfg, splits, store)
+
+    assert model.launch["world_size"] == 2 and model.launch["gradient_accumulation_steps"] == 2
+    assert model.launch["global_batch_size"] == 16 and model.launch["zero_stage"] == zero
+    assert model.attempts[-1]["processes"] == 2 and model.global_step == 4
+    summary = json.loads((Path(model.model_dir) / "training_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["train_samples"] == 64
+    assert summary["train_tokens_per_second"] > 0 and summary["train_tokens"] > 64
+    log = (Path(model.model_dir) / "train.log").read_text()
+    assert "dist_world_size=2" in log  # the DeepSpeed launcher started both ranks
+
+    loaded = AutoModelForSequenceClassification.from_pretrained(model.model_dir)
+    assert sum(p.numel() for p in loaded.parameters()) == model.total_parameters
+    assert model.saved_model["parameters"] == model.total_parameters
+    base = AutoModelForSequenceClassification.from_pretrained(cfg.model.name_or_path, num_labels=3)
+    changed = [
+        k
+        for k, v in loaded.state_dict().items()
+        if k in base.state_dict() and not k.startswith("classifier")
+        and not torch.equal(v, base.state_dict()[k])
+    ]  # fmt: skip
+    assert changed, "the encoder's weights did not change (an empty or base-only save)"
+
+
+def _final_weights(model_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in Path(model_dir).glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_resumed_from_its_checkpoint_on_retry(tmp_path, make_config, rows):
+    """Rank 1 is SIGKILLed right after checkpoint 2; the launcher ends rank 0; the retry
+    resumes at step 2 with optimizer, scheduler, RNG and data position restored, and ends
+    with the same weights as a run that was never interrupted."""
+    training = {"max_steps": 6, "checkpoint_every_steps": 2, "early_stopping_patience": 3}
+    cfg = _two_rank_config(make_config, tmp_path / "killed", rows, 2, **training)
+    store = Store(cfg.store.root)
+    splits = preprocess(cfg, ingest(cfg, store), store)
+
+    os.environ["DOMAINTUNE_FAULT_EXIT_AFTER_STEP"] = "2"
+    os.environ["DOMAINTUNE_FAULT_KILL_RANK"] = "1"
+    try:
+        with pytest.raises(TrainingFailed, match="training exited with code"):
+            finetune_stage.finetune(cfg, splits, store)
+    finally:
+        del os.environ["DOMAINTUNE_FAULT_EXIT_AFTER_STEP"], os.environ["DOMAINTUNE_FAULT_KILL_RANK"]
+    resumed = finetune_stage.finetune(cfg, splits, store)  # what the task's retry runs
+    first, second = resumed.attempts
+    assert first["exit_code"] != 0 and first["resumed_from"] is None
+    assert second["resumed_from"] == "checkpoint-2" and second["processes"] == 2
+    summary = json.loads((Path(resumed.model_dir) / "training_summary.json").read_text())
+    assert summary["start_step"] == 2 and summary["global_step"] == 6
+    assert summary["trained_steps"] == 4  # the work lost: nothing past the checkpoint
+
+    clean_cfg = _two_rank_config(make_config, tmp_path / "clean", rows, 2, **training)
+    clean_store = Store(clean_cfg.store.root)
+    clean_splits = preprocess(clean_cfg, ingest(clean_cfg, clean_store), clean_store)
+    clean = finetune_stage.finetune(clean_cfg, clean_splits, clean_store)
+    a, b = _final_weights(resumed.model_dir), _final_weights(clean.model_dir)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, f"resumed run differs from an uninterrupted one by {worst}"
