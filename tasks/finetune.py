@@ -28,7 +28,12 @@ from domaintune.models import ResolvedModel, resolve_config_model, resolve_model
 from domaintune.store import Store, atomic_write_text
 from domaintune.training.checks import verify_saved_model
 from domaintune.training.deepspeed_config import build_deepspeed_config
-from domaintune.training.launch import child_env, plan_launch, write_deepspeed_env
+from domaintune.training.launch import (
+    child_env,
+    plan_launch,
+    remove_shared_memory,
+    write_deepspeed_env,
+)
 from domaintune.training.strategies import preflight
 from domaintune.training.worker import CHECKPOINT_MARKER, PROGRESS_PREFIX
 
@@ -138,7 +143,9 @@ def _run(
         "primary_metric": config.evaluation.primary_metric,
         "deepspeed": build_deepspeed_config(
             config.training.deepspeed, bf16=launch.bf16, fp16=launch.fp16
-        ),
+        )
+        if launch.uses_zero
+        else None,
         "bf16": launch.bf16,
         "fp16": launch.fp16,
         "launch": launch.summary(),
@@ -153,14 +160,17 @@ def _run(
         write_deepspeed_env(work, env)
     cmd = launch.command(spec_path)
     for note in launch.notes:
-        log.warning("finetune: %s", note)
+        log.info("finetune: %s", note)
     log.info(
-        "finetune: launching %s with DeepSpeed ZeRO-%d",
+        "finetune: launching %s through the DeepSpeed launcher, %s",
         launch.describe(),
-        config.training.deepspeed.zero_stage,
+        f"ZeRO-{config.training.deepspeed.zero_stage}" if launch.uses_zero else "no ZeRO engine",
     )
     t0 = time.time()
-    rc, tail = _launch(cmd, env, work / "train.log", cwd=work)
+    try:
+        rc, tail = _launch(cmd, env, work / "train.log", cwd=work)
+    finally:
+        remove_shared_memory(launch)
     attempt.update(exit_code=rc, seconds=round(time.time() - t0, 2))
     attempts.append(attempt)
     atomic_write_text(attempts_path, json.dumps(attempts, indent=2))
@@ -226,7 +236,7 @@ def _run(
                 "attention": summary.get("attention"),
                 "gradient_checkpointing": summary.get("gradient_checkpointing"),
                 "torch_compile": summary.get("torch_compile"),
-                "zero_stage": config.training.deepspeed.zero_stage,
+                "zero_stage": config.training.deepspeed.zero_stage if launch.uses_zero else None,
             },
             throughput={
                 k: summary[k]
@@ -431,9 +441,11 @@ def training_markdown(model: ModelArtifact) -> str:
         lines.append("")
     if model.launch:
         la = model.launch
+        zero = f"ZeRO-{la['zero_stage']}" if la.get("zero_stage") is not None else "no ZeRO engine"
         lines.append(
             f"Ran on {la.get('world_size')} {la.get('device', '').upper()} rank(s) on "
-            f"{la.get('num_nodes', 1)} node(s), {la.get('precision')}, ZeRO-{la.get('zero_stage')}; "
+            f"{la.get('num_nodes', 1)} node(s), {la.get('precision')}, "
+            f"{zero}; "
             f"global batch {la.get('global_batch_size')} = {la.get('micro_batch_size')} per rank x "
             f"{la.get('gradient_accumulation_steps')} accumulation"
         )

@@ -45,6 +45,9 @@ class TaskType(ABC):
     auto_model: str
     #: Whether the head is sized by the label set.
     labelled_head: bool = False
+    #: Whether the training-time validation metrics ignore example order (the worker may
+    #: then sort the validation split by length to pad less).
+    eval_order_free: bool = False
 
     # -- ingest ---------------------------------------------------------------
     @abstractmethod

@@ -34,6 +34,7 @@ class TextClassification(TaskType):
     contract = "text_classification"
     auto_model = "AutoModelForSequenceClassification"
     labelled_head = True
+    eval_order_free = True
     raw_columns = ("text", "label")
     model_columns = ("input_ids", "attention_mask", "token_type_ids", "labels")
     target_column = "label"

@@ -185,6 +185,20 @@ def _strategy_trainer():
     return StrategyTrainer
 
 
+def _sum_over_ranks(value: int | None) -> int | None:
+    """A count summed over all ranks (ZeRO partitions optimizer state among them)."""
+    import torch
+    import torch.distributed as dist
+
+    if value is None or not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def _peak_memory_mb() -> dict[str, float]:
     import resource
 
@@ -224,6 +238,9 @@ def run(spec: dict[str, Any]) -> None:
         return ds.select_columns(keep)
 
     train_ds, eval_ds = load("train"), load("validation")
+    if task.eval_order_free and "length" in eval_ds.column_names:
+        # validation batches of similar length: less padding, same metrics
+        eval_ds = eval_ds.sort("length")
     primary = spec["primary_metric"]
     metric_name, greater = task.metric_for_best_model(primary)
 
@@ -273,7 +290,7 @@ def run(spec: dict[str, Any]) -> None:
         use_cpu=use_cpu,
         bf16=spec["bf16"],
         fp16=spec["fp16"],
-        deepspeed=spec["deepspeed"],
+        deepspeed=spec["deepspeed"],  # None: one rank, nothing to partition
         dataloader_num_workers=0,
         average_tokens_across_devices=False,
         save_only_model=False,
@@ -313,7 +330,7 @@ def run(spec: dict[str, Any]) -> None:
     trained_steps = trainer.state.global_step - seen.get("start_step", 0)
     tokens = trainer.state.num_input_tokens_seen - seen.get("tokens_at_start", 0)
     optimizer_params = sum(g["parameters"] for g in trainer.group_report)
-    state_elements = strategies.optimizer_state_elements(trainer.optimizer)
+    state_elements = _sum_over_ranks(strategies.optimizer_state_elements(trainer.optimizer))
     stopper = _early_stopper(trainer)
     final = Path(spec["final_dir"])
     lora = training.strategy.kind == "lora"

@@ -215,7 +215,10 @@ def test_two_cpu_ranks_train_and_save_a_model_plain_transformers_loads(
     cfg = _two_rank_config(make_config, tmp_path, rows, zero, **extra)
     store = Store(cfg.store.root)
     splits = preprocess(cfg, ingest(cfg, store), store)
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     model = finetune_stage.finetune(cfg, splits, store)
+    # DeepSpeed's CPU all-reduce buffers (66 MB a rank) do not outlive the run
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
 
     assert model.launch["world_size"] == 2 and model.launch["gradient_accumulation_steps"] == 2
     assert model.launch["global_batch_size"] == 16 and model.launch["zero_stage"] == zero

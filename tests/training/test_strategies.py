@@ -300,7 +300,11 @@ def _train(make_config, tmp_path, rows, strategy, zero, **sections):
         "max_steps": 4,
         "epochs": 1,
         "learning_rate": 1e-2,
-        "batch_size": 8,
+        # ZeRO runs on two gloo ranks (one rank has nothing to partition and trains without
+        # the engine); the global batch stays 8 either way
+        "cpu_processes": 2 if zero else 1,
+        "batch_size": 4 if zero else 8,
+        "global_batch_size": 8,
         "deepspeed": {"zero_stage": zero},
         **sections.pop("training", {}),
     }
@@ -417,13 +421,15 @@ def test_partial_freezing_under_zero3_saves_full_weights_that_load_in_transforme
             "max_length": 32,
             "max_steps": 4,
             "learning_rate": 1e-2,
-            "batch_size": 4,
+            "batch_size": 2,
+            "cpu_processes": 2,
             "deepspeed": {"zero_stage": 3},
         },
     )
     store = Store(cfg.store.root)
     splits = preprocess(cfg, ingest(cfg, store), store)
     model = finetune(cfg, splits, store)
+    assert model.launch["zero_engine"] and model.launch["world_size"] == 2
     before, after = _base_state(cfg, splits.labels), _saved_state(model.model_dir)
     assert set(after) == set(before), "ZeRO-3 gathered every tensor, frozen ones included"
     assert all(after[k].shape == before[k].shape for k in before)
@@ -487,6 +493,8 @@ def test_lora_under_zero3_on_token_classification(tmp_path, make_config):
             "strategy": {"lora": {"r": 4, "target_modules": ["attention", "feed_forward"]}},
             "max_steps": 3,
             "learning_rate": 1e-2,
+            "batch_size": 4,
+            "cpu_processes": 2,
             "deepspeed": {"zero_stage": 3},
         },
     )
