@@ -74,7 +74,11 @@ def run_baseline(job: dict[str, Any]) -> dict[str, Any]:
             batched=True,
             remove_columns=["text"],
         )
-        val = train.select(range(min(len(train), job["eval_examples"])))
+        # the same validation work as (a): its packed blocks (no padding to add)
+        val = Dataset.from_parquet(job["validation"]).select_columns(["input_ids"])
+        val = val.map(
+            lambda b: {"attention_mask": [[1] * len(x) for x in b["input_ids"]]}, batched=True
+        )
     else:
         cols = ["input_ids", "attention_mask", "labels"]
         train = Dataset.from_parquet(job["train"]).select_columns(cols)
@@ -254,7 +258,6 @@ def compare(
         "warmup_ratio": t.warmup_ratio,
         "seed": t.seed,
         "bf16": artifact.launch.get("precision") == "bf16",
-        "eval_examples": 64,
     }
     if cfg.task.type == "causal_lm":  # the baselines get whole documents, unpacked
         texts = pd.read_parquet(Path(raw.path) / "raw.parquet")["text"].astype(str).tolist()

@@ -287,6 +287,9 @@ def child_env(plan: LaunchPlan, base: dict[str, str] | None = None) -> dict[str,
     )
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # ranks end themselves if this (task) process dies without stopping them
+    env["DOMAINTUNE_TASK_PID"] = str(os.getpid())
+    env["DOMAINTUNE_TASK_HOST"] = socket.gethostname()
     if not plan.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
         env["OMP_NUM_THREADS"] = str(plan.threads_per_rank)

@@ -394,6 +394,33 @@ def run(spec: dict[str, Any]) -> None:
         )
 
 
+def watch_task_process(interval: float = 1.0) -> None:
+    """End this rank when the finetune task that launched it is gone (SIGKILLed worker,
+    lost pod): otherwise orphaned ranks would keep training into the same checkpoint folder
+    that the retried task resumes from. Only on the task's own host."""
+    import socket
+    import threading
+
+    pid = os.environ.get("DOMAINTUNE_TASK_PID")
+    if not pid or os.environ.get("DOMAINTUNE_TASK_HOST") != socket.gethostname():
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                print(
+                    f"DOMAINTUNE: the task process {pid} is gone: ending rank {_rank()}", flush=True
+                )
+                os._exit(4)
+            except PermissionError:
+                pass  # alive, another user's (pid reuse): keep going
+
+    threading.Thread(target=watch, name="task-watchdog", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="domaintune.training.worker")
     parser.add_argument("--spec", required=True)
@@ -404,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stdout,
     )
     spec = json.loads(Path(args.spec).read_text())
+    watch_task_process()
     run(spec)
     return 0
 

@@ -283,3 +283,68 @@ def test_a_killed_rank_is_resumed_from_its_checkpoint_on_retry(tmp_path, make_co
     a, b = _final_weights(resumed.model_dir), _final_weights(clean.model_dir)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, f"resumed run differs from an uninterrupted one by {worst}"
+
+
+_TASK_SCRIPT = """
+import json, sys
+from domaintune.config import validate_config
+from domaintune.manifests import SplitManifest
+from domaintune.store import Store
+from domaintune.tasks.finetune import finetune
+cfg = validate_config(json.loads(open(sys.argv[1]).read()))
+splits = SplitManifest.model_validate_json(open(sys.argv[2]).read())
+finetune(cfg, splits, Store(cfg.store.root))
+"""
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_task_process_takes_its_ranks_along_and_the_retry_resumes(
+    tmp_path, make_config, rows
+):
+    """The process running the finetune task is SIGKILLed mid-training (a lost worker):
+    its two ranks end themselves instead of training on as orphans into the checkpoint
+    folder, and the retried task resumes from the newest complete checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = _two_rank_config(make_config, tmp_path, rows, 2, max_steps=40, checkpoint_every_steps=2)
+    store = Store(cfg.store.root)
+    splits = preprocess(cfg, ingest(cfg, store), store)
+    key, _, _ = finetune_stage.plan(cfg, splits)
+    work = store.scratch_dir("finetune", key)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    (tmp_path / "splits.json").write_text(splits.model_dump_json())
+    task = subprocess.Popen(
+        [sys.executable, "-c", _TASK_SCRIPT, str(tmp_path / "cfg.json"), str(tmp_path / "splits.json")]
+    )  # fmt: skip
+    deadline = time.time() + 180
+    while not list((work / "checkpoints").glob("checkpoint-*/.domaintune-complete")):
+        assert task.poll() is None and time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    assert _processes_mentioning(str(work / "spec.json")), "the ranks should be running"
+    task.send_signal(signal.SIGKILL)
+    task.wait()
+    deadline = time.time() + 30
+    while _processes_mentioning(str(work / "spec.json")):
+        assert time.time() < deadline, "orphaned ranks kept running after the task was killed"
+        time.sleep(0.5)
+
+    model = finetune_stage.finetune(cfg, splits, store)  # the retry
+    resumed = model.attempts[-1]["resumed_from"]
+    assert resumed is not None and int(resumed.split("-")[1]) >= 2
+    summary = json.loads((Path(model.model_dir) / "training_summary.json").read_text())
+    assert summary["start_step"] == int(resumed.split("-")[1]) and model.global_step == 40
