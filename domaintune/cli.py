@@ -332,6 +332,12 @@ def render_summary(s: dict[str, Any]) -> str:
             f"{t['total_parameters']:,} parameters ({100 * t['trainable_share']:.2f}%), "
             f"{t['global_step']} steps",
         ]
+        if t.get("world_size"):
+            rate = t.get("tokens_per_second")
+            lines.append(
+                f"            on {t['world_size']} rank(s), {t.get('precision')}, global batch "
+                f"{t.get('global_batch_size')}" + (f", {rate:,.0f} tokens/s" if rate else "")
+            )
     m = s["metrics"]
     lines += ["", f"  test metrics ({m['test_rows']} rows)   base   fine-tuned   gain"]
     for k, v in m["finetuned"].items():

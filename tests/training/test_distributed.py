@@ -207,11 +207,11 @@ def test_two_cpu_ranks_train_and_save_a_model_plain_transformers_loads(
 ):
     from transformers import AutoModelForSequenceClassification
 
-    extra = {}
+    extra: dict = {"attention": "eager"}
     if zero == 3:  # the hostfile route of the launcher, on this one host
         hostfile = tmp_path / "hostfile"
         hostfile.write_text("localhost slots=2\n")
-        extra = {"hostfile": str(hostfile)}
+        extra = {"hostfile": str(hostfile), "gradient_checkpointing": True}
     cfg = _two_rank_config(make_config, tmp_path, rows, zero, **extra)
     store = Store(cfg.store.root)
     splits = preprocess(cfg, ingest(cfg, store), store)
@@ -225,6 +225,9 @@ def test_two_cpu_ranks_train_and_save_a_model_plain_transformers_loads(
     assert model.attempts[-1]["processes"] == 2 and model.global_step == 4
     summary = json.loads((Path(model.model_dir) / "training_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["train_samples"] == 64
+    assert summary["gradient_checkpointing"] == (zero == 3)
+    if zero == 2:
+        assert summary["attention"] == "eager"
     assert summary["train_tokens_per_second"] > 0 and summary["train_tokens"] > 64
     log = (Path(model.model_dir) / "train.log").read_text()
     assert "dist_world_size=2" in log  # the DeepSpeed launcher started both ranks
