@@ -338,6 +338,8 @@ def render_summary(s: dict[str, Any]) -> str:
                 f"            on {t['world_size']} rank(s), {t.get('precision')}, global batch "
                 f"{t.get('global_batch_size')}" + (f", {rate:,.0f} tokens/s" if rate else "")
             )
+    if s.get("trust_remote_code"):
+        lines.append("  note:     model.trust_remote_code is on: code shipped with the model ran")
     m = s["metrics"]
     lines += ["", f"  test metrics ({m['test_rows']} rows)   base   fine-tuned   gain"]
     for k, v in m["finetuned"].items():

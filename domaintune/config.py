@@ -131,6 +131,12 @@ class DataConfig(_Section):
         "flat answer_text + answer_start columns work too.",
     )
     delimiter: str | None = Field(None, description="CSV delimiter; sniffed when absent.")
+    extra_columns: Literal["ignore", "error"] = Field(
+        "ignore",
+        description="Columns the task does not use (ids, dates): left out of the snapshot "
+        "with a note, or an error (a strict schema: an unexpected column means the export "
+        "changed).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

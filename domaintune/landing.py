@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +43,19 @@ def landing_root(root: str | os.PathLike | None = None) -> str:
     """The landing root as a URL or an absolute local path."""
     r = str(root or os.environ.get("DOMAINTUNE_LANDING") or "landing")
     return r if "://" in r else str(Path(r).resolve())
+
+
+_DOMAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_domain(domain: str) -> str:
+    """A domain names one folder directly under the landing root: never a path."""
+    if not _DOMAIN.match(domain or "") or ".." in domain:
+        raise DataError(
+            f"domain {domain!r}: rule: a domain is a plain name (letters, digits, '-', '_', "
+            "'.') naming a folder inside the landing root, not a path ('..' and '/' are refused)"
+        )
+    return domain
 
 
 def resource_id(domain: str) -> str:
@@ -100,7 +114,7 @@ def add_files(domain: str, files: list[str | os.PathLike], root: str | None = No
     folders get a hidden temporary name and a rename; object stores show an object only
     once it is complete."""
     fs, base = _fs(landing_root(root))
-    dest_dir = f"{base}/{domain}"
+    dest_dir = f"{base}/{check_domain(domain)}"
     fs.makedirs(dest_dir, exist_ok=True)
     landed = []
     for f in files:
@@ -197,7 +211,7 @@ def land_and_announce(
 ) -> list[dict[str, Any]]:
     """``domaintune data add``: land the files, then announce those not announced before
     (under the domain's lock, so the watcher never announces them a second time)."""
-    domain_url = f"{landing_root(root).rstrip('/')}/{domain}"
+    domain_url = f"{landing_root(root).rstrip('/')}/{check_domain(domain)}"
     with _lock(domain_url):
         landed = add_files(domain, files, root)
         fs, d = _fs(domain_url)

@@ -139,5 +139,7 @@ class RunSummary(BaseModel):
     validation_report: str | None = None
     #: What trained: strategy, trainable / total parameters, seconds per epoch, peak memory.
     training: dict[str, Any] = Field(default_factory=dict)
+    #: Whether code shipped with the model was allowed to run (model.trust_remote_code).
+    trust_remote_code: bool = False
     seconds: float = 0.0
     error: str | None = None

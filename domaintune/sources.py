@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,7 @@ def _expand(spec: str) -> list[SourceFile]:
     fs = fsspec.filesystem("file")
     if any(c in path for c in _MAGIC):
         paths = sorted(p for p in globmod.glob(path, recursive=True) if os.path.isfile(p))
+        _refuse_escaping_links(paths, _glob_base(path))
     elif os.path.isdir(path):
         paths = sorted(
             os.path.join(d, n)
@@ -137,11 +139,36 @@ def _expand(spec: str) -> list[SourceFile]:
             for n in names
             if _known_suffix(n) and not n.startswith(".")
         )
+        _refuse_escaping_links(paths, path)
     elif os.path.exists(path):
         paths = [path]
     else:
         paths = []
     return [SourceFile(url=os.path.abspath(p), fs=fs, path=os.path.abspath(p)) for p in paths]
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard."""
+    parts = pattern.split(os.sep)
+    fixed = []
+    for part in parts:
+        if any(c in part for c in _MAGIC):
+            break
+        fixed.append(part)
+    return os.sep.join(fixed) or "."
+
+
+def _refuse_escaping_links(paths: list[str], base: str) -> None:
+    """A file matched inside a folder (a landing zone) must not be a link to data outside it:
+    whoever can drop a symlink there could make a run read any file the worker can."""
+    root = os.path.realpath(base)
+    for p in paths:
+        real = os.path.realpath(p)
+        if os.path.commonpath([real, root]) != root:
+            raise DataError(
+                f"{p}: links to {real}, outside {root}; rule: inputs matched in a folder stay "
+                "inside it (no symbolic links or '..' out of it)"
+            )
 
 
 def _known_suffix(name: str) -> bool:
@@ -177,8 +204,50 @@ _BOMS = (
 )
 
 
+#: File signatures of formats that are not text, by the name a user would recognise.
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"%PDF-", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive (or an Excel .xlsx workbook)"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"BZh", "a bzip2 archive"),
+    (b"\xfd7zXZ\x00", "an xz archive"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+    (b"PAR1", "a Parquet file (set data.format: parquet)"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an old Excel / Office document"),
+    (b"\x7fELF", "an executable"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+)
+# a valid multi-byte UTF-8 sequence (what "é" or "–" look like when a file mixes encodings)
+_UTF8_MULTIBYTE = re.compile(
+    rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}"
+)
+
+
+def check_not_binary(data: bytes, where: str, fmt: str) -> None:
+    """A binary file given as text (a spreadsheet renamed .csv, an archive) fails here, by
+    its kind, instead of as a confusing parse error further on."""
+    for magic, kind in _SIGNATURES:
+        if data.startswith(magic):
+            raise DataError(
+                f"{where}: this is {kind}, not {fmt} text; rule: data.format {fmt} files "
+                "are text (export the data as CSV, JSONL or Parquet)"
+            )
+
+
 def decode(data: bytes, encoding: str, where: str) -> tuple[str, str]:
     """Decode bytes to text; ``auto`` detects. Returns (text, encoding used)."""
+    declared = encoding.lower().replace("_", "-")
+    if declared != "auto" and declared not in ("utf-8", "utf8", "utf-8-sig"):
+        for bom, enc in _BOMS:
+            if data.startswith(bom) and not declared.startswith(enc.split("-sig")[0][:6]):
+                raise DataError(
+                    f"{where}: starts with a {enc.replace('-sig', '').upper()} byte-order mark but "
+                    f"data.encoding is {encoding!r}; set data.encoding: {enc.replace('-sig', '')} "
+                    "(or auto)"
+                )
     if encoding.lower() != "auto":
         enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
         try:
@@ -199,8 +268,9 @@ def decode(data: bytes, encoding: str, where: str) -> tuple[str, str]:
                 break
     try:
         return data.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        pass
+    except UnicodeDecodeError as exc:
+        first_bad = exc.start
+    _refuse_mixed_encodings(data, first_bad, where)
     if data.count(b"\x00") > len(data) // 8:
         raise DataError(
             f"{where}: looks binary (NUL bytes), not text; rule: inputs are text files "
@@ -234,6 +304,21 @@ def decode(data: bytes, encoding: str, where: str) -> tuple[str, str]:
     )  # pragma: no cover
 
 
+def _refuse_mixed_encodings(data: bytes, first_bad: int, where: str) -> None:
+    """Part UTF-8, part something else (two exports concatenated): any single guess turns
+    one of the parts into mojibake silently, so refuse, naming a line of each."""
+    utf8 = [m for m in _UTF8_MULTIBYTE.finditer(data) if not m.group().startswith(b"\xc2\xa0")]
+    if len(utf8) < 2:
+        return  # one chance pair in a legacy file is no evidence of UTF-8
+    good_line = data[: utf8[0].start()].count(b"\n") + 1
+    bad_line = data[:first_bad].count(b"\n") + 1
+    raise DataError(
+        f"{where}: mixed encodings: line {good_line} is UTF-8 but line {bad_line} is not "
+        f"(bytes {data[first_bad : first_bad + 4]!r}); rule: one encoding per file (re-export "
+        "it, or set data.encoding to read every line one way)"
+    )
+
+
 # ------------------------------------------------------------------------------ readers
 
 
@@ -247,6 +332,7 @@ def read_file(
     else:
         if not data.strip():
             raise DataError(f"{src.url}: file is empty")
+        check_not_binary(data[:64], src.url, fmt)
         text, enc = decode(data, encoding, src.url)
         if "\x00" in text:
             line = text[: text.index("\x00")].count("\n") + 1

@@ -107,6 +107,7 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         promotion_reason=registration.promotion_reason,
         validation_report=validation.report_markdown,
         training=training_summary(model),
+        trust_remote_code=config.model.trust_remote_code,
         seconds=round(time.perf_counter() - t0, 3),
     )
     return summary.model_dump(mode="json")

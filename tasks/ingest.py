@@ -13,6 +13,7 @@ import logging
 import pandas as pd
 
 from domaintune.config import RetrainConfig
+from domaintune.errors import DataError
 from domaintune.fingerprint import hash_dataframe, hash_local_file, hash_obj, stable_json
 from domaintune.manifests import RawSnapshot, SourceFile
 from domaintune.sources import SOURCE, infer_format, read_file, resolve_sources
@@ -56,6 +57,12 @@ def plan(
     return key, files, fmt, hashes
 
 
+def _known_columns(config: RetrainConfig) -> set[str]:
+    """Every column name the config maps (any task type), plus the reader's own."""
+    names = {v for k, v in config.data.model_dump().items() if k.endswith("_column") and v}
+    return names | {"answer_text", "answer_start", "directory", "filename", "_row", "_source"}
+
+
 def ingest(config: RetrainConfig, store: Store) -> RawSnapshot:
     key, files, fmt, hashes = plan(config)
     return store.compute_once(
@@ -74,8 +81,18 @@ def _run(
     task = get_task_type(config.task.type)
     tables: list[pd.DataFrame] = []
     sources: list[SourceFile] = []
+    known = _known_columns(config)
+    ignored: dict[str, None] = {}
     for split, f in files:
         df, enc = read_file(f, fmt, config.data.encoding, config.data.delimiter)
+        extra = [str(c) for c in df.columns if str(c) not in known]
+        if extra and config.data.extra_columns == "error":
+            raise DataError(
+                f"{f.url}: unexpected column(s) {', '.join(repr(c) for c in extra)}; rule: "
+                "only the configured columns (data.extra_columns: error; set it to ignore to "
+                "leave such columns out)"
+            )
+        ignored.update(dict.fromkeys(extra))
         df = task.map_columns(df, config, f.url)
         if split is not None:
             df["_split"] = split
@@ -95,6 +112,8 @@ def _run(
             "zone's overlapping exports) and were left out of the snapshot; the files are "
             "unchanged"
         )
+    if ignored:
+        notes.append(f"column(s) not used by {config.task.type}, left out: {', '.join(ignored)}")
     raw["_row"] = raw["_row"].astype("int64")
     fingerprint = hash_dataframe(raw)
     counts = task.label_counts(raw)

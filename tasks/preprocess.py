@@ -106,7 +106,27 @@ def load_fast_tokenizer(model: ResolvedModel, trust_remote_code: bool = False) -
             f"model.name_or_path: {model.name} has no fast tokenizer (tokenizer.json); rule: "
             "domaintune needs a fast tokenizer for offsets and batched tokenization"
         )
+    _check_tokenizer_fits_model(tok, model)
     return tok
+
+
+def _check_tokenizer_fits_model(tok: Any, model: ResolvedModel) -> None:
+    """A tokenizer copied from another model produces ids the embedding matrix does not
+    have (an index error deep in training) or, worse, ids that mean other tokens."""
+    import json as _json
+    from pathlib import Path
+
+    cfg_path = Path(model.path) / "config.json"
+    if not cfg_path.is_file():
+        return
+    cfg = _json.loads(cfg_path.read_text())
+    rows = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    if rows and len(tok) > int(rows):
+        raise ModelError(
+            f"model.name_or_path {model.path}: the tokenizer has {len(tok)} tokens but the "
+            f"model's embedding matrix has {rows} rows (config.json vocab_size); rule: the "
+            "tokenizer must be the model's own (ids beyond the matrix cannot be embedded)"
+        )
 
 
 def preprocess(config: RetrainConfig, raw: RawSnapshot, store: Store) -> SplitManifest:

@@ -294,9 +294,16 @@ def _failure_line(r: dict[str, Any]) -> str:
 
 def _failure_message(report: ValidationReport, raw: RawSnapshot) -> str:
     sources = ", ".join(s.path for s in raw.sources[:3]) + (" ..." if len(raw.sources) > 3 else "")
+    # the first line stands alone: the rule broken, where (file and row) and what was seen
+    first = _failure_line({**report.failures[0], "examples": report.failures[0]["examples"][:1]})
+    if len(first) > 400:
+        first = first[:397] + "..."
+    others = [r["id"] for r in report.failures[1:]]
+    more = f"; also broken: {', '.join(others)}" if others else ""
     lines = [
-        f"data contract {report.contract!r} failed for {sources}: {report.failed} of "
-        f"{report.evaluated} expectations failed (report: {report.report_markdown})"
+        f"data contract {report.contract!r} failed for {sources}: {first}{more} "
+        f"({report.failed} of {report.evaluated} expectations failed; report: "
+        f"{report.report_markdown})"
     ]
     lines += [f"  - {_failure_line(r)}" for r in report.failures]
     return "\n".join(lines)

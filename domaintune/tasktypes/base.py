@@ -24,6 +24,12 @@ def require_columns(df: pd.DataFrame, wanted: dict[str, str], where: str, what: 
         if col not in df.columns:
             close = difflib.get_close_matches(col, available, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
+            glued = [d for d in ";\t|," if len(available) == 1 and d in available[0]]
+            if glued:  # one column whose name holds the others: read with the wrong delimiter
+                hint = (
+                    f"; the header looks {glued[0]!r}-separated: set data.delimiter: "
+                    f"{glued[0]!r} (or leave it out to detect it)"
+                )
             raise DataError(
                 f"{where}: {what}column {col!r} (data.{role}_column) not found{hint} "
                 f"columns: {', '.join(available)}"

@@ -89,7 +89,8 @@ def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows)
     messages = run_logs(first["run_id"])
     assert any(m.startswith("train: step=") for m in messages), "training progress reaches Prefect"
     assert any(
-        m.startswith("finetune: launching 1 CPU process(es) with DeepSpeed ZeRO-2")
+        m.startswith("finetune: launching 1 CPU rank(s), world size 1, fp32")
+        and "through the DeepSpeed launcher" in m
         for m in messages
     )
     artifacts = run_artifacts(first["run_id"])
@@ -104,6 +105,8 @@ def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows)
     assert training_md and "Trainable parameters: **" in training_md[0], "strategy in the UI"
     t = first["training"]
     assert t["strategy"] == "full" and t["trainable_parameters"] == t["total_parameters"] > 0
+    assert t["world_size"] == 1 and t["precision"] == "fp32" and t["tokens_per_second"] > 0
+    assert first["trust_remote_code"] is False, "the summary says whether model code could run"
 
     # the same config again: nothing is recomputed, and Prefect shows every stage as Cached
     second = retrain(cfg)

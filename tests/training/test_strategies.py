@@ -2,8 +2,9 @@
 
 The fast tests check the per-architecture parameter map (BERT, GPT-2, Llama), the optimizer
 groups and the pre-flight errors on models built in memory. The slow ones train a few steps
-through the real launcher under ZeRO-0 / ZeRO-2 (and one ZeRO-3 case with partial freezing)
-and compare every saved tensor with the base model's: exactly the intended ones changed.
+through the real launcher (one rank without the ZeRO engine, two gloo ranks under ZeRO-2, and
+ZeRO-3 cases with partial freezing and LoRA) and compare every saved tensor with the base
+model's: exactly the intended ones changed.
 """
 
 from __future__ import annotations
