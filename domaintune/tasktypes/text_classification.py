@@ -21,6 +21,18 @@ def _str_or_none(value: Any) -> str | None:
     return str(value)
 
 
+def _map_optional(column: pd.Series, fn: Any) -> pd.Series:
+    """``fn`` over a column of strings and None, keeping None (``Series.map`` turns an
+    all-None result into NaN floats)."""
+    out = column.map(lambda v: None if v is None or v is pd.NA or v != v else fn(v))
+    out = out.astype(object)
+    return out.where(out.notna(), None)
+
+
+def _optional_str(column: pd.Series) -> pd.Series:
+    return _map_optional(column, _str_or_none)
+
+
 def _int_like(value: str) -> int | None:
     try:
         f = float(value)
@@ -46,8 +58,8 @@ class TextClassification(TaskType):
         require_columns(df, wanted, where)
         return pd.DataFrame(
             {
-                "text": df[wanted["text"]].map(_str_or_none).astype(object),
-                "label": df[wanted["label"]].map(_str_or_none).astype(object),
+                "text": _optional_str(df[wanted["text"]]),
+                "label": _optional_str(df[wanted["label"]]),
                 "_row": df["_row"],
                 "_source": df["_source"],
             }
@@ -57,7 +69,7 @@ class TextClassification(TaskType):
         self, df: pd.DataFrame, config: Any
     ) -> tuple[pd.DataFrame, list[str], list[str]]:
         notes: list[str] = []
-        raw = df["label"].map(lambda v: None if v is None else v.strip())
+        raw = _map_optional(df["label"], lambda v: str(v).strip())
         declared = config.task.labels
         present = [v for v in raw.dropna().unique() if v != ""]
         if declared is None:
@@ -83,7 +95,7 @@ class TextClassification(TaskType):
                     return labels[i]
             return v
 
-        out = raw.map(norm)
+        out = _map_optional(raw, norm)
         if use_ids:
             notes.append(f"integer labels mapped through task.labels (0 -> {labels[0]!r})")
         changed = int(((out != raw) & raw.notna()).sum())
