@@ -8,3 +8,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = ["__version__"]
+
+# credentials never reach a log line, whichever logger writes it (Prefect's included)
+from domaintune.redaction import install_log_redaction  # noqa: E402
+
+install_log_redaction()

@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(
     args: argparse.Namespace, exc: BaseException, code: int, extra: dict[str, Any] | None = None
 ) -> int:
-    msg = str(exc)
+    from domaintune.redaction import redact
+
+    msg = redact(str(exc))
     if args.json:
         doc = {"status": "failed", "error": msg, "error_type": type(exc).__name__, **(extra or {})}
         if isinstance(exc, ContractViolation):

@@ -23,6 +23,7 @@ from domaintune.manifests import (
     ValidationReport,
 )
 from domaintune.orchestration import call_stage, stage_task
+from domaintune.redaction import redact, redact_obj
 from domaintune.tasks.evaluate import evaluate, metric_rows
 from domaintune.tasks.finetune import finetune, training_markdown, training_summary
 from domaintune.tasks.ingest import ingest
@@ -37,7 +38,7 @@ def _artifact_key(text: str) -> str:
 
 def _publish_validation(report: ValidationReport) -> None:
     with open(report.report_markdown) as f:
-        create_markdown_artifact(f.read(), description="Data contract validation")
+        create_markdown_artifact(redact(f.read()), description="Data contract validation")
 
 
 def _publish_evaluation(report: EvaluationReport) -> None:
@@ -46,15 +47,17 @@ def _publish_evaluation(report: EvaluationReport) -> None:
     with open(report.metrics_json) as f:
         doc = json.load(f)
     create_table_artifact(
-        metric_rows(doc), description=f"Test metrics: base vs fine-tuned ({report.test_rows} rows)"
+        redact_obj(metric_rows(doc)),
+        description=f"Test metrics: base vs fine-tuned ({report.test_rows} rows)",
     )
     with open(report.report_markdown) as f:
-        create_markdown_artifact(f.read(), description="Evaluation report")
+        create_markdown_artifact(redact(f.read()), description="Evaluation report")
 
 
 def _publish_training(model: ModelArtifact) -> None:
     create_markdown_artifact(
-        training_markdown(model), description="Fine-tuning: strategy and trainable parameters"
+        redact(training_markdown(model)),
+        description="Fine-tuning: strategy and trainable parameters",
     )
 
 
@@ -110,4 +113,4 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         trust_remote_code=config.model.trust_remote_code,
         seconds=round(time.perf_counter() - t0, 3),
     )
-    return summary.model_dump(mode="json")
+    return redact_obj(summary.model_dump(mode="json"))

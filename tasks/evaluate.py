@@ -19,6 +19,7 @@ from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj
 from domaintune.manifests import EvaluationReport, ModelArtifact, SplitManifest
 from domaintune.models import resolve_config_model
+from domaintune.redaction import redact, redact_obj
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
 
@@ -195,6 +196,7 @@ def _run(
             "base_model": model.base_model,
             "champion": champion,
         }
+        doc = redact_obj(doc)
         (w.path / "metrics.json").write_text(json.dumps(doc, indent=2))
         samples = _samples(config, store, base_key, predictions)
         if samples is not None:
@@ -202,7 +204,7 @@ def _run(
         charts = _charts(model, finetuned)
         for name, svg in charts.items():
             (w.path / f"{name}.svg").write_text(svg)
-        (w.path / "report.md").write_text(render_markdown(doc, samples, charts))
+        (w.path / "report.md").write_text(redact(render_markdown(doc, samples, charts)))
         predictions.to_parquet(w.path / "predictions.parquet", index=False)
         manifest = EvaluationReport(
             key=key,

@@ -16,6 +16,7 @@ from domaintune.config import RetrainConfig
 from domaintune.errors import DataError
 from domaintune.fingerprint import hash_dataframe, hash_local_file, hash_obj, stable_json
 from domaintune.manifests import RawSnapshot, SourceFile
+from domaintune.redaction import redact
 from domaintune.sources import SOURCE, infer_format, read_file, resolve_sources
 from domaintune.sources import SourceFile as InputFile
 from domaintune.store import Store
@@ -24,7 +25,7 @@ from domaintune.tasktypes import get_task_type
 log = logging.getLogger(__name__)
 
 STAGE = "ingest"
-VERSION = "2"  # 2: rows repeating an earlier file are dropped
+VERSION = "3"  # 2: rows repeating an earlier file are dropped; 3: extra columns, redacted sources
 
 
 def _file_fingerprint(f: InputFile) -> str:
@@ -94,11 +95,15 @@ def _run(
             )
         ignored.update(dict.fromkeys(extra))
         df = task.map_columns(df, config, f.url)
+        # provenance keeps where a row came from, never the credentials in that URL
+        df["_source"] = redact(f.url)
         if split is not None:
             df["_split"] = split
         tables.append(df)
         sources.append(
-            SourceFile(path=f.url, sha256=hashes[f.url], rows=len(df), encoding=enc, split=split)
+            SourceFile(
+                path=redact(f.url), sha256=hashes[f.url], rows=len(df), encoding=enc, split=split
+            )
         )
     raw = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
     repeats = 0

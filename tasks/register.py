@@ -36,6 +36,7 @@ from domaintune.manifests import (
     Registration,
     SplitManifest,
 )
+from domaintune.redaction import redact_obj
 from domaintune.store import Store, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ def register(
             shutil.copy2(evaluation.metrics_json, tmp / "metrics.json")
             shutil.copy2(evaluation.report_markdown, tmp / "evaluation.md")
             (tmp / "config.yaml").write_text(
-                yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+                yaml.safe_dump(redact_obj(config.model_dump(mode="json")), sort_keys=False)
             )
             lineage = {
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -258,7 +259,7 @@ def register(
                 },
                 "evaluation": {"key": evaluation.key, "fingerprint": evaluation.fingerprint},
             }
-            (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2))
+            (tmp / "lineage.json").write_text(json.dumps(redact_obj(lineage), indent=2))
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

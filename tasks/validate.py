@@ -24,6 +24,7 @@ from domaintune.config import RetrainConfig
 from domaintune.errors import ConfigError, ContractViolation
 from domaintune.fingerprint import hash_obj, stable_json
 from domaintune.manifests import RawSnapshot, ValidationReport
+from domaintune.redaction import redact, redact_obj
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
 
@@ -117,7 +118,7 @@ def validate(config: RetrainConfig, raw: RawSnapshot, store: Store) -> Validatio
     )
     if not report.success:
         raise ContractViolation(
-            _failure_message(report, raw), report.report_markdown, report.failures
+            redact(_failure_message(report, raw)), report.report_markdown, report.failures
         )
     log.info(
         "validate: contract %r passed (%d expectations) -> %s",
@@ -206,7 +207,8 @@ def _run(
             "success": success,
             "results": results,
         }
-        (w.path / "report.json").write_text(json.dumps(report_doc, indent=2, default=str))
+        report_doc = redact_obj(json.loads(json.dumps(report_doc, default=str)))
+        (w.path / "report.json").write_text(json.dumps(report_doc, indent=2))
         (w.path / "report.md").write_text(_markdown(report_doc))
         manifest = ValidationReport(
             key=key,
