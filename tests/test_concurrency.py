@@ -1,0 +1,59 @@
+"""Three runs of the same config at once on the same store (three workers picking up the
+same schedule): all complete, every intermediate is computed once (the others wait on its
+lock and reuse it), one model version is registered, and nothing is left half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_csv
+from tests.test_cli import write_config
+
+
+@pytest.mark.slow
+def test_three_concurrent_runs_compute_each_intermediate_once(tmp_path, rows, make_config):
+    src = write_csv(tmp_path / "d.csv", rows(30))
+    cfg = make_config(src)
+    config = write_config(tmp_path / "c.yaml", cfg)
+    procs = []
+    for i in range(3):
+        env = dict(os.environ)
+        env.pop("PREFECT_API_URL", None)
+        env["PREFECT_HOME"] = str(tmp_path / f"prefect-{i}")  # three separate workers
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "domaintune.cli", "run", config, "--json"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
+    docs = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+        docs.append(json.loads(out))
+
+    for stage in ("ingest", "validate", "preprocess", "finetune", "evaluate"):
+        computed = [
+            next(s for s in d["stages"] if s["name"] == stage)["cached"] is False for d in docs
+        ]
+        assert sum(computed) == 1, f"{stage} computed {sum(computed)} times"
+    assert {d["version"] for d in docs} == {"v0001"}, "one model, registered once"
+    assert len({d["model_dir"] for d in docs}) == 1
+    store = Path(cfg.store.root)
+    reg = Path(docs[0]["model_dir"]).parent.parent  # <registry>/<name>/v0001/model
+    assert sorted(p.name for p in reg.iterdir() if p.is_dir()) == ["v0001"]
+    assert all(d["promoted"] for d in docs), [d["promotion_reason"] for d in docs]
+    assert (reg / "production").read_text() == "v0001"
+    leftovers = [p for p in store.rglob(".tmp-*")] + [p for p in store.rglob("*.part")]
+    assert not leftovers, leftovers
+    history = [json.loads(line) for line in (reg / "history.jsonl").read_text().splitlines()]
+    assert [h["action"] for h in history].count("register") == 1
