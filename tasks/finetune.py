@@ -293,6 +293,7 @@ def _launch(
             assert proc.stdout is not None
             for line in proc.stdout:
                 logf.write(line)
+                logf.flush()  # train.log is current for whoever tails it
                 line = line.rstrip("\n")
                 tail.append(line)
                 _forward(line, progress)
