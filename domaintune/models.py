@@ -112,7 +112,7 @@ def resolve_model(
                 f"model.name_or_path: {local} has no config.json; rule: a model folder in "
                 "Hugging Face format (config.json, weights, tokenizer files)"
             )
-        return ResolvedModel(name=name_or_path, path=os.path.abspath(local))
+        return ResolvedModel(name=name_or_path, path=_safe_weights(os.path.abspath(local)))
     looks_like_path = local.startswith(("/", "./", "../", "~")) or local.count("/") > 1
     if looks_like_path:  # a hub id is "org/name"; anything else is a path that is missing
         raise ModelError(f"model.name_or_path: {local} does not exist")
@@ -127,7 +127,26 @@ def resolve_model(
             f"model.name_or_path: {spec!r} is neither a local folder nor a reachable hub "
             f"model{hint}: {type(exc).__name__}"
         ) from None
-    return ResolvedModel(name=name_or_path, path=path)
+    return ResolvedModel(name=name_or_path, path=_safe_weights(path))
+
+
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _safe_weights(folder: str) -> str:
+    """Weights are loaded from safetensors only: a pickle (pytorch_model.bin, *.pt) can run
+    code when it is loaded, and a model folder is input nobody audited."""
+    root = Path(folder)
+    if any(root.glob("*.safetensors")) or not root.is_dir():
+        return folder
+    pickles = sorted(p.name for pattern in _PICKLE_WEIGHTS for p in root.glob(pattern))
+    if pickles:
+        raise ModelError(
+            f"model.name_or_path {folder}: weights only as pickle ({', '.join(pickles[:3])}); "
+            "rule: weights load from safetensors (convert once with "
+            "`model.save_pretrained(folder, safe_serialization=True)` on a trusted machine)"
+        )
+    return folder
 
 
 def resolve_config_model(config: Any) -> ResolvedModel:

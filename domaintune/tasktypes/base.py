@@ -118,6 +118,7 @@ class TaskType(ABC):
         model = auto.from_pretrained(
             path,
             trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never unpickle weights
             **self._label_kwargs(labels),
             **config_overrides,
         )

@@ -419,7 +419,9 @@ def init_embeddings(model: Any, base_path: str, source: str) -> str:
     from transformers import AutoModel
 
     src = check_embeddings_source(base_path, source)
-    donor = AutoModel.from_pretrained(src).get_input_embeddings().weight.detach()
+    donor = (
+        AutoModel.from_pretrained(src, use_safetensors=True).get_input_embeddings().weight.detach()
+    )
     target = model.get_input_embeddings().weight
     if donor.shape != target.shape:
         raise ConfigError(

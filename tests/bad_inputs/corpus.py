@@ -56,6 +56,20 @@ def _land_outside(sections: dict[str, Any]) -> None:
     add_files("../../outside", [sections["file"]], root=sections["root"])
 
 
+def _pickle_model(d: Path) -> dict[str, Any]:
+    """A model folder whose weights are a pickle (pytorch_model.bin), no safetensors."""
+    import torch
+    from transformers import AutoModel
+
+    from tests.conftest import build_tiny_model
+
+    folder = build_tiny_model(d / "pickled")
+    state = AutoModel.from_pretrained(folder).state_dict()
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    return {**src(_write(d / "ok.csv", _csv(GOOD))), "model": {"name_or_path": str(folder)}}
+
+
 def _mismatched_tokenizer(d: Path) -> dict[str, Any]:
     """A model whose embedding matrix is smaller than its tokenizer's vocabulary (a
     tokenizer copied in from another model)."""
@@ -305,6 +319,12 @@ CASES: list[BadInput] = [
         r"model\.name_or_path .*model: the tokenizer has \d+ tokens but the model's embedding "
         r"matrix has 50 rows",
         _mismatched_tokenizer,
+        error="ModelError",
+    ),
+    BadInput(
+        "model_with_pickle_weights_only",
+        r"model\.name_or_path .*pickled: weights only as pickle \(pytorch_model\.bin\)",
+        _pickle_model,
         error="ModelError",
     ),
     BadInput(
