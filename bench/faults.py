@@ -31,16 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-_TASK = """
-import json, sys
-from domaintune.config import validate_config
-from domaintune.manifests import SplitManifest
-from domaintune.store import Store
-from domaintune.tasks.finetune import finetune
-cfg = validate_config(json.loads(open(sys.argv[1]).read()))
-splits = SplitManifest.model_validate_json(open(sys.argv[2]).read())
-finetune(cfg, splits, Store(cfg.store.root))
-"""
 _STEP = re.compile(r'^DOMAINTUNE \{"event": "log", "step": (\d+)')
 
 
@@ -76,22 +66,14 @@ def _last_step(log: Path, offset: int = 0) -> int:
     return step
 
 
-def _ranks_alive(spec: Path) -> bool:
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if str(spec) in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    return True
-            except OSError:
-                continue
-    return False
-
-
 def kills(work: Path, n_kills: int, steps: int, every: int, seed: int) -> dict:
     from domaintune.store import Store
     from domaintune.tasks.finetune import finetune, latest_complete_checkpoint, plan
     from domaintune.tasks.ingest import ingest
     from domaintune.tasks.preprocess import preprocess
+
+    # the same drill as the test suite's: a finetune task process, ranks found by spec path
+    from tests.training.test_distributed import _TASK_SCRIPT, _processes_mentioning
 
     rng = random.Random(seed)
     cfg = _config(work, "killed", steps, every)
@@ -110,7 +92,7 @@ def kills(work: Path, n_kills: int, steps: int, every: int, seed: int) -> dict:
         log = wdir / "train.log"
         offset = log.stat().st_size if log.is_file() else 0
         task = subprocess.Popen(
-            [sys.executable, "-c", _TASK, str(work / "cfg.json"), str(work / "splits.json")],
+            [sys.executable, "-c", _TASK_SCRIPT, str(work / "cfg.json"), str(work / "splits.json")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -123,7 +105,7 @@ def kills(work: Path, n_kills: int, steps: int, every: int, seed: int) -> dict:
         task.wait()
         made += 1
         deadline = time.time() + 60
-        while _ranks_alive(wdir / "spec.json") and time.time() < deadline:
+        while _processes_mentioning(str(wdir / "spec.json")) and time.time() < deadline:
             time.sleep(0.5)
         resume = latest_complete_checkpoint(wdir / "checkpoints")
         resume_step = int(resume.name.split("-")[1]) if resume else 0
