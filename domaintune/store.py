@@ -270,3 +270,7 @@ def _store_error(exc: OSError, where: Path) -> StoreError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoreError(f"store: cannot write {where}: {exc.strerror} (check store.root)")
     return StoreError(f"store: cannot write {where}: {exc}")
+
+
+#: For stages that write outside ``Store.writer`` (the registry): an OSError as a StoreError.
+store_error = _store_error

@@ -37,7 +37,7 @@ from domaintune.manifests import (
     SplitManifest,
 )
 from domaintune.redaction import redact_obj
-from domaintune.store import Store, atomic_write_text
+from domaintune.store import Store, atomic_write_text, store_error
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,9 @@ def register(
             }
             (tmp / "lineage.json").write_text(json.dumps(redact_obj(lineage), indent=2))
             os.replace(tmp, final)
+        except OSError as exc:  # a full disk, a read-only store: a clear error, no version
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise store_error(exc, tmp) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -277,10 +280,19 @@ def register(
             primary_metric=evaluation.primary_metric,
             metrics={k: v for k, v in evaluation.finetuned.items() if isinstance(v, int | float)},
         )
-        atomic_write_text(final / MARKER, json.dumps(manifest.model_dump(mode="json"), indent=2))
-        atomic_write_text(reg / "latest", version)
-        if promoted:
-            atomic_write_text(reg / "production", version)
+        try:
+            atomic_write_text(
+                final / MARKER, json.dumps(manifest.model_dump(mode="json"), indent=2)
+            )
+        except OSError as exc:
+            shutil.rmtree(final, ignore_errors=True)  # never a version without its marker
+            raise store_error(exc, final) from exc
+        try:  # the version is complete; a failure here leaves the pointers as they were
+            atomic_write_text(reg / "latest", version)
+            if promoted:
+                atomic_write_text(reg / "production", version)
+        except OSError as exc:
+            raise store_error(exc, reg) from exc
         _history(
             reg,
             action="register",

@@ -49,7 +49,13 @@ def test_early_stopping_and_a_model_that_is_not_better_is_not_promoted(tmp_path,
     assert not (registry / "production").exists()
 
 
-def test_a_better_model_is_registered_once_and_promoted(tmp_path, make_config, rows):
+def _full_disk(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_better_model_is_registered_once_and_promoted(tmp_path, make_config, rows, monkeypatch):
     src = write_csv(tmp_path / "d.csv", rows(30))
     cfg = make_config(src)
     store, raw, splits = _stages(cfg)
@@ -59,6 +65,27 @@ def test_a_better_model_is_registered_once_and_promoted(tmp_path, make_config, r
     evaluation = evaluate(cfg, splits, model, store)
     assert evaluation.finetuned["accuracy"] > evaluation.base["accuracy"]
     assert evaluate(cfg, splits, model, store).reused
+
+    # the disk fills up while the version is written, then while its marker is: a clear
+    # error each time, and no version, no pointer, nothing half-registered
+    from domaintune.errors import StoreError
+    from domaintune.tasks import register as register_module
+
+    real_write = register_module.atomic_write_text
+    for target, fake in (
+        ("shutil.copy2", _full_disk),
+        ("atomic_write_text",
+         lambda p, t: _full_disk() if p.name == register_module.MARKER else real_write(p, t)),
+    ):  # fmt: skip
+        with monkeypatch.context() as m:
+            m.setattr(register_module if "." not in target else register_module.shutil,
+                      target.split(".")[-1], fake)  # fmt: skip
+            with pytest.raises(StoreError, match="no space left on device"):
+                register(cfg, raw, splits, model, evaluation, store, flow_run_id="run-0")
+        registry = register_module.registry_dir(store, cfg.name)
+        assert not [p.name for p in registry.iterdir() if p.name.startswith(("v", ".tmp"))]
+        assert not (registry / "production").exists() and not (registry / "latest").exists()
+
     reg = register(cfg, raw, splits, model, evaluation, store, flow_run_id="run-1")
     assert reg.promoted and reg.version == "v0001"
     assert (Path(reg.registry_dir) / "production").read_text() == "v0001"
