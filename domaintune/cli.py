@@ -178,6 +178,8 @@ def _validate(args: argparse.Namespace, config: Any) -> int:
         "raw_snapshot": raw.table,
         "validation_report": report.report_markdown,
         "expectations": report.evaluated,
+        "quarantined_rows": report.quarantined_rows,
+        "quarantine_table": report.quarantine_table,
         "notes": raw.notes,
     }
     if args.json:
@@ -189,6 +191,11 @@ def _validate(args: argparse.Namespace, config: Any) -> int:
         print(f"  labels: {', '.join(f'{k} {v}' for k, v in raw.label_counts.items())}")
         for note in raw.notes:
             print(f"  note: {note}")
+        if report.quarantined_rows:
+            print(
+                f"  quarantined: {report.quarantined_rows} row(s) "
+                f"({100 * report.quarantine_share:.2f}%) -> {report.quarantine_table}"
+            )
         print(f"  report: {report.report_markdown}")
     return 0
 

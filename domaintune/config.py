@@ -137,6 +137,24 @@ class DataConfig(_Section):
         "with a note, or an error (a strict schema: an unexpected column means the export "
         "changed).",
     )
+    on_invalid: Literal["fail", "quarantine"] = Field(
+        "fail",
+        description="A row that breaks a row rule of the data contract (a label outside "
+        "task.labels, a blank text, tags that are not IOB2, an answer off its span, ...) or a "
+        "JSONL / CoNLL record that does not parse: `fail` the run, or `quarantine` it: left "
+        "out of training and evaluation, written with its reasons to the validate stage's "
+        "quarantine.parquet, and the run goes on while such rows are at most "
+        "data.max_invalid_share of all. Rules about the whole data (row counts, class sizes, "
+        "duplicate share) still fail the run, judged on the rows kept.",
+    )
+    max_invalid_share: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="data.on_invalid: quarantine: the largest share of rows (0-1) that may be "
+        "quarantined before the run fails instead (a broken export should stop, not train on "
+        "what is left).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

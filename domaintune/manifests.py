@@ -33,10 +33,17 @@ class RawSnapshot(Manifest):
     labels: list[str]
     label_counts: dict[str, int]
     notes: list[str] = Field(default_factory=list)
+    #: data.on_invalid: quarantine: records that did not parse (kept with their line and
+    #: reason in ``unparsed.parquet``, judged by validate's quarantine share).
+    unparsed_rows: int = 0
 
     @property
     def table(self) -> str:
         return f"{self.path}/raw.parquet"
+
+    @property
+    def unparsed_table(self) -> str | None:
+        return f"{self.path}/unparsed.parquet" if self.unparsed_rows else None
 
 
 class ValidationReport(Manifest):
@@ -48,6 +55,12 @@ class ValidationReport(Manifest):
     report_json: str
     report_markdown: str
     failures: list[dict[str, Any]] = Field(default_factory=list)
+    #: data.on_invalid: quarantine: rows left out (row rules broken or not parsed), their
+    #: share of all rows, and the Parquet table listing them with their reasons.
+    quarantined_rows: int = 0
+    quarantine_share: float = 0.0
+    quarantine_table: str | None = None
+    quarantine_fingerprint: str | None = None
 
 
 class SplitInfo(BaseModel):
@@ -137,6 +150,9 @@ class RunSummary(BaseModel):
     promoted: bool = False
     promotion_reason: str | None = None
     validation_report: str | None = None
+    #: Rows left out by data.on_invalid: quarantine, and the table that lists them.
+    quarantined_rows: int = 0
+    quarantine_table: str | None = None
     #: What trained: strategy, trainable / total parameters, seconds per epoch, peak memory.
     training: dict[str, Any] = Field(default_factory=dict)
     #: Whether code shipped with the model was allowed to run (model.trust_remote_code).

@@ -323,9 +323,18 @@ def _refuse_mixed_encodings(data: bytes, first_bad: int, where: str) -> None:
 
 
 def read_file(
-    src: SourceFile, fmt: str, encoding: str, delimiter: str | None
+    src: SourceFile,
+    fmt: str,
+    encoding: str,
+    delimiter: str | None,
+    unparsed: list[dict[str, Any]] | None = None,
 ) -> tuple[pd.DataFrame, str | None]:
-    """Read one file into a table with ``_row`` (1-based record number) and ``_source``."""
+    """Read one file into a table with ``_row`` (1-based record number) and ``_source``.
+
+    With ``unparsed`` (data.on_invalid: quarantine) a JSONL line or CoNLL sentence that does
+    not parse is appended there (``_row``, ``_record``: its text, ``_reasons``) instead of
+    failing the file. A file with nothing readable, and CSV / Parquet damage (which shifts
+    every later row), still fail."""
     data = src.read_bytes()
     if fmt == "parquet":
         df, enc = _read_parquet(data, src.url), None
@@ -342,9 +351,9 @@ def read_file(
         if fmt == "csv":
             df = _read_csv(text, src.url, delimiter or _sniff_delimiter(text, src.path))
         elif fmt == "jsonl":
-            df = _read_jsonl(text, src.url)
+            df = _read_jsonl(text, src.url, unparsed)
         elif fmt == "conll":
-            df = _read_conll(text, src.url)
+            df = _read_conll(text, src.url, unparsed)
         elif fmt == "text":
             df = pd.DataFrame(
                 {
@@ -401,7 +410,26 @@ def _read_csv(text: str, where: str, delimiter: str) -> pd.DataFrame:
     return df
 
 
-def _read_jsonl(text: str, where: str) -> pd.DataFrame:
+def _unparsed(unparsed: list[dict[str, Any]] | None, line: int, record: str, reason: str) -> None:
+    """Hold a record that did not parse (quarantine), or fail with ``reason``."""
+    if unparsed is None:
+        raise DataError(reason)
+    unparsed.append({ROW: line, "_record": record, "_reasons": f"parse: {reason}"})
+
+
+def _held_detail(unparsed: list[dict[str, Any]] | None, since: int, what: str) -> str:
+    """' (3 line(s) did not parse; first: ...)' for a file where nothing parsed."""
+    held = unparsed[since:] if unparsed is not None else []
+    if not held:
+        return ""
+    first = held[0]["_reasons"].removeprefix("parse: ")
+    return f" ({len(held)} {what}(s) did not parse; first: {first})"
+
+
+def _read_jsonl(
+    text: str, where: str, unparsed: list[dict[str, Any]] | None = None
+) -> pd.DataFrame:
+    held_before = len(unparsed) if unparsed is not None else 0
     stripped = text.lstrip()
     records: list[dict] = []
     lines: list[int] = []
@@ -424,51 +452,68 @@ def _read_jsonl(text: str, where: str) -> pd.DataFrame:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(
+                msg = (
                     f"{where}: line {n}: not valid JSON ({exc.msg}); rule: one JSON object per line"
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(
-                    f"{where}: line {n}: expected a JSON object, got {type(obj).__name__}"
                 )
+                _unparsed(unparsed, n, line, msg)
+                continue
+            if not isinstance(obj, dict):
+                msg = f"{where}: line {n}: expected a JSON object, got {type(obj).__name__}"
+                _unparsed(unparsed, n, line, msg)
+                continue
             records.append(obj)
             lines.append(n)
     if not records:
-        raise DataError(f"{where}: no records")
+        raise DataError(f"{where}: no records{_held_detail(unparsed, held_before, 'line')}")
     df = pd.DataFrame.from_records(records)
     df[ROW] = lines  # JSONL rows are named by their line number
     return df
 
 
-def _read_conll(text: str, where: str) -> pd.DataFrame:
+def _read_conll(
+    text: str, where: str, unparsed: list[dict[str, Any]] | None = None
+) -> pd.DataFrame:
     """CoNLL: ``token ... TAG`` per line (first and last whitespace-separated fields), a blank
     line between sentences, ``-DOCSTART-`` lines ignored. ``_row`` is the line number of each
     sentence's first token."""
+    held_before = len(unparsed) if unparsed is not None else 0
     sentences: list[tuple[list[str], list[str], int]] = []
     tokens: list[str] = []
     tags: list[str] = []
+    lines: list[str] = []
     start = 0
+    broken = ""  # why the sentence being read cannot be used (quarantine)
+
+    def end_sentence() -> None:
+        if broken:
+            _unparsed(unparsed, start, "\n".join(lines), broken)
+        elif tokens:
+            sentences.append((tokens, tags, start))
+
     for n, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields or fields[0] == "-DOCSTART-":
-            if tokens:
-                sentences.append((tokens, tags, start))
-            tokens, tags = [], []
+            end_sentence()
+            tokens, tags, lines, broken = [], [], [], ""
             continue
+        if not lines:
+            start = n
+        lines.append(line)
         if len(fields) < 2:
-            raise DataError(
+            broken = broken or (
                 f"{where}: line {n}: expected 'token TAG', got {line.strip()!r}; rule: every "
                 "token line has a tag (CoNLL format)"
             )
-        if not tokens:
-            start = n
+            if unparsed is None:
+                raise DataError(broken)
+            continue
         tokens.append(fields[0])
         tags.append(fields[-1])
-    if tokens:
-        sentences.append((tokens, tags, start))
+    end_sentence()
     if not sentences:
         raise DataError(
             f"{where}: no sentences (CoNLL: 'token TAG' lines, blank line between sentences)"
+            + _held_detail(unparsed, held_before, "sentence")
         )
     return pd.DataFrame(
         {

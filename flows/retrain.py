@@ -76,7 +76,7 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
     stages: list[StageRecord] = []
     raw = call_stage(ingest_task, stages, config)
     validation = call_stage(validate_task, stages, config, raw)
-    splits = call_stage(preprocess_task, stages, config, raw)
+    splits = call_stage(preprocess_task, stages, config, raw, validation=validation)
     model = call_stage(finetune_task, stages, config, splits)
     evaluation = call_stage(evaluate_task, stages, config, splits, model)
     registration = call_stage(
@@ -109,6 +109,8 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         promoted=registration.promoted,
         promotion_reason=registration.promotion_reason,
         validation_report=validation.report_markdown,
+        quarantined_rows=validation.quarantined_rows,
+        quarantine_table=validation.quarantine_table,
         training=training_summary(model),
         trust_remote_code=config.model.trust_remote_code,
         seconds=round(time.perf_counter() - t0, 3),

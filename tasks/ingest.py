@@ -50,7 +50,7 @@ def plan(
         STAGE,
         VERSION,
         config.task.model_dump(include={"type", "labels", "iob_repair"}),
-        config.data.model_dump(exclude={"source", "splits"}),
+        config.data.model_dump(exclude={"source", "splits", "max_invalid_share"}),
         fmt,
         sorted(hashes.items()),
         [(split, f.url) for split, f in files],
@@ -84,8 +84,18 @@ def _run(
     sources: list[SourceFile] = []
     known = _known_columns(config)
     ignored: dict[str, None] = {}
+    unparsed: list[dict] = []  # data.on_invalid: quarantine: records that did not parse
     for split, f in files:
-        df, enc = read_file(f, fmt, config.data.encoding, config.data.delimiter)
+        held = len(unparsed)
+        df, enc = read_file(
+            f,
+            fmt,
+            config.data.encoding,
+            config.data.delimiter,
+            unparsed if config.data.on_invalid == "quarantine" else None,
+        )
+        for record in unparsed[held:]:
+            record["_source"] = redact(f.url)
         extra = [str(c) for c in df.columns if str(c) not in known]
         if extra and config.data.extra_columns == "error":
             raise DataError(
@@ -119,14 +129,24 @@ def _run(
         )
     if ignored:
         notes.append(f"column(s) not used by {config.task.type}, left out: {', '.join(ignored)}")
+    if unparsed:
+        notes.append(
+            f"{len(unparsed)} record(s) did not parse (first: "
+            f"{unparsed[0]['_reasons'].removeprefix('parse: ')}); held "
+            "for the quarantine (data.on_invalid: quarantine)"
+        )
     raw["_row"] = raw["_row"].astype("int64")
     fingerprint = hash_dataframe(raw)
+    if unparsed:  # the quarantine depends on them: so must every key downstream
+        fingerprint = hash_obj(fingerprint, hash_dataframe(pd.DataFrame(unparsed)), length=32)
     counts = task.label_counts(raw)
     encodings = sorted({s.encoding for s in sources if s.encoding and s.encoding != "utf-8"})
     if encodings:
         notes.append(f"non-UTF-8 input decoded as {', '.join(encodings)}")
     with store.writer(STAGE, key) as w:
         raw.to_parquet(w.path / "raw.parquet", index=False)
+        if unparsed:
+            pd.DataFrame(unparsed).to_parquet(w.path / "unparsed.parquet", index=False)
         manifest = RawSnapshot(
             key=key,
             path=str(store.entry_path(STAGE, key)),
@@ -137,6 +157,7 @@ def _run(
             labels=labels,
             label_counts=counts,
             notes=notes,
+            unparsed_rows=len(unparsed),
         )
         w.manifest = manifest.model_dump(mode="json")
         (w.path / "manifest.json").write_text(stable_json(w.manifest))

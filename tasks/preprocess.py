@@ -27,7 +27,7 @@ import pandas as pd
 from domaintune.config import RetrainConfig
 from domaintune.errors import DataError, ModelError
 from domaintune.fingerprint import hash_local_file, hash_obj, library_versions, stable_json
-from domaintune.manifests import RawSnapshot, SplitInfo, SplitManifest
+from domaintune.manifests import RawSnapshot, SplitInfo, SplitManifest, ValidationReport
 from domaintune.models import ResolvedModel, resolve_config_model
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
@@ -39,13 +39,17 @@ VERSION = "2"  # 2: splits keep _example ids (windows of long examples)
 SPLITS = ("train", "validation", "test")
 
 
-def plan(config: RetrainConfig, raw: RawSnapshot) -> tuple[str, ResolvedModel, str]:
+def plan(
+    config: RetrainConfig, raw: RawSnapshot, validation: ValidationReport | None = None
+) -> tuple[str, ResolvedModel, str]:
     model = resolve_config_model(config)
     tok_fp = model.tokenizer_fingerprint()
+    quarantined = validation.quarantine_fingerprint if validation else None
     key = hash_obj(
         STAGE,
         VERSION,
         raw.fingerprint,
+        *([{"quarantined": quarantined}] if quarantined else []),
         raw.labels,
         config.task.type,
         config.preprocess.model_dump(exclude={"num_proc"}),
@@ -129,10 +133,20 @@ def _check_tokenizer_fits_model(tok: Any, model: ResolvedModel) -> None:
         )
 
 
-def preprocess(config: RetrainConfig, raw: RawSnapshot, store: Store) -> SplitManifest:
-    key, model, tok_fp = plan(config, raw)
+def preprocess(
+    config: RetrainConfig,
+    raw: RawSnapshot,
+    store: Store,
+    validation: ValidationReport | None = None,
+) -> SplitManifest:
+    """``validation``: the rows its quarantine lists (data.on_invalid: quarantine) are left
+    out of every split."""
+    key, model, tok_fp = plan(config, raw, validation)
     return store.compute_once(
-        STAGE, key, SplitManifest, lambda: _run(config, raw, store, key, model, tok_fp)
+        STAGE,
+        key,
+        SplitManifest,
+        lambda: _run(config, raw, store, key, model, tok_fp, validation),
     )
 
 
@@ -143,6 +157,7 @@ def _run(
     key: str,
     model: ResolvedModel,
     tok_fp: str,
+    validation: ValidationReport | None = None,
 ) -> SplitManifest:
     from datasets import Dataset, disable_progress_bars
 
@@ -151,8 +166,15 @@ def _run(
     labels = raw.labels
     df = pd.read_parquet(raw.table)
     stats: dict[str, Any] = {"raw_rows": len(df)}
+    if validation is not None and validation.quarantine_table:
+        bad = pd.read_parquet(validation.quarantine_table, columns=["_source", "_row"])
+        bad_ids = set(zip(bad["_source"].astype(str), bad["_row"].astype(int), strict=True))
+        ids = zip(df["_source"].astype(str), df["_row"].astype(int), strict=True)
+        keep = [i not in bad_ids for i in ids]
+        stats["quarantined"] = len(df) - sum(keep)
+        df = df[keep]
     df = task.usable_rows(df, labels)
-    stats["dropped_invalid"] = stats["raw_rows"] - len(df)
+    stats["dropped_invalid"] = stats["raw_rows"] - stats.get("quarantined", 0) - len(df)
     before = len(df)
     df = task.clean(df, config)
     stats["dropped_blank_after_cleaning"] = before - len(df)

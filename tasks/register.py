@@ -244,6 +244,8 @@ def register(
                 "splits": {
                     "key": splits.key,
                     "fingerprint": splits.fingerprint,
+                    # rows data.on_invalid: quarantine left out (listed in validate's table)
+                    "quarantined": int(splits.stats.get("quarantined", 0)),
                     **{
                         n: {"rows": s.rows, "fingerprint": s.fingerprint}
                         for n, s in splits.splits.items()

@@ -76,6 +76,13 @@ def test_validate_command_and_exit_codes(tmp_path, rows, make_config):
     assert failed.returncode == 2
     assert "label_in_set" in failed.stderr and "bad.csv row 3: 'sideways'" in failed.stderr
     assert "report:" in failed.stderr
+    # the same file with the bad row quarantined (1 of 36 rows: under 5%)
+    quarantined = cli(
+        "validate", str(tmp_path / "bad.yaml"), "--set", "data.on_invalid=quarantine", "--json"
+    )
+    assert quarantined.returncode == 0, quarantined.stderr[-2000:]
+    doc = json.loads(quarantined.stdout)
+    assert doc["quarantined_rows"] == 1 and doc["quarantine_table"].endswith("quarantine.parquet")
     typo = cli(
         "run",
         write_config(

@@ -200,6 +200,22 @@ CASES: list[BadInput] = [
         error="ContractViolation",
     ),
     BadInput(
+        "quarantine_above_its_share",
+        r"invalid_share \(at most 0\.05 of the rows may be quarantined.*: 6 unexpected "
+        r"\(20\.0%\); e\.g\. typos\.csv row 25: .*label_in_set",
+        lambda d: src(
+            _write(d / "typos.csv", _csv(GOOD)[:-1] + "\n" + "typo here,postive\n" * 6),
+            on_invalid="quarantine",
+        ),
+        error="ContractViolation",
+    ),
+    BadInput(
+        "nothing_parses_under_quarantine",
+        r"broken\.jsonl: no records \(3 line\(s\) did not parse; first: .*broken\.jsonl: line 1: not "
+        r"valid JSON",
+        lambda d: src(_write(d / "broken.jsonl", "{oops\n" * 3), on_invalid="quarantine"),
+    ),
+    BadInput(
         "one_class_only",
         r"rows_per_class .*'negative'",
         lambda d: src(_write(d / "one.csv", _csv(GOOD[:1], n=30))),

@@ -27,6 +27,13 @@ SETTINGS = settings(
     derandomize=True,  # the same examples on every CI run; failures reproduce
 )
 
+#: data.on_invalid both ways; a share of 1 lets the quarantine keep nothing at all
+POLICIES = [
+    {},
+    {"on_invalid": "quarantine"},
+    {"on_invalid": "quarantine", "max_invalid_share": 1.0},
+]
+
 
 def _run(name: str, content: bytes, fmt: str | None = None, **data) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,8 +59,12 @@ def _run(name: str, content: bytes, fmt: str | None = None, **data) -> None:
 
 
 @SETTINGS
-@given(st.binary(min_size=0, max_size=2000), st.sampled_from(["csv", "jsonl", "conll", "text"]))
-def test_arbitrary_bytes_give_an_own_error_or_a_table(content, fmt):
+@given(
+    st.binary(min_size=0, max_size=2000),
+    st.sampled_from(["csv", "jsonl", "conll", "text"]),
+    st.sampled_from(POLICIES),
+)
+def test_arbitrary_bytes_give_an_own_error_or_a_table(content, fmt, policy):
     suffix = {"csv": ".csv", "jsonl": ".jsonl", "conll": ".conll", "text": ".txt"}[fmt]
     if fmt == "conll":
         # NER reads CoNLL; the rows then go through the token-classification contract
@@ -64,7 +75,7 @@ def test_arbitrary_bytes_give_an_own_error_or_a_table(content, fmt):
                 data={
                     "name": "prop",
                     "task": {"type": "token_classification", "labels": ["PER", "ORG"]},
-                    "data": {"source": str(path)},
+                    "data": {"source": str(path), **policy},
                     "store": {"root": str(Path(tmp) / "store")},
                 }
             )
@@ -74,7 +85,7 @@ def test_arbitrary_bytes_give_an_own_error_or_a_table(content, fmt):
             except errors.DomainTuneError as exc:
                 assert str(exc).strip()
         return
-    _run(f"in{suffix}", content, label_column="directory" if fmt == "text" else "label")
+    _run(f"in{suffix}", content, label_column="directory" if fmt == "text" else "label", **policy)
 
 
 cell = st.one_of(st.none(), st.text(max_size=40), st.integers(), st.floats(allow_nan=True))
@@ -84,8 +95,9 @@ cell = st.one_of(st.none(), st.text(max_size=40), st.integers(), st.floats(allow
 @given(
     st.lists(st.tuples(cell, st.one_of(st.sampled_from(LABELS), cell)), min_size=0, max_size=40),
     st.sampled_from(["utf-8", "utf-16", "cp1252", "auto"]),
+    st.sampled_from(POLICIES),
 )
-def test_arbitrary_rows_as_csv(rows, encoding):
+def test_arbitrary_rows_as_csv(rows, encoding, policy):
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["text", "label"])
@@ -95,7 +107,7 @@ def test_arbitrary_rows_as_csv(rows, encoding):
         content = buf.getvalue().encode("utf-8" if encoding == "auto" else encoding)
     except UnicodeEncodeError:
         return  # not representable in that encoding: not a file anyone could have
-    _run("rows.csv", content, encoding=encoding)
+    _run("rows.csv", content, encoding=encoding, **policy)
 
 
 @SETTINGS
@@ -106,8 +118,10 @@ def test_arbitrary_rows_as_csv(rows, encoding):
             st.one_of(cell, st.lists(cell, max_size=3), st.dictionaries(st.text(max_size=3), cell)),
         ),
         max_size=30,
-    )
+    ),
+    st.lists(st.text(max_size=20), max_size=3),
+    st.sampled_from(POLICIES),
 )
-def test_arbitrary_json_records(records):
-    lines = [json.dumps(r, allow_nan=True) for r in records]
-    _run("rows.jsonl", ("\n".join(lines) + "\n").encode())
+def test_arbitrary_json_records(records, junk_lines, policy):
+    lines = [json.dumps(r, allow_nan=True) for r in records] + junk_lines
+    _run("rows.jsonl", ("\n".join(lines) + "\n").encode(), **policy)

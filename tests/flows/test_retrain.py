@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from domaintune.errors import ContractViolation
@@ -155,6 +156,36 @@ def test_contract_violation_stops_the_flow_before_training(tmp_path, make_config
     assert src.read_bytes() == before
     states = task_run_states(str(state.state_details.flow_run_id))
     assert states == {"ingest": "Completed", "validate": "Failed"}, "bad data is not retried"
+
+
+def test_quarantined_rows_are_left_out_and_the_run_goes_on(tmp_path, make_config, rows):
+    from domaintune.flows.retrain import retrain
+
+    r = rows(15)
+    for i in range(0, 12, 3):
+        r[i]["label"] = "bullish"  # 4 of 45 rows: 8.9%
+    src = write_csv(tmp_path / "bad.csv", r)
+    before = src.read_bytes()
+    cfg = make_config(
+        src, data={"on_invalid": "quarantine", "max_invalid_share": 0.1}, training={"epochs": 2}
+    )
+    summary = retrain(cfg)
+    assert summary["status"] == "completed" and summary["version"] == "v0001"
+    assert summary["quarantined_rows"] == 4
+    q = pd.read_parquet(summary["quarantine_table"])
+    assert set(q["label"]) == {"bullish"} and q["_reasons"].str.contains("label_in_set").all()
+    assert summary["metrics"]["test_rows"] + 4 < 45
+    lineage = json.loads((Path(summary["model_dir"]).parent / "lineage.json").read_text())
+    assert lineage["splits"]["quarantined"] == 4, "the registry records what was left out"
+    assert src.read_bytes() == before
+    reports = [a.data for a in run_artifacts(summary["run_id"]) if a.type == "markdown"]
+    assert any("PASSED with 4 row(s) quarantined" in md for md in reports), "shown in the UI"
+    assert any("4 row(s) (8.89% of the data" in m for m in run_logs(summary["run_id"]))
+    # the default share (5%) stops the same data before training
+    strict = make_config(src, data={"on_invalid": "quarantine"})
+    state = retrain(strict, return_state=True)
+    assert state.is_failed()
+    assert "invalid_share" in str(state.result(raise_on_failure=False)).splitlines()[0]
 
 
 def _kill_worker_after_first_checkpoint(work_root: Path, killed: dict) -> None:
