@@ -123,6 +123,15 @@ def _early_stopper(trainer: Any) -> Any:
     )
 
 
+def _stopped_early(trainer: Any) -> bool:
+    """Whether the early-stopping counter restored from a checkpoint had reached patience."""
+    stopper = _early_stopper(trainer)
+    return bool(
+        stopper is not None
+        and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
+    )
+
+
 def prepare_model(spec: dict[str, Any], training: Any) -> Any:
     """The base model as training starts from it: dropout overrides, then the strategy's
     architecture changes (dropped blocks, custom head, embeddings from a checkpoint)."""
@@ -172,6 +181,15 @@ def _strategy_trainer():
 
         training_config: Any = None
         group_report: list[dict[str, Any]] = []
+
+        def _run_epoch(self, *args, **kwargs):
+            # Resumed from the checkpoint where training had already ended (the task was
+            # killed while saving the model): transformers would run one more optimizer step
+            # before it checks the step limit or the early-stopping decision. Finish instead.
+            if self.state.global_step >= self.state.max_steps or _stopped_early(self):
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:

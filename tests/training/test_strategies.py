@@ -483,6 +483,45 @@ def test_early_stopping_counter_survives_a_resume(tmp_path, make_config, rows):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "limits, final_step",
+    [
+        ({"max_steps": 3}, 3),  # the step limit, mid-epoch
+        ({"max_steps": 20, "early_stopping_patience": 1, "learning_rate": 1e-12}, 2),
+    ],
+    ids=["max_steps", "early_stopped"],
+)
+def test_a_resume_from_the_checkpoint_where_training_ended_trains_no_more(
+    tmp_path, make_config, rows, limits, final_step
+):
+    """Killed after the last checkpoint (while saving the model): the retry finishes from it
+    without another optimizer step (transformers runs one before it checks its limits)."""
+    import os
+
+    from domaintune.tasks import finetune as finetune_stage
+
+    src = write_csv(tmp_path / "d.csv", rows(12))
+    cfg = make_config(
+        src, training={"epochs": 1, "batch_size": 4, "checkpoint_every_steps": 1, **limits}
+    )
+    store = Store(cfg.store.root)
+    splits = preprocess(cfg, ingest(cfg, store), store)
+    key, _, _ = finetune_stage.plan(cfg, splits)
+    os.environ["DOMAINTUNE_FAULT_EXIT_AFTER_STEP"] = str(final_step)
+    try:
+        with pytest.raises(Exception, match="training exited with code"):
+            finetune(cfg, splits, store)
+    finally:
+        del os.environ["DOMAINTUNE_FAULT_EXIT_AFTER_STEP"]
+    ckpts = store.scratch_dir("finetune", key) / "checkpoints"
+    assert max(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*")) == final_step
+    model = finetune(cfg, splits, store)
+    summary = json.loads((Path(model.model_dir) / "training_summary.json").read_text())
+    assert summary["start_step"] == final_step
+    assert model.global_step == final_step, "no step beyond where training had ended"
+
+
+@pytest.mark.slow
 def test_lora_under_zero3_on_token_classification(tmp_path, make_config):
     from tests.conftest import make_ner_sentences
 
