@@ -165,7 +165,7 @@ def _validate(args: argparse.Namespace, config: Any) -> int:
     from domaintune.tasks.ingest import ingest
     from domaintune.tasks.validate import validate
 
-    store = Store(config.store.root)
+    store = Store.of(config)
     try:
         raw = ingest(config, store)
         report = validate(config, raw, store)
@@ -235,10 +235,9 @@ def _models(args: argparse.Namespace) -> int:
         if args.config:
             from domaintune.config import load_config
 
-            root = load_config(args.config).store.root
+            store = Store.of(load_config(args.config))
         else:
-            root = args.store or "./.domaintune"
-        store = Store(root)
+            store = Store(args.store or "./.domaintune")
         if args.action == "list":
             doc: Any = (
                 registry.version_table(store, args.name)

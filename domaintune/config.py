@@ -137,6 +137,12 @@ class DataConfig(_Section):
         "with a note, or an error (a strict schema: an unexpected column means the export "
         "changed).",
     )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options of the sources' file system (key, secret, token, "
+        "endpoint_url, ...). Write credentials as ${env:NAME}: read from the environment "
+        "when the files are opened, so they never enter Prefect's stored parameters.",
+    )
     on_invalid: Literal["fail", "quarantine"] = Field(
         "fail",
         description="A row that breaks a row rule of the data contract (a label outside "
@@ -547,6 +553,11 @@ class StoreConfig(_Section):
     root: str = Field(
         "./.domaintune", description="Local folder or fsspec URL of intermediates and registry."
     )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options of the store's file system; credentials as ${env:NAME} "
+        "(see data.storage_options).",
+    )
 
 
 class RetrainConfig(_Section):
@@ -565,6 +576,20 @@ class RetrainConfig(_Section):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+
+    @model_validator(mode="after")
+    def _credentials_by_reference(self) -> RetrainConfig:
+        from domaintune.credentials import literal_secrets
+
+        written = literal_secrets(self.data.storage_options, "data.storage_options")
+        written += literal_secrets(self.store.storage_options, "store.storage_options")
+        if written:
+            raise ValueError(
+                f"{', '.join(written)}: a credential written into the config; rule: reference "
+                "it as ${env:NAME} (Prefect stores a run's parameters as given and shows them "
+                "in its UI)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> RetrainConfig:

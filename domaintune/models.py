@@ -151,7 +151,7 @@ def _safe_weights(folder: str) -> str:
 
 def resolve_config_model(config: Any) -> ResolvedModel:
     """The base model of a run (GGUF conversions go into the run's store)."""
-    return resolve_model(config.model.name_or_path, config.model.revision, Store(config.store.root))
+    return resolve_model(config.model.name_or_path, config.model.revision, Store.of(config))
 
 
 def convert_gguf(gguf_path: str, store: Store | None = None) -> Path:

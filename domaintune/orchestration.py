@@ -38,7 +38,7 @@ def stage_task(
         from domaintune.store import Store
 
         try:
-            manifest = fn(config, *inputs, store=Store(config.store.root), **kwargs)
+            manifest = fn(config, *inputs, store=Store.of(config), **kwargs)
         except DomainTuneError as exc:
             report = getattr(exc, "report_path", None)
             if report and os.path.isfile(report):

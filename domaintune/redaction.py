@@ -47,10 +47,21 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
 ]
 
 _env_cache: tuple[tuple[tuple[str, str], ...], list[str]] | None = None
+#: values read through ``${env:NAME}`` references (``domaintune.credentials``)
+_registered: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Mask ``value`` from now on (6+ characters: shorter ones would mask ordinary words)."""
+    global _env_cache
+    if value and len(value) >= 6 and value not in _registered:
+        _registered.add(value)
+        _env_cache = None
 
 
 def secret_values() -> list[str]:
-    """Values of secret-named environment variables (8+ characters), longest first."""
+    """Values of secret-named environment variables (8+ characters) and of registered
+    secrets, longest first."""
     global _env_cache
     items = tuple(
         sorted(
@@ -60,7 +71,8 @@ def secret_values() -> list[str]:
         )
     )
     if _env_cache is None or _env_cache[0] != items:
-        _env_cache = (items, sorted({v for _, v in items}, key=len, reverse=True))
+        values = {v for _, v in items} | _registered
+        _env_cache = (items, sorted(values, key=len, reverse=True))
     return _env_cache[1]
 
 

@@ -93,14 +93,21 @@ def resolve_package_path(spec: str) -> str:
     return os.path.join(base, sub) if sub else base
 
 
-def resolve_sources(source: str | list[str], field: str = "data.source") -> list[SourceFile]:
-    """Expand every source spec into concrete files, sorted, de-duplicated."""
+def resolve_sources(
+    source: str | list[str],
+    field: str = "data.source",
+    storage_options: dict[str, Any] | None = None,
+) -> list[SourceFile]:
+    """Expand every source spec into concrete files, sorted, de-duplicated.
+
+    ``storage_options`` (data.storage_options) open remote file systems; ``${env:NAME}`` in
+    them is read from the environment now."""
     specs = [source] if isinstance(source, str) else list(source)
     if not specs:
         raise ConfigError(f"{field}: no source given")
     files: dict[str, SourceFile] = {}
     for spec in specs:
-        found = _expand(spec)
+        found = _expand(spec, storage_options)
         if not found:
             raise DataError(f"{field}: {spec!r} matched no files")
         for f in found:
@@ -108,11 +115,14 @@ def resolve_sources(source: str | list[str], field: str = "data.source") -> list
     return [files[k] for k in sorted(files)]
 
 
-def _expand(spec: str) -> list[SourceFile]:
+def _expand(spec: str, storage_options: dict[str, Any] | None = None) -> list[SourceFile]:
     if spec.startswith("pkg://"):
         spec = resolve_package_path(spec)
     if "://" in spec and not spec.startswith("file://"):
-        fs, path = fsspec.core.url_to_fs(spec)
+        from domaintune.credentials import resolve_env_refs
+
+        options = resolve_env_refs(storage_options, "data.storage_options")
+        fs, path = fsspec.core.url_to_fs(spec, **options)
         proto = _protocols(fs)[0]
         if any(c in path for c in _MAGIC):
             paths = sorted(fs.glob(path))

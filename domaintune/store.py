@@ -48,7 +48,9 @@ def _strip_file_scheme(root: str) -> str:
 class Store:
     """A content-addressed, crash-safe store of stage outputs."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+        """``storage_options``: fsspec options of a remote root (store.storage_options;
+        ``${env:NAME}`` read from the environment now)."""
         root = os.fspath(root)
         self.url = root
         self.local = _is_local(root)
@@ -58,12 +60,20 @@ class Store:
             self._cache_root = self.root
         else:
             self.root = None
-            self.fs, self._remote_root = fsspec.core.url_to_fs(root)
+            from domaintune.credentials import resolve_env_refs
+
+            options = resolve_env_refs(storage_options, "store.storage_options")
+            self.fs, self._remote_root = fsspec.core.url_to_fs(root, **options)
             self._cache_root = (
                 Path(os.environ.get("DOMAINTUNE_CACHE", Path.home() / ".cache" / "domaintune"))
                 / "store-mirror"
                 / hash_obj(root, length=12)
             )
+
+    @classmethod
+    def of(cls, config: Any) -> Store:
+        """The store of a run's config (store.root with store.storage_options)."""
+        return cls(config.store.root, config.store.storage_options)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"

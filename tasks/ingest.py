@@ -43,7 +43,7 @@ def plan(
     files: list[tuple[str | None, InputFile]] = []
     for split, source in config.data.sources_by_split().items():
         field = "data.source" if split is None else f"data.splits.{split}"
-        files += [(split, f) for f in resolve_sources(source, field)]
+        files += [(split, f) for f in resolve_sources(source, field, config.data.storage_options)]
     fmt = infer_format([f for _, f in files], config.data.format)
     hashes = {f.url: _file_fingerprint(f) for _, f in files}
     key = hash_obj(
