@@ -107,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
         help="a Prefect server (unless PREFECT_API_URL is set), the deployments, a worker and "
         "the landing watcher, all local",
     )
+    srv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the Prefect server listens on (default loopback only; its API has no "
+        "authentication)",
+    )
     srv.add_argument("--port", type=int, default=4200)
     srv.add_argument("--prefect-file", default="deployments/prefect.yaml")
     srv.add_argument("--pool", default="domaintune")

@@ -63,14 +63,27 @@ def wait_healthy(api_url: str, timeout: float = 120.0) -> None:
     raise RuntimeError(f"the Prefect server at {api_url} did not answer within {timeout:.0f} s")
 
 
-def start_server(port: int, log_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def start_server(
+    port: int, log_dir: Path, env: dict[str, str], host: str = "127.0.0.1"
+) -> tuple[subprocess.Popen, str]:
+    """``prefect server start`` on ``host`` (loopback unless told otherwise: the Prefect API
+    has no authentication of its own)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     out = open(log_dir / "server.log", "a")  # noqa: SIM115 - lives as long as the server
-    api = f"http://127.0.0.1:{port}/api"
+    if host != "127.0.0.1":
+        log.warning(
+            "the Prefect server listens on %s: its API has no authentication, so whoever "
+            "reaches port %d can start runs and read their parameters (put it behind a proxy "
+            "that authenticates)",
+            host,
+            port,
+        )
+    connect = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    api = f"http://{connect}:{port}/api"
     # the UI in the browser must call this server, not the default port 4200
     server_env = {**env, "PREFECT_UI_API_URL": api, "PREFECT_SERVER_API_PORT": str(port)}
     proc = subprocess.Popen(
-        _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port)),
+        _prefect("server", "start", "--host", host, "--port", str(port)),
         env=server_env,
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -150,7 +163,7 @@ def serve(args: argparse.Namespace) -> int:
         api = env.get("PREFECT_API_URL")
         if not api:
             port = args.port if _port_free(args.port) else free_port()
-            server, api = start_server(port, log_dir, env)
+            server, api = start_server(port, log_dir, env, args.host)
             procs.append(server)
         else:
             wait_healthy(api, timeout=30)

@@ -14,6 +14,7 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -257,6 +258,13 @@ def test_serve_starts_server_deployments_and_worker_and_stops_them(tmp_path):
         info = json.loads(proc.stdout.readline())
         with urllib.request.urlopen(info["ui"], timeout=10) as r:
             assert r.status == 200, "the UI answers"
+        port = int(info["api"].rsplit(":", 1)[1].split("/")[0])
+        listening = {
+            c.laddr.ip
+            for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        }
+        assert listening == {"127.0.0.1"}, f"the server listens on {listening}, not loopback only"
         names = {d["name"] for d in _api(info["api"], "deployments/filter")}
         assert {"finance-sentiment", "healthcare-diagnosis", "ecommerce-reviews"} <= names
         deadline = time.time() + 60
