@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -26,14 +27,23 @@ pytestmark = pytest.mark.slow
 
 
 def _api(api: str, path: str, body: dict | None = None) -> object:
-    req = urllib.request.Request(
-        f"{api}/{path}",
-        data=json.dumps(body or {}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    """POST to the Prefect API. A 503 is Prefect's "retry": the server rolled back on a
+    retryable database error (SQLite busy under load); its own client retries it too."""
+    for attempt in range(6):
+        req = urllib.request.Request(
+            f"{api}/{path}",
+            data=json.dumps(body or {}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == 5:
+                raise
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _stop(*procs):
