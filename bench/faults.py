@@ -165,19 +165,9 @@ def concurrent(work: Path, runs: int = 3) -> dict:
     cfg = _config(work, "concurrent", 20, 10)
     path = work / "concurrent.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    procs = []
-    for i in range(runs):
-        env = {**os.environ, "PREFECT_HOME": str(work / f"prefect-{i}")}
-        env.pop("PREFECT_API_URL", None)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "domaintune.cli", "run", str(path), "--json"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                env=env,
-            )
-        )
+    from tests.test_concurrency import launch_runs
+
+    procs = launch_runs(path, work, runs, stderr=subprocess.DEVNULL)
     docs = []
     for p in procs:
         out, _ = p.communicate(timeout=3600)

@@ -16,25 +16,32 @@ from tests.conftest import write_csv
 from tests.test_cli import write_config
 
 
+def launch_runs(config: str | Path, home: Path, n: int, stderr=subprocess.PIPE) -> list:
+    """``n`` `domaintune run` processes of one config at once, each with its own Prefect
+    home and no configured API (so each starts its own local server: separate workers)."""
+    procs = []
+    for i in range(n):
+        env = dict(os.environ)
+        env.pop("PREFECT_API_URL", None)
+        env["PREFECT_HOME"] = str(home / f"prefect-{i}")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "domaintune.cli", "run", str(config), "--json"],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=env,
+            )
+        )
+    return procs
+
+
 @pytest.mark.slow
 def test_three_concurrent_runs_compute_each_intermediate_once(tmp_path, rows, make_config):
     src = write_csv(tmp_path / "d.csv", rows(30))
     cfg = make_config(src)
     config = write_config(tmp_path / "c.yaml", cfg)
-    procs = []
-    for i in range(3):
-        env = dict(os.environ)
-        env.pop("PREFECT_API_URL", None)
-        env["PREFECT_HOME"] = str(tmp_path / f"prefect-{i}")  # three separate workers
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "domaintune.cli", "run", config, "--json"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-        )
+    procs = launch_runs(config, tmp_path, 3)
     docs = []
     for p in procs:
         out, err = p.communicate(timeout=900)
