@@ -220,7 +220,7 @@ def _evaluate(
     tables: dict[str, pd.DataFrame],
     params: dict[str, Any],
     complete: bool,
-) -> tuple[list[dict[str, Any]], dict[tuple[str, int], list[str]]]:
+) -> tuple[list[dict[str, Any]], dict[tuple[str, int], list[tuple[str, str, str]]]]:
     """Run the contract's expectations on ``tables``: (results in contract order, and with
     ``complete`` every row that broke a row rule: (source, row) -> [(rule id, rule, the
     values seen)])."""
