@@ -43,6 +43,14 @@ ROW = "_row"
 SOURCE = "_source"
 
 
+def row_ids(df: pd.DataFrame) -> pd.Series:
+    """Each raw row's identity, (source file, row number): what validate quarantines and
+    preprocess leaves out."""
+    return pd.Series(
+        list(zip(df[SOURCE].astype(str), df[ROW].astype(int), strict=True)), index=df.index
+    )
+
+
 @dataclass(frozen=True)
 class SourceFile:
     """One input file: ``url`` is what users see in messages, ``fs``/``path`` read it."""

@@ -29,6 +29,7 @@ from domaintune.errors import DataError, ModelError
 from domaintune.fingerprint import hash_local_file, hash_obj, library_versions, stable_json
 from domaintune.manifests import RawSnapshot, SplitInfo, SplitManifest, ValidationReport
 from domaintune.models import ResolvedModel, resolve_config_model
+from domaintune.sources import row_ids
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
 
@@ -168,10 +169,8 @@ def _run(
     stats: dict[str, Any] = {"raw_rows": len(df)}
     if validation is not None and validation.quarantine_table:
         bad = pd.read_parquet(validation.quarantine_table, columns=["_source", "_row"])
-        bad_ids = set(zip(bad["_source"].astype(str), bad["_row"].astype(int), strict=True))
-        ids = zip(df["_source"].astype(str), df["_row"].astype(int), strict=True)
-        keep = [i not in bad_ids for i in ids]
-        stats["quarantined"] = len(df) - sum(keep)
+        keep = ~row_ids(df).isin(set(row_ids(bad)))
+        stats["quarantined"] = int((~keep).sum())
         df = df[keep]
     df = task.usable_rows(df, labels)
     stats["dropped_invalid"] = stats["raw_rows"] - stats.get("quarantined", 0) - len(df)

@@ -25,6 +25,7 @@ from domaintune.errors import ConfigError, ContractViolation
 from domaintune.fingerprint import hash_obj, stable_json
 from domaintune.manifests import RawSnapshot, ValidationReport
 from domaintune.redaction import redact, redact_obj
+from domaintune.sources import row_ids
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
 
@@ -163,7 +164,7 @@ def _run(
             failures = [_share_failure(quarantine, config)] + failures
             results = [failures[0]] + results
         else:  # judge the rows kept, whole-data rules included
-            kept = df[~_row_ids(df).isin(set(bad))]
+            kept = df[~row_ids(df).isin(set(bad))]
             results, _ = _evaluate(
                 contract, task.contract_tables(kept, raw.labels, config), params, complete=False
             )
@@ -295,12 +296,6 @@ def _evaluate(
 # ----------------------------------------------------------------------------- quarantine
 
 
-def _row_ids(df: pd.DataFrame) -> pd.Series:
-    return pd.Series(
-        list(zip(df["_source"].astype(str), df["_row"].astype(int), strict=True)), index=df.index
-    )
-
-
 def _quarantine(
     df: pd.DataFrame,
     bad: dict[tuple[str, int], list[tuple[str, str, str]]],
@@ -309,7 +304,7 @@ def _quarantine(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The quarantine table (the raw rows as ingested, plus ``_rules`` and ``_reasons``) and
     its summary for the report."""
-    ids = _row_ids(df)
+    ids = row_ids(df)
     rows = df[ids.isin(set(bad))].copy()
     broken = [bad[i] for i in ids[rows.index]]
     rows["_rules"] = [sorted({rule_id for rule_id, _, _ in b}) for b in broken]
