@@ -68,9 +68,10 @@ def _last_step(log: Path, offset: int = 0) -> int:
 
 def kills(work: Path, n_kills: int, steps: int, every: int, seed: int) -> dict:
     from domaintune.store import Store
-    from domaintune.tasks.finetune import finetune, latest_complete_checkpoint, plan
+    from domaintune.tasks.finetune import finetune, plan
     from domaintune.tasks.ingest import ingest
     from domaintune.tasks.preprocess import preprocess
+    from domaintune.training.checkpoints import latest_complete_checkpoint
 
     # the same drill as the test suite's: a finetune task process, ranks found by spec path
     from tests.training.test_distributed import _TASK_SCRIPT, _processes_mentioning

@@ -234,8 +234,9 @@ def _run(args: argparse.Namespace, config: Any) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    from domaintune.errors import StoreError
+    from domaintune.registry import Registry, use_cases
     from domaintune.store import Store
-    from domaintune.tasks import register as registry
 
     try:
         if args.config:
@@ -244,23 +245,26 @@ def _models(args: argparse.Namespace) -> int:
             store = Store.of(load_config(args.config))
         else:
             store = Store(args.store or "./.domaintune")
+            store.check_reachable()
         if args.action == "list":
             doc: Any = (
-                registry.version_table(store, args.name)
+                Registry(store, args.name).table()
                 if args.name
                 else [
-                    {"name": n, "versions": len(registry.version_table(store, n))}
-                    for n in registry.use_cases(store)
+                    {"name": n, "versions": len(Registry(store, n).state().versions)}
+                    for n in use_cases(store)
                 ]
             )
         elif args.action == "show":
-            doc = registry.show_version(store, args.name, args.version)
+            doc = Registry(store, args.name).show(args.version)
         elif args.action == "promote":
-            doc = {"production": registry.promote(store, args.name, args.version, args.reason)}
+            doc = {"production": Registry(store, args.name).promote(args.version, args.reason)}
         else:
-            doc = {"production": registry.rollback(store, args.name, args.reason)}
+            doc = {"production": Registry(store, args.name).rollback(args.reason)}
     except DomainTuneError as exc:
         return _fail(args, exc, 2)
+    except StoreError as exc:
+        return _fail(args, exc, 1)
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
     elif args.action == "list" and args.name:

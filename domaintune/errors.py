@@ -48,3 +48,8 @@ class TrainingFailed(Exception):
 
 class StoreError(Exception):
     """The store cannot be written (full disk, permissions). Not retried blindly."""
+
+
+class StoreAccessError(DomainTuneError):
+    """The store refuses these credentials, or its bucket does not exist: retrying cannot
+    help, so it is not retried (exit code 2, like a bad config)."""

@@ -8,6 +8,9 @@ concurrent runs of the same config compute each entry once.
 
 The root is a local path or any fsspec URL. Stages always read and write local directories;
 for a remote root the store uploads on commit and mirrors entries into a local cache on read.
+The remote root is then the single source of truth: the local cache (``$DOMAINTUNE_CACHE``,
+else ``~/.cache/domaintune``) can be deleted at any time, and locks are leases in the object
+store itself (``domaintune.coordination``), so runs on several hosts compute an entry once.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
-from filelock import FileLock
 
-from domaintune.errors import StoreError
+from domaintune.coordination import check_leases, file_lock, lease
+from domaintune.errors import StoreAccessError, StoreError
 from domaintune.fingerprint import hash_obj, stable_json
+from domaintune.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +67,43 @@ class Store:
             from domaintune.credentials import resolve_env_refs
 
             options = resolve_env_refs(storage_options, "store.storage_options")
-            self.fs, self._remote_root = fsspec.core.url_to_fs(root, **options)
-            self._cache_root = (
-                Path(os.environ.get("DOMAINTUNE_CACHE", Path.home() / ".cache" / "domaintune"))
-                / "store-mirror"
-                / hash_obj(root, length=12)
-            )
+            # other hosts change the store: never answer from a listing cached earlier
+            options.setdefault("use_listings_cache", False)
+            try:
+                self.fs, self._remote_root = fsspec.core.url_to_fs(root, **options)
+            except ImportError as exc:
+                raise StoreAccessError(
+                    f"store.root {root}: {exc} (for s3:// install domaintune's s3 extra: "
+                    "pip install 'domaintune[s3]')"
+                ) from exc
+            self._remote_root = self._remote_root.rstrip("/")
+            self._cache_root = cache_root() / "store-mirror" / hash_obj(root, length=12)
 
     @classmethod
     def of(cls, config: Any) -> Store:
-        """The store of a run's config (store.root with store.storage_options)."""
-        return cls(config.store.root, config.store.storage_options)
+        """The store of a run's config (store.root with store.storage_options), checked to
+        be reachable once per process."""
+        store = cls(config.store.root, config.store.storage_options)
+        store.check_reachable()
+        return store
+
+    _reachable: set[str] = set()
+
+    def check_reachable(self) -> None:
+        """A remote store answers and these credentials may use it; else a one-line error
+        (``StoreAccessError`` for refused credentials or a missing bucket, ``StoreError``
+        for a store that cannot be reached, which a retry may fix)."""
+        if self.local or self.url in Store._reachable:
+            return
+        try:
+            self.fs.ls(self._remote_root.split("/", 1)[0], detail=False)
+        except FileNotFoundError as exc:
+            raise StoreAccessError(
+                f"store {redact(self.url)}: the bucket does not exist ({_first_line(exc)})"
+            ) from exc
+        except Exception as exc:
+            raise describe_remote_error(exc, f"store {redact(self.url)}") from exc
+        Store._reachable.add(self.url)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -83,8 +113,24 @@ class Store:
         """Local path of an entry (the entry itself for a local store, else its mirror)."""
         return self._cache_root / stage / key
 
+    def local_path(self, *parts: str) -> Path:
+        """Local path of anything in the store (itself for a local store, else the cache)."""
+        return self._cache_root.joinpath(*parts)
+
+    def remote_path(self, *parts: str) -> str:
+        """The path of anything in the store in its file system (``self.fs``): the local
+        path for a local store, the object key path for a remote one."""
+        base = str(self.root) if self.local else self._remote_root
+        return "/".join([base.rstrip("/"), *parts])
+
+    def url_of(self, *parts: str) -> str:
+        """What a person would type to find it: a local path, or the remote URL."""
+        if self.local:
+            return str(self.root.joinpath(*parts))
+        return "/".join([self.url.rstrip("/"), *parts])
+
     def _remote_entry(self, stage: str, key: str) -> str:
-        return f"{self._remote_root.rstrip('/')}/{stage}/{key}"
+        return self.remote_path(stage, key)
 
     def scratch_dir(self, stage: str, key: str) -> Path:
         """A persistent local working folder for an entry still being computed.
@@ -124,10 +170,14 @@ class Store:
             return data
         remote = self._remote_entry(stage, key)
         try:
-            with self.fs.open(f"{remote}/{MARKER}", "r") as f:
-                data = json.load(f)
-        except (FileNotFoundError, OSError, ValueError):
+            data = json.loads(self.fs.cat_file(f"{remote}/{MARKER}"))
+        except FileNotFoundError:
             return None
+        except ValueError:
+            log.warning("store entry %s/%s has an unreadable marker; recomputing", stage, key)
+            return None
+        except Exception as exc:
+            raise describe_remote_error(exc, f"store {redact(self.url)}") from exc
         return data
 
     def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
@@ -167,28 +217,21 @@ class Store:
         local = self.entry_path(stage, key)
         if self.local or (local / MARKER).is_file():
             return local
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".dl-{key}-", dir=local.parent))
-        try:
-            self.fs.get(self._remote_entry(stage, key) + "/", str(tmp) + "/", recursive=True)
-            if local.exists():
-                shutil.rmtree(local)
-            os.replace(tmp, local)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        download_dir(self.fs, self._remote_entry(stage, key), local)
         return local
 
     # ------------------------------------------------------------- writing
     @contextlib.contextmanager
     def lock(self, stage: str, key: str, timeout: float = -1) -> Iterator[None]:
-        """Hold the entry's lock: concurrent runs (on this machine) compute an entry once."""
-        lock_dir = self._cache_root / stage / ".locks"
-        try:
-            lock_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _store_error(exc, lock_dir) from exc
-        with FileLock(str(lock_dir / f"{key}.lock"), timeout=timeout):
+        """Hold the lock of ``stage/key``: concurrent runs compute an entry once (a file lock
+        in a local store; a lease in the object store itself for a remote one, so that runs
+        on other hosts wait too)."""
+        if self.local:
+            with file_lock(self._cache_root / stage / ".locks" / f"{key}.lock", timeout):
+                yield
+            return
+        folder = self.remote_path(".locks", stage, key)
+        with lease(self.fs, folder, f"lock {stage}/{key} of {redact(self.url)}", timeout):
             yield
 
     @contextlib.contextmanager
@@ -233,11 +276,13 @@ class Store:
             _atomic_write_text(final / MARKER, stable_json(marker))
             if not self.local:
                 remote = self._remote_entry(stage, key)
-                self.fs.put(str(final) + "/", remote, recursive=True)
+                upload_dir(self.fs, final, remote, skip=(MARKER,))
+                check_leases()  # a holder taken over while uploading commits nothing
                 # the marker goes last, so a remote reader never sees a partial entry
-                with self.fs.open(f"{remote}/{MARKER}", "w") as f:
-                    f.write(stable_json(marker))
+                self.fs.pipe_file(f"{remote}/{MARKER}", stable_json(marker).encode())
         except OSError as exc:
+            if not self.local and not isinstance(exc, FileNotFoundError | PermissionError):
+                raise describe_remote_error(exc, f"store {redact(self.url)}") from exc
             raise _store_error(exc, final) from exc
 
     def remove(self, stage: str, key: str) -> None:
@@ -245,6 +290,67 @@ class Store:
         if not self.local:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self._remote_entry(stage, key), recursive=True)
+
+
+def cache_root() -> Path:
+    """This host's local cache of remote stores (and of converted models)."""
+    return Path(os.environ.get("DOMAINTUNE_CACHE", Path.home() / ".cache" / "domaintune"))
+
+
+def upload_dir(fs: Any, local: Path, remote: str, skip: tuple[str, ...] = ()) -> None:
+    """Every file under ``local`` to ``remote`` (same relative paths)."""
+    files = [p for p in sorted(local.rglob("*")) if p.is_file() and p.name not in skip]
+    if not files:
+        return
+    fs.put(
+        [str(p) for p in files],
+        [f"{remote}/{p.relative_to(local).as_posix()}" for p in files],
+    )
+
+
+def download_dir(fs: Any, remote: str, local: Path) -> None:
+    """The files under ``remote`` into ``local``, which appears whole or not at all."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".dl-{local.name}-", dir=local.parent))
+    try:
+        found = fs.find(remote, withdirs=False)
+        if found:
+            rels = [f[len(remote.rstrip("/")) + 1 :] for f in found]
+            for rel in rels:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get(found, [str(tmp / rel) for rel in rels])
+        if local.exists():
+            shutil.rmtree(local)
+        os.replace(tmp, local)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return redact(text.splitlines()[0])
+
+
+def describe_remote_error(exc: BaseException, what: str) -> Exception:
+    """An object store's failure as one line naming what failed and why: refused
+    credentials (``StoreAccessError``, not retried) or a store that cannot be reached
+    (``StoreError``, which a retry may fix). Never a secret."""
+    if isinstance(exc, StoreError | StoreAccessError):
+        return exc  # type: ignore[return-value]
+    name = type(exc).__name__
+    text = _first_line(exc)
+    if isinstance(exc, PermissionError) or any(
+        s in text
+        for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")
+    ):
+        return StoreAccessError(
+            f"{what}: access denied: {text} (check the credentials: store.storage_options, "
+            "or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment of the run)"
+        )
+    if "connect" in name.lower() or "connect" in text.lower() or "timeout" in name.lower():
+        return StoreError(f"{what}: cannot reach the object store: {text}")
+    return StoreError(f"{what}: {name}: {text}")
 
 
 class EntryWriter:

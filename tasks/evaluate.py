@@ -32,21 +32,11 @@ VERSION = "3"  # 2: base predictions kept; sample generations; 3: champion, char
 
 
 def current_champion(config: RetrainConfig, store: Store) -> dict[str, Any] | None:
-    """The production version of this use case: version, model folder, model fingerprint."""
-    from domaintune.tasks.register import MARKER, read_pointer, registry_dir
+    """The production version of this use case (as the registry's log in the store says,
+    whichever host promoted it): version, local model folder, model fingerprint."""
+    from domaintune.registry import Registry
 
-    reg = registry_dir(store, config.name)
-    version = read_pointer(reg, "production") if reg.is_dir() else None
-    if not version or not (reg / version / MARKER).is_file():
-        return None
-    registration = json.loads((reg / version / MARKER).read_text())
-    lineage = json.loads((reg / version / "lineage.json").read_text())
-    return {
-        "version": version,
-        "model_dir": registration["model_dir"],
-        "fingerprint": lineage["model"]["fingerprint"],
-        "recorded_metrics": registration.get("metrics", {}),
-    }
+    return Registry(store, config.name).champion()
 
 
 def plan(

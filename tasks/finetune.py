@@ -26,6 +26,7 @@ from domaintune.fingerprint import hash_obj, library_versions
 from domaintune.manifests import ModelArtifact, SplitManifest
 from domaintune.models import ResolvedModel, resolve_config_model, resolve_model
 from domaintune.store import Store, atomic_write_text
+from domaintune.training.checkpoints import CheckpointMirror, latest_complete_checkpoint
 from domaintune.training.checks import verify_saved_model
 from domaintune.training.deepspeed_config import build_deepspeed_config
 from domaintune.training.launch import (
@@ -35,7 +36,7 @@ from domaintune.training.launch import (
     write_deepspeed_env,
 )
 from domaintune.training.strategies import preflight
-from domaintune.training.worker import CHECKPOINT_MARKER, PROGRESS_PREFIX
+from domaintune.training.worker import PROGRESS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -73,32 +74,6 @@ def finetune(config: RetrainConfig, splits: SplitManifest, store: Store) -> Mode
     )
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def latest_complete_checkpoint(output_dir: Path) -> Path | None:
-    """Newest checkpoint whose marker says every rank finished writing it.
-
-    Unmarked checkpoints (a process killed while saving) are removed so that neither the
-    Trainer's rotation nor a later resume ever looks at them.
-    """
-    if not output_dir.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for ckpt in output_dir.glob("checkpoint-*"):
-        try:
-            step = int(ckpt.name.split("-")[-1])
-        except ValueError:
-            continue
-        if not (ckpt / CHECKPOINT_MARKER).is_file():
-            log.warning("finetune: removing incomplete checkpoint %s", ckpt.name)
-            shutil.rmtree(ckpt, ignore_errors=True)
-            continue
-        if best is None or step > best[0]:
-            best = (step, ckpt)
-    return best[1] if best else None
-
-
 # -------------------------------------------------------------------------------- stage
 
 
@@ -117,11 +92,18 @@ def _run(
     final_dir = work / "final"
     shutil.rmtree(final_dir, ignore_errors=True)
     launch = plan_launch(config.training)
+    # a remote store holds the checkpoints of a training in progress: a retry on any host
+    # (or after the local cache was deleted) resumes from them
+    mirror = CheckpointMirror(store, key, work)
+    mirror.restore()
     resume = latest_complete_checkpoint(ckpt_dir)
     attempts_path = work / "attempts.json"
     attempts: list[dict[str, Any]] = (
         json.loads(attempts_path.read_text()) if attempts_path.is_file() else []
     )
+    for earlier in attempts:
+        if "exit_code" not in earlier:  # on record, never finished: its process or host died
+            earlier.update(exit_code=None, lost=True)
     attempt = {
         "attempt": len(attempts) + 1,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -150,6 +132,7 @@ def _run(
         "fp16": launch.fp16,
         "launch": launch.summary(),
         "resume_from": str(resume) if resume else None,
+        "checkpoints_to_store": mirror.enabled,
     }
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
@@ -166,14 +149,19 @@ def _run(
         launch.describe(),
         f"ZeRO-{config.training.deepspeed.zero_stage}" if launch.uses_zero else "no ZeRO engine",
     )
+    # the attempt is on record before it runs: a host lost mid-training still counts
+    atomic_write_text(attempts_path, json.dumps([*attempts, attempt], indent=2))
+    mirror.save_file("attempts.json")
     t0 = time.time()
     try:
-        rc, tail = _launch(cmd, env, work / "train.log", cwd=work)
+        with mirror.running():
+            rc, tail = _launch(cmd, env, work / "train.log", cwd=work)
     finally:
         remove_shared_memory(launch)
     attempt.update(exit_code=rc, seconds=round(time.time() - t0, 2))
     attempts.append(attempt)
     atomic_write_text(attempts_path, json.dumps(attempts, indent=2))
+    mirror.save_file("attempts.json")
     if rc != 0 or not (final_dir / "training_summary.json").is_file():
         last = "\n".join(tail)
         cause = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), "")
@@ -253,6 +241,7 @@ def _run(
         )
         w.manifest = manifest.model_dump(mode="json")
     shutil.rmtree(work, ignore_errors=True)  # checkpoints (optimizer state) are no longer needed
+    mirror.clear()
     log.info(
         "finetune: strategy %s trained %s of %s parameters",
         manifest.strategy.get("strategy", "full"),

@@ -1,15 +1,17 @@
 """register: a versioned model folder with its metrics, config and lineage; promotion gate.
 
-``<store>/registry/<name>/vNNNN/`` holds ``model/`` (weights and tokenizer, hard-linked from
-the store when possible), ``metrics.json``, ``config.yaml``, ``lineage.json`` and, written last
-as its completion marker, ``registration.json``. ``latest`` names the newest version and
-``production`` the champion. Registering the same model, metrics and config again returns the
-existing version instead of a copy.
+``<store>/registry/<name>/vNNNN/`` holds ``model/`` (weights and tokenizer: hard-linked from
+the store when local, copied inside the object store when remote), ``metrics.json``,
+``config.yaml``, ``lineage.json`` and ``registration.json``; the version exists once the
+registry's event log commits it (``domaintune.registry``), which also moves ``latest`` and,
+when promoted, ``production``. Registering the same model, metrics and config again returns
+the existing version instead of a copy.
 
 Promotion (``decide_promotion``): the fine-tuned model must beat the base model, clear an
 absolute floor, beat the champion re-scored on the same test split by a margin, and regress
 no class or entity type beyond a tolerance. A model that is not promoted is still registered,
-as a rejected candidate with the reason. A failed run never reaches this stage.
+as a rejected candidate with the reason. A failed run never reaches this stage, and a
+registration that fails half-way leaves no version and moves no pointer.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import yaml
 
 from domaintune import __version__
 from domaintune.config import RetrainConfig
-from domaintune.errors import DomainTuneError
+from domaintune.errors import StoreError
 from domaintune.fingerprint import hash_obj
 from domaintune.manifests import (
     EvaluationReport,
@@ -37,13 +39,13 @@ from domaintune.manifests import (
     SplitManifest,
 )
 from domaintune.redaction import redact_obj
-from domaintune.store import Store, atomic_write_text, store_error
+from domaintune.registry import MARKER, Registry
+from domaintune.store import Store, store_error
 
 log = logging.getLogger(__name__)
 
 STAGE = "register"
 VERSION = "1"
-MARKER = "registration.json"
 
 
 def code_version() -> dict[str, Any]:
@@ -72,24 +74,6 @@ def code_version() -> dict[str, Any]:
     return {"domaintune": __version__, "git_commit": commit, "git_dirty": dirty}
 
 
-def registry_dir(store: Store, name: str) -> Path:
-    return store.entry_path("registry", name)
-
-
-def read_pointer(reg: Path, pointer: str) -> str | None:
-    p = reg / pointer
-    return p.read_text().strip() or None if p.is_file() else None
-
-
-def versions(reg: Path) -> list[dict[str, Any]]:
-    """Complete versions, oldest first (a version without its marker is not one)."""
-    out = []
-    for d in sorted(reg.glob("v[0-9][0-9][0-9][0-9]")):
-        if (d / MARKER).is_file():
-            out.append(json.loads((d / MARKER).read_text()))
-    return out
-
-
 def plan(config: RetrainConfig, model: ModelArtifact, evaluation: EvaluationReport) -> str:
     """The same model with the same evaluation is one version, whatever else (logging, say)
     differed in the config; the promotion settings are part of it since they decide."""
@@ -103,43 +87,66 @@ def plan(config: RetrainConfig, model: ModelArtifact, evaluation: EvaluationRepo
     )
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for item in src.iterdir():
-        if item.is_dir():
-            _link_tree(item, dst / item.name)
-        elif item.name not in ("_COMPLETE.json", "train.log"):
-            try:
-                os.link(item, dst / item.name)
-            except OSError:
-                shutil.copy2(item, dst / item.name)
+_NOT_EXPORTED = ("_COMPLETE.json", "train.log")
 
 
-def _export_model(config: RetrainConfig, model: ModelArtifact, dst: Path) -> None:
-    """The registered model: a plain Hugging Face model folder, or for LoRA with
-    ``merge_on_export: false`` the adapter alone, its tokenizer and its base model's name."""
+def _export_plan(config: RetrainConfig, model: ModelArtifact) -> tuple[dict[str, Path], dict]:
+    """The registered model's files: ``model/<rel>`` -> the file in the finetune entry, plus
+    ``base_model.json`` for a LoRA adapter exported alone. A plain Hugging Face model folder,
+    or for LoRA with ``merge_on_export: false`` the adapter, its tokenizer and its base
+    model's name."""
     src = Path(model.model_dir)
     lora = config.training.strategy.lora
+    files: dict[str, Path] = {}
     if lora is None or lora.merge_on_export or not (src / "adapter").is_dir():
-        _link_tree(src, dst)
-        return
-    _link_tree(src / "adapter", dst)
+        for p in sorted(src.rglob("*")):
+            if p.is_file() and p.name not in _NOT_EXPORTED:
+                files[p.relative_to(src).as_posix()] = p
+        return files, {}
+    for p in sorted((src / "adapter").rglob("*")):
+        if p.is_file() and p.name not in _NOT_EXPORTED:
+            files[p.relative_to(src / "adapter").as_posix()] = p
     weights = ("model.safetensors", "model.safetensors.index.json", "config.json")
-    for item in src.iterdir():
-        if item.is_file() and item.name not in weights and not item.name.startswith("model-"):
-            if not (dst / item.name).exists() and item.name not in ("_COMPLETE.json", "train.log"):
-                shutil.copy2(item, dst / item.name)
-    (dst / "base_model.json").write_text(
-        json.dumps(
-            {
-                "name": model.base_model,
-                "fingerprint": model.base_fingerprint,
-                "strategy": config.training.strategy.model_dump(mode="json"),
-                "load": "peft.PeftModel.from_pretrained(<base prepared as in strategy>, this folder)",
-            },
-            indent=2,
-        )
-    )
+    for p in src.iterdir():
+        if (
+            p.is_file()
+            and p.name not in weights
+            and not p.name.startswith("model-")
+            and p.name not in _NOT_EXPORTED
+        ):
+            files.setdefault(p.name, p)
+    base = {
+        "name": model.base_model,
+        "fingerprint": model.base_fingerprint,
+        "strategy": config.training.strategy.model_dump(mode="json"),
+        "load": "peft.PeftModel.from_pretrained(<base prepared as in strategy>, this folder)",
+    }
+    return files, base
+
+
+def _stage_model(
+    config: RetrainConfig, model: ModelArtifact, store: Store, dst: Path
+) -> dict[str, str]:
+    """Put the model into the staged version folder (hard links, else copies) and return
+    what the object store can copy on its own side (``model/<rel>`` -> source in the
+    store's file system)."""
+    files, base = _export_plan(config, model)
+    entry = Path(model.model_dir)
+    server_copies: dict[str, str] = {}
+    for rel, p in files.items():
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(p, target)
+        except OSError:
+            shutil.copy2(p, target)
+        if not store.local:
+            server_copies[f"model/{rel}"] = store.remote_path(
+                "finetune", model.key, p.relative_to(entry).as_posix()
+            )
+    if base:
+        (dst / "base_model.json").write_text(json.dumps(base, indent=2))
+    return server_copies
 
 
 def decide_promotion(
@@ -207,102 +214,65 @@ def register(
     flow_run_id: str | None = None,
 ) -> Registration:
     key = plan(config, model, evaluation)
-    reg = registry_dir(store, config.name)
-    reg.mkdir(parents=True, exist_ok=True)
-    with store.lock("registry", config.name):
-        existing = versions(reg)
-        for v in existing:
-            if v.get("key") == key:
-                log.info("register: %s %s already holds this model", config.name, v["version"])
-                return Registration.model_validate({**v, "reused": True})
-        number = max((int(v["version"][1:]) for v in existing), default=0) + 1
-        version = f"v{number:04d}"
-        champion_version = read_pointer(reg, "production")
-        champion = next((v for v in existing if v["version"] == champion_version), None)
+    registry = Registry(store, config.name)
+    with registry.lock():
+        state = registry.state()
+        for version, existing in state.versions.items():
+            if existing.get("key") == key:
+                log.info("register: %s %s already holds this model", config.name, version)
+                return Registration.model_validate({**existing, "reused": True})
+        champion_version = state.production
+        champion = (
+            {"version": champion_version, **state.versions[champion_version]}
+            if champion_version in state.versions
+            else None
+        )
         promoted, reason = decide_promotion(config, evaluation, champion)
-        final = reg / version
-        tmp = reg / f".tmp-{version}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)  # an earlier attempt that never got its marker
-        try:
-            _export_model(config, model, tmp / "model")
-            shutil.copy2(evaluation.metrics_json, tmp / "metrics.json")
-            shutil.copy2(evaluation.report_markdown, tmp / "evaluation.md")
-            (tmp / "config.yaml").write_text(
-                yaml.safe_dump(redact_obj(config.model_dump(mode="json")), sort_keys=False)
-            )
-            lineage = {
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "prefect_flow_run_id": flow_run_id,
-                "code_version": code_version(),
-                "raw_snapshot": {
-                    "key": raw.key,
-                    "fingerprint": raw.fingerprint,
-                    "rows": raw.rows,
-                    "sources": [s.model_dump() for s in raw.sources],
-                },
-                "splits": {
-                    "key": splits.key,
-                    "fingerprint": splits.fingerprint,
-                    # rows data.on_invalid: quarantine left out (listed in validate's table)
-                    "quarantined": int(splits.stats.get("quarantined", 0)),
-                    **{
-                        n: {"rows": s.rows, "fingerprint": s.fingerprint}
-                        for n, s in splits.splits.items()
-                    },
-                },
-                "tokenizer_fingerprint": splits.tokenizer_fingerprint,
-                "base_model": {"name": model.base_model, "fingerprint": model.base_fingerprint},
-                "model": {
-                    "key": model.key,
-                    "fingerprint": model.fingerprint,
-                    "global_step": model.global_step,
-                    "attempts": model.attempts,
-                },
-                "evaluation": {"key": evaluation.key, "fingerprint": evaluation.fingerprint},
-            }
-            (tmp / "lineage.json").write_text(json.dumps(redact_obj(lineage), indent=2))
-            os.replace(tmp, final)
-        except OSError as exc:  # a full disk, a read-only store: a clear error, no version
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise store_error(exc, tmp) from exc
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        version = registry.next_version(state)
         manifest = Registration(
             key=key,
-            path=str(final),
+            path=registry.version_url(version),
             fingerprint=hash_obj(key, version),
             name=config.name,
             version=version,
-            model_dir=str(final / "model"),
+            model_dir=registry.version_url(version, "model"),
             promoted=promoted,
             promotion_reason=reason,
-            registry_dir=str(reg),
+            registry_dir=registry.url,
             primary_metric=evaluation.primary_metric,
             metrics={k: v for k, v in evaluation.finetuned.items() if isinstance(v, int | float)},
         )
+        staged = None
         try:
-            atomic_write_text(
-                final / MARKER, json.dumps(manifest.model_dump(mode="json"), indent=2)
+            staged = registry.staging_dir(version)
+            server_copies = _stage_model(config, model, store, staged / "model")
+            shutil.copy2(evaluation.metrics_json, staged / "metrics.json")
+            shutil.copy2(evaluation.report_markdown, staged / "evaluation.md")
+            (staged / "config.yaml").write_text(
+                yaml.safe_dump(redact_obj(config.model_dump(mode="json")), sort_keys=False)
             )
-        except OSError as exc:
-            shutil.rmtree(final, ignore_errors=True)  # never a version without its marker
-            raise store_error(exc, final) from exc
-        try:  # the version is complete; a failure here leaves the pointers as they were
-            atomic_write_text(reg / "latest", version)
-            if promoted:
-                atomic_write_text(reg / "production", version)
-        except OSError as exc:
-            raise store_error(exc, reg) from exc
-        _history(
-            reg,
-            action="register",
-            version=version,
-            promoted=promoted,
-            reason=reason,
-            flow_run_id=flow_run_id,
-        )
+            lineage = _lineage(flow_run_id, raw, splits, model, evaluation)
+            (staged / "lineage.json").write_text(json.dumps(redact_obj(lineage), indent=2))
+            (staged / MARKER).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2))
+            registry.publish(version, staged, server_copies)
+            staged = None
+            registry.append(
+                state,
+                action="register",
+                version=version,
+                promoted=promoted,
+                reason=reason,
+                flow_run_id=flow_run_id,
+                model_fingerprint=model.fingerprint,
+                registration=manifest.model_dump(mode="json"),
+            )
+        except BaseException as exc:  # a full disk, a lost store: a clear error, no version
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+            registry.discard(version)
+            if isinstance(exc, OSError) and not isinstance(exc, StoreError):
+                raise store_error(exc, registry.cache) from exc
+            raise
     log.info(
         "register: %s %s (%s: %s)",
         config.name,
@@ -313,109 +283,37 @@ def register(
     return manifest
 
 
-# ------------------------------------------------------------------ registry operations
-
-
-def _history(reg: Path, **event: Any) -> None:
-    event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **event}
-    with open(reg / "history.jsonl", "a") as f:
-        f.write(json.dumps(event) + "\n")
-
-
-def history(reg: Path) -> list[dict[str, Any]]:
-    p = reg / "history.jsonl"
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
-def production_stack(reg: Path) -> list[str]:
-    """Champions in order: each promotion pushes, each rollback pops."""
-    stack: list[str] = []
-    for e in history(reg):
-        action = e.get("action", "register")
-        if action == "register" and e.get("promoted") or action == "promote":
-            if not stack or stack[-1] != e["version"]:
-                stack.append(e["version"])
-        elif action == "rollback" and stack:
-            stack.pop()
-    return stack
-
-
-def use_cases(store: Store) -> list[str]:
-    root = store.entry_path("registry", "x").parent
-    return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-
-
-def version_table(store: Store, name: str) -> list[dict[str, Any]]:
-    """Every version of a use case with its status: champion, candidate or rejected."""
-    reg = registry_dir(store, name)
-    prod = read_pointer(reg, "production")
-    rows = []
-    for v in versions(reg):
-        status = (
-            "champion"
-            if v["version"] == prod
-            else ("rejected" if not v["promoted"] else "former champion")
-        )
-        rows.append(
-            {
-                "version": v["version"],
-                "status": status,
-                "primary_metric": v["primary_metric"],
-                "value": v["metrics"].get(v["primary_metric"]),
-                "reason": v["promotion_reason"],
-                "created_at": _created_at(reg / v["version"]),
-            }
-        )
-    return rows
-
-
-def show_version(store: Store, name: str, version: str) -> dict[str, Any]:
-    reg = registry_dir(store, name)
-    d = reg / version
-    if not (d / MARKER).is_file():
-        known = ", ".join(v["version"] for v in versions(reg)) or "none"
-        raise DomainTuneError(f"{name}: no registered version {version!r} (known: {known})")
+def _lineage(
+    flow_run_id: str | None,
+    raw: RawSnapshot,
+    splits: SplitManifest,
+    model: ModelArtifact,
+    evaluation: EvaluationReport,
+) -> dict[str, Any]:
     return {
-        "registration": json.loads((d / MARKER).read_text()),
-        "lineage": json.loads((d / "lineage.json").read_text()),
-        "metrics": json.loads((d / "metrics.json").read_text()),
-        "config": yaml.safe_load((d / "config.yaml").read_text()),
-        "production": read_pointer(reg, "production") == version,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "prefect_flow_run_id": flow_run_id,
+        "code_version": code_version(),
+        "raw_snapshot": {
+            "key": raw.key,
+            "fingerprint": raw.fingerprint,
+            "rows": raw.rows,
+            "sources": [s.model_dump() for s in raw.sources],
+        },
+        "splits": {
+            "key": splits.key,
+            "fingerprint": splits.fingerprint,
+            # rows data.on_invalid: quarantine left out (listed in validate's table)
+            "quarantined": int(splits.stats.get("quarantined", 0)),
+            **{n: {"rows": s.rows, "fingerprint": s.fingerprint} for n, s in splits.splits.items()},
+        },
+        "tokenizer_fingerprint": splits.tokenizer_fingerprint,
+        "base_model": {"name": model.base_model, "fingerprint": model.base_fingerprint},
+        "model": {
+            "key": model.key,
+            "fingerprint": model.fingerprint,
+            "global_step": model.global_step,
+            "attempts": model.attempts,
+        },
+        "evaluation": {"key": evaluation.key, "fingerprint": evaluation.fingerprint},
     }
-
-
-def promote(store: Store, name: str, version: str, reason: str = "manual promotion") -> str:
-    """Make ``version`` the champion by hand (the gate is not consulted: a person decided)."""
-    reg = registry_dir(store, name)
-    show_version(store, name, version)  # exists?
-    with store.lock("registry", name):
-        previous = read_pointer(reg, "production")
-        atomic_write_text(reg / "production", version)
-        _history(reg, action="promote", version=version, previous=previous, reason=reason)
-    log.info("models: %s production %s -> %s (%s)", name, previous, version, reason)
-    return version
-
-
-def rollback(store: Store, name: str, reason: str = "manual rollback") -> str:
-    """Give production back to the champion before the current one."""
-    reg = registry_dir(store, name)
-    with store.lock("registry", name):
-        stack = production_stack(reg)
-        if len(stack) < 2:
-            raise DomainTuneError(
-                f"{name}: nothing to roll back to (production history: {stack or 'empty'})"
-            )
-        current, previous = stack[-1], stack[-2]
-        atomic_write_text(reg / "production", previous)
-        _history(reg, action="rollback", version=previous, previous=current, reason=reason)
-    log.info("models: %s rolled back %s -> %s", name, current, previous)
-    return previous
-
-
-def _created_at(version_dir: Path) -> str | None:
-    try:
-        return json.loads((version_dir / "lineage.json").read_text()).get("created_at")
-    except (OSError, ValueError):
-        return None

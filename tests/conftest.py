@@ -345,3 +345,27 @@ def make_qa_rows(n: int, seed: int = 0) -> list[dict]:
             }
         )
     return out
+
+
+# ------------------------------------------------------------------ real services
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 API server (moto's server mode) on a free port of 127.0.0.1 for the whole
+    session; its credentials are in this process's environment (``DT_S3_KEY`` /
+    ``DT_S3_SECRET``, read through ``${env:...}`` by configs)."""
+    pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is not installed")
+    pytest.importorskip("moto", reason="moto[server] is not installed")
+    from tests.services import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("moto")) as server:
+        os.environ.update(server.env())
+        yield server
+
+
+@pytest.fixture
+def s3_store(s3):
+    """A config's ``store`` section for a fresh bucket on the S3 API server."""
+    bucket = s3.bucket()
+    return {"root": f"s3://{bucket}/store", "storage_options": s3.storage_options()}

@@ -57,10 +57,10 @@ def test_three_concurrent_runs_compute_each_intermediate_once(tmp_path, rows, ma
     assert len({d["model_dir"] for d in docs}) == 1
     store = Path(cfg.store.root)
     reg = Path(docs[0]["model_dir"]).parent.parent  # <registry>/<name>/v0001/model
-    assert sorted(p.name for p in reg.iterdir() if p.is_dir()) == ["v0001"]
+    assert sorted(p.name for p in reg.glob("v[0-9]*") if p.is_dir()) == ["v0001"]
     assert all(d["promoted"] for d in docs), [d["promotion_reason"] for d in docs]
     assert (reg / "production").read_text() == "v0001"
     leftovers = [p for p in store.rglob(".tmp-*")] + [p for p in store.rglob("*.part")]
     assert not leftovers, leftovers
-    history = [json.loads(line) for line in (reg / "history.jsonl").read_text().splitlines()]
-    assert [h["action"] for h in history].count("register") == 1
+    history = [json.loads(p.read_text()) for p in sorted((reg / "log").glob("*.json"))]
+    assert [h["action"] for h in history] == ["register"]

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-CHECKPOINT_MARKER = ".domaintune-complete"
+from domaintune.training.checkpoints import CHECKPOINT_MARKER, wait_until_stored
+
 PROGRESS_PREFIX = "DOMAINTUNE "
 
 
@@ -35,7 +36,7 @@ def emit(event: str, **fields: Any) -> None:
         print(PROGRESS_PREFIX + json.dumps({"event": event, **fields}, default=float), flush=True)
 
 
-def _callbacks(report: dict[str, Any], seen: dict[str, Any]):
+def _callbacks(report: dict[str, Any], seen: dict[str, Any], to_store: bool = False):
     from transformers import TrainerCallback
 
     class CheckpointMarker(TrainerCallback):
@@ -52,6 +53,14 @@ def _callbacks(report: dict[str, Any], seen: dict[str, Any]):
                     (ckpt / CHECKPOINT_MARKER).write_text(
                         json.dumps({"step": state.global_step, "time": time.time()})
                     )
+                    if to_store:  # a remote store: the checkpoint counts once it is there
+                        t0 = time.time()
+                        wait_until_stored(ckpt)
+                        emit(
+                            "checkpoint_stored",
+                            step=state.global_step,
+                            seconds=round(time.time() - t0, 2),
+                        )
                     emit("checkpoint", step=state.global_step, path=str(ckpt))
             crash_at = os.environ.get("DOMAINTUNE_FAULT_EXIT_AFTER_STEP")
             if crash_at and state.global_step >= int(crash_at):
@@ -324,7 +333,7 @@ def run(spec: dict[str, Any]) -> None:
         torch_compile=training.torch_compile,
     )
     seen: dict[str, Any] = {}
-    callbacks = _callbacks(report, seen)
+    callbacks = _callbacks(report, seen, to_store=bool(spec.get("checkpoints_to_store")))
     if t.get("early_stopping_patience"):
         callbacks.append(
             EarlyStoppingCallback(early_stopping_patience=t["early_stopping_patience"])

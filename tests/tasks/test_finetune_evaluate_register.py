@@ -66,25 +66,26 @@ def test_a_better_model_is_registered_once_and_promoted(tmp_path, make_config, r
     assert evaluation.finetuned["accuracy"] > evaluation.base["accuracy"]
     assert evaluate(cfg, splits, model, store).reused
 
-    # the disk fills up while the version is written, then while its marker is: a clear
-    # error each time, and no version, no pointer, nothing half-registered
+    # the disk fills up while the version is written, then while the registry's log commits
+    # it: a clear error each time, and no version, no pointer, nothing half-registered
+    from domaintune import registry as registry_module
     from domaintune.errors import StoreError
     from domaintune.tasks import register as register_module
 
-    real_write = register_module.atomic_write_text
-    for target, fake in (
-        ("shutil.copy2", _full_disk),
-        ("atomic_write_text",
-         lambda p, t: _full_disk() if p.name == register_module.MARKER else real_write(p, t)),
+    real_create = registry_module.create_exclusive
+    for module, target, fake in (
+        (register_module.shutil, "copy2", _full_disk),
+        (registry_module, "create_exclusive",
+         lambda fs, p, d: _full_disk() if "/log/" in p else real_create(fs, p, d)),
     ):  # fmt: skip
         with monkeypatch.context() as m:
-            m.setattr(register_module if "." not in target else register_module.shutil,
-                      target.split(".")[-1], fake)  # fmt: skip
+            m.setattr(module, target, fake)
             with pytest.raises(StoreError, match="no space left on device"):
                 register(cfg, raw, splits, model, evaluation, store, flow_run_id="run-0")
-        registry = register_module.registry_dir(store, cfg.name)
+        registry = registry_module.Registry(store, cfg.name).cache
         assert not [p.name for p in registry.iterdir() if p.name.startswith(("v", ".tmp"))]
         assert not (registry / "production").exists() and not (registry / "latest").exists()
+        assert registry_module.Registry(store, cfg.name).state().versions == {}
 
     reg = register(cfg, raw, splits, model, evaluation, store, flow_run_id="run-1")
     assert reg.promoted and reg.version == "v0001"

@@ -9,12 +9,13 @@ import pytest
 
 from domaintune.cli import main as cli
 from domaintune.manifests import EvaluationReport
+from domaintune.registry import Registry
 from domaintune.store import Store
 from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.finetune import finetune
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
-from domaintune.tasks.register import decide_promotion, production_stack, register
+from domaintune.tasks.register import decide_promotion, register
 from tests.conftest import write_csv
 
 
@@ -148,7 +149,7 @@ def test_champion_is_rescored_and_the_registry_commands_promote_and_roll_back(
     assert (reg / "production").read_text() == other
     assert cli(["models", "rollback", "test-uc", *root]) == 0
     assert (reg / "production").read_text() != other
-    assert production_stack(reg)[-1] == (reg / "production").read_text()
+    assert Registry(store, "test-uc").state().stack[-1] == (reg / "production").read_text()
     capsys.readouterr()
     assert cli(["models", "show", "test-uc", "v0002", "--json", *root]) == 0
     shown = json.loads(capsys.readouterr().out)

@@ -1,0 +1,304 @@
+"""Coordination across hosts: locks that live in the store's own file system.
+
+One mechanism per kind of store, behind one ``lock(...)`` context manager:
+
+- **A local folder** (``store.root: ./.domaintune``, NFS): a file lock (``filelock``), as
+  always. The kernel releases it when its holder dies, so a killed run never blocks others.
+- **An object store** (``s3://...``; ``memory://`` in unit tests): a **lease** made of small
+  objects ``<folder>/<generation>.json`` written with *create-if-absent* (S3
+  ``If-None-Match: *``, fsspec's ``pipe_file(mode="create")``): of several hosts trying to
+  create the same generation, exactly one succeeds. The holder of the newest generation
+  holds the lease while it is *live*:
+
+  * a heartbeat thread rewrites the holder's own object every ``ttl / 4`` seconds (a beat
+    counter), and checks that no newer generation appeared (else the lease was lost: the
+    holder was silent for too long, and ``check()`` raises from then on);
+  * a waiter declares the holder dead when the object has not changed for ``ttl`` seconds
+    *of the waiter's own clock*: no two hosts need to agree on the time;
+  * to take over, a waiter creates the next generation; if another waiter created it first,
+    the create fails and it goes on waiting. A released lease is taken the same way at once.
+
+A holder that dies therefore blocks others for at most ``ttl`` seconds (``DOMAINTUNE_LEASE_TTL``,
+default 60) and two holders never both believe they hold a live lease for longer than a
+holder can be frozen without noticing. Writes that must never interleave (the registry's
+event log) are additionally fenced by create-if-absent of their own, so even a holder frozen
+past its lease cannot commit over another's work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from domaintune.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+#: protocols whose ``pipe_file(mode="create")`` is atomic on the server (tested here: s3 against
+#: a real S3 API server; memory within one process, for unit tests)
+ATOMIC_CREATE = {"s3", "s3a", "memory"}
+
+
+def lease_ttl() -> float:
+    """Seconds of silence after which a lease holder is taken for dead."""
+    return float(os.environ.get("DOMAINTUNE_LEASE_TTL", "60"))
+
+
+class LeaseLost(StoreError):
+    """Another host took over a lease this process held (it was silent for too long)."""
+
+
+def protocol_of(fs: Any) -> str:
+    p = fs.protocol
+    return p[0] if isinstance(p, tuple | list) else p
+
+
+def create_exclusive(fs: Any, path: str, data: bytes) -> None:
+    """Write ``path`` only if it does not exist yet (FileExistsError otherwise), atomically
+    where the file system can (see ``ATOMIC_CREATE``; local folders use O_EXCL)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "xb") as f:
+            f.write(data)
+        return
+    fs.pipe_file(path, data, mode="create")
+
+
+class Lease:
+    """A lease in an object store folder (see the module's docstring)."""
+
+    def __init__(self, fs: Any, folder: str, what: str, ttl: float | None = None):
+        self.fs = fs
+        self.folder = folder.rstrip("/")
+        self.what = what
+        self.ttl = ttl if ttl is not None else lease_ttl()
+        self.poll = max(0.2, min(2.0, self.ttl / 10))
+        self.holder = uuid.uuid4().hex
+        self.generation: int | None = None
+        self.lost = False
+        self._beat = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._write_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ objects
+    def _path(self, generation: int) -> str:
+        return f"{self.folder}/{generation:012d}.json"
+
+    def _generations(self) -> list[int]:
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(self.folder)
+        try:
+            names = self.fs.ls(self.folder, detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for n in names:
+            stem = n.rstrip("/").rsplit("/", 1)[-1]
+            if stem.endswith(".json") and stem[:-5].isdigit():
+                out.append(int(stem[:-5]))
+        return sorted(out)
+
+    def _read(self, generation: int) -> bytes | None:
+        try:
+            return self.fs.cat_file(self._path(generation))
+        except FileNotFoundError:
+            return None
+
+    def _body(self, released: bool = False) -> bytes:
+        return json.dumps(
+            {
+                "holder": self.holder,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "what": self.what,
+                "beat": self._beat,
+                "time": time.time(),
+                "ttl": self.ttl,
+                "released": released,
+            }
+        ).encode()
+
+    # ------------------------------------------------------------------ acquire
+    def acquire(self, timeout: float = -1) -> None:
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        watched: tuple[int, bytes] | None = None
+        since = time.monotonic()
+        announced = False
+        while True:
+            gens = self._generations()
+            top = gens[-1] if gens else 0
+            free = not gens
+            if gens:
+                body = self._read(top)
+                if body is None:  # removed under us (cleaned up by a new holder): look again
+                    continue
+                try:
+                    doc = json.loads(body)
+                except ValueError:
+                    doc = {}
+                if doc.get("released"):
+                    free = True
+                elif watched != (top, body):
+                    watched, since = (top, body), time.monotonic()
+                    if not announced:
+                        log.info(
+                            "waiting for %s, held by %s (pid %s)",
+                            self.what,
+                            doc.get("host"),
+                            doc.get("pid"),
+                        )
+                        announced = True
+                elif time.monotonic() - since >= self.ttl:
+                    log.warning(
+                        "%s: its holder %s (pid %s) has been silent for %.0f s; taking over",
+                        self.what,
+                        doc.get("host"),
+                        doc.get("pid"),
+                        time.monotonic() - since,
+                    )
+                    free = True
+            if free:
+                try:
+                    create_exclusive(self.fs, self._path(top + 1), self._body())
+                except FileExistsError:
+                    continue  # another host took this generation first: look again
+                self.generation = top + 1
+                self._forget_older(gens)
+                self._thread = threading.Thread(
+                    target=self._heartbeat, name=f"lease-{self.what}", daemon=True
+                )
+                self._thread.start()
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.what}: not acquired within {timeout:.0f} s")
+            time.sleep(self.poll * (0.75 + 0.5 * random.random()))
+
+    def _forget_older(self, gens: list[int]) -> None:
+        for g in gens:
+            if self.generation is not None and g < self.generation:
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(self._path(g))
+
+    # ---------------------------------------------------------------- heartbeat
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            if not self._heartbeat_once():
+                return
+
+    def _heartbeat_once(self) -> bool:
+        """One beat: False once the lease is lost (a newer generation exists)."""
+        try:
+            newer = [g for g in self._generations() if g > (self.generation or 0)]
+            if newer:
+                self.lost = True
+                log.error(
+                    "%s: another host took over the lease (this process was silent for more "
+                    "than %.0f s)",
+                    self.what,
+                    self.ttl,
+                )
+                return False
+            with self._write_lock:
+                if self._stop.is_set():
+                    return False
+                self._beat += 1
+                self.fs.pipe_file(self._path(self.generation), self._body())
+        except Exception as exc:  # a failed beat: try again; silence costs the lease
+            log.warning("%s: heartbeat failed: %s", self.what, exc)
+        return True
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` if another host has taken this lease over."""
+        if self.lost:
+            raise LeaseLost(
+                f"{self.what}: another host took over (this process was silent for more than "
+                f"{self.ttl:.0f} s); nothing was committed"
+            )
+
+    # ------------------------------------------------------------------ release
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.generation is None or self.lost:
+            return
+        with self._write_lock, contextlib.suppress(Exception):
+            self.fs.pipe_file(self._path(self.generation), self._body(released=True))
+        self.generation = None
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float = -1) -> Iterator[None]:
+    from filelock import FileLock
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from domaintune.store import store_error
+
+        raise store_error(exc, path.parent) from exc
+    with FileLock(str(path), timeout=timeout):
+        yield
+
+
+#: the lease held by this thread right now, innermost last (``current_lease().check()``)
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def lease(fs: Any, folder: str, what: str, timeout: float = -1) -> Iterator[Lease]:
+    """Hold a lease on ``folder`` for the body of the ``with``."""
+    proto = protocol_of(fs)
+    if proto not in ATOMIC_CREATE:
+        log.warning(
+            "%s: the %s:// file system has no create-if-absent known to domaintune; the lock "
+            "between hosts is best effort",
+            what,
+            proto,
+        )
+    held = Lease(fs, folder, what)
+    try:
+        held.acquire(timeout)
+    except TimeoutError:
+        raise
+    except OSError as exc:
+        raise StoreError(f"{what}: cannot take the lock in {folder}: {exc}") from exc
+    stack = getattr(_held, "stack", [])
+    _held.stack = [*stack, held]
+    try:
+        yield held
+    finally:
+        _held.stack = stack
+        held.release()
+
+
+def current_lease() -> Lease | None:
+    stack = getattr(_held, "stack", [])
+    return stack[-1] if stack else None
+
+
+def check_leases() -> None:
+    """Raise ``LeaseLost`` if any lease this thread holds was taken over: called right
+    before a commit, so a holder frozen past its lease commits nothing."""
+    for held in getattr(_held, "stack", []):
+        held.check()

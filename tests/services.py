@@ -1,0 +1,223 @@
+"""Real services for the tests, each on a free port of 127.0.0.1, bounded in time, stopped after.
+
+- an S3 API server: moto's server mode (what s3fs's own test suite runs against);
+- PostgreSQL 15 (Debian's package): ``initdb`` into a temporary folder, ``postgres`` on a free
+  port, run as the ``postgres`` user when the tests run as root (PostgreSQL refuses root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- S3
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    proc: subprocess.Popen
+    key: str = "domaintune-test-key"
+    secret: str = "domaintune-test-secret-0123456789"
+
+    def bucket(self, prefix: str = "dt") -> str:
+        """A new, empty bucket; its name."""
+        import s3fs
+
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        fs = s3fs.S3FileSystem(
+            key=self.key, secret=self.secret, endpoint_url=self.endpoint, skip_instance_cache=True
+        )
+        fs.mkdir(name)
+        return name
+
+    def env(self) -> dict[str, str]:
+        """The variables a host's process needs to use the store (credentials by reference)."""
+        return {
+            "DT_S3_KEY": self.key,
+            "DT_S3_SECRET": self.secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def storage_options(self) -> dict[str, str]:
+        """What a config says: the endpoint, and the credentials as ``${env:NAME}``."""
+        return {
+            "endpoint_url": self.endpoint,
+            "key": "${env:DT_S3_KEY}",
+            "secret": "${env:DT_S3_SECRET}",
+        }
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            key=self.key,
+            secret=self.secret,
+            endpoint_url=self.endpoint,
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
+
+
+@contextlib.contextmanager
+def s3_server(log_dir: Path, env: dict[str, str] | None = None) -> Iterator[S3Server]:
+    """moto's S3 API server on a free loopback port (``env``: e.g. INITIAL_NO_AUTH_ACTION_COUNT
+    to make it check credentials)."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out = open(log_dir / f"moto-{port}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(
+                        f"moto server did not start: {(log_dir / f'moto-{port}.log').read_text()}"
+                    ) from None
+                time.sleep(0.3)
+        yield S3Server(endpoint=endpoint, proc=proc)
+    finally:
+        stop(proc)
+        out.close()
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+def postgres_bin() -> Path | None:
+    for v in ("15", "16", "17"):
+        d = Path(f"/usr/lib/postgresql/{v}/bin")
+        if (d / "initdb").is_file():
+            return d
+    found = shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+@dataclass
+class Postgres:
+    port: int
+    user: str
+    password: str
+    database: str
+    proc: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        """Prefect's connection URL (asyncpg driver)."""
+        return (
+            f"postgresql+asyncpg://{self.user}:{self.password}@127.0.0.1:{self.port}/"
+            f"{self.database}"
+        )
+
+
+@contextlib.contextmanager
+def postgres_server(data: Path) -> Iterator[Postgres]:
+    """A PostgreSQL server of its own: ``initdb`` in ``data``, on a free port of 127.0.0.1,
+    with a password-protected user and database for Prefect."""
+    bindir = postgres_bin()
+    if bindir is None:
+        raise RuntimeError(
+            "PostgreSQL is not installed (make install installs Debian's postgresql)"
+        )
+    run_as: list[str] = []
+    owner = None
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        owner = pwd.getpwnam("postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data.mkdir(parents=True, exist_ok=True)
+    if owner is not None:
+        for p in (data, *data.parents):
+            if p == Path("/") or p == Path("/tmp"):
+                break
+            with contextlib.suppress(OSError):
+                os.chmod(p, os.stat(p).st_mode | 0o011)  # let postgres traverse
+        os.chown(data, owner.pw_uid, owner.pw_gid)
+    pgdata = data / "pgdata"
+    socket_dir = data / "sock"
+    socket_dir.mkdir(exist_ok=True)
+    if owner is not None:
+        os.chown(socket_dir, owner.pw_uid, owner.pw_gid)
+    subprocess.run(
+        [*run_as, str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "-A", "trust",
+         "--no-sync", "-E", "UTF8"],
+        check=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    port = free_port()
+    log = data / "postgres.log"
+    proc = subprocess.Popen(
+        [*run_as, str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port),
+         "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={socket_dir}",
+         "-c", "fsync=off", "-c", "max_connections=200"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while True:
+            ready = subprocess.run(
+                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                capture_output=True,
+            )
+            if ready.returncode == 0:
+                break
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"postgres did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
+        password = uuid.uuid4().hex
+        psql = [*run_as, str(bindir / "psql"), "-h", str(socket_dir), "-p", str(port),
+                "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]  # fmt: skip
+        subprocess.run(
+            [*psql, "-c", f"CREATE USER prefect PASSWORD '{password}'",
+             "-c", "CREATE DATABASE prefect OWNER prefect"],
+            check=True, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        # from now on TCP connections need the password
+        hba = pgdata / "pg_hba.conf"
+        hba.write_text("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+        subprocess.run([*psql, "-c", "SELECT pg_reload_conf()"], check=True, capture_output=True)
+        yield Postgres(port=port, user="prefect", password=password, database="prefect", proc=proc)
+    finally:
+        stop(proc)
