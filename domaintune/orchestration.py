@@ -90,3 +90,54 @@ def call_stage(
         StageRecord(name=t.name, cached=state.name == "Cached", seconds=seconds, key=manifest.key)
     )
     return manifest
+
+
+def superseded_by() -> str | None:
+    """The id of a newer run of this flow run's deployment, with the same parameters, that
+    is waiting to start (queued behind the deployment's concurrency limit, or due now); None
+    when there is none or this run was not started from a deployment.
+
+    Such a run will train on the same landed files and any that arrived since, so this one
+    has nothing to add: a burst of data-arrival events costs at most two retrains (the one
+    running when the burst began, and the newest queued run)."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return None
+    with get_client(sync_client=True) as client:
+        me = client.read_flow_run(flow_run.id)
+        deployment_id = me.deployment_id
+        if deployment_id is None:
+            return None
+        waiting = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])
+                )
+            ),
+            limit=200,
+        )
+    due = datetime.now(UTC) + timedelta(seconds=30)  # not next week's scheduled run
+    newer = [
+        r
+        for r in waiting
+        if r.id != me.id
+        and r.created is not None
+        and me.created is not None
+        and r.created > me.created
+        and r.parameters == me.parameters
+        and (r.expected_start_time is None or r.expected_start_time <= due)
+    ]
+    return str(max(newer, key=lambda r: r.created).id) if newer else None

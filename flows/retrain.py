@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from domaintune.config import RetrainConfig
 from domaintune.manifests import (
@@ -22,7 +23,7 @@ from domaintune.manifests import (
     StageRecord,
     ValidationReport,
 )
-from domaintune.orchestration import call_stage, stage_task
+from domaintune.orchestration import call_stage, stage_task, superseded_by
 from domaintune.redaction import redact, redact_obj
 from domaintune.tasks.evaluate import evaluate, metric_rows
 from domaintune.tasks.finetune import finetune, training_markdown, training_summary
@@ -73,6 +74,14 @@ register_task = stage_task(register, "register")
 def retrain(config: RetrainConfig) -> dict[str, Any]:
     """Retrain one use case's model from its data and promote it if it is better."""
     t0 = time.perf_counter()
+    newer = superseded_by()
+    if newer:  # a newer queued run of this deployment will do the same, with newer data
+        message = (
+            f"superseded by flow run {newer} of this deployment, queued with the same "
+            "parameters: it trains on the same landed files and any that arrived since"
+        )
+        get_run_logger().info(message)
+        return Completed(name="Superseded", message=message)
     stages: list[StageRecord] = []
     raw = call_stage(ingest_task, stages, config)
     validation = call_stage(validate_task, stages, config, raw)

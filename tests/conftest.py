@@ -369,3 +369,15 @@ def s3_store(s3):
     """A config's ``store`` section for a fresh bucket on the S3 API server."""
     bucket = s3.bucket()
     return {"root": f"s3://{bucket}/store", "storage_options": s3.storage_options()}
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL 15 server (Debian's package) of this test session: initdb into a
+    temporary folder, a free port of 127.0.0.1, a password-protected user ``prefect``."""
+    from tests.services import postgres_bin, postgres_server
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (make install installs Debian's postgresql)")
+    with postgres_server(tmp_path_factory.mktemp("postgres")) as pg:
+        yield pg

@@ -144,14 +144,23 @@ class Postgres:
     password: str
     database: str
     proc: subprocess.Popen
+    psql: list[str]
 
     @property
     def url(self) -> str:
-        """Prefect's connection URL (asyncpg driver)."""
-        return (
-            f"postgresql+asyncpg://{self.user}:{self.password}@127.0.0.1:{self.port}/"
-            f"{self.database}"
-        )
+        """Prefect's connection URL (asyncpg driver) of the default database."""
+        return self.url_of(self.database)
+
+    def url_of(self, database: str) -> str:
+        return f"postgresql+asyncpg://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """A new database owned by the Prefect user; its URL."""
+        subprocess.run(
+            [*self.psql, "-c", f"CREATE DATABASE {name} OWNER {self.user}"],
+            check=True, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        return self.url_of(name)
 
 
 @contextlib.contextmanager
@@ -218,6 +227,58 @@ def postgres_server(data: Path) -> Iterator[Postgres]:
         hba = pgdata / "pg_hba.conf"
         hba.write_text("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
         subprocess.run([*psql, "-c", "SELECT pg_reload_conf()"], check=True, capture_output=True)
-        yield Postgres(port=port, user="prefect", password=password, database="prefect", proc=proc)
+        yield Postgres(
+            port=port, user="prefect", password=password, database="prefect", proc=proc, psql=psql
+        )
     finally:
         stop(proc)
+
+
+# ----------------------------------------------------------------------------- Prefect API
+
+
+def prefect_api(api: str, path: str, body: dict | None = None, method: str = "POST") -> object:
+    """Call the Prefect API. A 503 is Prefect's "retry": the server rolled back on a
+    retryable database error; its own client retries it too."""
+    import json
+    import urllib.error
+
+    for attempt in range(6):
+        req = urllib.request.Request(
+            f"{api}/{path}",
+            data=None if method == "GET" else json.dumps(body or {}).encode(),
+            headers={"Content-Type": "application/json"},
+            method=method,
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+                return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == 5:
+                raise
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
+
+
+def process_tree(pid: int) -> list:
+    """The process and all its descendants (psutil.Process objects)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return []
+    return [root, *root.children(recursive=True)]
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL a process and every descendant at once, as when its host dies."""
+    import psutil
+
+    procs = process_tree(pid)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+    return [p.pid for p in procs]

@@ -1,0 +1,463 @@
+"""A production set-up as it runs, on one machine: a Prefect server on PostgreSQL 15, an S3 API
+server (moto) holding the store and the landing zones, and two worker "hosts" (separate
+``HOME``, ``PREFECT_HOME`` and local caches) with process workers in one pool. Everything
+listens on 127.0.0.1 only.
+
+What it shows: the deployments of ``deployments/prefect.yaml`` with their schedules,
+data-arrival triggers and typed parameters; a worker SIGKILLed mid-training (the whole
+process tree, as when its host dies) and the flow run retried on the other worker, resuming
+from the last checkpoint in S3; the champion one worker promoted being what the other
+worker's next run compares against; a burst of data events never running two retrains of a
+use case at once; three runs started at the same moment from both hosts computing each
+entry once; and a deleted local cache costing nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+from domaintune.serve import deploy, ensure_automations, start_server, start_worker
+from tests.conftest import LABELS, make_rows, write_csv
+from tests.services import free_port, kill_tree, prefect_api, stop
+
+ROOT = Path(__file__).resolve().parent.parent
+POOL = "domaintune"
+CRASH_AFTER = 45.0  # seconds without a heartbeat (every 30 s, Prefect's minimum)
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Host:
+    name: str
+    env: dict[str, str]
+    cache: Path
+    worker: subprocess.Popen | None = None
+
+
+@dataclass
+class Cluster:
+    api: str
+    root: Path
+    bucket: str
+    store: dict
+    landing: str
+    hosts: dict[str, Host] = field(default_factory=dict)
+    deployments: dict = field(default_factory=dict)
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def start(self, name: str) -> None:
+        host = self.hosts[name]
+        if host.worker is None or host.worker.poll() is not None:
+            host.worker = start_worker(POOL, self.logs, host.env, name=f"host-{name}")
+            self._wait_for_worker(f"host-{name}")
+
+    def _wait_for_worker(self, name: str) -> None:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            workers = prefect_api(self.api, f"work_pools/{POOL}/workers/filter")
+            if any(w["name"] == name and w["status"] == "ONLINE" for w in workers):
+                return
+            time.sleep(1)
+        raise AssertionError(f"worker {name} never came online: {self.worker_log(name)}")
+
+    def stop(self, name: str) -> None:
+        stop(self.hosts[name].worker, timeout=60)
+        self.hosts[name].worker = None
+
+    def kill(self, name: str) -> list[int]:
+        """SIGKILL the worker and every process under it: the host is gone."""
+        host = self.hosts[name]
+        killed = kill_tree(host.worker.pid)
+        host.worker.wait(timeout=30)
+        host.worker = None
+        return killed
+
+    def worker_log(self, name: str) -> str:
+        p = self.logs / f"host-{name}.log"
+        return p.read_text()[-4000:] if p.is_file() else ""
+
+    def run_cli(self, name: str, *args: str, timeout: float = 600) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "domaintune.cli", *args],
+            env=self.hosts[name].env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+
+def _finance_config(cluster_store: dict, tiny_model: Path, source: str, **training) -> dict:
+    return {
+        "name": "finance-sentiment",
+        "domain": "finance",
+        "task": {"type": "text_classification", "labels": LABELS},
+        "data": {"source": source},
+        "model": {"name_or_path": str(tiny_model)},
+        "training": {
+            "epochs": 8,
+            "learning_rate": 5e-3,
+            "batch_size": 8,
+            "max_length": 32,
+            "early_stopping_patience": None,
+            **training,
+        },
+        "evaluation": {"test_size": 0.2, "val_size": 0.15},
+        "retries": {"count": 1, "delay_seconds": 1},
+        "store": cluster_store,
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_model, postgres, s3):
+    root = tmp_path_factory.mktemp("production")
+    bucket = s3.bucket("prod")
+    store = {"root": f"s3://{bucket}/store"}
+    landing = f"s3://{bucket}/landing"
+    aws = {
+        "AWS_ACCESS_KEY_ID": s3.key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret,
+        "AWS_ENDPOINT_URL_S3": s3.endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL",))}
+    server_env = {
+        **base,
+        "PREFECT_HOME": str(root / "server-home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres.create_database("prefect_production"),
+    }
+
+    doc = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    doc.pop("definitions", None)
+    for dep in doc["deployments"]:
+        cfg = dep["parameters"]["config"]
+        cfg["store"] = store
+        if cfg["domain"] == "finance":  # runs here use the tiny model: seconds, not minutes
+            dep["parameters"]["config"] = _finance_config(
+                store, tiny_model, f"{landing}/finance/*.csv"
+            )
+    prefect_file = root / "prefect.yaml"
+    prefect_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    server = None
+    c = None
+    try:
+        server, api = start_server(free_port(), root / "logs", server_env)
+        deploy_env = {**base, "PREFECT_API_URL": api, "PREFECT_HOME": str(root / "deployer")}
+        deploy(str(prefect_file), POOL, deploy_env, cwd=ROOT)
+        ensure_automations(deploy_env, CRASH_AFTER)
+        c = Cluster(api=api, root=root, bucket=bucket, store=store, landing=landing)
+        for name in ("a", "b"):
+            home = root / f"host-{name}"
+            c.hosts[name] = Host(
+                name=name,
+                cache=home / "cache",
+                env={
+                    **base,
+                    **aws,
+                    "HOME": str(home / "home"),
+                    "PREFECT_HOME": str(home / "prefect"),
+                    "DOMAINTUNE_CACHE": str(home / "cache"),
+                    "PREFECT_API_URL": api,
+                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+                    "PREFECT_WORKER_QUERY_SECONDS": "2",
+                    "DOMAINTUNE_LEASE_TTL": "10",
+                    "DOMAINTUNE_PROJECT_DIR": str(ROOT),
+                    "DOMAINTUNE_LANDING": landing,
+                },
+            )
+        c.deployments = {d["name"]: d for d in prefect_api(api, "deployments/filter")}
+        yield c
+    finally:
+        if c is not None:
+            for h in c.hosts.values():
+                stop(h.worker, timeout=60)
+        stop(server)
+
+
+def _run_of(api: str, run_id: str) -> dict:
+    return prefect_api(api, f"flow_runs/{run_id}", method="GET")
+
+
+def _wait_final(cluster: Cluster, run_id: str, timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = _run_of(cluster.api, run_id)
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CANCELLED") or (
+            run["state"]["type"] == "CRASHED" and run["run_count"] > 2
+        ):
+            return run
+        time.sleep(2)
+    raise AssertionError(
+        f"run {run_id} still {run['state']['name']}:\nA: {cluster.worker_log('a')}\n"
+        f"B: {cluster.worker_log('b')}"
+    )
+
+
+def _states(api: str, run_id: str) -> list[str]:
+    states = prefect_api(api, f"flow_run_states/?flow_run_id={run_id}", method="GET")
+    return [s["name"] for s in sorted(states, key=lambda s: s["timestamp"])]
+
+
+def _registry(s3, bucket: str, name: str) -> dict:
+    fs = s3.fs()
+    reg = f"{bucket}/store/registry/{name}"
+    events = [json.loads(fs.cat_file(p)) for p in sorted(fs.glob(f"{reg}/log/*.json"))]
+    production = (
+        fs.cat_file(f"{reg}/production").decode() if fs.exists(f"{reg}/production") else None
+    )
+    return {"events": events, "production": production, "fs": fs, "path": reg}
+
+
+def _put(s3, tmp: Path, url: str, rows: list[dict]) -> str:
+    """A CSV of ``rows`` at ``url`` in the S3 server."""
+    local = write_csv(tmp / url.rsplit("/", 1)[-1], rows)
+    s3.fs().put_file(str(local), url[len("s3://") :])
+    return url
+
+
+def test_a_worker_lost_mid_training_is_retried_on_the_other_and_resumes_from_s3_and_its_champion_is_what_the_other_worker_compares_against(
+    cluster, s3, tiny_model
+):
+    """Point 5b and 5d. Only host A's worker runs when a run is started through the API with
+    typed parameters; once a checkpoint is in S3 host A dies (its worker's whole process tree
+    SIGKILLed) and host B's worker starts. The server marks the silent run Crashed, the
+    automation schedules it again, host B picks it up and resumes from the newest checkpoint
+    in S3, losing at most one checkpoint interval, and promotes v0001. Then host A comes back
+    and B goes away: A's next run is compared against the champion that B promoted."""
+    every = 20
+    data = _put(
+        s3, cluster.root, f"s3://{cluster.bucket}/data/kill-drill.csv", make_rows(30, seed=5)
+    )
+    config = _finance_config(
+        cluster.store,
+        tiny_model,
+        data,
+        max_steps=240,
+        checkpoint_every_steps=every,
+        logging_steps=1,
+    )
+    config["name"] = "kill-drill"
+    finance = cluster.deployments["finance-sentiment"]
+    cluster.start("a")
+    run = prefect_api(
+        cluster.api,
+        f"deployments/{finance['id']}/create_flow_run",
+        {"parameters": {"config": config}},
+    )
+    fs = s3.fs()
+    work = f"{cluster.bucket}/store/finetune/.work"
+    deadline = time.time() + 300
+    while not fs.glob(f"{work}/*/checkpoints/*/.domaintune-complete"):
+        assert time.time() < deadline, cluster.worker_log("a")
+        state = _run_of(cluster.api, run["id"])["state"]["type"]
+        assert state not in ("FAILED", "CRASHED", "COMPLETED"), cluster.worker_log("a")
+        time.sleep(0.3)
+    killed = cluster.kill("a")
+    t_kill = time.time()
+    assert len(killed) >= 3, "the worker, the flow run and the training processes"
+    cluster.start("b")
+
+    done = _wait_final(cluster, run["id"], timeout=480)
+    states = _states(cluster.api, run["id"])
+    assert done["state"]["type"] == "COMPLETED", (states, cluster.worker_log("b"))
+    assert "Crashed" in states and "AwaitingRetry" in states, states
+    assert done["run_count"] == 2
+    recovered = time.time() - t_kill
+
+    reg = _registry(s3, cluster.bucket, "kill-drill")
+    (event,) = reg["events"]
+    assert event["action"] == "register" and event["promoted"] and event["flow_run_id"] == run["id"]
+    lineage = json.loads(fs.cat_file(f"{reg['path']}/v0001/lineage.json"))
+    first, second = lineage["model"]["attempts"]
+    assert first.get("lost") and second["resumed_from"], lineage["model"]["attempts"]
+    resumed_at = int(second["resumed_from"].split("-")[1])
+    # the last step host A reached, from its (local) training log
+    (log_a,) = cluster.hosts["a"].cache.glob("store-mirror/*/finetune/.work/*/train.log")
+    reached = max(int(m) for m in re.findall(r'"step": (\d+)', log_a.read_text()))
+    lost = reached - resumed_at
+    assert resumed_at >= every and 0 <= lost <= every, (reached, resumed_at)
+    assert lineage["model"]["global_step"] == 240
+    print(f"cross-worker resume: lost {lost} steps of {every}; recovered in {recovered:.0f} s")
+
+    # host A comes back, host B leaves: A's next run is compared against B's champion
+    cluster.stop("b")
+    cluster.start("a")
+    config["training"] = {**config["training"], "max_steps": 16, "learning_rate": 1e-12}
+    worse = prefect_api(
+        cluster.api,
+        f"deployments/{finance['id']}/create_flow_run",
+        {"parameters": {"config": config}},
+    )
+    done = _wait_final(cluster, worse["id"], timeout=300)
+    assert done["state"]["type"] == "COMPLETED", cluster.worker_log("a")
+    reg = _registry(s3, cluster.bucket, "kill-drill")
+    assert [e["version"] for e in reg["events"]] == ["v0001", "v0002"]
+    assert reg["production"] == "v0001" and not reg["events"][1]["promoted"]
+    evaluation_key = json.loads(fs.cat_file(f"{reg['path']}/v0002/lineage.json"))["evaluation"][
+        "key"
+    ]
+    metrics = json.loads(
+        fs.cat_file(f"{cluster.bucket}/store/evaluate/{evaluation_key}/metrics.json")
+    )
+    assert metrics["champion"]["version"] == "v0001" and metrics["champion"]["metrics"]
+    cluster.stop("a")
+
+
+def test_the_scheduler_creates_the_weekly_runs_on_postgres(cluster):
+    """Point 4: the deployments' schedules are stored in PostgreSQL and the scheduler
+    creates their runs ahead of time."""
+    finance = cluster.deployments["finance-sentiment"]
+    assert finance["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
+    assert finance["global_concurrency_limit"]["limit"] == 1
+    assert finance["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    deadline = time.time() + 90
+    scheduled = []
+    while time.time() < deadline and not scheduled:
+        scheduled = prefect_api(
+            cluster.api,
+            "flow_runs/filter",
+            {
+                "deployments": {"id": {"any_": [finance["id"]]}},
+                "flow_runs": {"state": {"name": {"any_": ["Scheduled"]}}},
+            },
+        )
+        scheduled = [r for r in scheduled if r["created_by"] is None or r["auto_scheduled"]]
+        time.sleep(2)
+    assert scheduled, "no scheduled run was created"
+    start = datetime.fromisoformat(scheduled[0]["expected_start_time"].replace("Z", "+00:00"))
+    assert (start.weekday(), start.hour, start.minute) == (0, 3, 0)
+    triggers = [a["trigger"] for a in prefect_api(cluster.api, "automations/filter")]
+    assert any(
+        t.get("match", {}).get("prefect.resource.id") == "domaintune.domain.finance"
+        for t in triggers
+    )
+
+
+def _runs_of(cluster: Cluster, deployment_id: str, exclude: set[str]) -> list[dict]:
+    runs = prefect_api(
+        cluster.api,
+        "flow_runs/filter",
+        {"deployments": {"id": {"any_": [deployment_id]}}},
+    )
+    return [r for r in runs if r["id"] not in exclude and not r["auto_scheduled"]]
+
+
+def test_a_burst_of_data_events_runs_one_retrain_at_a_time_and_the_newest_sees_all_files(
+    cluster, s3
+):
+    """Points 4 and 6: three files land for the finance domain in quick succession, each
+    announced by `domaintune data add` (landing zone and ledger in S3). Their trigger runs
+    never overlap (the deployment's concurrency limit); a queued run that a newer queued run
+    supersedes ends as Superseded with the reason in its state; the last one trains on all
+    three files. At most two of them train."""
+    finance = cluster.deployments["finance-sentiment"]
+    earlier = {r["id"] for r in _runs_of(cluster, finance["id"], set())}
+    cluster.start("a")
+    cluster.start("b")
+    files = []
+    for i in range(3):
+        f = write_csv(cluster.root / "incoming" / f"batch-{i}.csv", make_rows(12, seed=40 + i))
+        files.append(f)
+        added = cluster.run_cli(
+            "a" if i % 2 == 0 else "b", "data", "add", "finance", str(f), "--json"
+        )
+        out, err = added.communicate(timeout=120)
+        assert added.returncode == 0, err[-2000:]
+        assert json.loads(out)["announced"][0]["path"].startswith(cluster.landing)
+    ledger = json.loads(
+        s3.fs().cat_file(f"{cluster.bucket}/landing/finance/.domaintune-announced.json")
+    )
+    assert len(ledger["announced"]) == 3, "each file announced once, the ledger in S3"
+
+    deadline = time.time() + 600
+    while True:
+        runs = _runs_of(cluster, finance["id"], earlier)
+        final = [r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED")]
+        if len(runs) == 3 and len(final) == 3:
+            break
+        assert time.time() < deadline, (runs, cluster.worker_log("a"), cluster.worker_log("b"))
+        time.sleep(3)
+    assert all(r["state"]["type"] == "COMPLETED" for r in runs), [r["state"] for r in runs]
+    # one at a time: no two of them were running at the same moment
+    spans = sorted(
+        (datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"]))
+        for r in runs
+        if r["start_time"]
+    )
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert start >= end, f"two retrains of one use case overlapped: {spans}"
+    superseded = [r for r in runs if r["state"]["name"] == "Superseded"]
+    trained = [r for r in runs if r["state"]["name"] == "Completed"]
+    assert len(trained) <= 2 and len(superseded) == 3 - len(trained)
+    for r in superseded:
+        assert "superseded by flow run" in r["state"]["message"]
+    newest = max(runs, key=lambda r: r["created"])
+    assert newest["state"]["name"] == "Completed"
+    reg = _registry(s3, cluster.bucket, "finance-sentiment")
+    mine = [e for e in reg["events"] if e["flow_run_id"] == newest["id"]]
+    version = mine[0]["version"] if mine else None
+    if version is None:  # the newest found everything cached: the same model as before
+        version = reg["events"][-1]["version"]
+    lineage = json.loads(reg["fs"].cat_file(f"{reg['path']}/{version}/lineage.json"))
+    sources = sorted(s["path"].rsplit("/", 1)[-1] for s in lineage["raw_snapshot"]["sources"])
+    assert sources == ["batch-0.csv", "batch-1.csv", "batch-2.csv"], sources
+
+
+def test_three_runs_from_two_hosts_at_once_compute_each_entry_once_and_a_cache_is_disposable(
+    cluster, s3, tiny_model
+):
+    """Points 5a and 5c: `domaintune run` started at the same moment twice on host A and once
+    on host B (each its own process, reporting to the Postgres-backed server): every entry is
+    computed once in all, one version is registered, the log and the pointers agree. Then
+    host A's whole cache is deleted and the same run recomputes nothing."""
+    data = _put(s3, cluster.root, f"s3://{cluster.bucket}/data/together.csv", make_rows(30, seed=9))
+    config = _finance_config(cluster.store, tiny_model, data)
+    config["name"] = "together"
+    path = cluster.root / "together.yaml"
+    path.write_text(yaml.safe_dump(config))
+    procs = [cluster.run_cli(h, "run", str(path), "--json") for h in ("a", "a", "b")]
+    docs = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+        docs.append(json.loads(out))
+    for stage in ("ingest", "validate", "preprocess", "finetune", "evaluate"):
+        computed = [not next(s for s in d["stages"] if s["name"] == stage)["cached"] for d in docs]
+        assert sum(computed) == 1, f"{stage} computed {sum(computed)} times"
+    assert {d["version"] for d in docs} == {"v0001"}
+    reg = _registry(s3, cluster.bucket, "together")
+    assert [(e["action"], e["version"]) for e in reg["events"]] == [("register", "v0001")]
+    assert reg["production"] == "v0001"
+    assert reg["fs"].cat_file(f"{reg['path']}/latest") == b"v0001"
+    assert {d["model_dir"] for d in docs} == {
+        f"{cluster.store['root']}/registry/together/v0001/model"
+    }
+    assert not reg["fs"].glob(f"{cluster.bucket}/store/**/.tmp-*")
+    runs = {d["run_id"] for d in docs}
+    assert len(runs) == 3 and all(
+        _run_of(cluster.api, r)["state"]["type"] == "COMPLETED" for r in runs
+    )
+
+    shutil.rmtree(cluster.hosts["a"].cache)
+    again = cluster.run_cli("a", "run", str(path), "--json")
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    doc = json.loads(out)
+    assert all(s["cached"] for s in doc["stages"]), doc["stages"]
+    assert doc["version"] == "v0001"
