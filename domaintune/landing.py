@@ -8,6 +8,8 @@ preprocess, as a new fingerprinted snapshot.
 
 - :func:`add_files` lands files atomically (copied to a hidden temporary name, then renamed;
   on object stores an object is visible only once complete), never touching the originals; a name already taken by other content gets a content suffix.
+- The ledger and the lock live in the landing location itself (a hidden ledger file, and a
+  lease for object stores), so several hosts watching one landing zone announce a file once.
 - :func:`scan` finds complete new files: not hidden or temporary (``.part``, ``.tmp``,
   ``.crdownload``), unchanged for ``settle_seconds``, and with content never announced before
   (a ledger of sha256 per domain, so a file copied twice or touched never fires twice).
@@ -197,13 +199,20 @@ def announce(domain: str, files: list[dict[str, Any]]) -> Any:
 
 
 def _lock(domain_url: str):
-    """One lock per landing location, kept on local disk (object stores have none)."""
-    from filelock import FileLock
+    """One lock per landing location, so a file is announced once: a file lock for a local
+    folder; for an object store a lease in the landing location itself (its hidden
+    ``.domaintune-lock/`` folder), so that watchers and ``data add`` on several hosts take
+    turns too."""
+    from domaintune.coordination import file_lock, lease
 
-    locks = Path.home() / ".cache" / "domaintune" / "landing-locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha256(domain_url.encode()).hexdigest()[:16]
-    return FileLock(str(locks / f"{name}.lock"))
+    fs, d = _fs(domain_url)
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        locks = Path.home() / ".cache" / "domaintune" / "landing-locks"
+        name = hashlib.sha256(domain_url.encode()).hexdigest()[:16]
+        return file_lock(locks / f"{name}.lock")
+    return lease(fs, f"{d}/.domaintune-lock", f"landing lock of {domain_url}")
 
 
 def land_and_announce(

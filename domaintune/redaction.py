@@ -28,9 +28,13 @@ _NOT_SECRET = {"HF_HUB_DISABLE_IMPLICIT_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"
 
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     # scheme://user:password@host -> scheme://***@host
-    (re.compile(r"(?P<s>\b[a-zA-Z][\w+.-]*:///?)[^/\s:@'\"`]+:[^/\s@'\"`]+@"), rf"\g<s>{MASK}@"),
+    # (a URL whose password is already masked, user:***@host, keeps its user)
+    (
+        re.compile(r"(?P<s>\b[a-zA-Z][\w+.-]*:///?)[^/\s:@'\"`]+:(?!\*\*\*@)[^/\s@'\"`]+@"),
+        rf"\g<s>{MASK}@",
+    ),
     # ... and the same after a file system stripped the scheme (/user:password@bucket/key)
-    (re.compile(r"(?<=[/\s`'\"(])[^/\s:@'\"`]+:[^/\s@'\"`]+@(?=[\w.-])"), f"{MASK}@"),
+    (re.compile(r"(?<=[/\s`'\"(])[^/\s:@'\"`]+:(?!\*\*\*@)[^/\s@'\"`]+@(?=[\w.-])"), f"{MASK}@"),
     (
         re.compile(
             r"(?i)(?P<k>\b(?:access_?token|token|api[_-]?key|apikey|secret|password|passwd|pwd|"

@@ -66,7 +66,7 @@ def test_data_add_announces_once_and_the_watcher_not_again(tmp_path, monkeypatch
 
 
 def test_an_object_store_landing_location_works_the_same(tmp_path, monkeypatch):
-    """fsspec's in-memory file system stands in for s3:// or gs://."""
+    """fsspec's in-memory file system, at unit-test speed (the real S3 API is below)."""
     sent = []
     monkeypatch.setattr(landing, "announce", lambda domain, files: sent.append((domain, files)))
     src = tmp_path / "batch.csv"
@@ -85,3 +85,53 @@ def test_an_object_store_landing_location_works_the_same(tmp_path, monkeypatch):
     assert [f["path"].rsplit("/", 1)[-1] for f in fired["finance"]] == ["more.csv"]
     assert landing.watch_once(root, settle_seconds=0) == {}
     assert len(sent) == 2
+
+
+def test_two_hosts_watching_one_s3_landing_zone_announce_each_file_once(tmp_path, s3):
+    """Files land in an S3 landing zone; two watchers on two "hosts" (processes with their
+    own HOME) scan it at the same moment: each file is announced by exactly one of them,
+    because the ledger and the lock (a lease) live in the bucket."""
+    import json
+    import subprocess
+    import sys
+
+    bucket = s3.bucket("landing")
+    fs = s3.fs()
+    for i in range(3):
+        fs.pipe_file(f"{bucket}/landing/finance/b{i}.csv", f"text,label\nx{i},y\n".encode())
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": s3.key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret,
+        "AWS_ENDPOINT_URL_S3": s3.endpoint,
+    }
+    env.pop("PREFECT_API_URL", None)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "domaintune.cli",
+                "watch",
+                "--once",
+                "--settle",
+                "0",
+                "--landing",
+                f"s3://{bucket}/landing",
+                "--json",
+            ],
+            env={**env, "HOME": str(tmp_path / f"home-{h}")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for h in ("a", "b")
+    ]
+    announced = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        announced += [f["path"] for f in json.loads(out).get("finance", [])]
+    assert sorted(a.rsplit("/", 1)[-1] for a in announced) == ["b0.csv", "b1.csv", "b2.csv"]
+    ledger = json.loads(fs.cat_file(f"{bucket}/landing/finance/.domaintune-announced.json"))
+    assert len(ledger["announced"]) == 3

@@ -342,11 +342,16 @@ def test_the_scheduler_creates_the_weekly_runs_on_postgres(cluster):
     assert scheduled, "no scheduled run was created"
     start = datetime.fromisoformat(scheduled[0]["expected_start_time"].replace("Z", "+00:00"))
     assert (start.weekday(), start.hour, start.minute) == (0, 3, 0)
-    triggers = [a["trigger"] for a in prefect_api(cluster.api, "automations/filter")]
-    assert any(
-        t.get("match", {}).get("prefect.resource.id") == "domaintune.domain.finance"
-        for t in triggers
+    assert {"finance-sentiment", "healthcare-diagnosis", "ecommerce-reviews"} <= set(
+        cluster.deployments
     )
+    triggers = [a["trigger"] for a in prefect_api(cluster.api, "automations/filter")]
+    for domain in ("finance", "healthcare", "ecommerce"):
+        assert any(
+            t.get("match", {}).get("prefect.resource.id") == f"domaintune.domain.{domain}"
+            and t.get("expect") == ["domaintune.data.arrived"]
+            for t in triggers
+        ), triggers
 
 
 def _runs_of(cluster: Cluster, deployment_id: str, exclude: set[str]) -> list[dict]:
@@ -461,3 +466,48 @@ def test_three_runs_from_two_hosts_at_once_compute_each_entry_once_and_a_cache_i
     doc = json.loads(out)
     assert all(s["cached"] for s in doc["stages"]), doc["stages"]
     assert doc["version"] == "v0001"
+
+
+@pytest.mark.browser
+def test_a_custom_run_from_the_ui_uses_the_changed_parameter(cluster, s3):
+    """Headless Chromium opens the Prefect UI of the Postgres-backed server, starts a custom
+    run of the finance deployment with training.epochs changed in the parameter form, and a
+    worker runs it to completion with that value."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make install adds it with apt-get)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    _put(s3, cluster.root, f"{cluster.landing}/finance/ui.csv", make_rows(30, seed=11))
+    cluster.start("b")
+    api = cluster.api
+    ui = api[: -len("/api")]
+    finance = cluster.deployments["finance-sentiment"]
+    earlier = {r["id"] for r in _runs_of(cluster, finance["id"], set())}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{ui}/deployments/deployment/{finance['id']}/run", wait_until="networkidle")
+            label = page.locator(".schema-form-property__label", has_text=re.compile(r"^Epochs"))
+            epochs = page.locator(".schema-form-property").filter(has=label).last
+            box = epochs.locator("input[type=number]").first
+            assert box.input_value() == "8", "the form shows the deployment's default"
+            box.fill("2")
+            page.get_by_role("button", name="Submit").click()
+            page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+(\?.*)?$"), timeout=60_000)
+            deadline = time.time() + 300
+            while not (runs := _runs_of(cluster, finance["id"], earlier)):
+                assert time.time() < deadline
+                time.sleep(1)
+            (run,) = runs
+            done = _wait_final(cluster, run["id"], timeout=300)
+            assert done["state"]["type"] == "COMPLETED", cluster.worker_log("b")
+            assert done["parameters"]["config"]["training"]["epochs"] == 2
+            page.goto(f"{ui}/runs/flow-run/{run['id']}", wait_until="networkidle")
+            page.get_by_text("Completed").first.wait_for(timeout=30_000)
+        finally:
+            browser.close()
+    reg = _registry(s3, cluster.bucket, "finance-sentiment")
+    (event,) = [e for e in reg["events"] if e["flow_run_id"] == run["id"]]
+    config = yaml.safe_load(reg["fs"].cat_file(f"{reg['path']}/{event['version']}/config.yaml"))
+    assert config["training"]["epochs"] == 2
