@@ -282,3 +282,36 @@ def kill_tree(pid: int) -> list[int]:
             p.send_signal(signal.SIGKILL)
     psutil.wait_procs(procs, timeout=30)
     return [p.pid for p in procs]
+
+
+@contextlib.contextmanager
+def s3_server_checking_credentials(log_dir: Path) -> Iterator[S3Server]:
+    """An S3 API server that refuses every request not signed with the one access key it
+    made (moto's IAM checks switched on after the three calls that create that key). The
+    yielded server's ``key`` / ``secret`` are that key."""
+    import json
+
+    import boto3
+
+    with s3_server(log_dir, env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as server:
+        iam = boto3.client(
+            "iam",
+            endpoint_url=server.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+        )
+        iam.create_user(UserName="domaintune")
+        iam.put_user_policy(
+            UserName="domaintune",
+            PolicyName="store",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+                }
+            ),
+        )
+        key = iam.create_access_key(UserName="domaintune")["AccessKey"]
+        server.key, server.secret = key["AccessKeyId"], key["SecretAccessKey"]
+        yield server

@@ -15,91 +15,21 @@ entry once; and a deleted local cache costing nothing.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
 
-from domaintune.serve import deploy, ensure_automations, start_server, start_worker
+from tests.cluster import production_cluster
 from tests.conftest import LABELS, make_rows, write_csv
-from tests.services import free_port, kill_tree, prefect_api, stop
+from tests.services import prefect_api
 
-ROOT = Path(__file__).resolve().parent.parent
-POOL = "domaintune"
 CRASH_AFTER = 45.0  # seconds without a heartbeat (every 30 s, Prefect's minimum)
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class Host:
-    name: str
-    env: dict[str, str]
-    cache: Path
-    worker: subprocess.Popen | None = None
-
-
-@dataclass
-class Cluster:
-    api: str
-    root: Path
-    bucket: str
-    store: dict
-    landing: str
-    hosts: dict[str, Host] = field(default_factory=dict)
-    deployments: dict = field(default_factory=dict)
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    def start(self, name: str) -> None:
-        host = self.hosts[name]
-        if host.worker is None or host.worker.poll() is not None:
-            host.worker = start_worker(POOL, self.logs, host.env, name=f"host-{name}")
-            self._wait_for_worker(f"host-{name}")
-
-    def _wait_for_worker(self, name: str) -> None:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            workers = prefect_api(self.api, f"work_pools/{POOL}/workers/filter")
-            if any(w["name"] == name and w["status"] == "ONLINE" for w in workers):
-                return
-            time.sleep(1)
-        raise AssertionError(f"worker {name} never came online: {self.worker_log(name)}")
-
-    def stop(self, name: str) -> None:
-        stop(self.hosts[name].worker, timeout=60)
-        self.hosts[name].worker = None
-
-    def kill(self, name: str) -> list[int]:
-        """SIGKILL the worker and every process under it: the host is gone."""
-        host = self.hosts[name]
-        killed = kill_tree(host.worker.pid)
-        host.worker.wait(timeout=30)
-        host.worker = None
-        return killed
-
-    def worker_log(self, name: str) -> str:
-        p = self.logs / f"host-{name}.log"
-        return p.read_text()[-4000:] if p.is_file() else ""
-
-    def run_cli(self, name: str, *args: str, timeout: float = 600) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "domaintune.cli", *args],
-            env=self.hosts[name].env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
 
 
 def _finance_config(cluster_store: dict, tiny_model: Path, source: str, **training) -> dict:
@@ -125,110 +55,14 @@ def _finance_config(cluster_store: dict, tiny_model: Path, source: str, **traini
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model, postgres, s3):
-    root = tmp_path_factory.mktemp("production")
-    bucket = s3.bucket("prod")
-    store = {"root": f"s3://{bucket}/store"}
-    landing = f"s3://{bucket}/landing"
-    aws = {
-        "AWS_ACCESS_KEY_ID": s3.key,
-        "AWS_SECRET_ACCESS_KEY": s3.secret,
-        "AWS_ENDPOINT_URL_S3": s3.endpoint,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL",))}
-    server_env = {
-        **base,
-        "PREFECT_HOME": str(root / "server-home"),
-        "PREFECT_API_DATABASE_CONNECTION_URL": postgres.create_database("prefect_production"),
-    }
-
-    doc = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
-    doc.pop("definitions", None)
-    for dep in doc["deployments"]:
-        cfg = dep["parameters"]["config"]
-        cfg["store"] = store
-        if cfg["domain"] == "finance":  # runs here use the tiny model: seconds, not minutes
-            dep["parameters"]["config"] = _finance_config(
-                store, tiny_model, f"{landing}/finance/*.csv"
-            )
-    prefect_file = root / "prefect.yaml"
-    prefect_file.write_text(yaml.safe_dump(doc, sort_keys=False))
-
-    server = None
-    c = None
-    try:
-        server, api = start_server(free_port(), root / "logs", server_env)
-        deploy_env = {**base, "PREFECT_API_URL": api, "PREFECT_HOME": str(root / "deployer")}
-        deploy(str(prefect_file), POOL, deploy_env, cwd=ROOT)
-        ensure_automations(deploy_env, CRASH_AFTER)
-        c = Cluster(api=api, root=root, bucket=bucket, store=store, landing=landing)
-        for name in ("a", "b"):
-            home = root / f"host-{name}"
-            c.hosts[name] = Host(
-                name=name,
-                cache=home / "cache",
-                env={
-                    **base,
-                    **aws,
-                    "HOME": str(home / "home"),
-                    "PREFECT_HOME": str(home / "prefect"),
-                    "DOMAINTUNE_CACHE": str(home / "cache"),
-                    "PREFECT_API_URL": api,
-                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
-                    "PREFECT_WORKER_QUERY_SECONDS": "2",
-                    "DOMAINTUNE_LEASE_TTL": "10",
-                    "DOMAINTUNE_PROJECT_DIR": str(ROOT),
-                    "DOMAINTUNE_LANDING": landing,
-                },
-            )
-        c.deployments = {d["name"]: d for d in prefect_api(api, "deployments/filter")}
+    with production_cluster(
+        tmp_path_factory.mktemp("production"),
+        postgres,
+        s3,
+        lambda store, source: _finance_config(store, tiny_model, source),
+        crash_after=CRASH_AFTER,
+    ) as c:
         yield c
-    finally:
-        if c is not None:
-            for h in c.hosts.values():
-                stop(h.worker, timeout=60)
-        stop(server)
-
-
-def _run_of(api: str, run_id: str) -> dict:
-    return prefect_api(api, f"flow_runs/{run_id}", method="GET")
-
-
-def _wait_final(cluster: Cluster, run_id: str, timeout: float = 600) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        run = _run_of(cluster.api, run_id)
-        if run["state"]["type"] in ("COMPLETED", "FAILED", "CANCELLED") or (
-            run["state"]["type"] == "CRASHED" and run["run_count"] > 2
-        ):
-            return run
-        time.sleep(2)
-    raise AssertionError(
-        f"run {run_id} still {run['state']['name']}:\nA: {cluster.worker_log('a')}\n"
-        f"B: {cluster.worker_log('b')}"
-    )
-
-
-def _states(api: str, run_id: str) -> list[str]:
-    states = prefect_api(api, f"flow_run_states/?flow_run_id={run_id}", method="GET")
-    return [s["name"] for s in sorted(states, key=lambda s: s["timestamp"])]
-
-
-def _registry(s3, bucket: str, name: str) -> dict:
-    fs = s3.fs()
-    reg = f"{bucket}/store/registry/{name}"
-    events = [json.loads(fs.cat_file(p)) for p in sorted(fs.glob(f"{reg}/log/*.json"))]
-    production = (
-        fs.cat_file(f"{reg}/production").decode() if fs.exists(f"{reg}/production") else None
-    )
-    return {"events": events, "production": production, "fs": fs, "path": reg}
-
-
-def _put(s3, tmp: Path, url: str, rows: list[dict]) -> str:
-    """A CSV of ``rows`` at ``url`` in the S3 server."""
-    local = write_csv(tmp / url.rsplit("/", 1)[-1], rows)
-    s3.fs().put_file(str(local), url[len("s3://") :])
-    return url
 
 
 def test_a_worker_lost_mid_training_is_retried_on_the_other_and_resumes_from_s3_and_its_champion_is_what_the_other_worker_compares_against(
@@ -241,9 +75,7 @@ def test_a_worker_lost_mid_training_is_retried_on_the_other_and_resumes_from_s3_
     in S3, losing at most one checkpoint interval, and promotes v0001. Then host A comes back
     and B goes away: A's next run is compared against the champion that B promoted."""
     every = 20
-    data = _put(
-        s3, cluster.root, f"s3://{cluster.bucket}/data/kill-drill.csv", make_rows(30, seed=5)
-    )
+    data = cluster.put_csv(f"s3://{cluster.bucket}/data/kill-drill.csv", make_rows(30, seed=5))
     config = _finance_config(
         cluster.store,
         tiny_model,
@@ -253,19 +85,14 @@ def test_a_worker_lost_mid_training_is_retried_on_the_other_and_resumes_from_s3_
         logging_steps=1,
     )
     config["name"] = "kill-drill"
-    finance = cluster.deployments["finance-sentiment"]
     cluster.start("a")
-    run = prefect_api(
-        cluster.api,
-        f"deployments/{finance['id']}/create_flow_run",
-        {"parameters": {"config": config}},
-    )
+    run = cluster.create_run("finance-sentiment", config)
     fs = s3.fs()
     work = f"{cluster.bucket}/store/finetune/.work"
     deadline = time.time() + 300
     while not fs.glob(f"{work}/*/checkpoints/*/.domaintune-complete"):
         assert time.time() < deadline, cluster.worker_log("a")
-        state = _run_of(cluster.api, run["id"])["state"]["type"]
+        state = cluster.run_of(run["id"])["state"]["type"]
         assert state not in ("FAILED", "CRASHED", "COMPLETED"), cluster.worker_log("a")
         time.sleep(0.3)
     killed = cluster.kill("a")
@@ -273,14 +100,14 @@ def test_a_worker_lost_mid_training_is_retried_on_the_other_and_resumes_from_s3_
     assert len(killed) >= 3, "the worker, the flow run and the training processes"
     cluster.start("b")
 
-    done = _wait_final(cluster, run["id"], timeout=480)
-    states = _states(cluster.api, run["id"])
+    done = cluster.wait_final(run["id"], timeout=480)
+    states = cluster.states(run["id"])
     assert done["state"]["type"] == "COMPLETED", (states, cluster.worker_log("b"))
     assert "Crashed" in states and "AwaitingRetry" in states, states
     assert done["run_count"] == 2
     recovered = time.time() - t_kill
 
-    reg = _registry(s3, cluster.bucket, "kill-drill")
+    reg = cluster.registry("kill-drill")
     (event,) = reg["events"]
     assert event["action"] == "register" and event["promoted"] and event["flow_run_id"] == run["id"]
     lineage = json.loads(fs.cat_file(f"{reg['path']}/v0001/lineage.json"))
@@ -299,14 +126,10 @@ def test_a_worker_lost_mid_training_is_retried_on_the_other_and_resumes_from_s3_
     cluster.stop("b")
     cluster.start("a")
     config["training"] = {**config["training"], "max_steps": 16, "learning_rate": 1e-12}
-    worse = prefect_api(
-        cluster.api,
-        f"deployments/{finance['id']}/create_flow_run",
-        {"parameters": {"config": config}},
-    )
-    done = _wait_final(cluster, worse["id"], timeout=300)
+    worse = cluster.create_run("finance-sentiment", config)
+    done = cluster.wait_final(worse["id"], timeout=300)
     assert done["state"]["type"] == "COMPLETED", cluster.worker_log("a")
-    reg = _registry(s3, cluster.bucket, "kill-drill")
+    reg = cluster.registry("kill-drill")
     assert [e["version"] for e in reg["events"]] == ["v0001", "v0002"]
     assert reg["production"] == "v0001" and not reg["events"][1]["promoted"]
     evaluation_key = json.loads(fs.cat_file(f"{reg['path']}/v0002/lineage.json"))["evaluation"][
@@ -354,15 +177,6 @@ def test_the_scheduler_creates_the_weekly_runs_on_postgres(cluster):
         ), triggers
 
 
-def _runs_of(cluster: Cluster, deployment_id: str, exclude: set[str]) -> list[dict]:
-    runs = prefect_api(
-        cluster.api,
-        "flow_runs/filter",
-        {"deployments": {"id": {"any_": [deployment_id]}}},
-    )
-    return [r for r in runs if r["id"] not in exclude and not r["auto_scheduled"]]
-
-
 def test_a_burst_of_data_events_runs_one_retrain_at_a_time_and_the_newest_sees_all_files(
     cluster, s3
 ):
@@ -372,7 +186,7 @@ def test_a_burst_of_data_events_runs_one_retrain_at_a_time_and_the_newest_sees_a
     supersedes ends as Superseded with the reason in its state; the last one trains on all
     three files. At most two of them train."""
     finance = cluster.deployments["finance-sentiment"]
-    earlier = {r["id"] for r in _runs_of(cluster, finance["id"], set())}
+    earlier = {r["id"] for r in cluster.runs_of(finance["id"], set())}
     cluster.start("a")
     cluster.start("b")
     files = []
@@ -392,7 +206,7 @@ def test_a_burst_of_data_events_runs_one_retrain_at_a_time_and_the_newest_sees_a
 
     deadline = time.time() + 600
     while True:
-        runs = _runs_of(cluster, finance["id"], earlier)
+        runs = cluster.runs_of(finance["id"], earlier)
         final = [r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED")]
         if len(runs) == 3 and len(final) == 3:
             break
@@ -414,7 +228,7 @@ def test_a_burst_of_data_events_runs_one_retrain_at_a_time_and_the_newest_sees_a
         assert "superseded by flow run" in r["state"]["message"]
     newest = max(runs, key=lambda r: r["created"])
     assert newest["state"]["name"] == "Completed"
-    reg = _registry(s3, cluster.bucket, "finance-sentiment")
+    reg = cluster.registry("finance-sentiment")
     mine = [e for e in reg["events"] if e["flow_run_id"] == newest["id"]]
     version = mine[0]["version"] if mine else None
     if version is None:  # the newest found everything cached: the same model as before
@@ -431,7 +245,7 @@ def test_three_runs_from_two_hosts_at_once_compute_each_entry_once_and_a_cache_i
     on host B (each its own process, reporting to the Postgres-backed server): every entry is
     computed once in all, one version is registered, the log and the pointers agree. Then
     host A's whole cache is deleted and the same run recomputes nothing."""
-    data = _put(s3, cluster.root, f"s3://{cluster.bucket}/data/together.csv", make_rows(30, seed=9))
+    data = cluster.put_csv(f"s3://{cluster.bucket}/data/together.csv", make_rows(30, seed=9))
     config = _finance_config(cluster.store, tiny_model, data)
     config["name"] = "together"
     path = cluster.root / "together.yaml"
@@ -446,7 +260,7 @@ def test_three_runs_from_two_hosts_at_once_compute_each_entry_once_and_a_cache_i
         computed = [not next(s for s in d["stages"] if s["name"] == stage)["cached"] for d in docs]
         assert sum(computed) == 1, f"{stage} computed {sum(computed)} times"
     assert {d["version"] for d in docs} == {"v0001"}
-    reg = _registry(s3, cluster.bucket, "together")
+    reg = cluster.registry("together")
     assert [(e["action"], e["version"]) for e in reg["events"]] == [("register", "v0001")]
     assert reg["production"] == "v0001"
     assert reg["fs"].cat_file(f"{reg['path']}/latest") == b"v0001"
@@ -455,9 +269,7 @@ def test_three_runs_from_two_hosts_at_once_compute_each_entry_once_and_a_cache_i
     }
     assert not reg["fs"].glob(f"{cluster.bucket}/store/**/.tmp-*")
     runs = {d["run_id"] for d in docs}
-    assert len(runs) == 3 and all(
-        _run_of(cluster.api, r)["state"]["type"] == "COMPLETED" for r in runs
-    )
+    assert len(runs) == 3 and all(cluster.run_of(r)["state"]["type"] == "COMPLETED" for r in runs)
 
     shutil.rmtree(cluster.hosts["a"].cache)
     again = cluster.run_cli("a", "run", str(path), "--json")
@@ -477,12 +289,12 @@ def test_a_custom_run_from_the_ui_uses_the_changed_parameter(cluster, s3):
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (make install adds it with apt-get)")
     sync_api = pytest.importorskip("playwright.sync_api")
-    _put(s3, cluster.root, f"{cluster.landing}/finance/ui.csv", make_rows(30, seed=11))
+    cluster.put_csv(f"{cluster.landing}/finance/ui.csv", make_rows(30, seed=11))
     cluster.start("b")
     api = cluster.api
     ui = api[: -len("/api")]
     finance = cluster.deployments["finance-sentiment"]
-    earlier = {r["id"] for r in _runs_of(cluster, finance["id"], set())}
+    earlier = {r["id"] for r in cluster.runs_of(finance["id"], set())}
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
         try:
@@ -496,18 +308,18 @@ def test_a_custom_run_from_the_ui_uses_the_changed_parameter(cluster, s3):
             page.get_by_role("button", name="Submit").click()
             page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+(\?.*)?$"), timeout=60_000)
             deadline = time.time() + 300
-            while not (runs := _runs_of(cluster, finance["id"], earlier)):
+            while not (runs := cluster.runs_of(finance["id"], earlier)):
                 assert time.time() < deadline
                 time.sleep(1)
             (run,) = runs
-            done = _wait_final(cluster, run["id"], timeout=300)
+            done = cluster.wait_final(run["id"], timeout=300)
             assert done["state"]["type"] == "COMPLETED", cluster.worker_log("b")
             assert done["parameters"]["config"]["training"]["epochs"] == 2
             page.goto(f"{ui}/runs/flow-run/{run['id']}", wait_until="networkidle")
             page.get_by_text("Completed").first.wait_for(timeout=30_000)
         finally:
             browser.close()
-    reg = _registry(s3, cluster.bucket, "finance-sentiment")
+    reg = cluster.registry("finance-sentiment")
     (event,) = [e for e in reg["events"] if e["flow_run_id"] == run["id"]]
     config = yaml.safe_load(reg["fs"].cat_file(f"{reg['path']}/{event['version']}/config.yaml"))
     assert config["training"]["epochs"] == 2

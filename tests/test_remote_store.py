@@ -177,19 +177,20 @@ def test_training_lost_on_one_host_resumes_on_another_from_checkpoints_in_the_st
 def test_wrong_credentials_and_an_unreachable_store_give_one_clear_line(
     tmp_path, monkeypatch, make_config, s3
 ):
-    from tests.services import free_port, s3_server
+    from tests.services import free_port, s3_server_checking_credentials
 
-    secret = "not-the-secret-a1b2c3d4e5"
-    monkeypatch.setenv("DT_WRONG_SECRET", secret)
-    # an S3 API server that checks credentials (moto: after N unauthenticated calls)
-    with s3_server(tmp_path / "auth", env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as checking:
+    # an S3 API server that checks credentials; the right key id, a wrong secret
+    with s3_server_checking_credentials(tmp_path / "auth") as checking:
+        wrong = "not-the-secret-a1b2c3d4e5"
+        monkeypatch.setenv("DT_KEY_ID", checking.key)
+        monkeypatch.setenv("DT_WRONG_SECRET", wrong)
         cfg = make_config(
             tmp_path / "d.csv",
             store={
                 "root": "s3://bucket-x/store",
                 "storage_options": {
                     "endpoint_url": checking.endpoint,
-                    "key": "${env:DT_S3_KEY}",
+                    "key": "${env:DT_KEY_ID}",
                     "secret": "${env:DT_WRONG_SECRET}",
                 },
             },
@@ -197,7 +198,8 @@ def test_wrong_credentials_and_an_unreachable_store_give_one_clear_line(
         with pytest.raises(StoreAccessError) as denied:
             Store.of(cfg)
     msg = str(denied.value)
-    assert "\n" not in msg and secret not in msg and "access denied" in msg, msg
+    assert "\n" not in msg and "access denied" in msg, msg
+    assert wrong not in msg and checking.secret not in msg and checking.key not in msg, msg
     assert "s3://bucket-x/store" in msg
 
     port = free_port()  # nothing listens there

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
 
 from domaintune.errors import ConfigError, ContractViolation
 from domaintune.redaction import redact
@@ -22,7 +21,6 @@ SECRETS = {
     "WAREHOUSE_PASSWORD": "n0t-a-real-Passw0rd!",
 }
 URL_PASSWORD = "FAKEurlPASS9876"
-READER_KEY = "rk-FAKE-5f2c9e"  # its variable's name does not say "secret": only the reference does
 
 
 def test_redact_masks_the_usual_shapes(monkeypatch):
@@ -98,65 +96,61 @@ def test_planted_tokens_appear_in_no_output(tmp_path, make_config, monkeypatch, 
     _assert_clean("the captured logs", caplog.text)
 
 
-class LockedMemoryFS(MemoryFileSystem):
-    """An object store that answers only to the right token (what S3 or GCS would do)."""
-
-    protocol = ("lockedmem",)
-    expected: str | None = None
-
-    def __init__(self, *args, token=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if token != type(self).expected:
-            raise PermissionError("403 Forbidden: wrong or missing token")
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        if isinstance(path, str) and path.startswith("lockedmem://"):
-            path = path[len("lockedmem://") :]
-        return super()._strip_protocol(path)
-
-
 @pytest.mark.slow
 def test_credentials_referenced_from_the_environment_stay_out_of_prefect(
     tmp_path, make_config, monkeypatch
 ):
+    """The data lives on an S3 API server that refuses any request not signed with its one
+    key; the config references that key as ``${env:...}``. The run reads the data, and the
+    secret is nowhere in Prefect's stored parameters, logs, artifacts, the summary or the
+    store."""
     from prefect.client.orchestration import get_client
 
     from domaintune.flows.retrain import retrain
     from domaintune.store import Store
     from domaintune.tasks.ingest import ingest
+    from tests.conftest import write_csv
+    from tests.services import s3_server_checking_credentials
 
-    fsspec.register_implementation("lockedmem", LockedMemoryFS, clobber=True)
-    LockedMemoryFS.expected = READER_KEY
-    rows = make_rows(30)
-    with fsspec.open("memory://vault/finance.csv", "w") as f:
-        f.write("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
-    url = "lockedmem://vault/finance.csv"
-    options = {"storage_options": {"token": "${env:DT_READER_KEY}"}}
-    cfg = make_config(url, data=options, training={"max_steps": 3, "epochs": 1})
+    with s3_server_checking_credentials(tmp_path / "vault") as vault:
+        secret = vault.secret
+        vault.fs().mkdir("vault")
+        vault.fs().put_file(
+            str(write_csv(tmp_path / "finance.csv", make_rows(30))), "vault/finance.csv"
+        )
+        url = "s3://vault/finance.csv"
+        options = {
+            "storage_options": {
+                "endpoint_url": vault.endpoint,
+                "key": "${env:DT_READER_KEY_ID}",
+                "secret": "${env:DT_READER_KEY}",
+            }
+        }
+        monkeypatch.setenv("DT_READER_KEY_ID", vault.key)
+        cfg = make_config(url, data=options, training={"max_steps": 3, "epochs": 1})
 
-    with pytest.raises(ConfigError) as e:  # written out: refused before anything runs
-        make_config(url, data={"storage_options": {"token": READER_KEY}})
-    assert "data.storage_options.token: a credential written into the config" in str(e.value)
-    assert READER_KEY not in str(e.value)
-    monkeypatch.delenv("DT_READER_KEY", raising=False)
-    with pytest.raises(ConfigError, match=r"data\.storage_options\.token: environment variable "
-                       r"DT_READER_KEY is not set"):  # fmt: skip
-        ingest(cfg, Store.of(cfg))
+        with pytest.raises(ConfigError) as e:  # written out: refused before anything runs
+            make_config(
+                url, data={"storage_options": {**options["storage_options"], "secret": secret}}
+            )
+        assert "data.storage_options.secret: a credential written into the config" in str(e.value)
+        assert secret not in str(e.value)
+        monkeypatch.delenv("DT_READER_KEY", raising=False)
+        with pytest.raises(ConfigError, match=r"data\.storage_options\.secret: environment "
+                           r"variable DT_READER_KEY is not set"):  # fmt: skip
+            ingest(cfg, Store.of(cfg))
 
-    monkeypatch.setenv("DT_READER_KEY", READER_KEY)
-    summary = retrain(cfg)
+        monkeypatch.setenv("DT_READER_KEY", secret)
+        summary = retrain(cfg)
     assert summary["status"] == "completed"
     with get_client(sync_client=True) as client:
         params = json.dumps(client.read_flow_run(summary["run_id"]).parameters, default=str)
-    assert "${env:DT_READER_KEY}" in params and READER_KEY not in params, (
-        "Prefect keeps the reference"
-    )
-    assert READER_KEY not in json.dumps(summary)
-    assert READER_KEY not in redact(f"opened with token {READER_KEY}"), "read values are masked"
+    assert "${env:DT_READER_KEY}" in params and secret not in params, "Prefect keeps the reference"
+    assert secret not in json.dumps(summary)
+    assert secret not in redact(f"opened with secret {secret}"), "read values are masked"
     for i, msg in enumerate(run_logs(summary["run_id"])):
-        assert READER_KEY not in msg, f"Prefect log line {i}"
+        assert secret not in msg, f"Prefect log line {i}"
     for a in run_artifacts(summary["run_id"]):
-        assert READER_KEY not in json.dumps(a.data, default=str)
+        assert secret not in json.dumps(a.data, default=str)
     for path, text in _texts(Path(cfg.store.root)).items():
-        assert READER_KEY not in text, path
+        assert secret not in text, path
