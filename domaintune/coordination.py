@@ -76,6 +76,23 @@ def create_exclusive(fs: Any, path: str, data: bytes) -> None:
     fs.pipe_file(path, data, mode="create")
 
 
+def numbered_objects(fs: Any, folder: str) -> list[int]:
+    """The numbers N of the ``<N>.json`` objects in ``folder``, ascending, as the store has
+    them now (never from a listing cached earlier: other hosts write there)."""
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(folder)
+    try:
+        names = fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        stem = n.rstrip("/").rsplit("/", 1)[-1]
+        if stem.endswith(".json") and stem[:-5].isdigit():
+            out.append(int(stem[:-5]))
+    return sorted(out)
+
+
 class Lease:
     """A lease in an object store folder (see the module's docstring)."""
 
@@ -98,18 +115,7 @@ class Lease:
         return f"{self.folder}/{generation:012d}.json"
 
     def _generations(self) -> list[int]:
-        with contextlib.suppress(Exception):
-            self.fs.invalidate_cache(self.folder)
-        try:
-            names = self.fs.ls(self.folder, detail=False)
-        except FileNotFoundError:
-            return []
-        out = []
-        for n in names:
-            stem = n.rstrip("/").rsplit("/", 1)[-1]
-            if stem.endswith(".json") and stem[:-5].isdigit():
-                out.append(int(stem[:-5]))
-        return sorted(out)
+        return numbered_objects(self.fs, self.folder)
 
     def _read(self, generation: int) -> bytes | None:
         try:

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from domaintune.coordination import check_leases, create_exclusive
+from domaintune.coordination import check_leases, create_exclusive, numbered_objects
 from domaintune.errors import DomainTuneError, StoreError
 from domaintune.store import Store, atomic_write_text, describe_remote_error, store_error
 
@@ -113,19 +113,7 @@ class Registry:
 
     # ------------------------------------------------------------------ the log
     def _log_numbers(self) -> list[int]:
-        folder = f"{self.path}/{LOG}"
-        with contextlib.suppress(Exception):
-            self.fs.invalidate_cache(folder)
-        try:
-            names = self.fs.ls(folder, detail=False)
-        except FileNotFoundError:
-            return []
-        out = []
-        for n in names:
-            stem = n.rstrip("/").rsplit("/", 1)[-1]
-            if stem.endswith(".json") and stem[:-5].isdigit():
-                out.append(int(stem[:-5]))
-        return sorted(out)
+        return numbered_objects(self.fs, f"{self.path}/{LOG}")
 
     def _event_path(self, number: int) -> str:
         return f"{self.path}/{LOG}/{number:06d}.json"

@@ -163,6 +163,7 @@ def _run(
     atomic_write_text(attempts_path, json.dumps(attempts, indent=2))
     mirror.save_file("attempts.json")
     if rc != 0 or not (final_dir / "training_summary.json").is_file():
+        mirror.sync_once(include_final=True)  # the retry, wherever it runs, starts from here
         last = "\n".join(tail)
         cause = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), "")
         raise TrainingFailed(

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from domaintune.errors import StoreAccessError, StoreError, TrainingFailed
 from domaintune.registry import Registry
@@ -23,6 +22,7 @@ from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.register import register
 from domaintune.tasks.validate import validate
 from tests.conftest import write_csv
+from tests.training.test_distributed import _final_weights
 
 
 def _host(monkeypatch, tmp_path: Path, name: str) -> Path:
@@ -113,15 +113,6 @@ def test_two_hosts_share_entries_registry_and_champion_and_a_cache_is_disposable
     assert cli(["models", "list", "test-uc", "--config", path, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(r["version"], r["status"]) for r in listed][0] == ("v0001", "champion")
-
-
-def _final_weights(model_dir: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in Path(model_dir).glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
 
 
 @pytest.mark.slow

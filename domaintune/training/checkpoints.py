@@ -10,6 +10,11 @@ checkpoint as soon as it is written (the marker last) and then writes ``STORED_M
 it; rank 0 waits for that before it trains on (``wait_until_stored``). A checkpoint therefore
 counts only once it is in the store, so a retry on *any* host (another worker picked the flow
 run up) downloads it and loses at most one checkpoint interval. The local folder is a cache.
+
+The last checkpoint of a training that is ending (the step limit reached, or early stopping
+decided) is marked ``final`` and stored only if the launch fails: on success the saved model
+becomes the store's entry at once, and a task lost in between resumes from the checkpoint
+before it (still at most one interval).
 """
 
 from __future__ import annotations
@@ -82,6 +87,13 @@ def point_best_checkpoint_here(output_dir: Path) -> None:
                 state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
+def _is_final(ckpt: Path) -> bool:
+    try:
+        return bool(json.loads((ckpt / CHECKPOINT_MARKER).read_text()).get("final"))
+    except (OSError, ValueError):
+        return False
+
+
 class CheckpointMirror:
     """Keeps a training's working folder (checkpoints, attempts, log) in a remote store."""
 
@@ -147,9 +159,11 @@ class CheckpointMirror:
         if p.is_file():
             self.fs.put_file(str(p), f"{self.remote}/{name}")
 
-    def sync_once(self) -> None:
-        """Upload complete checkpoints not stored yet; forget stored ones the Trainer
-        rotated away."""
+    def sync_once(self, include_final: bool = False) -> None:
+        """Upload complete checkpoints not stored yet (a training's final one only with
+        ``include_final``); forget stored ones the Trainer rotated away."""
+        if not self.enabled:
+            return
         ckpts = self.work / "checkpoints"
         local = {
             p.name
@@ -159,6 +173,8 @@ class CheckpointMirror:
         for name in sorted(local, key=lambda n: _step(n) or 0):
             ckpt = ckpts / name
             if (ckpt / STORED_MARKER).is_file():
+                continue
+            if not include_final and _is_final(ckpt):
                 continue
             files = [p for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name not in _MARKERS]
             dest = f"{self.remote}/checkpoints/{name}"
@@ -192,7 +208,8 @@ class CheckpointMirror:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
-        """Upload checkpoints in the background while the training runs."""
+        """Upload checkpoints in the background while the training runs (after a failed
+        launch, call ``sync_once(include_final=True)``: its newest checkpoint counts)."""
         if not self.enabled:
             yield
             return

@@ -50,10 +50,13 @@ def _callbacks(report: dict[str, Any], seen: dict[str, Any], to_store: bool = Fa
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
+                    # the last checkpoint of a training that is ending: the task stores it
+                    # only if the launch fails (on success the model becomes the entry)
+                    final = state.global_step >= state.max_steps or control.should_training_stop
                     (ckpt / CHECKPOINT_MARKER).write_text(
-                        json.dumps({"step": state.global_step, "time": time.time()})
+                        json.dumps({"step": state.global_step, "time": time.time(), "final": final})
                     )
-                    if to_store:  # a remote store: the checkpoint counts once it is there
+                    if to_store and not final:  # a remote store: it counts once it is there
                         t0 = time.time()
                         wait_until_stored(ckpt)
                         emit(
