@@ -322,3 +322,31 @@ def test_a_custom_run_from_the_ui_uses_the_changed_parameter(cluster, s3):
     (event,) = [e for e in reg["events"] if e["flow_run_id"] == run["id"]]
     config = yaml.safe_load(reg["fs"].cat_file(f"{reg['path']}/{event['version']}/config.yaml"))
     assert config["training"]["epochs"] == 2
+
+
+def test_no_secret_reaches_any_output_of_the_cluster(cluster, s3, postgres):
+    """After all of the above: the S3 secret key (in every worker's environment) and the
+    database password (in the server's) are in no log file, no Prefect log line or
+    artifact, and no text object of the store."""
+    secrets = {"S3 secret key": s3.secret, "database password": postgres.password}
+    texts: dict[str, str] = {}
+    for p in cluster.root.rglob("*"):
+        if p.is_file() and p.suffix in (".log", ".json", ".yaml", ".md", ".txt", ".csv"):
+            texts[str(p)] = p.read_text(errors="replace")
+    logs = prefect_api(cluster.api, "logs/filter", {"limit": 200})
+    offset = 200
+    while len(logs) == offset:  # every log line of every run
+        more = prefect_api(cluster.api, "logs/filter", {"limit": 200, "offset": offset})
+        logs += more
+        offset += 200
+    texts["prefect logs"] = "\n".join(line["message"] for line in logs)
+    artifacts = prefect_api(cluster.api, "artifacts/filter", {"limit": 200})
+    texts["prefect artifacts"] = json.dumps(artifacts)
+    fs = s3.fs()
+    for path in fs.find(f"{cluster.bucket}/store"):
+        if path.endswith((".json", ".yaml", ".md", ".log", ".jsonl")) or "/log/" in path:
+            texts[path] = fs.cat_file(path).decode(errors="replace")
+    assert len(texts) > 50 and len(logs) > 100
+    for what, secret in secrets.items():
+        leaked = [where for where, text in texts.items() if secret in text]
+        assert not leaked, f"the {what} appears in {leaked[:5]}"
