@@ -110,6 +110,10 @@ class Registry:
             if self.store.local:
                 raise store_error(exc, Path(self.path)) from exc
             raise describe_remote_error(exc, f"registry {self.url}: {what}") from exc
+        except Exception as exc:  # an object store's client errors are not all OSErrors
+            if self.store.local:
+                raise
+            raise describe_remote_error(exc, f"registry {self.url}: {what}") from exc
 
     # ------------------------------------------------------------------ the log
     def _log_numbers(self) -> list[int]:

@@ -281,9 +281,13 @@ class Store:
                 # the marker goes last, so a remote reader never sees a partial entry
                 self.fs.pipe_file(f"{remote}/{MARKER}", stable_json(marker).encode())
         except OSError as exc:
-            if not self.local and not isinstance(exc, FileNotFoundError | PermissionError):
+            if not self.local:
                 raise describe_remote_error(exc, f"store {redact(self.url)}") from exc
             raise _store_error(exc, final) from exc
+        except Exception as exc:  # an object store's client errors are not all OSErrors
+            if self.local:
+                raise
+            raise describe_remote_error(exc, f"store {redact(self.url)}") from exc
 
     def remove(self, stage: str, key: str) -> None:
         shutil.rmtree(self.entry_path(stage, key), ignore_errors=True)

@@ -86,8 +86,24 @@ def test_two_hosts_share_entries_registry_and_champion_and_a_cache_is_disposable
     assert all(b["stages"].values()), b["stages"]
     assert b["registration"].version == "v0001"
 
-    # host B trains something else: host A's champion is what it is compared against
+    # host B trains something else; the store fails while the new version is copied in: a
+    # clear error, and no version, no pointer move, no claim left behind
     other = make_config(src, store=s3_store, training={"epochs": 3})
+    def broken_copy(*args, **kwargs):
+        raise ConnectionError("Connection was closed before we received a valid response")
+
+    store_fs = Store.of(other).fs  # fsspec hands every Store of this root the same instance
+    with monkeypatch.context() as m:
+        m.setattr(store_fs, "copy", broken_copy)
+        with pytest.raises(StoreError, match=r"registry s3://.*: writing v0002: .*Connection"):
+            _run(other)
+    state = Registry(Store.of(cfg), "test-uc").state()
+    assert list(state.versions) == ["v0001"] and state.production == "v0001"
+    assert not fs.exists(f"{root}/registry/test-uc/v0002")
+    assert not fs.exists(f"{root}/registry/test-uc/claims/v0002.json")
+    assert fs.cat_file(f"{root}/registry/test-uc/latest") == b"v0001"
+
+    # ... and host A's champion is what it is compared against
     b2 = _run(other)
     assert b2["evaluation"].champion["version"] == "v0001"
     assert b2["evaluation"].champion["metrics"]["accuracy"] == pytest.approx(
@@ -209,3 +225,48 @@ def test_wrong_credentials_and_an_unreachable_store_give_one_clear_line(
         Store.of(cfg)
     msg = str(unreachable.value)
     assert "\n" not in msg and "cannot reach" in msg and os.environ["DT_S3_SECRET"] not in msg, msg
+
+
+@pytest.mark.slow
+def test_a_run_on_a_store_it_cannot_use_fails_in_one_line_and_registers_nothing(
+    tmp_path, make_config, rows, monkeypatch
+):
+    """`domaintune run` against an S3 store that refuses its credentials (exit 2: fixing
+    them is the user's job, so no retry) and against one that does not answer (exit 1): the
+    run fails with one line naming the store and what failed, no secret, nothing promoted."""
+    from tests.services import free_port, s3_server_checking_credentials
+    from tests.test_cli import cli, write_config
+
+    src = write_csv(tmp_path / "d.csv", rows(30))
+    no_retry = {"count": 0, "delay_seconds": 0}
+    with s3_server_checking_credentials(tmp_path / "auth") as checking:
+        wrong = "wrong-secret-0a1b2c3d4e5f"
+        monkeypatch.setenv("DT_KEY_ID", checking.key)
+        monkeypatch.setenv("DT_WRONG_SECRET", wrong)
+        options = {
+            "endpoint_url": checking.endpoint,
+            "key": "${env:DT_KEY_ID}",
+            "secret": "${env:DT_WRONG_SECRET}",
+        }
+        cfg = make_config(
+            src, store={"root": "s3://models/store", "storage_options": options}, retries=no_retry
+        )
+        denied = cli("run", write_config(tmp_path / "denied.yaml", cfg), "--json")
+    assert denied.returncode == 2, denied.stderr[-2000:]
+    doc = json.loads(denied.stdout)
+    assert doc["status"] == "failed" and doc["promoted"] is False
+    assert doc["error"].startswith("store s3://models/store: access denied"), doc["error"]
+    assert "\n" not in doc["error"]
+    assert [s["name"] for s in doc["stages"]] == ["ingest"]
+    assert wrong not in denied.stdout + denied.stderr
+
+    options["endpoint_url"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = make_config(
+        src, store={"root": "s3://models/store", "storage_options": options}, retries=no_retry
+    )
+    away = cli("run", write_config(tmp_path / "away.yaml", cfg), "--json")
+    assert away.returncode == 1, away.stderr[-2000:]
+    doc = json.loads(away.stdout)
+    assert doc["status"] == "failed" and doc["promoted"] is False
+    assert doc["error"].startswith("store s3://models/store: cannot reach the object store")
+    assert "\n" not in doc["error"] and wrong not in away.stdout + away.stderr
