@@ -89,6 +89,7 @@ def test_two_hosts_share_entries_registry_and_champion_and_a_cache_is_disposable
     # host B trains something else; the store fails while the new version is copied in: a
     # clear error, and no version, no pointer move, no claim left behind
     other = make_config(src, store=s3_store, training={"epochs": 3})
+
     def broken_copy(*args, **kwargs):
         raise ConnectionError("Connection was closed before we received a valid response")
 
