@@ -245,13 +245,6 @@ class Lease:
             self.fs.pipe_file(self._path(self.generation), self._body(released=True))
         self.generation = None
 
-    def __enter__(self) -> Lease:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
 
 @contextlib.contextmanager
 def file_lock(path: Path, timeout: float = -1) -> Iterator[None]:
@@ -267,7 +260,7 @@ def file_lock(path: Path, timeout: float = -1) -> Iterator[None]:
         yield
 
 
-#: the lease held by this thread right now, innermost last (``current_lease().check()``)
+#: the leases this thread holds right now, innermost last (``check_leases``)
 _held = threading.local()
 
 
@@ -296,11 +289,6 @@ def lease(fs: Any, folder: str, what: str, timeout: float = -1) -> Iterator[Leas
     finally:
         _held.stack = stack
         held.release()
-
-
-def current_lease() -> Lease | None:
-    stack = getattr(_held, "stack", [])
-    return stack[-1] if stack else None
 
 
 def check_leases() -> None:

@@ -163,6 +163,17 @@ def merge_sections(defaults: dict, overrides: dict) -> dict:
     return out
 
 
+#: training that the tiny model learns the synthetic rows with, in seconds
+TINY_TRAINING = {
+    "epochs": 8,
+    "learning_rate": 5e-3,
+    "batch_size": 8,
+    "max_length": 32,
+    "early_stopping_patience": None,
+}
+TINY_EVALUATION = {"test_size": 0.2, "val_size": 0.15}
+
+
 @pytest.fixture
 def make_config(tmp_path, tiny_model):
     """Build a validated RetrainConfig for the tiny model on a given data source."""
@@ -176,16 +187,12 @@ def make_config(tmp_path, tiny_model):
             "data": {"source": None if source is None else str(source)},
             "model": {"name_or_path": str(tiny_model)},
             "training": {
-                "epochs": 8,
-                "learning_rate": 5e-3,
-                "batch_size": 8,
-                "max_length": 32,
+                **TINY_TRAINING,
                 "seed": 7,
-                "early_stopping_patience": None,
                 "warmup_ratio": 0.0,
                 "logging_steps": 5,
             },
-            "evaluation": {"test_size": 0.2, "val_size": 0.15},
+            "evaluation": TINY_EVALUATION,
             "retries": {"count": 0, "delay_seconds": 0},
             "store": {"root": str(tmp_path / "store")},
         }

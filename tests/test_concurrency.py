@@ -47,17 +47,22 @@ def computed_counts(docs: list[dict]) -> dict[str, int]:
     }
 
 
+def summaries(procs: list, timeout: float = 900) -> list[dict]:
+    """The JSON summaries of `domaintune run --json` processes, each of which must succeed."""
+    docs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+        docs.append(json.loads(out))
+    return docs
+
+
 @pytest.mark.slow
 def test_three_concurrent_runs_compute_each_intermediate_once(tmp_path, rows, make_config):
     src = write_csv(tmp_path / "d.csv", rows(30))
     cfg = make_config(src)
     config = write_config(tmp_path / "c.yaml", cfg)
-    procs = launch_runs(config, tmp_path, 3)
-    docs = []
-    for p in procs:
-        out, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err[-3000:]
-        docs.append(json.loads(out))
+    docs = summaries(launch_runs(config, tmp_path, 3))
 
     assert computed_counts(docs) == dict.fromkeys(STAGES, 1), "each entry computed once"
     assert {d["version"] for d in docs} == {"v0001"}, "one model, registered once"

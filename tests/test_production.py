@@ -25,9 +25,9 @@ import pytest
 import yaml
 
 from tests.cluster import production_cluster
-from tests.conftest import LABELS, make_rows, write_csv
+from tests.conftest import LABELS, TINY_EVALUATION, TINY_TRAINING, make_rows, write_csv
 from tests.services import prefect_api
-from tests.test_concurrency import STAGES, computed_counts
+from tests.test_concurrency import STAGES, computed_counts, summaries
 
 CRASH_AFTER = 45.0  # seconds without a heartbeat (every 30 s, Prefect's minimum)
 pytestmark = pytest.mark.slow
@@ -40,15 +40,8 @@ def _finance_config(cluster_store: dict, tiny_model: Path, source: str, **traini
         "task": {"type": "text_classification", "labels": LABELS},
         "data": {"source": source},
         "model": {"name_or_path": str(tiny_model)},
-        "training": {
-            "epochs": 8,
-            "learning_rate": 5e-3,
-            "batch_size": 8,
-            "max_length": 32,
-            "early_stopping_patience": None,
-            **training,
-        },
-        "evaluation": {"test_size": 0.2, "val_size": 0.15},
+        "training": {**TINY_TRAINING, **training},
+        "evaluation": TINY_EVALUATION,
         "retries": {"count": 1, "delay_seconds": 1},
         "store": cluster_store,
     }
@@ -251,12 +244,7 @@ def test_three_runs_from_two_hosts_at_once_compute_each_entry_once_and_a_cache_i
     config["name"] = "together"
     path = cluster.root / "together.yaml"
     path.write_text(yaml.safe_dump(config))
-    procs = [cluster.run_cli(h, "run", str(path), "--json") for h in ("a", "a", "b")]
-    docs = []
-    for p in procs:
-        out, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err[-3000:]
-        docs.append(json.loads(out))
+    docs = summaries([cluster.run_cli(h, "run", str(path), "--json") for h in ("a", "a", "b")])
     assert computed_counts(docs) == dict.fromkeys(STAGES, 1), "each entry computed once"
     assert {d["version"] for d in docs} == {"v0001"}
     reg = cluster.registry("together")

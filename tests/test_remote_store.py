@@ -239,9 +239,22 @@ def test_a_run_on_a_store_it_cannot_use_fails_in_one_line_and_registers_nothing(
     from tests.test_cli import cli, write_config
 
     src = write_csv(tmp_path / "d.csv", rows(30))
-    no_retry = {"count": 0, "delay_seconds": 0}
+    wrong = "wrong-secret-0a1b2c3d4e5f"
+
+    def failed_run(name: str, options: dict) -> tuple[int, dict, str]:
+        cfg = make_config(
+            src,
+            store={"root": "s3://models/store", "storage_options": options},
+            retries={"count": 0, "delay_seconds": 0},
+        )
+        run = cli("run", write_config(tmp_path / f"{name}.yaml", cfg), "--json")
+        doc = json.loads(run.stdout)
+        assert doc["status"] == "failed" and doc["promoted"] is False
+        assert "\n" not in doc["error"] and wrong not in run.stdout + run.stderr
+        assert [s["name"] for s in doc["stages"]] == ["ingest"], "nothing past the first stage"
+        return run.returncode, doc, run.stderr
+
     with s3_server_checking_credentials(tmp_path / "auth") as checking:
-        wrong = "wrong-secret-0a1b2c3d4e5f"
         monkeypatch.setenv("DT_KEY_ID", checking.key)
         monkeypatch.setenv("DT_WRONG_SECRET", wrong)
         options = {
@@ -249,25 +262,11 @@ def test_a_run_on_a_store_it_cannot_use_fails_in_one_line_and_registers_nothing(
             "key": "${env:DT_KEY_ID}",
             "secret": "${env:DT_WRONG_SECRET}",
         }
-        cfg = make_config(
-            src, store={"root": "s3://models/store", "storage_options": options}, retries=no_retry
-        )
-        denied = cli("run", write_config(tmp_path / "denied.yaml", cfg), "--json")
-    assert denied.returncode == 2, denied.stderr[-2000:]
-    doc = json.loads(denied.stdout)
-    assert doc["status"] == "failed" and doc["promoted"] is False
+        code, doc, err = failed_run("denied", options)
+    assert code == 2, err[-2000:]
     assert doc["error"].startswith("store s3://models/store: access denied"), doc["error"]
-    assert "\n" not in doc["error"]
-    assert [s["name"] for s in doc["stages"]] == ["ingest"]
-    assert wrong not in denied.stdout + denied.stderr
 
     options["endpoint_url"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    cfg = make_config(
-        src, store={"root": "s3://models/store", "storage_options": options}, retries=no_retry
-    )
-    away = cli("run", write_config(tmp_path / "away.yaml", cfg), "--json")
-    assert away.returncode == 1, away.stderr[-2000:]
-    doc = json.loads(away.stdout)
-    assert doc["status"] == "failed" and doc["promoted"] is False
+    code, doc, err = failed_run("away", options)
+    assert code == 1, err[-2000:]
     assert doc["error"].startswith("store s3://models/store: cannot reach the object store")
-    assert "\n" not in doc["error"] and wrong not in away.stdout + away.stderr
