@@ -33,6 +33,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null 2>&1 || \
 	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null 2>&1; }; } || \
 	  echo "note: PostgreSQL is not installed; the Postgres-backed Prefect tests will be skipped"; }
+	# the two-host training tests reach 127.0.0.1 and 127.0.0.2 over real SSH through
+	# DeepSpeed's pdsh launcher: Debian's openssh-server and pdsh, installed where missing
+	@{ [ -x /usr/sbin/sshd ] && command -v pdsh >/dev/null 2>&1; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server openssh-client pdsh >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server openssh-client pdsh >/dev/null 2>&1; }; } || \
+	  echo "note: sshd or pdsh is not installed; the two-host training tests will be skipped"; }
 	touch $(STAMP)
 
 demo: install

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -458,7 +459,38 @@ class TrainingConfig(_Section):
     launcher: Literal["pdsh", "openmpi", "mpich", "impi", "mvapich", "slurm"] = Field(
         "pdsh", description="How the DeepSpeed launcher reaches other nodes (num_nodes > 1)."
     )
+    ssh_config: str | None = Field(
+        None,
+        description="OpenSSH client config for reaching the hosts of training.hostfile "
+        "(port, user, key, known hosts), given to ssh as `-F` by the host check before a "
+        "launch and by pdsh (default: ssh's own, ~/.ssh/config).",
+    )
+    forward_env: list[str] = Field(
+        default_factory=list,
+        description="More environment variables for the ranks on other hosts (names, or "
+        "prefixes ending in `*`), besides the offline flags, caches and NCCL_* / GLOO_* "
+        "variables that are always forwarded. Secret-named variables are refused: ranks "
+        "never receive a secret.",
+    )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @field_validator("forward_env")
+    @classmethod
+    def _forwardable(cls, names: list[str]) -> list[str]:
+        from domaintune.redaction import is_secret_name
+
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\*?", name):
+                raise ValueError(
+                    f"{name!r} is not an environment variable name (letters, digits and _, "
+                    "optionally ending in * for a prefix)"
+                )
+            if is_secret_name(name.rstrip("*")):
+                raise ValueError(
+                    f"{name} looks like a secret: secrets are never sent to the training "
+                    "ranks of other hosts (the ranks do not need them)"
+                )
+        return names
 
     @model_validator(mode="after")
     def _nodes_need_hosts(self) -> TrainingConfig:
@@ -704,8 +736,9 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             sec[key] = fix(sec[key])
     training = data.get("training")
-    if isinstance(training, dict) and isinstance(training.get("hostfile"), str):
-        training["hostfile"] = fix(training["hostfile"])
+    for key in ("hostfile", "ssh_config"):
+        if isinstance(training, dict) and isinstance(training.get(key), str):
+            training[key] = fix(training[key])
     strategy = (data.get("training") or {}).get("strategy")
     if isinstance(strategy, dict) and isinstance(strategy.get("init_embeddings_from"), str):
         src = strategy["init_embeddings_from"]

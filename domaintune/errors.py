@@ -53,3 +53,9 @@ class StoreError(Exception):
 class StoreAccessError(DomainTuneError):
     """The store refuses these credentials, or its bucket does not exist: retrying cannot
     help, so it is not retried (exit code 2, like a bad config)."""
+
+
+class HostError(TrainingFailed):
+    """A training host cannot be used: it does not answer, refuses the SSH key, lacks the
+    environment or the shared folder, or the hostfile does not list enough hosts. Retryable:
+    a host comes back, a scheduler rewrites its hostfile."""

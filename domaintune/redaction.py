@@ -55,6 +55,11 @@ _env_cache: tuple[tuple[tuple[str, str], ...], list[str]] | None = None
 _registered: set[str] = set()
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable's name says that it holds a secret."""
+    return bool(_SECRET_NAME.search(name)) and name not in _NOT_SECRET
+
+
 def register_secret(value: str) -> None:
     """Mask ``value`` from now on (6+ characters: shorter ones would mask ordinary words)."""
     global _env_cache
@@ -71,7 +76,7 @@ def secret_values() -> list[str]:
         sorted(
             (k, v)
             for k, v in os.environ.items()
-            if _SECRET_NAME.search(k) and k not in _NOT_SECRET and len(v) >= 8
+            if is_secret_name(k) and len(v) >= 8
         )
     )
     if _env_cache is None or _env_cache[0] != items:

@@ -13,6 +13,7 @@ import collections
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,11 +26,13 @@ from domaintune.errors import TrainingFailed
 from domaintune.fingerprint import hash_obj, library_versions
 from domaintune.manifests import ModelArtifact, SplitManifest
 from domaintune.models import ResolvedModel, resolve_config_model, resolve_model
+from domaintune.redaction import redact
 from domaintune.store import Store, atomic_write_text
 from domaintune.training.checkpoints import CheckpointMirror, latest_complete_checkpoint
 from domaintune.training.checks import verify_saved_model
 from domaintune.training.deepspeed_config import build_deepspeed_config
 from domaintune.training.launch import (
+    check_hosts,
     child_env,
     plan_launch,
     remove_shared_memory,
@@ -43,7 +46,15 @@ log = logging.getLogger(__name__)
 STAGE = "finetune"
 VERSION = "2"  # 2: launch plan, throughput and saved-model check in the artifact
 _TAIL_LINES = 60
-_NOT_IN_KEY = {"logging_steps", "hostfile", "master_addr", "master_port", "launcher"}
+_NOT_IN_KEY = {
+    "logging_steps",
+    "hostfile",
+    "master_addr",
+    "master_port",
+    "launcher",
+    "ssh_config",
+    "forward_env",
+}
 
 
 def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedModel, str]:
@@ -92,6 +103,13 @@ def _run(
     final_dir = work / "final"
     shutil.rmtree(final_dir, ignore_errors=True)
     launch = plan_launch(config.training)
+    # every host answers, takes the key, has this environment and sees this folder
+    answers = check_hosts(launch, work)
+    if answers:
+        log.info(
+            "finetune: hosts answer over SSH: %s",
+            ", ".join(f"{h} ({name})" for h, name in answers.items()),
+        )
     # a remote store holds the checkpoints of a training in progress: a retry on any host
     # (or after the local cache was deleted) resumes from them
     mirror = CheckpointMirror(store, key, work)
@@ -140,7 +158,7 @@ def _run(
         log.info("finetune: attempt %d resumes from %s", attempt["attempt"], resume.name)
     env = child_env(launch)
     if launch.multi_node:  # ranks on other hosts get these variables from the launcher
-        write_deepspeed_env(work, env)
+        write_deepspeed_env(work, env, config.training.forward_env)
     cmd = launch.command(spec_path)
     for note in launch.notes:
         log.info("finetune: %s", note)
@@ -155,7 +173,7 @@ def _run(
     t0 = time.time()
     try:
         with mirror.running():
-            rc, tail = _launch(cmd, env, work / "train.log", cwd=work)
+            rc, tail, first = _launch(cmd, env, work / "train.log", cwd=work)
     finally:
         remove_shared_memory(launch)
     attempt.update(exit_code=rc, seconds=round(time.time() - t0, 2))
@@ -166,9 +184,11 @@ def _run(
         mirror.sync_once(include_final=True)  # the retry, wherever it runs, starts from here
         last = "\n".join(tail)
         cause = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), "")
+        if first:  # which rank went first says more than the errors of those it took along
+            cause = f"{first}; last error: {cause.strip()}" if cause else first
         raise TrainingFailed(
             f"finetune: training exited with code {rc} (attempt {attempt['attempt']}): "
-            f"{cause.strip()[:300]}; a retry resumes from the newest checkpoint; full log: "
+            f"{cause.strip()[:400]}; a retry resumes from the newest checkpoint; full log: "
             f"{work / 'train.log'}",
             log_tail=last,
         )
@@ -262,10 +282,12 @@ def _run(
 
 def _launch(
     cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None
-) -> tuple[int, list[str]]:
-    """Run the launcher, forward its output, return (exit code, last lines)."""
+) -> tuple[int, list[str], str | None]:
+    """Run the launcher, forward its output; return (exit code, last lines, the first rank
+    that ended with an error, in words)."""
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     progress = _PrefectProgress()
+    first: str | None = None
     with open(log_path, "a", encoding="utf-8") as logf:
         logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         proc = subprocess.Popen(
@@ -282,16 +304,40 @@ def _launch(
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
+                line = redact(line)
                 logf.write(line)
                 logf.flush()  # train.log is current for whoever tails it
                 line = line.rstrip("\n")
                 tail.append(line)
+                first = first or rank_failure(line)
                 _forward(line, progress)
             rc = proc.wait()
         except BaseException:
             _kill_group(proc)
             raise
-    return rc, list(tail)
+    return rc, list(tail), first
+
+
+_RANK_EXIT = re.compile(
+    r"^(?:(?P<host>[^\s:]+): )?.*launch\.py.*exits with return code = (?P<code>-?\d+)"
+)
+
+
+def rank_failure(line: str) -> str | None:
+    """DeepSpeed's per-host launcher reporting a rank that ended with an error, in words
+    (``the rank on host 10.0.0.2 was killed by SIGKILL``); None for any other line."""
+    m = _RANK_EXIT.match(line)
+    if not m or int(m["code"]) == 0:
+        return None
+    code = int(m["code"])
+    where = f"the rank on host {m['host']}" if m["host"] else "a rank"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"{where} was killed by {name}"
+    return f"{where} exited with code {code}"
 
 
 class _PrefectProgress:
@@ -337,6 +383,9 @@ def progress_description(step: int, max_steps: int, **latest: float) -> str:
 
 
 def _forward(line: str, progress: _PrefectProgress | None = None) -> None:
+    host, sep, rest = line.partition(": ")
+    if sep and " " not in host and rest.startswith(PROGRESS_PREFIX):
+        line = rest  # pdsh puts "<host>: " before each line of the ranks on several hosts
     if line.startswith(PROGRESS_PREFIX):
         try:
             event = json.loads(line[len(PROGRESS_PREFIX) :])

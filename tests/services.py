@@ -315,3 +315,127 @@ def s3_server_checking_credentials(log_dir: Path) -> Iterator[S3Server]:
         key = iam.create_access_key(UserName="domaintune")["AccessKey"]
         server.key, server.secret = key["AccessKeyId"], key["SecretAccessKey"]
         yield server
+
+
+# ----------------------------------------------------------------------------- SSH hosts
+
+
+@dataclass
+class SSHHosts:
+    """Hosts reached over real SSH: one ``sshd`` listening on several loopback addresses,
+    each address a host. ``ssh_config`` is what ``training.ssh_config`` names: the port,
+    the client key, the known host key (checked strictly), batch mode."""
+
+    hosts: list[str]
+    port: int
+    ssh_config: Path
+    client_key: Path
+    proc: subprocess.Popen
+    folder: Path
+
+    def hostfile(self, path: Path, slots: int = 1, hosts: list[str] | None = None) -> Path:
+        path.write_text("".join(f"{h} slots={slots}\n" for h in hosts or self.hosts))
+        return path
+
+    def ssh(self, host: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["ssh", "-F", str(self.ssh_config), host, command],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def config(
+        self, name: str, ports: dict[str, int] | None = None, key: Path | None = None
+    ) -> Path:
+        """Another SSH config for these hosts: a host on another port, another client key."""
+        path = self.folder / name
+        path.write_text(
+            _client_config(
+                {h: (ports or {}).get(h, self.port) for h in self.hosts},
+                key or self.client_key,
+                self.folder / "known_hosts",
+            )
+        )
+        return path
+
+
+def _client_config(ports: dict[str, int], key: Path, known_hosts: Path) -> str:
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    return "".join(f"Host {h}\n    Port {p}\n" for h, p in ports.items()) + (
+        "Host *\n"
+        f"    User {user}\n    IdentityFile {key}\n    IdentitiesOnly yes\n"
+        f"    UserKnownHostsFile {known_hosts}\n    StrictHostKeyChecking yes\n"
+        "    BatchMode yes\n    ConnectTimeout 10\n    LogLevel ERROR\n"
+    )
+
+
+def make_ssh_key(path: Path) -> Path:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "domaintune-test", "-f", str(path)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return path
+
+
+def ssh_tools_missing() -> str | None:
+    """Why the SSH hosts cannot run here (None: they can)."""
+    for tool in ("/usr/sbin/sshd", "ssh", "ssh-keygen", "pdsh"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (make install installs openssh-server and pdsh)"
+    if os.geteuid() != 0:
+        return "sshd for the two-host tests needs root (its privilege separation)"
+    return None
+
+
+@contextlib.contextmanager
+def ssh_hosts(
+    folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2")
+) -> Iterator[SSHHosts]:
+    """``sshd`` on a free port of each loopback address in ``hosts``, with a host key and a
+    client key generated for it; the SSH config the test's client uses names both."""
+    missing = ssh_tools_missing()
+    if missing:
+        raise RuntimeError(missing)
+    if not all(h.startswith("127.") for h in hosts):
+        raise ValueError("the test hosts are loopback addresses only")
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    host_key, client_key = folder / "host_ed25519", folder / "client_ed25519"
+    for key in (host_key, client_key):
+        make_ssh_key(key)
+    (folder / "authorized_keys").write_text(client_key.with_suffix(".pub").read_text())
+    pub = host_key.with_suffix(".pub").read_text().split()
+    port = free_port()
+    (folder / "known_hosts").write_text("".join(f"[{h}]:{port} {pub[0]} {pub[1]}\n" for h in hosts))
+    listen = "".join(f"ListenAddress {h}:{port}\n" for h in hosts)
+    (folder / "sshd_config").write_text(
+        f"{listen}HostKey {host_key}\nPidFile {folder / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {folder / 'authorized_keys'}\n"
+        "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nX11Forwarding no\n"
+        "AllowTcpForwarding no\nPermitUserEnvironment no\nMaxStartups 64\nMaxSessions 64\n"
+        "LogLevel VERBOSE\n"
+    )
+    config = folder / "ssh_config"
+    config.write_text(
+        _client_config(dict.fromkeys(hosts, port), client_key, folder / "known_hosts")
+    )
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation folder
+    log = folder / "sshd.log"
+    proc = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-e", "-f", str(folder / "sshd_config")],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    found = SSHHosts(list(hosts), port, config, client_key, proc, folder)
+    try:
+        deadline = time.time() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sshd did not start: {log.read_text()[-2000:]}")
+            if all(found.ssh(h, "true", timeout=15).returncode == 0 for h in hosts):
+                break
+            if time.time() > deadline:
+                raise RuntimeError(f"sshd does not answer: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield found
+    finally:
+        stop(proc)

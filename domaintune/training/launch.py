@@ -12,6 +12,7 @@ module with the same spec file, which must therefore lie on a filesystem every h
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from domaintune.config import TrainingConfig
-from domaintune.errors import ConfigError
+from domaintune.errors import ConfigError, HostError
 
-#: Environment variables a rank on another host needs from this one (DeepSpeed itself only
-#: forwards PYTHON*, UCX*, MV2* ... and the ``.deepspeed_env`` file written for it). Secrets
-#: are deliberately not in it.
+#: Environment variables the ranks need from the task's environment (names, or prefixes
+#: ending in ``*``). With several hosts every rank is started over SSH and sees only these
+#: (written to ``.deepspeed_env``, which DeepSpeed's launcher exports on each host) plus
+#: ``training.forward_env`` and DeepSpeed's own PYTHON* / UCX* / MV2* / MLFLOW*. A secret-named
+#: variable is never among them: the ranks read local files and need no credential.
 FORWARDED_ENV = (
     "DS_ACCELERATOR",
     "OMP_NUM_THREADS",
@@ -33,10 +36,16 @@ FORWARDED_ENV = (
     "HF_HOME",
     "TRANSFORMERS_OFFLINE",
     "DOMAINTUNE_CACHE",
-    "NCCL_SOCKET_IFNAME",
-    "NCCL_IB_DISABLE",
-    "GLOO_SOCKET_IFNAME",
+    # the rank on the task's host ends itself when the task process is gone
+    "DOMAINTUNE_TASK_PID",
+    "DOMAINTUNE_TASK_HOST",
+    "DOMAINTUNE_FAULT_*",  # fault injection (tests, bench/faults.py): set by hand only
+    "NCCL_*",
+    "GLOO_*",
 )
+
+#: Launchers that reach the other hosts over SSH (checked before the launch)
+_SSH_LAUNCHERS = {"pdsh", "openmpi", "mpich", "impi", "mvapich"}
 
 
 @dataclass
@@ -51,6 +60,7 @@ class LaunchPlan:
     gradient_accumulation_steps: int
     launcher: str = "pdsh"
     hostfile: str | None = None
+    ssh_config: str | None = None
     ranks_per_node_arg: int | None = None  # --num_gpus (None: every slot of the hostfile)
     threads_per_rank: int = 1
     #: Whether the DeepSpeed ZeRO engine runs: with several ranks, or with CPU offload. One
@@ -84,6 +94,8 @@ class LaunchPlan:
         if self.hostfile and (self.multi_node or not _is_local(self.hosts[0][0])):
             cmd += ["--hostfile", self.hostfile, "--num_nodes", str(self.num_nodes)]
             cmd += ["--launcher", self.launcher]
+            if self.launcher in _SSH_LAUNCHERS:
+                cmd += ["--no_ssh_check"]  # check_hosts did it, with errors that say what failed
         # one local host: started directly (the runner would first try ssh to localhost)
         if self.ranks_per_node_arg is not None:
             cmd += ["--num_gpus", str(self.ranks_per_node_arg)]
@@ -123,31 +135,145 @@ class LaunchPlan:
 
 
 def read_hostfile(path: str) -> list[tuple[str, int]]:
-    """``host slots=N`` lines (comments and blank lines ignored), as DeepSpeed reads them."""
+    """The hosts and slots of a hostfile, read by DeepSpeed's own parser (what its launcher
+    will read: ``<host> slots=<n>`` lines, anything after that such as ``max_slots=8``
+    accepted, ``#`` comments), with errors that name the file, the line and the rule.
+
+    A hostfile that cannot be read is a ``HostError`` (retryable: a scheduler writes it as
+    the hosts come up); one that DeepSpeed rejects is a ``ConfigError``."""
+    import logging
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise ConfigError(f"training.hostfile {path}: cannot be read ({exc.strerror})") from None
-    hosts: list[tuple[str, int]] = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        slots = [p for p in parts[1:] if p.startswith("slots=")]
-        if len(parts) != 2 or not slots or not slots[0][6:].isdigit() or int(slots[0][6:]) < 1:
+        raise HostError(f"training.hostfile {path}: cannot be read ({exc.strerror})") from None
+    from deepspeed.launcher.runner import fetch_hostfile
+    from deepspeed.utils import logger as ds_logger
+
+    level = ds_logger.level
+    ds_logger.setLevel(logging.CRITICAL)  # it logs the whole file before raising
+    try:
+        pool = fetch_hostfile(path)
+    except ValueError as exc:
+        raise ConfigError(_hostfile_problem(path, lines, str(exc))) from None
+    finally:
+        ds_logger.setLevel(level)
+    if pool is None:  # removed since it was read
+        raise HostError(f"training.hostfile {path}: cannot be read (it is gone)")
+    for host, slots in pool.items():
+        if slots < 1:
+            lineno = next(i for i, ln in enumerate(lines, 1) if ln.split()[:1] == [host])
             raise ConfigError(
-                f"training.hostfile {path}, line {lineno}: expected '<host> slots=<n>' with "
-                f"n >= 1, got {raw.strip()!r}"
+                f"training.hostfile {path}, line {lineno}: host {host} has slots={slots}; "
+                "a host needs slots >= 1"
             )
-        if any(h == parts[0] for h, _ in hosts):
-            raise ConfigError(
-                f"training.hostfile {path}, line {lineno}: host {parts[0]!r} is listed twice"
+    return list(pool.items())
+
+
+def _hostfile_problem(path: str, lines: list[str], message: str) -> str:
+    """DeepSpeed's complaint about a hostfile as one line naming the file and the line."""
+    bad = re.search(r"bad entry: (.*), unable to proceed", message)
+    if bad:
+        lineno = next((i for i, ln in enumerate(lines, 1) if ln.strip() == bad[1]), "?")
+        return (
+            f"training.hostfile {path}, line {lineno}: expected '<host> slots=<n>' "
+            f"(DeepSpeed's format), got {bad[1]!r}"
+        )
+    twice = re.search(r"multiple entries for (\S+),", message)
+    if twice:
+        seen = [i for i, ln in enumerate(lines, 1) if ln.split()[:1] == [twice[1]]]
+        lineno = seen[1] if len(seen) > 1 else "?"
+        return f"training.hostfile {path}, line {lineno}: host {twice[1]!r} is listed twice"
+    if "empty" in message:
+        return f"training.hostfile {path}: lists no hosts"
+    return f"training.hostfile {path}: {message}"
+
+
+def check_hosts(
+    plan: LaunchPlan, workdir: Path, *, python: str = sys.executable, timeout: float = 15
+) -> dict[str, str]:
+    """Before a launch over SSH: every host answers, accepts the key, has this environment
+    (``python``) and sees ``workdir`` (the store's cache on a shared filesystem). One
+    ``HostError`` naming the host and what failed; otherwise each host's answer (its
+    hostname). Hosts are checked at once, each bounded by ``timeout`` seconds."""
+    import shlex
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not (plan.multi_node and plan.launcher in _SSH_LAUNCHERS):
+        return {}
+    where = f"training.hostfile {plan.hostfile}"
+    probe = (
+        f"test -x {shlex.quote(python)} || exit 101; "
+        f"test -d {shlex.quote(str(workdir))} || exit 102; hostname"
+    )
+
+    def ask(host: str) -> tuple[str, int, str, str]:
+        cmd = ["ssh", *ssh_options(plan.ssh_config, timeout), host, probe]
+        try:
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout + 10, stdin=subprocess.DEVNULL
             )
-        hosts.append((parts[0], int(slots[0][6:])))
-    if not hosts:
-        raise ConfigError(f"training.hostfile {path}: lists no hosts")
-    return hosts
+        except FileNotFoundError:
+            raise HostError(
+                f"{where}: ssh is not installed on this host (it reaches the other hosts)"
+            ) from None
+        except subprocess.TimeoutExpired:
+            return host, -1, "", ""
+        return host, done.returncode, done.stdout.strip(), done.stderr.strip()
+
+    answers: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=min(16, plan.num_nodes)) as pool:
+        for host, rc, out, err in pool.map(ask, [h for h, _ in plan.hosts]):
+            if rc == 0:
+                answers[host] = out
+                continue
+            raise HostError(
+                f"{where}: host {host} {_ssh_failure(rc, err, timeout, python, workdir)}"
+            )
+    return answers
+
+
+def ssh_options(ssh_config: str | None, timeout: float = 15) -> list[str]:
+    """ssh's options for the host check: never a prompt, bounded in time."""
+    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}"]
+    return (["-F", ssh_config] if ssh_config else []) + opts
+
+
+def _ssh_failure(rc: int, stderr: str, timeout: float, python: str, workdir: Path) -> str:
+    if rc == 101:
+        return (
+            f"has no {python}: every host needs the project's environment at the same path "
+            "(make install there, or the same image)"
+        )
+    if rc == 102:
+        return (
+            f"does not see {workdir}: the store's cache (DOMAINTUNE_CACHE) must be on a "
+            "filesystem every host shares, at the same path"
+        )
+    if rc == -1:
+        return f"did not answer over SSH within {timeout + 10:.0f} s"
+    said = [ln.removeprefix("ssh: ").strip() for ln in stderr.splitlines() if ln.strip()]
+    last = said[-1].rstrip(".") if said else f"ssh exited with code {rc}"
+    low = stderr.lower()
+    if "permission denied" in low:
+        why = "refused the SSH key"
+        hint = "its authorized_keys must hold this host's public key (passwordless SSH)"
+    elif "connection refused" in low:
+        why = "refused the SSH connection"
+        hint = "is sshd running there, on the port the SSH config names?"
+    elif "timed out" in low or "no route" in low or "unreachable" in low:
+        why = "is unreachable over SSH"
+        hint = "is the host up, and is its SSH port open to this host?"
+    elif "could not resolve" in low or "name or service not known" in low:
+        why = "has a name that does not resolve"
+        hint = "check the name in the hostfile (or add it to the SSH config)"
+    elif "host key verification failed" in low:
+        why = "has an SSH host key this host does not know (or a changed one)"
+        hint = "add it to known_hosts"
+    else:
+        why, hint = "failed the SSH check", f"the remote command exited with code {rc}"
+    return f"{why} ({last}): {hint}"
 
 
 def free_port() -> int:
@@ -203,9 +329,10 @@ def plan_launch(
     if hostfile:
         listed = read_hostfile(hostfile)
         if training.num_nodes > len(listed):
-            raise ConfigError(
-                f"training.num_nodes is {training.num_nodes} but training.hostfile {hostfile} "
-                f"lists {len(listed)} host(s)"
+            raise HostError(
+                f"training.hostfile {hostfile}: training.num_nodes is {training.num_nodes} "
+                f"but it lists {len(listed)} host(s) ({', '.join(h for h, _ in listed)}): "
+                f"{training.num_nodes - len(listed)} host(s) missing"
             )
         chosen = listed[: training.num_nodes]
         # with num_gpus auto on several nodes, every slot; otherwise at most per_node each
@@ -269,6 +396,7 @@ def plan_launch(
         gradient_accumulation_steps=accumulation,
         launcher=training.launcher,
         hostfile=hostfile,
+        ssh_config=training.ssh_config,
         ranks_per_node_arg=ranks_arg,
         threads_per_rank=max(1, cores // max(1, hosts[0][1])),
         notes=notes,
@@ -280,8 +408,12 @@ def _is_local(host: str) -> bool:
 
 
 def child_env(plan: LaunchPlan, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The launcher's environment: CPU ranks use gloo and share the cores."""
-    env = dict(os.environ if base is None else base)
+    """The launcher's environment: CPU ranks use gloo and share the cores. Secret-named
+    variables are left out: no rank needs one, and DeepSpeed's multi-node launcher would
+    put some of them (MLFLOW*) on the command line it logs and runs on every host."""
+    from domaintune.redaction import is_secret_name
+
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not is_secret_name(k)}
     env.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "domaintune" / "torch_extensions")
     )
@@ -293,12 +425,31 @@ def child_env(plan: LaunchPlan, base: dict[str, str] | None = None) -> dict[str,
     if not plan.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
         env["OMP_NUM_THREADS"] = str(plan.threads_per_rank)
+    if plan.ssh_config and plan.multi_node:  # pdsh runs ssh with these options appended
+        env["PDSH_SSH_ARGS_APPEND"] = f"{env.get('PDSH_SSH_ARGS_APPEND', '')} -F {plan.ssh_config}"
     return env
 
 
-def write_deepspeed_env(workdir: Path, env: dict[str, str]) -> Path:
+def forwarded_env(env: dict[str, str], extra: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """The variables of ``env`` that the ranks on other hosts get: ``FORWARDED_ENV`` and
+    ``extra`` (names or ``PREFIX*``), never a secret-named one or a multi-line value."""
+    from domaintune.redaction import is_secret_name
+
+    wanted = (*FORWARDED_ENV, *extra)
+    names = {w for w in wanted if not w.endswith("*")}
+    prefixes = tuple(w[:-1] for w in wanted if w.endswith("*"))
+    return {
+        k: v
+        for k, v in sorted(env.items())
+        if (k in names or k.startswith(prefixes)) and v and "\n" not in v and not is_secret_name(k)
+    }
+
+
+def write_deepspeed_env(
+    workdir: Path, env: dict[str, str], extra: tuple[str, ...] | list[str] = ()
+) -> Path:
     """``.deepspeed_env`` in the launcher's working folder: what ranks on other hosts get."""
-    lines = [f"{k}={env[k]}" for k in FORWARDED_ENV if env.get(k) and "\n" not in env[k]]
+    lines = [f"{k}={v}" for k, v in forwarded_env(env, extra).items()]
     path = workdir / ".deepspeed_env"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

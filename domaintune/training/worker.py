@@ -215,18 +215,40 @@ def _strategy_trainer():
     return StrategyTrainer
 
 
-def _sum_over_ranks(value: int | None) -> int | None:
-    """A count summed over all ranks (ZeRO partitions optimizer state among them)."""
-    import torch
+def _per_rank(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """``info`` of every rank, in rank order (this rank's alone when not distributed)."""
     import torch.distributed as dist
 
-    if value is None or not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return int(t.item())
+    if not (dist.is_available() and dist.is_initialized()):
+        return [info]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, info)
+    return out
+
+
+def _rank_info(model: Any, optimizer: Any) -> dict[str, Any]:
+    """Where this rank ran and what it held: under ZeRO-3 its own partition of the
+    parameters, under ZeRO-1/2/3 its partition of the optimizer state."""
+    import socket
+
+    from domaintune.training import strategies
+
+    held = sum(
+        p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else p.numel()
+        for p in model.parameters()
+    )
+    ssh = os.environ.get("SSH_CONNECTION", "").split()
+    return {
+        "rank": _rank(),
+        "node_rank": int(os.environ.get("CROSS_RANK", "0")),
+        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+        "hostname": socket.gethostname(),
+        # the address this host was reached at over SSH (multi-node launches)
+        "ssh_address": ssh[2] if len(ssh) == 4 else None,
+        "pid": os.getpid(),
+        "parameter_elements": held,
+        "optimizer_state_elements": strategies.optimizer_state_elements(optimizer),
+    }
 
 
 def _peak_memory_mb() -> dict[str, float]:
@@ -360,7 +382,9 @@ def run(spec: dict[str, Any]) -> None:
     trained_steps = trainer.state.global_step - seen.get("start_step", 0)
     tokens = trainer.state.num_input_tokens_seen - seen.get("tokens_at_start", 0)
     optimizer_params = sum(g["parameters"] for g in trainer.group_report)
-    state_elements = _sum_over_ranks(strategies.optimizer_state_elements(trainer.optimizer))
+    ranks = _per_rank(_rank_info(trainer.model, trainer.optimizer))
+    counts = [r["optimizer_state_elements"] for r in ranks]
+    state_elements = None if None in counts else sum(counts)
     stopper = _early_stopper(trainer)
     final = Path(spec["final_dir"])
     lora = training.strategy.kind == "lora"
@@ -413,6 +437,7 @@ def run(spec: dict[str, Any]) -> None:
             "train_tokens_per_second": tokens / seconds,
             "start_step": seen.get("start_step", 0),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "ranks": ranks,
             "log_history": trainer.state.log_history,
         }
         (final / "training_summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -12,14 +12,19 @@ import pytest
 import torch
 
 from domaintune.config import TrainingConfig
-from domaintune.errors import ConfigError, TrainingFailed
+from domaintune.errors import ConfigError, HostError, TrainingFailed
 from domaintune.store import Store
 from domaintune.tasks import finetune as finetune_stage
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.training.checks import saved_tensors, verify_saved_model
 from domaintune.training.deepspeed_config import build_deepspeed_config
-from domaintune.training.launch import plan_launch, read_hostfile, write_deepspeed_env
+from domaintune.training.launch import (
+    child_env,
+    plan_launch,
+    read_hostfile,
+    write_deepspeed_env,
+)
 from tests.conftest import write_csv
 
 # ------------------------------------------------------------------ launch plan (fast)
@@ -100,16 +105,30 @@ def test_a_hostfile_of_this_host_alone_starts_ranks_directly(tmp_path):
     assert "--hostfile" not in plan.command("/s.json")  # no ssh to localhost
 
 
-def test_hostfile_errors_name_the_file_and_line(tmp_path):
-    bad = tmp_path / "hosts"
-    bad.write_text("node-a slots=8\nnode-b 8\n")
-    with pytest.raises(ConfigError, match=r"hosts, line 2: expected '<host> slots=<n>'"):
-        read_hostfile(str(bad))
+def test_hostfiles_are_read_by_deepspeeds_parser_with_errors_naming_file_and_line(tmp_path):
+    """What DeepSpeed's launcher accepts is accepted (``max_slots=``, comments); what it
+    rejects is one line naming the file, the line and the rule."""
     ok = tmp_path / "ok"
-    ok.write_text("node-a slots=8\n")
-    with pytest.raises(ConfigError, match=r"num_nodes is 2 but .* lists 1 host"):
-        _plan(gpus=8, bf16=True, num_nodes=2, hostfile=str(ok))
-    with pytest.raises(ConfigError, match="cannot be read"):
+    ok.write_text("# cluster\nnode-a slots=8 max_slots=8\n\nnode-b   slots=4  # spare\n")
+    assert read_hostfile(str(ok)) == [("node-a", 8), ("node-b", 4)]
+    cases = {
+        "node-a slots=8\nnode-b 8\n": r"hosts, line 2: expected '<host> slots=<n>'.*'node-b 8'",
+        "node-a slots=8\n# x\nnode-a slots=2\n": r"hosts, line 3: host 'node-a' is listed twice",
+        "node-a slots=8\nnode-b slots=0\n": r"hosts, line 2: host node-b has slots=0",
+        "# nothing\n\n": r"hosts: lists no hosts",
+    }
+    for text, message in cases.items():
+        bad = tmp_path / "hosts"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_hostfile(str(bad))
+    one = tmp_path / "one"
+    one.write_text("node-a slots=8\n")
+    # a scheduler writes the hostfile as hosts come up: missing hosts are worth a retry
+    with pytest.raises(HostError, match=r"one: training.num_nodes is 2 but it lists 1 host\(s\) "
+                       r"\(node-a\): 1 host\(s\) missing"):  # fmt: skip
+        _plan(gpus=8, bf16=True, num_nodes=2, hostfile=str(one))
+    with pytest.raises(HostError, match="missing: cannot be read"):
         read_hostfile(str(tmp_path / "missing"))
 
 
@@ -132,10 +151,24 @@ def test_other_hosts_get_the_needed_variables_and_no_secrets(tmp_path):
         "DS_ACCELERATOR": "cpu",
         "HF_TOKEN": "hf_secret",
         "AWS_SECRET_ACCESS_KEY": "x",
+        "NCCL_DEBUG": "INFO",
+        "NCCL_AUTH_TOKEN": "nccl-secret",  # a prefix that is forwarded, a name that is secret
+        "TEAM_TAG": "risk",
+        "TEAM_SIZE": "4",
+        "OTHER": "not asked for",
     }
-    text = write_deepspeed_env(tmp_path, env).read_text()
+    text = write_deepspeed_env(tmp_path, env, ["TEAM_*"]).read_text()
     assert "HF_HUB_OFFLINE=1" in text and "DS_ACCELERATOR=cpu" in text
-    assert "secret" not in text.lower() and "HF_TOKEN" not in text
+    assert "NCCL_DEBUG=INFO" in text and "TEAM_TAG=risk" in text and "TEAM_SIZE=4" in text
+    assert "secret" not in text.lower() and "HF_TOKEN" not in text and "OTHER" not in text
+    # the launcher itself gets no secret (DeepSpeed logs and runs MLFLOW* on every host)
+    plan = _plan()
+    launcher_env = child_env(plan, {**env, "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-123"})
+    assert not {"HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"} & set(launcher_env)
+    with pytest.raises(ValueError, match="HF_TOKEN looks like a secret"):
+        TrainingConfig(forward_env=["HF_TOKEN"])
+    with pytest.raises(ValueError, match="not an environment variable name"):
+        TrainingConfig(forward_env=["A B"])
 
 
 def test_progress_description_shows_loss_and_throughput():
