@@ -73,11 +73,7 @@ def secret_values() -> list[str]:
     secrets, longest first."""
     global _env_cache
     items = tuple(
-        sorted(
-            (k, v)
-            for k, v in os.environ.items()
-            if is_secret_name(k) and len(v) >= 8
-        )
+        sorted((k, v) for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 8)
     )
     if _env_cache is None or _env_cache[0] != items:
         values = {v for _, v in items} | _registered
