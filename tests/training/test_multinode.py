@@ -300,24 +300,33 @@ def task_runs(flow_run_id: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_server")
-def test_a_host_refusing_the_connection_fails_the_task_retryably_and_registers_nothing(
-    tmp_path, make_config, rows, hosts
+@pytest.mark.parametrize("problem", ["wrong port", "refused key", "host missing"])
+def test_a_host_problem_fails_the_task_retryably_in_one_line_and_registers_nothing(
+    tmp_path, make_config, rows, hosts, problem
 ):
     from domaintune.flows.retrain import retrain
 
-    cfg = _config(
-        make_config,
-        tmp_path,
-        rows,
-        hosts,
-        retries=1,
-        ssh_config=str(hosts.config("wrong-port", ports={"127.0.0.2": free_port()})),
-    )
+    where = {
+        "wrong port": (
+            {"ssh_config": str(hosts.config("wrong-port", ports={"127.0.0.2": free_port()}))},
+            "host 127.0.0.2 refused the SSH connection",
+        ),
+        "refused key": (
+            {"ssh_config": str(hosts.config("key", key=make_ssh_key(tmp_path / "other_key")))},
+            "host 127.0.0.1 refused the SSH key",
+        ),
+        "host missing": (
+            {"hostfile": str(hosts.hostfile(tmp_path / "one-host", hosts=["127.0.0.1"]))},
+            "training.num_nodes is 2 but it lists 1 host(s) (127.0.0.1): 1 host(s) missing",
+        ),
+    }
+    training, message = where[problem]
+    cfg = _config(make_config, tmp_path, rows, hosts, retries=1, **training)
     state = retrain(cfg, return_state=True)
     assert state.is_failed()
     exc = state.result(raise_on_failure=False)
     assert isinstance(exc, HostError) and "\n" not in str(exc)
-    assert "host 127.0.0.2 refused the SSH connection" in str(exc)
+    assert message in str(exc)
     runs = task_runs(str(state.state_details.flow_run_id))
     assert runs["finetune"].state.name == "Failed"
     assert runs["finetune"].run_count == 2, "a host problem is retried"
@@ -384,6 +393,10 @@ def test_a_killed_remote_rank_ends_the_launch_and_the_prefect_retry_resumes_it(
     trained = json.loads((Path(summary["model_dir"]) / "training_summary.json").read_text())
     assert trained["start_step"] == resumed and trained["global_step"] == 12
 
+    from transformers import AutoModelForSequenceClassification
+
     clean, _, _ = _train(_config(make_config, tmp_path / "clean", rows, zero=2, **training))
+    loaded = AutoModelForSequenceClassification.from_pretrained(summary["model_dir"])
+    assert sum(p.numel() for p in loaded.parameters()) == clean.total_parameters
     worst = _max_difference(summary["model_dir"], clean.model_dir)
     assert worst < 1e-5, f"the resumed two-host run differs from an uninterrupted one by {worst}"
