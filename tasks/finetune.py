@@ -185,7 +185,8 @@ def _run(
         last = "\n".join(tail)
         cause = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), "")
         if first:  # which rank went first says more than the errors of those it took along
-            cause = f"{first}; last error: {cause.strip()}" if cause else first
+            said = cause or _last_rank_words(tail)  # an abort says "Assertion ... failed"
+            cause = f"{first}; last error: {said.strip()}" if said else first
         raise TrainingFailed(
             f"finetune: training exited with code {rc} (attempt {attempt['attempt']}): "
             f"{cause.strip()[:400]}; a retry resumes from the newest checkpoint; full log: "
@@ -321,6 +322,20 @@ def _launch(
 _RANK_EXIT = re.compile(
     r"^(?:(?P<host>[^\s:]+): )?.*launch\.py.*exits with return code = (?P<code>-?\d+)"
 )
+
+
+def _last_rank_words(tail: list[str]) -> str:
+    """The last line the ranks themselves printed before the launcher reported one of them
+    gone (not the launcher's own log lines, not progress events)."""
+    for line in reversed(tail):
+        body = line.partition(": ")[2] if _HOST_PREFIX.match(line) else line
+        if body.strip() and not _LAUNCHER_LOG.match(body) and PROGRESS_PREFIX not in body:
+            return body
+    return ""
+
+
+_HOST_PREFIX = re.compile(r"^[^\s:]+: ")
+_LAUNCHER_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[[A-Z]+\] ")
 
 
 def rank_failure(line: str) -> str | None:

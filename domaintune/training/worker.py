@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -449,20 +450,22 @@ def run(spec: dict[str, Any]) -> None:
         )
 
 
-def watch_task_process(interval: float = 1.0) -> None:
+def watch_task_process(interval: float = 1.0) -> Callable[[], None]:
     """End this rank when the finetune task that launched it is gone (SIGKILLed worker,
     lost pod): otherwise orphaned ranks would keep training into the same checkpoint folder
-    that the retried task resumes from. Only on the task's own host."""
+    that the retried task resumes from. Only on the task's own host. Returns the function
+    that stops the watch (before the interpreter exits: a daemon thread that wakes during
+    shutdown may take the process down with it)."""
     import socket
     import threading
 
     pid = os.environ.get("DOMAINTUNE_TASK_PID")
     if not pid or os.environ.get("DOMAINTUNE_TASK_HOST") != socket.gethostname():
-        return
+        return lambda: None
+    done = threading.Event()
 
     def watch() -> None:
-        while True:
-            time.sleep(interval)
+        while not done.wait(interval):
             try:
                 os.kill(int(pid), 0)
             except ProcessLookupError:
@@ -473,7 +476,25 @@ def watch_task_process(interval: float = 1.0) -> None:
             except PermissionError:
                 pass  # alive, another user's (pid reuse): keep going
 
-    threading.Thread(target=watch, name="task-watchdog", daemon=True).start()
+    thread = threading.Thread(target=watch, name="task-watchdog", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        done.set()
+        thread.join(timeout=interval + 5)
+
+    return stop
+
+
+def end_distributed() -> None:
+    """Leave the process group together: every rank waits for the others to finish, then
+    closes its connections. A rank that simply exits while a peer still talks to it can
+    take that peer down (gloo aborts on a connection closed mid-operation)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -486,8 +507,12 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stdout,
     )
     spec = json.loads(Path(args.spec).read_text())
-    watch_task_process()
-    run(spec)
+    stop_watch = watch_task_process()
+    try:
+        run(spec)
+        end_distributed()  # only after success: a failed rank's peers are ended by the launcher
+    finally:
+        stop_watch()
     return 0
 
 

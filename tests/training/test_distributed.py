@@ -171,6 +171,26 @@ def test_other_hosts_get_the_needed_variables_and_no_secrets(tmp_path):
         TrainingConfig(forward_env=["A B"])
 
 
+def test_a_rank_that_went_first_is_named_with_its_last_words():
+    """DeepSpeed's launcher lines become words; a rank that aborts without an error line
+    (a C assertion, a glibc abort) is still explained by the last thing it printed."""
+    line = "[2026-11-24 10:00:00,000] [INFO] [launch.py:319:sigkill_handler] exits with return code = -6"
+    assert finetune_stage.rank_failure(line) == "a rank was killed by SIGABRT"
+    assert finetune_stage.rank_failure("10.0.0.2: " + line.replace("-6", "3")) == (
+        "the rank on host 10.0.0.2 exited with code 3"
+    )
+    assert finetune_stage.rank_failure(line.replace("-6", "0")) is None
+    assert finetune_stage.rank_failure("exits with return code = -9") is None  # not the launcher
+    tail = [
+        'DOMAINTUNE {"event": "log", "step": 3}',
+        "10.0.0.2: python: shm.cpp:144: reduce_all_buffers: Assertion `!0' failed.",
+        "10.0.0.2: " + line,
+        "[2026-11-24 10:00:00,001] [INFO] [launch.py:328:sigkill_handler] Killing subprocess 7",
+    ]
+    words = finetune_stage._last_rank_words(tail)
+    assert words == "python: shm.cpp:144: reduce_all_buffers: Assertion `!0' failed."
+
+
 def test_progress_description_shows_loss_and_throughput():
     text = finetune_stage.progress_description(
         40, 80, loss=0.53125, tokens_per_second=1234.5, samples_per_second=12.25
