@@ -415,8 +415,10 @@ class TrainingConfig(_Section):
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
-        description="Mixed precision. auto: bf16 on GPUs that support it, fp16 on older "
-        "GPUs, fp32 on CPU.",
+        description="Mixed precision (fp32 master weights, 16-bit autocast). auto: bf16 on "
+        "GPUs that support it, fp16 on older GPUs; on CPU bf16 where the processor does bf16 "
+        "in hardware (AMX, AVX512-BF16, Arm BF16), else fp32. bf16 on a CPU without it is "
+        "emulated (slower; a warning). Evaluation scores models in the same precision.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~20% slower."

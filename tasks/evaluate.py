@@ -8,8 +8,10 @@ split and the seed), so trying new hyperparameters does not re-run them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from domaintune.models import resolve_config_model
 from domaintune.redaction import redact, redact_obj
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
+from domaintune.training.launch import inference_precision
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ def plan(
         splits.labels,
         config.task.type,
         config.training.seed,
+        # scores in bf16 and in fp32 differ a little: each is its own measurement
+        inference_precision(config.training)[0],
     )
     key = hash_obj(
         STAGE,
@@ -65,6 +70,20 @@ def plan(
         champion["fingerprint"] if champion else None,
     )
     return key, base_key
+
+
+@contextlib.contextmanager
+def autocast_for(model: Any, precision: str) -> Iterator[None]:
+    """Score ``model`` in ``precision`` (bf16/fp16 autocast on its device; fp32: as is)."""
+    import torch
+
+    if precision == "fp32":
+        yield
+        return
+    device = next(model.parameters()).device.type
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.autocast(device_type=device, dtype=dtype):
+        yield
 
 
 def _score(
@@ -84,9 +103,10 @@ def _score(
     model = task.load_model(
         model_path, splits.labels, config.training.seed, config.model.trust_remote_code
     )
-    return task.score_split(
-        model, tok, splits.splits["test"].path, splits.labels, config.evaluation.batch_size
-    )
+    with autocast_for(model, inference_precision(config.training)[0]):
+        return task.score_split(
+            model, tok, splits.splits["test"].path, splits.labels, config.evaluation.batch_size
+        )
 
 
 def _base_metrics(
@@ -145,6 +165,7 @@ def _champion_metrics(
         champion["fingerprint"],
         splits.labels,
         config.task.type,
+        inference_precision(config.training)[0],
     )
     with store.lock(CHAMPION_STAGE, key):
         cached = store.cached_manifest(CHAMPION_STAGE, key)
@@ -185,6 +206,10 @@ def _run(
             "model": model.model_dir,
             "base_model": model.base_model,
             "champion": champion,
+            # every model above was scored in this precision (the training's, on this machine)
+            "precision": dict(
+                zip(("precision", "reason"), inference_precision(config.training), strict=True)
+            ),
         }
         doc = redact_obj(doc)
         (w.path / "metrics.json").write_text(json.dumps(doc, indent=2))

@@ -142,7 +142,10 @@ def _run(
         "config_overrides": checked["config_overrides"],
         "primary_metric": config.evaluation.primary_metric,
         "deepspeed": build_deepspeed_config(
-            config.training.deepspeed, bf16=launch.bf16, fp16=launch.fp16
+            config.training.deepspeed,
+            bf16=launch.bf16,
+            fp16=launch.fp16,
+            autocast=not launch.use_gpu,  # CPU: bf16 autocast, fp32 weights
         )
         if launch.uses_zero
         else None,
@@ -162,6 +165,10 @@ def _run(
     cmd = launch.command(spec_path)
     for note in launch.notes:
         log.info("finetune: %s", note)
+    # emulated bf16 (asked for on a CPU without it) is right but slow: say so louder
+    (log.warning if "emulated" in launch.precision_reason else log.info)(
+        "finetune: precision: %s", launch.precision_reason
+    )
     log.info(
         "finetune: launching %s through the DeepSpeed launcher, %s",
         launch.describe(),

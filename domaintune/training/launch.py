@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,8 @@ class LaunchPlan:
     #: (22% on the CPU throughput bench), so it trains with the plain torch optimizer.
     uses_zero: bool = True
     notes: list[str] = field(default_factory=list)
+    #: why this precision: what was detected and chosen ("bf16: this CPU has amx_bf16, ...")
+    precision_reason: str = ""
 
     @property
     def world_size(self) -> int:
@@ -127,6 +130,7 @@ class LaunchPlan:
             "hosts": [list(h) for h in self.hosts],
             "device": "gpu" if self.use_gpu else "cpu",
             "precision": self.precision,
+            "precision_reason": self.precision_reason,
             "micro_batch_size": self.micro_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "global_batch_size": self.global_batch_size,
@@ -291,15 +295,111 @@ def visible_gpus() -> tuple[int, bool]:
     return torch.cuda.device_count(), bool(torch.cuda.is_bf16_supported())
 
 
+#: Processor features that do bf16 arithmetic in hardware: Intel AMX tiles, AVX512-BF16
+#: dot products (Intel Cooper Lake+, AMD Zen 4+), the Arm BF16 extension. Without one of them
+#: PyTorch emulates bf16 with conversions, which is slower than fp32.
+CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+def cpu_bf16_features(cpuinfo: str | None = None) -> list[str]:
+    """The bf16 instructions this processor has (``/proc/cpuinfo`` flags on Linux, the
+    ``hw.optional.arm.FEAT_BF16`` sysctl on macOS); empty when it has none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, aarch64
+            flags.update(value.split())
+            break  # every core reports the same
+    if not flags and sys.platform == "darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        if out == "1":
+            flags.add("bf16")
+    return [f for f in CPU_BF16_FEATURES if f in flags]
+
+
+def choose_precision(
+    configured: str, *, use_gpu: bool, gpu_bf16: bool, cpu_bf16: list[str]
+) -> tuple[str, str, str | None]:
+    """(precision, why, warning or None) for ``training.precision`` on this hardware.
+
+    bf16 is mixed precision: fp32 master weights, bf16 autocast. ``auto`` picks it where the
+    hardware does bf16 arithmetic: GPUs that support it (older ones get fp16), CPUs with AMX
+    or AVX512-BF16 (or Arm BF16); other CPUs train in fp32."""
+    has = f"this CPU has {', '.join(cpu_bf16)}" if cpu_bf16 else ""
+    lacks = "this CPU has no bf16 instructions (AMX, AVX512-BF16 or Arm BF16)"
+    if configured == "auto":
+        if use_gpu:
+            return (
+                ("bf16", "bf16: the GPU supports it", None)
+                if gpu_bf16
+                else ("fp16", "fp16: the GPU has no bf16", None)
+            )
+        if cpu_bf16:
+            return "bf16", f"bf16 autocast: {has}", None
+        return "fp32", f"fp32: {lacks}", None
+    if configured == "bf16":
+        if use_gpu:
+            if not gpu_bf16:
+                raise ConfigError(
+                    "training.precision bf16: this GPU does not support bf16; use fp16"
+                )
+            return "bf16", "bf16: as configured", None
+        if cpu_bf16:
+            return "bf16", f"bf16 autocast: as configured ({has})", None
+        # a warning, not an error: the numbers are right (PyTorch emulates bf16), only
+        # slower, and one config then runs on a bf16 server and on a laptop alike
+        return (
+            "bf16",
+            f"bf16 autocast: as configured, emulated: {lacks}",
+            f"training.precision bf16: {lacks}, so PyTorch emulates bf16, usually slower than "
+            "fp32 (precision auto picks fp32 on such a CPU)",
+        )
+    if configured == "fp16":
+        if not use_gpu:
+            raise ConfigError(
+                "training.precision fp16 needs a GPU; on CPU use bf16 or fp32 (or auto)"
+            )
+        return "fp16", "fp16: as configured", None
+    return "fp32", "fp32: as configured", None
+
+
+def inference_precision(training: TrainingConfig) -> tuple[str, str]:
+    """(precision, why) for scoring models on this machine: the training's choice, so that
+    evaluation and base-model scoring run as the training did."""
+    gpus, gpu_bf16 = visible_gpus()
+    precision, reason, _ = choose_precision(
+        training.precision,
+        use_gpu=gpus > 0,
+        gpu_bf16=gpu_bf16,
+        cpu_bf16=[] if gpus else cpu_bf16_features(),
+    )
+    return precision, reason
+
+
 def plan_launch(
     training: TrainingConfig,
     *,
     gpus: int | None = None,
     bf16_supported: bool | None = None,
     cpu_count: int | None = None,
+    cpu_bf16: list[str] | None = None,
 ) -> LaunchPlan:
     """The launch for this config on this machine (``gpus`` / ``bf16_supported`` /
-    ``cpu_count`` override what is detected, for planning another machine's run)."""
+    ``cpu_count`` / ``cpu_bf16`` override what is detected, for planning another machine's
+    run)."""
     if gpus is None or bf16_supported is None:
         seen, bf16_ok = visible_gpus()
         gpus = seen if gpus is None else gpus
@@ -345,22 +445,14 @@ def plan_launch(
         ranks_arg = per_node or 1
         default_addr = "127.0.0.1"
 
-    # precision
-    p = training.precision
-    if p == "auto":
-        bf16, fp16 = (bf16_supported, not bf16_supported) if use_gpu else (False, False)
-    elif p == "bf16":
-        if use_gpu and not bf16_supported:
-            raise ConfigError("training.precision bf16: this GPU does not support bf16; use fp16")
-        bf16, fp16 = True, False
-    elif p == "fp16":
-        if not use_gpu:
-            raise ConfigError(
-                "training.precision fp16 needs a GPU; on CPU use bf16 or fp32 (or auto)"
-            )
-        bf16, fp16 = False, True
-    else:
-        bf16 = fp16 = False
+    if not use_gpu and cpu_bf16 is None:
+        cpu_bf16 = cpu_bf16_features()
+    precision, reason, warning = choose_precision(
+        training.precision, use_gpu=use_gpu, gpu_bf16=bf16_supported, cpu_bf16=cpu_bf16 or []
+    )
+    bf16, fp16 = precision == "bf16", precision == "fp16"
+    if warning:
+        notes.append(warning)
 
     world = sum(n for _, n in hosts)
     micro = training.batch_size
@@ -400,6 +492,7 @@ def plan_launch(
         ranks_per_node_arg=ranks_arg,
         threads_per_rank=max(1, cores // max(1, hosts[0][1])),
         notes=notes,
+        precision_reason=reason,
     )
 
 

@@ -341,7 +341,9 @@ def run(spec: dict[str, Any]) -> None:
         report_to=[],
         disable_tqdm=True,
         use_cpu=use_cpu,
-        bf16=spec["bf16"],
+        # on CPU under the ZeRO engine, bf16 is DeepSpeed's torch_autocast (see
+        # build_deepspeed_config); the Trainer's flag would switch on DeepSpeed's bf16 mode
+        bf16=spec["bf16"] and not (use_cpu and spec["deepspeed"]),
         fp16=spec["fp16"],
         deepspeed=spec["deepspeed"],  # None: one rank, nothing to partition
         dataloader_num_workers=0,

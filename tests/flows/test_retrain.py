@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from domaintune.errors import ContractViolation
+from domaintune.training.launch import cpu_bf16_features
 from tests.conftest import write_csv
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -89,10 +90,15 @@ def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows)
     assert set(task_run_states(first["run_id"]).values()) == {"Completed"}
     messages = run_logs(first["run_id"])
     assert any(m.startswith("train: step=") for m in messages), "training progress reaches Prefect"
+    # precision auto: bf16 where this CPU does bf16 in hardware, fp32 elsewhere
+    precision = "bf16" if cpu_bf16_features() else "fp32"
     assert any(
-        m.startswith("finetune: launching 1 CPU rank(s), world size 1, fp32")
+        m.startswith(f"finetune: launching 1 CPU rank(s), world size 1, {precision}")
         and "through the DeepSpeed launcher" in m
         for m in messages
+    )
+    assert any(
+        m.startswith(f"finetune: precision: {precision}") and "this CPU has" in m for m in messages
     )
     artifacts = run_artifacts(first["run_id"])
     assert {"table", "markdown", "progress"} <= {a.type for a in artifacts}, "artifacts attached"
@@ -106,7 +112,7 @@ def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows)
     assert training_md and "Trainable parameters: **" in training_md[0], "strategy in the UI"
     t = first["training"]
     assert t["strategy"] == "full" and t["trainable_parameters"] == t["total_parameters"] > 0
-    assert t["world_size"] == 1 and t["precision"] == "fp32" and t["tokens_per_second"] > 0
+    assert t["world_size"] == 1 and t["precision"] == precision and t["tokens_per_second"] > 0
     assert first["trust_remote_code"] is False, "the summary says whether model code could run"
 
     # the same config again: nothing is recomputed, and Prefect shows every stage as Cached

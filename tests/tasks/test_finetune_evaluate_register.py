@@ -64,6 +64,9 @@ def test_a_better_model_is_registered_once_and_promoted(tmp_path, make_config, r
     assert model.trainable_parameters == model.total_parameters > 0
     evaluation = evaluate(cfg, splits, model, store)
     assert evaluation.finetuned["accuracy"] > evaluation.base["accuracy"]
+    # the models were scored in the precision they were trained in
+    scored = json.loads(Path(evaluation.metrics_json).read_text())["precision"]
+    assert scored["precision"] == model.launch["precision"] and scored["reason"]
     assert evaluate(cfg, splits, model, store).reused
 
     # the disk fills up while the version is written, then while the registry's log commits

@@ -30,13 +30,21 @@ from tests.conftest import write_csv
 # ------------------------------------------------------------------ launch plan (fast)
 
 
-def _plan(gpus=0, bf16=False, **training):
-    return plan_launch(TrainingConfig.model_validate(training), gpus=gpus, bf16_supported=bf16)
+def _plan(gpus=0, bf16=False, cpu_bf16=(), **training):
+    return plan_launch(
+        TrainingConfig.model_validate(training),
+        gpus=gpus,
+        bf16_supported=bf16,
+        cpu_bf16=list(cpu_bf16),
+    )
 
 
-def test_cpu_defaults_to_one_fp32_rank_on_localhost():
+def test_cpu_defaults_to_one_rank_on_localhost_in_fp32_without_bf16_hardware():
     plan = _plan()
     assert (plan.world_size, plan.precision, plan.use_gpu) == (1, "fp32", False)
+    assert plan.precision_reason == (
+        "fp32: this CPU has no bf16 instructions (AMX, AVX512-BF16 or Arm BF16)"
+    )
     cmd = plan.command("/x/spec.json")
     assert cmd[cmd.index("--num_gpus") + 1] == "1"
     assert cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
@@ -63,11 +71,57 @@ def test_without_global_batch_the_accumulation_is_the_configured_one():
 def test_precision_follows_the_gpu():
     assert _plan(gpus=2, bf16=True).precision == "bf16"
     assert _plan(gpus=2, bf16=False).precision == "fp16"  # e.g. V100, T4
-    assert _plan(gpus=0, precision="bf16").precision == "bf16"
+    assert _plan(gpus=0, precision="bf16", cpu_bf16=["avx512_bf16"]).precision == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         _plan(gpus=0, precision="fp16")
     with pytest.raises(ConfigError, match="does not support bf16"):
         _plan(gpus=1, bf16=False, precision="bf16")
+
+
+def test_on_cpu_auto_picks_bf16_where_the_processor_does_bf16_in_hardware():
+    plan = _plan(cpu_bf16=["amx_bf16", "avx512_bf16"])
+    assert plan.precision == "bf16" and plan.summary()["precision"] == "bf16"
+    assert plan.summary()["precision_reason"] == "bf16 autocast: this CPU has amx_bf16, avx512_bf16"
+    assert _plan(cpu_bf16=["avx512_bf16"], precision="fp32").precision == "fp32"
+    # bf16 asked for on a CPU without it: emulated (right, only slower), so a warning
+    plan = _plan(precision="bf16")
+    assert plan.precision == "bf16" and "emulated" in plan.precision_reason
+    assert any("no bf16 instructions" in n and "auto picks fp32" in n for n in plan.notes)
+    assert not any("bf16" in n for n in _plan(precision="bf16", cpu_bf16=["bf16"]).notes)
+
+
+def test_bf16_instructions_are_read_from_the_processor_flags():
+    from domaintune.training.launch import cpu_bf16_features
+
+    epyc = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire = "flags\t: avx512f amx_tile amx_bf16 avx512_bf16 amx_int8\n"
+    graviton3 = "Features\t: fp asimd sve bf16 i8mm\n"
+    broadwell = "flags\t: fpu sse2 avx2 fma\n"
+    assert cpu_bf16_features(epyc) == ["avx512_bf16"]
+    assert cpu_bf16_features(sapphire) == ["amx_bf16", "avx512_bf16"]
+    assert cpu_bf16_features(graviton3) == ["bf16"]
+    assert cpu_bf16_features(broadwell) == []
+    # this machine: whatever it has, the plan says it and acts on it
+    here = cpu_bf16_features()
+    plan = plan_launch(TrainingConfig(), gpus=0, bf16_supported=False)
+    assert plan.precision == ("bf16" if here else "fp32")
+    assert all(f in plan.precision_reason for f in here)
+
+
+def test_models_are_scored_in_the_precision_they_trained_in():
+    from domaintune.tasks.evaluate import autocast_for
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 5))
+    x = torch.randn(8, 64)
+    with torch.inference_mode():
+        with autocast_for(model, "fp32"):
+            fp32 = model(x)
+        with autocast_for(model, "bf16"):
+            bf16 = model(x)
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16  # the matmuls ran in bf16
+    assert (bf16.float() - fp32).abs().max() < 0.05 and not torch.equal(bf16.float(), fp32)
+    assert next(model.parameters()).dtype == torch.float32  # the weights stay as they are
 
 
 def test_num_gpus_is_capped_by_what_is_visible():
