@@ -149,11 +149,13 @@ def prepare_model(spec: dict[str, Any], training: Any) -> Any:
     """The base model as training starts from it: dropout overrides, then the strategy's
     architecture changes (dropped blocks, custom head, embeddings from a checkpoint)."""
     from domaintune.tasktypes import get_task_type
+    from domaintune.training.attention import attention_implementation
     from domaintune.training.strategies import prepare_structure
 
     task = get_task_type(spec["task_type"])
     overrides = dict(spec.get("config_overrides", {}))
-    attention = attention_implementation(training.attention, spec)
+    precision = "bf16" if spec.get("bf16") else "fp16" if spec.get("fp16") else "fp32"
+    attention = attention_implementation(training.attention, precision, spec["model_path"])
     if attention:
         overrides["attn_implementation"] = attention
     model = task.load_model(
@@ -166,21 +168,6 @@ def prepare_model(spec: dict[str, Any], training: Any) -> Any:
     for note in prepare_structure(model, training.strategy, spec["model_path"]):
         logging.getLogger(__name__).info("strategy: %s", note)
     return model
-
-
-def attention_implementation(choice: str, spec: dict[str, Any]) -> str | None:
-    """The attention kernel to load the model with (None: transformers' default, SDPA
-    where the model supports it)."""
-    if choice != "auto":
-        return choice
-    import importlib.util
-
-    import torch
-
-    half = spec.get("bf16") or spec.get("fp16")
-    if torch.cuda.is_available() and half and importlib.util.find_spec("flash_attn"):
-        return "flash_attention_2"
-    return None
 
 
 def _strategy_trainer():

@@ -124,6 +124,40 @@ def test_models_are_scored_in_the_precision_they_trained_in():
     assert next(model.parameters()).dtype == torch.float32  # the weights stay as they are
 
 
+def test_on_cpu_in_bf16_attention_runs_in_fp32_through_the_fused_kernel(tiny_model):
+    """PyTorch's fused CPU attention is several times slower in bf16 than in fp32: under
+    bf16 autocast on CPU the registered kernel computes attention in fp32 (closer to an
+    fp32 model than bf16 SDPA is) and hands bf16 back to the bf16 matmuls around it."""
+    from transformers import AutoModelForSequenceClassification
+
+    from domaintune.training.attention import CPU_BF16_ATTENTION, attention_implementation
+
+    assert attention_implementation("auto", "bf16", str(tiny_model)) == CPU_BF16_ATTENTION
+    assert attention_implementation("auto", "fp32", str(tiny_model)) is None
+    assert attention_implementation("eager", "bf16", str(tiny_model)) == "eager"
+
+    def model(impl):
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(tiny_model), num_labels=3, attn_implementation=impl,
+            attention_probs_dropout_prob=0.0,
+        ).eval()  # fmt: skip
+
+    ids = torch.randint(5, 90, (4, 24))
+    mask = torch.ones_like(ids)
+    mask[:2, 12:] = 0
+    with torch.inference_mode():
+        exact = model("sdpa")(input_ids=ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = model(CPU_BF16_ATTENTION)(input_ids=ids, attention_mask=mask).logits
+            plain = model("sdpa")(input_ids=ids, attention_mask=mask).logits
+    assert (ours.float() - exact).abs().max() <= (plain.float() - exact).abs().max() + 1e-3
+    assert (ours.float() - exact).abs().max() < 0.05
+    # the saved model does not name the kernel: it loads anywhere
+    saved = model(CPU_BF16_ATTENTION)
+    assert "sdpa_fp32" not in saved.config.to_json_string()
+
+
 def test_num_gpus_is_capped_by_what_is_visible():
     plan = _plan(gpus=2, bf16=True, num_gpus=8)
     assert plan.world_size == 2 and any("8 but 2 visible" in n for n in plan.notes)
