@@ -76,20 +76,6 @@ def _train(cfg):
         return exc, time.perf_counter() - t0
 
 
-def _weights(model_dir) -> dict:
-    from safetensors.torch import load_file
-
-    out: dict = {}
-    for f in Path(model_dir).glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _difference(a_dir, b_dir) -> float:
-    a, b = _weights(a_dir), _weights(b_dir)
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
 def _learned(model) -> float:
     """The largest change training made to an encoder weight."""
     from transformers import AutoModelForSequenceClassification
@@ -108,6 +94,8 @@ def _learned(model) -> float:
 
 
 def compare(work: Path, hosts, steps: int, every: int, zero: int) -> dict:
+    from domaintune.training.checks import max_weight_difference
+
     hostfile = hosts.hostfile(work / "hostfile")
     store = work / f"store-zero{zero}"  # one store: ingest and preprocess once for both runs
     one, one_s = _train(_config(store, steps, every, zero))
@@ -121,7 +109,7 @@ def compare(work: Path, hosts, steps: int, every: int, zero: int) -> dict:
         "two_hosts_seconds": two.train_seconds,
         "one_host_stage_seconds": one_s,
         "two_hosts_stage_seconds": two_s,
-        "difference": _difference(two.model_dir, one.model_dir),
+        "difference": max_weight_difference(two.model_dir, one.model_dir),
         "learned": _learned(two),
         "held": [r["parameter_elements"] for r in summary["ranks"]],
         "addresses": [r["ssh_address"] for r in summary["ranks"]],
@@ -131,6 +119,7 @@ def compare(work: Path, hosts, steps: int, every: int, zero: int) -> dict:
 
 
 def kill_drill(work: Path, hosts, steps: int, every: int, reference) -> dict:
+    from domaintune.training.checks import max_weight_difference
     from tests.training.test_multinode import _alive, _launch_processes, _rank
 
     cfg = _config(work / "store-kill", steps, every, 2, hosts, work / "hostfile")
@@ -167,7 +156,7 @@ def kill_drill(work: Path, hosts, steps: int, every: int, reference) -> dict:
         "ended_after": found["ended_after"],
         "message": str(failed).split(": training exited", 1)[-1][:160],
         "resumed_from": second["resumed_from"],
-        "difference": _difference(resumed.model_dir, reference.model_dir),
+        "difference": max_weight_difference(resumed.model_dir, reference.model_dir),
     }
 
 

@@ -94,19 +94,15 @@ def cpu_peak_flops(precision: str) -> tuple[float, str]:
 def non_embedding_parameters(model_dir: str) -> int:
     """Parameters of a saved model outside its token / position embeddings: the ones a
     token's forward and backward pass multiply with (6 x N FLOP per token)."""
-    from safetensors import safe_open
+    import math
 
-    total = 0
-    for f in Path(model_dir).glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            for name in st.keys():
-                if "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
-                    continue
-                n = 1
-                for d in st.get_slice(name).get_shape():
-                    n *= d
-                total += n
-    return total
+    from domaintune.training.checks import saved_tensors
+
+    return sum(
+        math.prod(shape)
+        for name, shape in saved_tensors(Path(model_dir)).items()
+        if "embed" not in name and not name.endswith(("wte.weight", "wpe.weight"))
+    )
 
 
 def run_baseline(job: dict[str, Any]) -> dict[str, Any]:

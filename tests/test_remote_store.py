@@ -21,8 +21,8 @@ from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.register import register
 from domaintune.tasks.validate import validate
+from domaintune.training.checks import max_weight_difference
 from tests.conftest import write_csv
-from tests.training.test_distributed import _final_weights
 
 
 def _host(monkeypatch, tmp_path: Path, name: str) -> Path:
@@ -177,8 +177,7 @@ def test_training_lost_on_one_host_resumes_on_another_from_checkpoints_in_the_st
     clean_model = finetune_stage.finetune(
         clean, preprocess(clean, ingest(clean, clean_store), clean_store), clean_store
     )
-    a, b = _final_weights(model.model_dir), _final_weights(clean_model.model_dir)
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    worst = max_weight_difference(model.model_dir, clean_model.model_dir)
     assert worst < 1e-5, f"resumed on another host differs from an uninterrupted run by {worst}"
 
 

@@ -32,6 +32,24 @@ def saved_tensors(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def saved_weights(model_dir: Path | str) -> dict[str, Any]:
+    """Every tensor of a saved model's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def max_weight_difference(a_dir: Path | str, b_dir: Path | str) -> float:
+    """The largest absolute difference between two saved models' weights (same tensors)."""
+    a, b = saved_weights(a_dir), saved_weights(b_dir)
+    if a.keys() != b.keys():
+        raise ValueError(f"{a_dir} and {b_dir} hold different tensors: {set(a) ^ set(b)}")
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
 def verify_saved_model(
     model_dir: Path,
     task_type: str,

@@ -17,7 +17,7 @@ from domaintune.store import Store
 from domaintune.tasks import finetune as finetune_stage
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
-from domaintune.training.checks import saved_tensors, verify_saved_model
+from domaintune.training.checks import max_weight_difference, saved_tensors, verify_saved_model
 from domaintune.training.deepspeed_config import build_deepspeed_config
 from domaintune.training.launch import (
     child_env,
@@ -386,15 +386,6 @@ def test_two_cpu_ranks_train_and_save_a_model_plain_transformers_loads(
     assert changed, "the encoder's weights did not change (an empty or base-only save)"
 
 
-def _final_weights(model_dir: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in Path(model_dir).glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.mark.slow
 def test_a_killed_rank_is_resumed_from_its_checkpoint_on_retry(tmp_path, make_config, rows):
     """Rank 1 is SIGKILLed right after checkpoint 2; the launcher ends rank 0; the retry
@@ -424,8 +415,7 @@ def test_a_killed_rank_is_resumed_from_its_checkpoint_on_retry(tmp_path, make_co
     clean_store = Store(clean_cfg.store.root)
     clean_splits = preprocess(clean_cfg, ingest(clean_cfg, clean_store), clean_store)
     clean = finetune_stage.finetune(clean_cfg, clean_splits, clean_store)
-    a, b = _final_weights(resumed.model_dir), _final_weights(clean.model_dir)
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    worst = max_weight_difference(resumed.model_dir, clean.model_dir)
     assert worst < 1e-5, f"resumed run differs from an uninterrupted one by {worst}"
 
 

@@ -22,6 +22,7 @@ from domaintune.store import Store
 from domaintune.tasks import finetune as finetune_stage
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
+from domaintune.training.checks import max_weight_difference
 from domaintune.training.launch import check_hosts, plan_launch
 from tests.conftest import write_csv
 from tests.services import free_port, make_ssh_key, ssh_hosts, ssh_tools_missing
@@ -80,21 +81,6 @@ def _train(cfg):
     store = Store(cfg.store.root)
     splits = preprocess(cfg, ingest(cfg, store), store)
     return finetune_stage.finetune(cfg, splits, store), store, splits
-
-
-def _weights(model_dir) -> dict:
-    from safetensors.torch import load_file
-
-    out: dict = {}
-    for f in Path(model_dir).glob("*.safetensors"):
-        out.update(load_file(str(f)))
-    return out
-
-
-def _max_difference(a_dir, b_dir) -> float:
-    a, b = _weights(a_dir), _weights(b_dir)
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def _launch_processes(spec: Path) -> list:
@@ -277,7 +263,7 @@ def test_zero3_across_two_hosts_matches_one_host_and_sends_no_secret(
 
     one_host, _, _ = _train(_config(make_config, tmp_path / "one", rows, zero=3))
     assert one_host.launch["num_nodes"] == 1 and one_host.launch["world_size"] == 2
-    worst = _max_difference(model.model_dir, one_host.model_dir)
+    worst = max_weight_difference(model.model_dir, one_host.model_dir)
     assert worst < 1e-5, f"two hosts and one host differ by {worst}"
     trained = loaded.state_dict()
     base = AutoModelForSequenceClassification.from_pretrained(
@@ -402,5 +388,5 @@ def test_a_killed_remote_rank_ends_the_launch_and_the_prefect_retry_resumes_it(
     clean, _, _ = _train(_config(make_config, tmp_path / "clean", rows, zero=2, **training))
     loaded = AutoModelForSequenceClassification.from_pretrained(summary["model_dir"])
     assert sum(p.numel() for p in loaded.parameters()) == clean.total_parameters
-    worst = _max_difference(summary["model_dir"], clean.model_dir)
+    worst = max_weight_difference(summary["model_dir"], clean.model_dir)
     assert worst < 1e-5, f"the resumed two-host run differs from an uninterrupted one by {worst}"
