@@ -180,7 +180,7 @@ def _run(
     t0 = time.time()
     try:
         with mirror.running():
-            rc, tail, first = _launch(cmd, env, work / "train.log", cwd=work)
+            rc, tail, first, fault = _launch(cmd, env, work / "train.log", cwd=work)
     finally:
         remove_shared_memory(launch)
     attempt.update(exit_code=rc, seconds=round(time.time() - t0, 2))
@@ -193,6 +193,7 @@ def _run(
         cause = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), "")
         if first:  # which rank went first says more than the errors of those it took along
             said = cause or _last_rank_words(tail)  # an abort says "Assertion ... failed"
+            said = f"{said.strip()} ({fault})" if said and fault else said or fault
             cause = f"{first}; last error: {said.strip()}" if said else first
         raise TrainingFailed(
             f"finetune: training exited with code {rc} (attempt {attempt['attempt']}): "
@@ -290,11 +291,13 @@ def _run(
 
 def _launch(
     cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None
-) -> tuple[int, list[str], str | None]:
+) -> tuple[int, list[str], str | None, str]:
     """Run the launcher, forward its output; return (exit code, last lines, the first rank
-    that ended with an error, in words)."""
+    that ended with an error, in words, and the first fatal-signal dump, in words). Fault
+    dumps stay in train.log, not in the tail: their frames would bury the error lines."""
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     progress = _PrefectProgress()
+    dumps = FaultDumps()
     first: str | None = None
     with open(log_path, "a", encoding="utf-8") as logf:
         logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
@@ -316,6 +319,8 @@ def _launch(
                 logf.write(line)
                 logf.flush()  # train.log is current for whoever tails it
                 line = line.rstrip("\n")
+                if dumps.feed(line):
+                    continue
                 tail.append(line)
                 first = first or rank_failure(line)
                 _forward(line, progress)
@@ -323,7 +328,7 @@ def _launch(
         except BaseException:
             _kill_group(proc)
             raise
-    return rc, list(tail), first
+    return rc, list(tail), first, dumps.summary
 
 
 _RANK_EXIT = re.compile(
@@ -335,14 +340,75 @@ def _last_rank_words(tail: list[str]) -> str:
     """The last line the ranks themselves printed before the launcher reported one of them
     gone (not the launcher's own log lines, not progress events)."""
     for line in reversed(tail):
-        body = line.partition(": ")[2] if _HOST_PREFIX.match(line) else line
+        body = _rank_body(line)
         if body.strip() and not _LAUNCHER_LOG.match(body) and PROGRESS_PREFIX not in body:
             return body
     return ""
 
 
+def _rank_body(line: str) -> str:
+    """A line without the ``host: `` prefix pdsh puts before a remote rank's output."""
+    return line.partition(": ")[2] if _HOST_PREFIX.match(line) else line
+
+
 _HOST_PREFIX = re.compile(r"^[^\s:]+: ")
 _LAUNCHER_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[[A-Z]+\] ")
+_DUMP_BODY = re.compile(
+    r"^(?:(?:Current thread|Thread) 0x[0-9a-fA-F]+ |  File \"|  <no Python frame>|  \.\.\.|"
+    r"Extension modules: |Python runtime state: |\s*$)"
+)
+_DUMP_FRAME = re.compile(r'^  File "(?:.*/)?(?P<file>[^/"]+)", line (?P<line>\d+) in (?P<func>\S+)')
+
+
+class FaultDumps:
+    """Reads the dumps Python's faulthandler prints when a rank dies by a signal (the worker
+    enables it), line by line: ``Fatal Python error: Aborted``, then every thread's stack.
+    ``summary`` names the first one and where its crashing thread was, e.g. "Fatal Python
+    error: Aborted, current thread in end_distributed (worker.py:490)"."""
+
+    def __init__(self) -> None:
+        self.summary = ""
+        self._in_dump = False
+        self._wanted = ""  # "thread": the crashing thread's header; "frame": its innermost frame
+
+    def feed(self, line: str) -> bool:
+        """Take one line of output; True if it belongs to a dump."""
+        body = _rank_body(line)
+        if body.startswith("Fatal Python error: "):
+            if not self.summary:
+                self.summary = body.strip()
+                self._wanted = "thread"
+            self._in_dump = True
+            return True
+        if not (self._in_dump and _DUMP_BODY.match(body)):
+            self._in_dump = False
+            return False
+        if self._wanted == "thread" and body.startswith("Current thread "):
+            self._wanted = "frame"
+        elif self._wanted == "frame":
+            frame = _DUMP_FRAME.match(body)
+            if frame:
+                self.summary += (
+                    f", current thread in {frame['func']} ({frame['file']}:{frame['line']})"
+                )
+            elif "<no Python frame>" in body:
+                self.summary += ", current thread outside Python code"
+            self._wanted = ""
+        return True
+        if not (self._in_dump and _DUMP_BODY.match(body)):
+            self._in_dump = False
+            return False
+        if self._await_frame and body.startswith("Current thread "):
+            self._await_frame = "current"
+        elif self._await_frame == "current":
+            frame = _DUMP_FRAME.match(body)
+            where = f"in {frame['func']} ({frame['file']}:{frame['line']})" if frame else ""
+            if "<no Python frame>" in body:
+                where = "outside Python code"
+            if where:
+                self.summary += f", current thread {where}"
+                self._await_frame = False
+        return True
 
 
 def rank_failure(line: str) -> str | None:

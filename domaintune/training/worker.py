@@ -12,15 +12,18 @@ resumes a retried run from the newest marked checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import logging
 import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from domaintune.training.checkpoints import CHECKPOINT_MARKER, wait_until_stored
 
@@ -495,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    # a rank that dies by a signal (abort, segfault) prints where each of its threads was
+    faulthandler.enable(all_threads=True)
     spec = json.loads(Path(args.spec).read_text())
     stop_watch = watch_task_process()
     try:
@@ -505,5 +510,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_without_finalizing(code: int) -> NoReturn:
+    """End the rank without Python's interpreter teardown, once its work is written.
+
+    PyTorch has an open race at interpreter exit (pytorch/pytorch#190489): a gloo or autograd
+    worker thread that drops a tensor while ``Py_FinalizeEx`` runs takes the GIL, is ended by
+    ``pthread_exit`` inside C++ code, and the process aborts with "terminate called without
+    an active exception". A rank that trained and saved its model then dies by SIGABRT and
+    the launch fails. Nothing a rank leaves for others is written at exit (the model, the
+    checkpoints and their markers are written and closed before this), so output is flushed
+    and the process ends here."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def entry(argv: list[str] | None = None) -> NoReturn:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_without_finalizing(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

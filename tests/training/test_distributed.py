@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -277,6 +280,44 @@ def test_a_rank_that_went_first_is_named_with_its_last_words():
     ]
     words = finetune_stage._last_rank_words(tail)
     assert words == "python: shm.cpp:144: reduce_all_buffers: Assertion `!0' failed."
+
+
+def test_a_rank_killed_by_a_signal_is_named_with_where_it_was(tmp_path):
+    """A real faulthandler dump (the worker enables it) is read, not buried in the tail: the
+    message keeps the line the rank printed before dying and says which thread died where."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import faulthandler, os, sys, threading\n"
+        "faulthandler.enable(all_threads=True)\n"
+        "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+        "def end_distributed():\n"
+        "    print('terminate called without an active exception', file=sys.stderr, flush=True)\n"
+        "    os.abort()\n"
+        "end_distributed()\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == -signal.SIGABRT
+    lines = ["10.0.0.2: " + ln for ln in run.stderr.splitlines()]  # as pdsh forwards them
+    dumps = finetune_stage.FaultDumps()
+    tail = [ln for ln in lines if not dumps.feed(ln)]
+    assert tail == ["10.0.0.2: terminate called without an active exception"]
+    assert dumps.summary == (
+        "Fatal Python error: Aborted, current thread in end_distributed (rank.py:6)"
+    )
+    assert finetune_stage._last_rank_words(tail) == "terminate called without an active exception"
+
+
+def test_a_rank_ends_with_its_exit_code_and_error_printed():
+    """The worker skips interpreter teardown (pytorch#190489) but keeps its exit codes: an
+    error is printed and exits 1, a bad command line exits 2."""
+    worker = [sys.executable, "-m", "domaintune.training.worker"]
+    bad_spec = subprocess.run(
+        [*worker, "--spec", "/nonexistent/spec.json"], capture_output=True, text=True, timeout=120
+    )
+    assert bad_spec.returncode == 1
+    assert "FileNotFoundError" in bad_spec.stderr and "spec.json" in bad_spec.stderr
+    no_spec = subprocess.run(worker, capture_output=True, text=True, timeout=120)
+    assert no_spec.returncode == 2 and "--spec" in no_spec.stderr
 
 
 def test_progress_description_shows_loss_and_throughput():
