@@ -292,13 +292,13 @@ def _run(
 def _launch(
     cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None
 ) -> tuple[int, list[str], str | None, str]:
-    """Run the launcher, forward its output; return (exit code, last lines, the first rank
-    that ended with an error, in words, and the first fatal-signal dump, in words). Fault
+    """Run the launcher, forward its output; return (exit code, last lines, the rank that
+    ended with an error first (``root_failure``), in words, and the first fatal-signal dump, in words). Fault
     dumps stay in train.log, not in the tail: their frames would bury the error lines."""
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     progress = _PrefectProgress()
     dumps = FaultDumps()
-    first: str | None = None
+    failures: list[str] = []
     with open(log_path, "a", encoding="utf-8") as logf:
         logf.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         proc = subprocess.Popen(
@@ -322,13 +322,15 @@ def _launch(
                 if dumps.feed(line):
                     continue
                 tail.append(line)
-                first = first or rank_failure(line)
+                failure = rank_failure(line)
+                if failure:
+                    failures.append(failure)
                 _forward(line, progress)
             rc = proc.wait()
         except BaseException:
             _kill_group(proc)
             raise
-    return rc, list(tail), first, dumps.summary
+    return rc, list(tail), root_failure(failures), dumps.summary
 
 
 _RANK_EXIT = re.compile(
@@ -426,6 +428,22 @@ def rank_failure(line: str) -> str | None:
             name = f"signal {-code}"
         return f"{where} was killed by {name}"
     return f"{where} exited with code {code}"
+
+
+def root_failure(failures: list[str]) -> str | None:
+    """Of the ranks the launchers reported ending with an error, the one that most likely
+    went first. Not simply the first report: a rank killed on another host is reported over
+    SSH, while the ranks that lose it fail at once with a connection reset (exit code 1) on
+    hosts whose reports may arrive sooner. So a rank killed by a signal (other than the
+    SIGTERM / SIGINT launchers send when they stop) comes before one that exited with an
+    error, which comes before one stopped by SIGTERM; the order of reports breaks ties."""
+
+    def weight(failure: str) -> int:
+        if failure.endswith(("killed by SIGTERM", "killed by SIGINT")):
+            return 2
+        return 0 if " killed by " in failure else 1
+
+    return min(failures, key=weight) if failures else None
 
 
 class _PrefectProgress:

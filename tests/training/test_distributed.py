@@ -272,6 +272,13 @@ def test_a_rank_that_went_first_is_named_with_its_last_words():
     )
     assert finetune_stage.rank_failure(line.replace("-6", "0")) is None
     assert finetune_stage.rank_failure("exits with return code = -9") is None  # not the launcher
+    # the rank killed on the second host went first, whatever order the reports arrive in
+    lost = "the rank on host 127.0.0.1 exited with code 1"
+    killed = "the rank on host 127.0.0.2 was killed by SIGKILL"
+    stopped = "the rank on host 127.0.0.3 was killed by SIGTERM"
+    assert finetune_stage.root_failure([stopped, lost, killed]) == killed
+    assert finetune_stage.root_failure([stopped, lost]) == lost
+    assert finetune_stage.root_failure([]) is None
     tail = [
         'DOMAINTUNE {"event": "log", "step": 3}',
         "10.0.0.2: python: shm.cpp:144: reduce_all_buffers: Assertion `!0' failed.",
