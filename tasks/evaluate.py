@@ -24,7 +24,7 @@ from domaintune.models import resolve_config_model
 from domaintune.redaction import redact, redact_obj
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
-from domaintune.training.attention import CPU_BF16_ATTENTION, attention_implementation
+from domaintune.training.attention import CPU_ATTENTION, attention_implementation
 from domaintune.training.launch import inference_precision
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,9 @@ def _score(
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tok = AutoTokenizer.from_pretrained(model_path, use_fast=True)
     precision = inference_precision(config.training)[0]
-    # the CPU's bf16 kernel choice (see domaintune.training.attention); on GPUs as before
+    # the CPU attention function (see domaintune.training.attention); on GPUs as before
     attention = attention_implementation(config.training.attention, precision, model_path)
-    attention = attention if attention == CPU_BF16_ATTENTION else None
+    attention = attention if attention == CPU_ATTENTION else None
     model = task.load_model(
         model_path,
         splits.labels,

@@ -1,24 +1,30 @@
 """Which attention kernel a model trains and scores with.
 
-On a GPU in bf16/fp16: FlashAttention-2 where installed, else PyTorch SDPA. On a CPU under bf16
-autocast, PyTorch's fused SDPA kernel is many times slower in bf16 than in fp32 (measured with
-torch 2.13 on AVX512-BF16/AMX: 32 x 12 heads x 48 tokens, forward + backward, 29 ms in bf16 vs
-3.8 ms in fp32, and 30 vs 7.9 ms at 16 x 128 tokens), while the matrix products around it are
-the ones bf16 speeds up. So there attention runs in fp32 through the fused kernel
-(``CPU_BF16_ATTENTION``), and everything else in bf16. With attention dropout in training the
-fused kernel cannot run at all (the math path does, at the same speed in bf16 and fp32), and
-this changes nothing.
+On a GPU in bf16/fp16: FlashAttention-2 where installed, else PyTorch SDPA. On a CPU, models
+that dispatch attention through transformers' attention interface load with ``CPU_ATTENTION``,
+a registered function that picks the fastest correct path per call:
+
+- under bf16 autocast without dropout: PyTorch's fused SDPA kernel in fp32. That kernel is
+  many times slower in bf16 than in fp32 (torch 2.13 on AVX512-BF16/AMX: 32 x 12 heads x 48
+  tokens, forward + backward, 29 ms in bf16 vs 3.8 ms in fp32, and 30 vs 7.9 ms at 16 x 128
+  tokens), while the matrix products around it are the ones bf16 speeds up;
+- with attention dropout in training (the fused kernel has none; PyTorch's math path draws
+  its mask with slow ``bernoulli_``): the same math in fp32 with the cheaper CPU dropout
+  masks of ``domaintune.training.dropout``;
+- otherwise (fp32 without dropout, position biases, caches): transformers' SDPA as is.
+Saved model configs do not name the kernel: they load anywhere.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-#: The registered name of SDPA computed in fp32 on CPU (see the module's docstring).
-CPU_BF16_ATTENTION = "sdpa_fp32_on_cpu"
+#: The registered name of the CPU attention function (see the module's docstring).
+CPU_ATTENTION = "domaintune_cpu"
 
 
-def _sdpa_fp32_on_cpu(
+def _cpu_attention(
     module: Any,
     query: Any,
     key: Any,
@@ -30,9 +36,19 @@ def _sdpa_fp32_on_cpu(
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.device.type != "cpu" or dropout > 0 or query.dtype == torch.float32:
+    plain = (
+        query.device.type != "cpu"
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("cache") is not None
+        or (query.dtype == torch.float32 and dropout == 0)
+    )
+    if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, **kwargs)
     dtype = query.dtype
+    if dropout > 0:
+        out = _math_attention_with_cpu_dropout(module, query, key, value, attention_mask,
+                                               dropout, **kwargs)  # fmt: skip
+        return out.to(dtype), None
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast("cpu", enabled=False):
@@ -42,11 +58,57 @@ def _sdpa_fp32_on_cpu(
     return out.to(dtype), weights
 
 
-def register() -> None:
-    """Make ``CPU_BF16_ATTENTION`` known to transformers (in this process)."""
-    from transformers import AttentionInterface
+def _math_attention_with_cpu_dropout(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **_: Any,
+) -> Any:
+    """softmax(q k^T * scale + mask) with dropout, times v, in fp32; the mask conventions of
+    transformers' SDPA path (boolean: True attends; float: added; none: causal if the module
+    is). Returns (batch, tokens, heads, head_dim) as attention functions do."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv
 
-    AttentionInterface.register(CPU_BF16_ATTENTION, _sdpa_fp32_on_cpu)
+    from domaintune.training.dropout import dropout as cpu_dropout
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = q_len > 1 and attention_mask is None and causal
+    lowest = torch.finfo(torch.float32).min
+    with torch.autocast("cpu", enabled=False):
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, lowest)
+            else:
+                scores = scores + attention_mask.float()
+        elif causal:
+            allowed = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+            scores = scores.masked_fill(~allowed, lowest)
+        probs = cpu_dropout(torch.softmax(scores, dim=-1), dropout)
+        out = torch.matmul(probs, value.float())
+    return out.transpose(1, 2).contiguous()
+
+
+def register() -> None:
+    """Make ``CPU_ATTENTION`` known to transformers (in this process), with SDPA's masks:
+    transformers builds no attention mask at all (padding included) for an attention
+    function whose name its mask interface does not know."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CPU_ATTENTION, _cpu_attention)
+    AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
 
 
 def attention_implementation(choice: str, precision: str, model_path: str) -> str | None:
@@ -62,9 +124,9 @@ def attention_implementation(choice: str, precision: str, model_path: str) -> st
         if precision in ("bf16", "fp16") and importlib.util.find_spec("flash_attn"):
             return "flash_attention_2"
         return None
-    if precision == "bf16" and _supports_attention_interface(model_path):
+    if _supports_attention_interface(model_path):
         register()
-        return CPU_BF16_ATTENTION
+        return CPU_ATTENTION
     return None
 
 

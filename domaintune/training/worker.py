@@ -170,6 +170,14 @@ def prepare_model(spec: dict[str, Any], training: Any) -> Any:
     )
     for note in prepare_structure(model, training.strategy, spec["model_path"]):
         logging.getLogger(__name__).info("strategy: %s", note)
+    import torch
+
+    if not torch.cuda.is_available():
+        from domaintune.training.dropout import use_cpu_dropout
+
+        count = use_cpu_dropout(model)  # bernoulli_ masks were a third of a CPU step
+        if count:
+            logging.getLogger(__name__).info("dropout: %d modules draw cheaper CPU masks", count)
     return model
 
 
@@ -301,6 +309,12 @@ def run(spec: dict[str, Any]) -> None:
     every = t.get("checkpoint_every_steps")
     strategy = "steps" if every else "epoch"
     use_cpu = not torch.cuda.is_available()
+    if not spec["deepspeed"] and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # one rank without a ZeRO engine: a plain process. Under the launcher's variables the
+        # Trainer wraps the model in DDP at world size 1, which copies every gradient into
+        # buckets and walks the autograd graph for unused parameters each step, for nothing
+        for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(var, None)
     args = TrainingArguments(
         output_dir=spec["output_dir"],
         num_train_epochs=t["epochs"],

@@ -133,10 +133,9 @@ def test_on_cpu_in_bf16_attention_runs_in_fp32_through_the_fused_kernel(tiny_mod
     fp32 model than bf16 SDPA is) and hands bf16 back to the bf16 matmuls around it."""
     from transformers import AutoModelForSequenceClassification
 
-    from domaintune.training.attention import CPU_BF16_ATTENTION, attention_implementation
+    from domaintune.training.attention import CPU_ATTENTION, attention_implementation
 
-    assert attention_implementation("auto", "bf16", str(tiny_model)) == CPU_BF16_ATTENTION
-    assert attention_implementation("auto", "fp32", str(tiny_model)) is None
+    assert attention_implementation("auto", "bf16", str(tiny_model)) == CPU_ATTENTION
     assert attention_implementation("eager", "bf16", str(tiny_model)) == "eager"
 
     def model(impl):
@@ -152,13 +151,13 @@ def test_on_cpu_in_bf16_attention_runs_in_fp32_through_the_fused_kernel(tiny_mod
     with torch.inference_mode():
         exact = model("sdpa")(input_ids=ids, attention_mask=mask).logits
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            ours = model(CPU_BF16_ATTENTION)(input_ids=ids, attention_mask=mask).logits
+            ours = model(CPU_ATTENTION)(input_ids=ids, attention_mask=mask).logits
             plain = model("sdpa")(input_ids=ids, attention_mask=mask).logits
     assert (ours.float() - exact).abs().max() <= (plain.float() - exact).abs().max() + 1e-3
     assert (ours.float() - exact).abs().max() < 0.05
     # the saved model does not name the kernel: it loads anywhere
-    saved = model(CPU_BF16_ATTENTION)
-    assert "sdpa_fp32" not in saved.config.to_json_string()
+    saved = model(CPU_ATTENTION)
+    assert CPU_ATTENTION not in saved.config.to_json_string()
 
 
 def test_num_gpus_is_capped_by_what_is_visible():
