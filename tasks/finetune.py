@@ -293,8 +293,9 @@ def _launch(
     cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None
 ) -> tuple[int, list[str], str | None, str]:
     """Run the launcher, forward its output; return (exit code, last lines, the rank that
-    ended with an error first (``root_failure``), in words, and the first fatal-signal dump, in words). Fault
-    dumps stay in train.log, not in the tail: their frames would bury the error lines."""
+    ended with an error first (``root_failure``), in words, and the first fatal-signal dump,
+    in words). Fault dumps stay in train.log, not in the tail: their frames would bury the
+    error lines."""
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     progress = _PrefectProgress()
     dumps = FaultDumps()
@@ -396,20 +397,6 @@ class FaultDumps:
             elif "<no Python frame>" in body:
                 self.summary += ", current thread outside Python code"
             self._wanted = ""
-        return True
-        if not (self._in_dump and _DUMP_BODY.match(body)):
-            self._in_dump = False
-            return False
-        if self._await_frame and body.startswith("Current thread "):
-            self._await_frame = "current"
-        elif self._await_frame == "current":
-            frame = _DUMP_FRAME.match(body)
-            where = f"in {frame['func']} ({frame['file']}:{frame['line']})" if frame else ""
-            if "<no Python frame>" in body:
-                where = "outside Python code"
-            if where:
-                self.summary += f", current thread {where}"
-                self._await_frame = False
         return True
 
 

@@ -164,15 +164,10 @@ def test_padding_is_masked_with_the_cpu_attention(precision):
 
     register()
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=3,
-        initializer_range=0.5,
-    )  # fmt: skip  (peaked attention: padding shows
+    # large initial weights: peaked attention, so that attended padding would show
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, num_labels=3,
+                        initializer_range=0.5)  # fmt: skip
     config._attn_implementation = CPU_ATTENTION
     model = BertForSequenceClassification(config).eval()
     ids = torch.randint(5, 90, (2, 12))
