@@ -160,37 +160,7 @@ class TextClassification(TaskType):
     def compute_metrics(
         self, predictions: Any, references: Any, labels: list[str]
     ) -> dict[str, Any]:
-        from sklearn.metrics import (
-            accuracy_score,
-            confusion_matrix,
-            f1_score,
-            precision_recall_fscore_support,
-        )
-
-        preds = np.asarray(predictions)
-        refs = np.asarray(references)
-        ids = list(range(len(labels)))
-        p, r, f, s = precision_recall_fscore_support(refs, preds, labels=ids, zero_division=0)
-        return {
-            "accuracy": float(accuracy_score(refs, preds)),
-            "macro_f1": float(f1_score(refs, preds, labels=ids, average="macro", zero_division=0)),
-            "weighted_f1": float(
-                f1_score(refs, preds, labels=ids, average="weighted", zero_division=0)
-            ),
-            "per_class": {
-                lab: {
-                    "precision": float(p[i]),
-                    "recall": float(r[i]),
-                    "f1": float(f[i]),
-                    "support": int(s[i]),
-                }
-                for i, lab in enumerate(labels)
-            },
-            "confusion_matrix": {
-                "labels": labels,
-                "matrix": confusion_matrix(refs, preds, labels=ids).tolist(),
-            },
-        }
+        return classification_metrics(references, predictions, labels)
 
     def trainer_metrics(self, eval_pred: Any, labels: list[str]) -> dict[str, float]:
         logits, refs = eval_pred
@@ -211,3 +181,42 @@ class TextClassification(TaskType):
         table["predicted"] = [labels[i] for i in logits.argmax(-1)]
         table["confidence"] = probs.max(-1)
         return metrics, table
+
+
+def classification_metrics(references: Any, predictions: Any, labels: list[str]) -> dict[str, Any]:
+    """Accuracy, macro / weighted F1, per-class precision, recall, F1 and support, and the
+    confusion matrix (rows: true label, columns: predicted), from label ids ``0..len(labels)-1``.
+
+    The same figures as scikit-learn's (``zero_division=0``: a class never predicted has
+    precision 0, one never present recall 0; tested equal), from one confusion matrix in NumPy:
+    importing ``sklearn.metrics`` costs ~0.85 s on a 2-core machine, paid inside the training
+    loop at the first validation pass (5% of a 60-step finance run)."""
+    refs = np.asarray(references, dtype=np.int64).ravel()
+    preds = np.asarray(predictions, dtype=np.int64).ravel()
+    n = len(labels)
+    matrix = np.bincount(refs * n + preds, minlength=n * n).reshape(n, n)
+    tp = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
+
+    precision, recall = ratio(tp, predicted), ratio(tp, support)
+    f1 = ratio(2 * tp, (support + predicted).astype(np.float64))  # = 2PR / (P + R)
+    total = int(support.sum())
+    return {
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "macro_f1": float(f1.mean()) if n else 0.0,
+        "weighted_f1": float((f1 * support).sum() / total) if total else 0.0,
+        "per_class": {
+            lab: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, lab in enumerate(labels)
+        },
+        "confusion_matrix": {"labels": labels, "matrix": matrix.tolist()},
+    }
