@@ -40,6 +40,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server openssh-client pdsh >/dev/null 2>&1 || \
 	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server openssh-client pdsh >/dev/null 2>&1; }; } || \
 	  echo "note: sshd or pdsh is not installed; the two-host training tests will be skipped"; }
+	# CPU training ranks allocate with TCMalloc where installed (~10% faster steps than
+	# glibc's malloc, which unmaps and page-faults large tensors again every step)
+	@{ ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 /lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1; }; } || \
+	  echo "note: TCMalloc (libtcmalloc-minimal4) is not installed; CPU training uses the system malloc"; }
 	touch $(STAMP)
 
 demo: install

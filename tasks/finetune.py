@@ -54,6 +54,7 @@ _NOT_IN_KEY = {
     "launcher",
     "ssh_config",
     "forward_env",
+    "cpu_allocator",  # where memory comes from, not what is computed
 }
 
 
@@ -252,6 +253,7 @@ def _run(
                 **summary.get("launch", {}),
                 "precision": summary.get("precision"),
                 "attention": summary.get("attention"),
+                "allocator": summary.get("allocator"),
                 "gradient_checkpointing": summary.get("gradient_checkpointing"),
                 "torch_compile": summary.get("torch_compile"),
                 "zero_stage": config.training.deepspeed.zero_stage if launch.uses_zero else None,

@@ -202,6 +202,19 @@ def _strategy_trainer():
                 return None
             return super()._run_epoch(*args, **kwargs)
 
+        def _clip_grad_norm(self, model):
+            from accelerate.utils import DistributedType
+
+            from domaintune.training.clipping import clip_grad_norm
+
+            plain = (
+                self.accelerator.distributed_type == DistributedType.NO
+                and self.accelerator.scaler is None  # fp16 unscales its gradients first
+            )
+            if not plain:
+                return super()._clip_grad_norm(model)
+            return clip_grad_norm(model.parameters(), self.args.max_grad_norm)
+
         def create_optimizer(self, model=None):
             if self.optimizer is None:
                 groups, self.group_report = param_groups(
@@ -225,9 +238,10 @@ def _per_rank(info: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _rank_info(model: Any, optimizer: Any) -> dict[str, Any]:
+def _rank_info(model: Any, optimizer: Any, allocator: str | None) -> dict[str, Any]:
     """Where this rank ran and what it held: under ZeRO-3 its own partition of the
-    parameters, under ZeRO-1/2/3 its partition of the optimizer state."""
+    parameters, under ZeRO-1/2/3 its partition of the optimizer state; on CPU, the memory
+    allocator it ran with."""
     import socket
 
     from domaintune.training import strategies
@@ -245,6 +259,7 @@ def _rank_info(model: Any, optimizer: Any) -> dict[str, Any]:
         # the address this host was reached at over SSH (multi-node launches)
         "ssh_address": ssh[2] if len(ssh) == 4 else None,
         "pid": os.getpid(),
+        "allocator": allocator,
         "parameter_elements": held,
         "optimizer_state_elements": strategies.optimizer_state_elements(optimizer),
     }
@@ -278,6 +293,12 @@ def run(spec: dict[str, Any]) -> None:
     task = get_task_type(spec["task_type"])
     labels = spec["labels"]
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"], use_fast=True)
+    if spec.get("launch", {}).get("device") == "cpu" and _rank() == 0:
+        from domaintune.training.allocator import describe as describe_allocator
+
+        logging.getLogger(__name__).info(
+            "memory allocator: %s", describe_allocator(training.cpu_allocator)
+        )
     model = prepare_model(spec, training)
     # before DeepSpeed initialises: what trains is decided here, once
     model, report = strategies.apply_strategy(model, training.strategy, spec["task_type"])
@@ -389,7 +410,11 @@ def run(spec: dict[str, Any]) -> None:
     trained_steps = trainer.state.global_step - seen.get("start_step", 0)
     tokens = trainer.state.num_input_tokens_seen - seen.get("tokens_at_start", 0)
     optimizer_params = sum(g["parameters"] for g in trainer.group_report)
-    ranks = _per_rank(_rank_info(trainer.model, trainer.optimizer))
+    from domaintune.training.allocator import describe as describe_allocator
+
+    cpu = spec.get("launch", {}).get("device") == "cpu"
+    allocator = describe_allocator(training.cpu_allocator) if cpu else None
+    ranks = _per_rank(_rank_info(trainer.model, trainer.optimizer, allocator))
     counts = [r["optimizer_state_elements"] for r in ranks]
     state_elements = None if None in counts else sum(counts)
     stopper = _early_stopper(trainer)
@@ -433,6 +458,7 @@ def run(spec: dict[str, Any]) -> None:
             "launch": launch,
             "precision": "bf16" if spec["bf16"] else "fp16" if spec["fp16"] else "fp32",
             "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
+            "allocator": allocator,
             "gradient_checkpointing": training.gradient_checkpointing,
             "torch_compile": training.torch_compile,
             # what the saved model must hold: the parent checks the files against it
@@ -541,8 +567,23 @@ def exit_without_finalizing(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _restart_with_allocator(argv: list[str]) -> None:
+    """A CPU rank re-executes itself with TCMalloc preloaded (``training.cpu_allocator``;
+    domaintune.training.allocator), before it imports anything heavy."""
+    from domaintune.training.allocator import restart_with_tcmalloc
+
+    try:
+        spec = json.loads(Path(argv[argv.index("--spec") + 1]).read_text())
+    except (ValueError, IndexError, OSError):  # main() reports a bad command line
+        return
+    if spec.get("launch", {}).get("device") == "cpu":
+        choice = spec.get("training", {}).get("cpu_allocator", "auto")
+        restart_with_tcmalloc(choice, "domaintune.training.worker", argv)
+
+
 def entry(argv: list[str] | None = None) -> NoReturn:
     try:
+        _restart_with_allocator(sys.argv[1:] if argv is None else argv)
         code = main(argv)
     except SystemExit as exc:  # argparse
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)

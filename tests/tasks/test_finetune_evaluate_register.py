@@ -13,6 +13,7 @@ from domaintune.tasks.finetune import finetune
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.register import register
+from domaintune.training.allocator import find_tcmalloc
 from tests.conftest import write_csv
 
 pytestmark = pytest.mark.slow
@@ -39,6 +40,10 @@ def test_early_stopping_and_a_model_that_is_not_better_is_not_promoted(tmp_path,
     )
     summary = json.loads((Path(model.model_dir) / "training_summary.json").read_text())
     assert summary["global_step"] < 6 * steps_per_epoch
+    # a CPU rank trains with TCMalloc where it is installed, and says which allocator it had
+    expected = "tcmalloc (" if find_tcmalloc() else "system malloc (TCMalloc not found"
+    assert summary["allocator"].startswith(expected)
+    assert model.launch["allocator"] == summary["allocator"]
     evaluation = evaluate(cfg, splits, model, store)
     assert set(evaluation.finetuned["per_class"]) == {"negative", "neutral", "positive"}
     assert sum(map(sum, evaluation.finetuned["confusion_matrix"]["matrix"])) == evaluation.test_rows

@@ -1,5 +1,6 @@
-"""The CPU training kernels: dropout with cheaper masks, attention with that dropout, and
-the fp32 attention kernel under bf16 (domaintune.training.dropout / .attention)."""
+"""The CPU training kernels: dropout with cheaper masks, attention with that dropout, the
+fp32 attention kernel under bf16, and gradient clipping that skips the no-op multiply
+(domaintune.training.dropout / .attention / .clipping)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import pytest
 import torch
 
 from domaintune.training.attention import CPU_ATTENTION, _cpu_attention
-from domaintune.training.dropout import CpuDropout, drop_mask, dropout, use_cpu_dropout
+from domaintune.training.clipping import clip_grad_norm
+from domaintune.training.dropout import CpuDropout, dropout, keep_mask, use_cpu_dropout
+
+
+def drop_mask(shape, p):
+    """(True where keep_mask drops, the scale)"""
+    keep, scale = keep_mask(shape, p)
+    assert keep.dtype == torch.uint8 and int(keep.max()) <= 1
+    return keep == 0, scale
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -181,3 +190,35 @@ def test_padding_is_masked_with_the_cpu_attention(precision):
     # the control: attending to the six padding tokens changes the states by far more
     assert (attended.float() - alone.float()).abs().max() > 0.1
     assert error < (1e-5 if precision == "fp32" else 0.02)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1.0, 1e6, "nan"])
+def test_clipping_gives_torchs_gradients_bit_for_bit(max_norm):
+    """Clipping (1e-3), at the edge (1.0 on a norm near 1), nothing to clip (1e6), and a
+    non-finite gradient: the same gradients and norm as torch.nn.utils.clip_grad_norm_."""
+    torch.manual_seed(3)
+    shapes = [(64, 32), (32,), (7, 5, 3), (1,)]
+    grads = [torch.randn(s) for s in shapes]
+    scale = 1 / torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    grads = [g * scale for g in grads]  # total norm ~1
+    if max_norm == "nan":
+        grads[1][3] = float("nan")
+        max_norm = 1.0
+    ours = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for a, b, g in zip(ours, theirs, grads, strict=True):
+        a.grad, b.grad = g.clone(), g.clone()
+    frozen = torch.nn.Parameter(torch.zeros(3))  # no gradient: skipped by both
+    norm = clip_grad_norm([*ours, frozen], max_norm)
+    expected = torch.nn.utils.clip_grad_norm_([*theirs, frozen], max_norm)
+    assert torch.equal(norm, expected) or (norm.isnan() and expected.isnan())
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num())
+        assert torch.equal(a.grad.isnan(), b.grad.isnan())
+
+
+def test_a_dropped_nan_stays_nan_as_with_torchs_dropout():
+    """A diverged activation is not hidden by the mask (PyTorch's CPU dropout multiplies)."""
+    x = torch.full((64, 64), float("nan"))
+    y = dropout(x, 0.5)
+    assert torch.isnan(y).all()
