@@ -3,14 +3,18 @@
 ``plan_launch`` turns the training config and what this machine has into a ``LaunchPlan``:
 the hosts and ranks per host, the world size, precision, and the gradient accumulation that
 keeps ``training.global_batch_size`` the same whatever the world size. ``LaunchPlan.command``
-is the DeepSpeed launcher command line (``deepspeed.launcher.runner``): locally it starts one
-process per GPU (or ``cpu_processes`` gloo ranks on a machine without a GPU); with a hostfile
-and ``num_nodes > 1`` it reaches the other hosts through pdsh / MPI / Slurm, running the same
-module with the same spec file, which must therefore lie on a filesystem every host sees.
+is the DeepSpeed launcher command line: on one host its per-node launcher
+(``deepspeed.launcher.launch``), which starts one process per GPU (or ``cpu_processes`` gloo
+ranks on a machine without a GPU); with a hostfile and ``num_nodes > 1`` its runner
+(``deepspeed.launcher.runner``), which reaches the other hosts through pdsh / MPI / Slurm,
+running the same module with the same spec file, which must therefore lie on a filesystem
+every host sees.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import socket
@@ -93,21 +97,33 @@ class LaunchPlan:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
     def command(self, spec_path: Path | str) -> list[str]:
+        worker = ["domaintune.training.worker", "--spec", str(spec_path)]
+        if not (self.hostfile and (self.multi_node or not _is_local(self.hosts[0][0]))):
+            # one local host: DeepSpeed's per-node launcher directly, with the world its
+            # runner would compute ({"localhost": [0 .. ranks-1]}); the runner's only work on
+            # one host is to import DeepSpeed (~1.5 s on 2 cores) and start this command
+            world = {"localhost": list(range(self.ranks_per_node_arg or self.hosts[0][1]))}
+            encoded = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
+            return [
+                sys.executable, "-u", "-m", "deepspeed.launcher.launch",
+                f"--world_info={encoded}",
+                f"--master_addr={self.master_addr}",
+                f"--master_port={self.master_port}",
+                "--module", "--no_local_rank", "--log_level=info",
+                *worker,
+            ]  # fmt: skip
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
-        if self.hostfile and (self.multi_node or not _is_local(self.hosts[0][0])):
-            cmd += ["--hostfile", self.hostfile, "--num_nodes", str(self.num_nodes)]
-            cmd += ["--launcher", self.launcher]
-            if self.launcher in _SSH_LAUNCHERS:
-                cmd += ["--no_ssh_check"]  # check_hosts did it, with errors that say what failed
-        # one local host: started directly (the runner would first try ssh to localhost)
+        cmd += ["--hostfile", self.hostfile, "--num_nodes", str(self.num_nodes)]
+        cmd += ["--launcher", self.launcher]
+        if self.launcher in _SSH_LAUNCHERS:
+            cmd += ["--no_ssh_check"]  # check_hosts did it, with errors that say what failed
         if self.ranks_per_node_arg is not None:
             cmd += ["--num_gpus", str(self.ranks_per_node_arg)]
         cmd += [
             "--master_addr", self.master_addr,
             "--master_port", str(self.master_port),
             "--no_local_rank",
-            "--module", "domaintune.training.worker",
-            "--spec", str(spec_path),
+            "--module", *worker,
         ]  # fmt: skip
         return cmd
 

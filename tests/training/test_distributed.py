@@ -49,9 +49,19 @@ def test_cpu_defaults_to_one_rank_on_localhost_in_fp32_without_bf16_hardware():
         "fp32: this CPU has no bf16 instructions (AMX, AVX512-BF16 or Arm BF16)"
     )
     cmd = plan.command("/x/spec.json")
-    assert cmd[cmd.index("--num_gpus") + 1] == "1"
-    assert cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
+    # one host: DeepSpeed's per-node launcher, with the world its runner would have given it
+    assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]
+    assert _world_info(cmd) == {"localhost": [0]}
+    assert "--master_addr=127.0.0.1" in cmd
     assert "--hostfile" not in cmd and cmd[-2:] == ["--spec", "/x/spec.json"]
+
+
+def _world_info(cmd: list[str]) -> dict:
+    import base64
+    import json
+
+    (arg,) = [a for a in cmd if a.startswith("--world_info=")]
+    return json.loads(base64.urlsafe_b64decode(arg.split("=", 1)[1]))
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 4, 8])
@@ -192,7 +202,9 @@ def test_a_hostfile_of_this_host_alone_starts_ranks_directly(tmp_path):
     hostfile.write_text("localhost slots=4\n")
     plan = _plan(cpu_processes=2, hostfile=str(hostfile))
     assert plan.hosts == [("localhost", 2)] and not plan.multi_node
-    assert "--hostfile" not in plan.command("/s.json")  # no ssh to localhost
+    cmd = plan.command("/s.json")
+    assert "--hostfile" not in cmd  # no ssh to localhost
+    assert _world_info(cmd) == {"localhost": [0, 1]}
 
 
 def test_hostfiles_are_read_by_deepspeeds_parser_with_errors_naming_file_and_line(tmp_path):
