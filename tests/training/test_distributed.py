@@ -29,6 +29,7 @@ from domaintune.training.launch import (
     write_deepspeed_env,
 )
 from tests.conftest import write_csv
+from tests.services import free_port
 
 # ------------------------------------------------------------------ launch plan (fast)
 
@@ -412,13 +413,15 @@ def test_two_cpu_ranks_train_and_save_a_model_plain_transformers_loads(
         hostfile = tmp_path / "hostfile"
         hostfile.write_text("localhost slots=2\n")
         extra = {"hostfile": str(hostfile), "gradient_checkpointing": True}
-    cfg = _two_rank_config(make_config, tmp_path, rows, zero, **extra)
+    # rank 0's port names this launch's shared-memory buffers (other tests may be launching
+    # at the same time)
+    port = free_port()
+    cfg = _two_rank_config(make_config, tmp_path, rows, zero, master_port=port, **extra)
     store = Store(cfg.store.root)
     splits = preprocess(cfg, ingest(cfg, store), store)
-    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     model = finetune_stage.finetune(cfg, splits, store)
     # DeepSpeed's CPU all-reduce buffers (66 MB a rank) do not outlive the run
-    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
 
     assert model.launch["world_size"] == 2 and model.launch["gradient_accumulation_steps"] == 2
     assert model.launch["global_batch_size"] == 16 and model.launch["zero_stage"] == zero
