@@ -4,6 +4,7 @@
     domaintune validate CONFIG.yaml [--set key.path=value ...] [--json]
     domaintune models list [NAME] | show NAME VERSION | promote NAME VERSION | rollback NAME
         [--store ROOT | --config CONFIG.yaml] [--json]
+    domaintune predict MODEL INPUT... [--out FILE] [--store ROOT | --config CONFIG.yaml] [--json]
 
 Exit codes: 0 success, 1 the run failed, 2 bad config or bad data (nothing trained).
 """
@@ -81,6 +82,23 @@ def _parser() -> argparse.ArgumentParser:
         a.add_argument("-v", "--verbose", action="store_true")
         if action in ("promote", "rollback"):
             a.add_argument("--reason", default=f"manual {action} (domaintune models {action})")
+    pr = sub.add_parser(
+        "predict",
+        help="batch predictions with a registered model (NAME@production, NAME@latest, "
+        "NAME@vNNNN) or a model folder",
+    )
+    pr.add_argument("model", help="NAME@production | NAME@latest | NAME@vNNNN | a model folder")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="files, globs or fsspec URLs")
+    pr.add_argument(
+        "--out", help="write here (.parquet, .csv or .jsonl); default: JSON Lines on stdout"
+    )
+    where = pr.add_mutually_exclusive_group()
+    where.add_argument("--store", help="store root of the registry (default ./.domaintune)")
+    where.add_argument("--config", help="take the store from this config")
+    pr.add_argument("--text-column", help="the input's text column (default: the model's)")
+    pr.add_argument("--batch-size", type=int, help="rows per batch (default: the model's)")
+    pr.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
+    pr.add_argument("-v", "--verbose", action="store_true")
     d = sub.add_parser("data", help="land new data for a domain")
     dsub = d.add_subparsers(dest="action", required=True)
     add = dsub.add_parser(
@@ -151,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     if args.command == "models":
         return _models(args)
+    if args.command == "predict":
+        return _predict(args)
     if args.command == "data":
         return _data_add(args)
     if args.command == "watch":
@@ -251,6 +271,48 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     return _fail(
         args, exc, code, {"run_id": run_id, "stages": stages, "promoted": False, "seconds": seconds}
     )
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from domaintune.errors import StoreError
+    from domaintune.predict import predict
+    from domaintune.store import Store
+
+    if args.json and not args.out:
+        return _fail(args, DomainTuneError("--json needs --out (stdout carries the summary)"), 2)
+    try:
+        if args.config:
+            from domaintune.config import load_config
+
+            store = Store.of(load_config(args.config))
+        else:
+            store = Store(args.store or "./.domaintune")
+        summary = predict(
+            args.model,
+            args.inputs,
+            out=args.out,
+            store=store,
+            text_column=args.text_column,
+            batch_size=args.batch_size,
+        )
+    except (DomainTuneError, StoreError) as exc:
+        return _fail(args, exc, 2)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for note in summary["notes"]:
+            log.info("predict: %s", note)
+        counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
+        log.info(
+            "predict: %d rows with %s%s in %.1f s: %s%s",
+            summary["rows"],
+            summary["model"],
+            f" ({summary['version']})" if summary["version"] else "",
+            summary["seconds"],
+            counts,
+            f" -> {summary['out']}" if summary["out"] else "",
+        )
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -1,0 +1,371 @@
+"""Batch predictions with a registered (or any fine-tuned) model: ``domaintune predict``.
+
+    domaintune predict NAME@production data/*.csv --out predictions.parquet
+    domaintune predict NAME@v0003 s3://bucket/new/*.jsonl --config configs/x.yaml --json
+    domaintune predict path/to/model/folder reviews.txt
+
+MODEL is a registry reference, ``NAME@production``, ``NAME@latest`` or ``NAME@vNNNN``, resolved
+in the store of ``--store`` / ``--config`` (default ``./.domaintune``), or a model folder (a
+registry version folder, its ``model/`` folder, or a finetune entry). INPUT goes through the
+readers of the ingest stage (paths, globs, fsspec URLs; CSV / JSONL / Parquet / text / CoNLL by
+suffix; encoding detection; records that do not parse are left out and counted) and needs no
+label column. The output keeps every input column (as the readers read it: CSV values as text) and adds the task type's predictions;
+its format follows the suffix of ``--out`` (``.parquet``, ``.csv``, ``.jsonl``), JSON Lines on
+stdout without one. Rows are scored in batches of similar length, in the precision the model
+trained in on this machine's kind (bf16 where the CPU has it).
+
+Task types so far: ``text_classification`` (label, confidence, one probability per class).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from domaintune.errors import ConfigError, DataError, DomainTuneError
+
+log = logging.getLogger(__name__)
+
+_REFERENCE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)@(?P<version>[A-Za-z0-9._-]+)$")
+#: where the architecture of a plain model folder says which task type it was trained for
+_HEADS = {
+    "ForSequenceClassification": "text_classification",
+    "ForTokenClassification": "token_classification",
+    "ForQuestionAnswering": "question_answering",
+    "ForCausalLM": "causal_lm",
+}
+SUPPORTED = ("text_classification",)
+
+
+class PredictError(DomainTuneError):
+    """A model reference, input or output that predict cannot use (one line, exit 2)."""
+
+
+@dataclass
+class PredictModel:
+    """The model a reference resolved to, and what predicting with it needs."""
+
+    reference: str
+    model_dir: Path
+    task_type: str
+    labels: list[str]
+    text_column: str = "text"
+    max_length: int = 256
+    batch_size: int = 64
+    version: str | None = None
+    config: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        where = f" = {self.version}" if self.version and self.version not in self.reference else ""
+        return f"{self.reference}{where} ({self.task_type}, {self.model_dir})"
+
+
+def resolve(reference: str, store: Any = None) -> PredictModel:
+    """The model of ``reference``: ``NAME@production|latest|vNNNN`` in ``store`` (a Store;
+    default ``./.domaintune``), or a folder."""
+    match = _REFERENCE.match(reference)
+    if match and not Path(reference).exists():
+        return _from_registry(match["name"], match["version"], reference, store)
+    folder = Path(reference)
+    if not folder.is_dir():
+        raise PredictError(
+            f"{reference}: not a model folder and not a registry reference; rule: MODEL is "
+            "NAME@production, NAME@latest, NAME@vNNNN or a folder holding a fine-tuned model"
+        )
+    return _from_folder(folder, reference)
+
+
+def _from_registry(name: str, version: str, reference: str, store: Any) -> PredictModel:
+    from domaintune.registry import Registry, use_cases
+    from domaintune.store import Store
+
+    store = store if store is not None else Store(".domaintune")
+    state = Registry(store, name).state()
+    if not state.versions:
+        known = use_cases(store)
+        raise PredictError(
+            f"{reference}: no use case {name!r} in the registry of {store.url_of()} "
+            f"(registered: {', '.join(known) if known else 'none'})"
+        )
+    chosen = {"production": state.production, "latest": state.latest}.get(version, version)
+    if chosen is None:
+        raise PredictError(
+            f"{reference}: no version of {name!r} is in production (versions: "
+            f"{', '.join(state.versions)}; promote one with `domaintune models promote`)"
+        )
+    if chosen not in state.versions:
+        raise PredictError(
+            f"{reference}: {name!r} has no version {version!r} (versions: "
+            f"{', '.join(state.versions)}; or @production, @latest)"
+        )
+    folder = Registry(store, name).version_dir(chosen)
+    model = _from_folder(folder, reference)
+    model.version = chosen
+    return model
+
+
+def _from_folder(folder: Path, reference: str) -> PredictModel:
+    """A registry version folder (config.yaml + model/), a model folder inside one, a
+    finetune entry, or a bare Hugging Face model folder with a task head."""
+    from domaintune.config import RetrainConfig
+
+    model_dir = folder / "model" if (folder / "model" / "config.json").is_file() else folder
+    if not (model_dir / "config.json").is_file():
+        raise PredictError(f"{reference}: {model_dir} holds no model (no config.json)")
+    config = None
+    for candidate in (model_dir.parent / "config.yaml", model_dir / "config.yaml"):
+        if candidate.is_file():
+            import yaml
+
+            config = RetrainConfig.model_validate(yaml.safe_load(candidate.read_text()))
+            break
+    hf = json.loads((model_dir / "config.json").read_text())
+    if config is not None:
+        task_type = config.task.type
+    else:
+        arch = " ".join(hf.get("architectures") or [])
+        task_type = next((t for k, t in _HEADS.items() if k in arch), None)
+        if task_type is None:
+            raise PredictError(
+                f"{reference}: cannot tell the task type of {model_dir} (architectures: "
+                f"{arch or 'none'}); predict from a registry version, which records it"
+            )
+    id2label = hf.get("id2label") or {}
+    labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else []
+    model = PredictModel(reference, model_dir, task_type, labels, config=config)
+    if config is not None:
+        model.text_column = config.data.text_column
+        model.max_length = config.training.max_length
+        model.batch_size = config.evaluation.batch_size
+    return model
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def read_inputs(
+    specs: list[str], text_column: str, storage_options: dict[str, Any] | None = None
+) -> tuple[pd.DataFrame, list[str]]:
+    """Every input row (columns as read, plus ``_source`` and ``_row``) and notes; the text
+    column is checked in each file."""
+    from domaintune.redaction import redact
+    from domaintune.sources import infer_format, read_file, resolve_sources
+
+    try:
+        files = resolve_sources(specs, field="INPUT", storage_options=storage_options)
+        fmt = infer_format(files, None)
+    except (ConfigError, DataError) as exc:
+        raise PredictError(str(exc).replace("data.format: ", "INPUT: ")) from exc
+    tables, notes, unparsed = [], [], []
+    for f in files:
+        held = len(unparsed)
+        df, encoding = read_file(f, fmt, "auto", None, unparsed)
+        column = text_column if fmt not in ("text", "conll") else "text"
+        if fmt == "conll" and "tokens" in df.columns:
+            df["text"] = df["tokens"].map(" ".join)
+        if column not in df.columns:
+            raise PredictError(
+                f"{redact(f.url)}: no text column {column!r} (columns: "
+                f"{', '.join(str(c) for c in df.columns if not str(c).startswith('_'))}); "
+                "rule: the column the model was trained on (data.text_column), or "
+                "--text-column"
+            )
+        df["_source"] = redact(f.url)
+        if encoding and encoding != "utf-8":
+            notes.append(f"{redact(f.url)}: decoded as {encoding}")
+        if len(unparsed) > held:
+            notes.append(
+                f"{redact(f.url)}: {len(unparsed) - held} record(s) did not parse and were "
+                f"left out (first: record {unparsed[held]['_row']}: "
+                f"{unparsed[held]['_reasons'].removeprefix('parse: ')})"
+            )
+        tables.append(df)
+    table = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+    return table, notes
+
+
+# ------------------------------------------------------------------------- predicting
+
+
+def predict_table(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.DataFrame:
+    """``table`` with the predictions of ``model`` added (rows in their input order)."""
+    if model.task_type not in SUPPORTED:
+        raise PredictError(
+            f"{model.reference}: predict does not support task type {model.task_type!r} yet "
+            f"(supported: {', '.join(SUPPORTED)})"
+        )
+    texts = table[text_column].fillna("").astype(str).tolist()
+    logits = _classification_logits(model, texts)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    labels = model.labels or [str(i) for i in range(probs.shape[1])]
+    out = table.copy()
+    out["predicted"] = [labels[i] for i in probs.argmax(-1)]
+    out["confidence"] = probs.max(-1)
+    for i, label in enumerate(labels):
+        out[f"prob_{label}"] = probs[:, i]
+    return out
+
+
+def _classification_logits(model: PredictModel, texts: list[str]) -> np.ndarray:
+    """Logits of every text, loaded and scored as the evaluate stage scores a model: the
+    task type's loader (a custom head restored), the CPU attention function, the training's
+    precision on this machine (so predictions on the test split are the evaluation's)."""
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from domaintune.config import TrainingConfig
+    from domaintune.tasks.evaluate import autocast_for
+    from domaintune.tasktypes import get_task_type
+    from domaintune.training.attention import CPU_ATTENTION, attention_implementation
+    from domaintune.training.launch import inference_precision
+
+    hf_logging.set_verbosity_error()
+    training = model.config.training if model.config is not None else TrainingConfig()
+    trust = bool(model.config.model.trust_remote_code) if model.config is not None else False
+    precision = inference_precision(training)[0]
+    attention = attention_implementation(training.attention, precision, str(model.model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model.model_dir, use_fast=True)
+    net = get_task_type(model.task_type).load_model(
+        str(model.model_dir),
+        model.labels,
+        training.seed,
+        trust,
+        **({"attn_implementation": attention} if attention == CPU_ATTENTION else {}),
+    )
+    net.eval()
+    model.notes.append(f"scored in {precision}")
+    enc = tokenizer(texts, truncation=True, max_length=model.max_length)
+    order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
+    out = np.zeros((len(texts), net.config.num_labels), dtype=np.float32)
+    progress = _Progress(len(texts))
+    with torch.inference_mode(), autocast_for(net, precision):
+        for start in range(0, len(order), model.batch_size):
+            idx = order[start : start + model.batch_size]
+            batch = tokenizer.pad(
+                {k: [enc[k][i] for i in idx] for k in enc.keys()},
+                pad_to_multiple_of=8,  # as the training and evaluation collator pads
+                return_tensors="pt",
+            )
+            out[idx] = net(**batch).logits.float().numpy()
+            progress.advance(len(idx))
+    progress.close()
+    return out
+
+
+class _Progress:
+    """A progress bar on a terminal, a plain line every 10% (and at the end) otherwise."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.time()
+        self.bar = None
+        self.next_line = 0.1
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="rows", desc="predict", file=sys.stderr)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.total and self.done / self.total >= self.next_line:
+            log.info(
+                "predict: %d of %d rows (%.0f%%), %.1f s",
+                self.done,
+                self.total,
+                100 * self.done / self.total,
+                time.time() - self.t0,
+            )
+            while self.next_line <= self.done / self.total:
+                self.next_line += 0.1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------- output
+
+_WRITERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
+
+
+def output_format(out: str | None) -> str:
+    """The format of ``--out`` from its suffix (JSON Lines on stdout without one)."""
+    if out is None:
+        return "jsonl"
+    suffix = Path(out).suffix.lower()
+    if suffix not in _WRITERS:
+        raise PredictError(
+            f"--out {out}: unknown output format {suffix or '(no suffix)'!r}; rule: end the "
+            f"file name in {', '.join(_WRITERS)}"
+        )
+    return _WRITERS[suffix]
+
+
+def write_output(table: pd.DataFrame, out: str | None) -> None:
+    fmt = output_format(out)
+    if out is None:
+        table.to_json(sys.stdout, orient="records", lines=True, force_ascii=False)
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    if fmt == "parquet":
+        table.to_parquet(tmp, index=False)
+    elif fmt == "csv":
+        table.to_csv(tmp, index=False)
+    else:
+        table.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    tmp.replace(path)  # a reader never sees half a file
+
+
+def predict(
+    reference: str,
+    inputs: list[str],
+    out: str | None = None,
+    store: Any = None,
+    text_column: str | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Resolve, read, predict and write; returns a summary (model, version, rows, counts)."""
+    output_format(out)  # a bad --out fails before any work
+    model = resolve(reference, store)
+    if model.task_type not in SUPPORTED:
+        raise PredictError(
+            f"{reference}: predict does not support task type {model.task_type!r} yet "
+            f"(supported: {', '.join(SUPPORTED)})"
+        )
+    if batch_size:
+        model.batch_size = batch_size
+    column = text_column or model.text_column
+    table, notes = read_inputs(inputs, column)
+    column = column if column in table.columns else "text"
+    log.info("predict: %d rows with %s", len(table), model.describe())
+    t0 = time.time()
+    result = predict_table(model, table, column)
+    seconds = time.time() - t0
+    write_output(result, out)
+    counts = result["predicted"].value_counts().to_dict()
+    return {
+        "model": model.reference,
+        "version": model.version,
+        "model_dir": str(model.model_dir),
+        "task_type": model.task_type,
+        "rows": len(result),
+        "out": out,
+        "counts": {str(k): int(v) for k, v in counts.items()},
+        "seconds": round(seconds, 2),
+        "notes": notes + model.notes,
+    }
