@@ -14,7 +14,9 @@ its format follows the suffix of ``--out`` (``.parquet``, ``.csv``, ``.jsonl``),
 stdout without one. Rows are scored in batches of similar length, in the precision the model
 trained in on this machine's kind (bf16 where the CPU has it).
 
-Task types so far: ``text_classification`` (label, confidence, one probability per class).
+Task types so far: ``text_classification`` (``predicted``, ``confidence``, ``prob_<label>`` per
+class) and ``token_classification`` (``entities``: type, character ``start`` / ``end``, ``text``
+and ``score`` each; ``entity_count``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ _HEADS = {
     "ForQuestionAnswering": "question_answering",
     "ForCausalLM": "causal_lm",
 }
-SUPPORTED = ("text_classification",)
 
 
 class PredictError(DomainTuneError):
@@ -204,29 +205,17 @@ def predict_table(model: PredictModel, table: pd.DataFrame, text_column: str) ->
             f"{model.reference}: predict does not support task type {model.task_type!r} yet "
             f"(supported: {', '.join(SUPPORTED)})"
         )
-    texts = table[text_column].fillna("").astype(str).tolist()
-    logits = _classification_logits(model, texts)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    labels = model.labels or [str(i) for i in range(probs.shape[1])]
-    out = table.copy()
-    out["predicted"] = [labels[i] for i in probs.argmax(-1)]
-    out["confidence"] = probs.max(-1)
-    for i, label in enumerate(labels):
-        out[f"prob_{label}"] = probs[:, i]
-    return out
+    return SUPPORTED[model.task_type](model, table, text_column)
 
 
-def _classification_logits(model: PredictModel, texts: list[str]) -> np.ndarray:
-    """Logits of every text, loaded and scored as the evaluate stage scores a model: the
+def _load(model: PredictModel) -> tuple[Any, Any, str]:
+    """(tokenizer, model, precision), loaded as the evaluate stage loads a model to score: the
     task type's loader (a custom head restored), the CPU attention function, the training's
     precision on this machine (so predictions on the test split are the evaluation's)."""
-    import torch
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from domaintune.config import TrainingConfig
-    from domaintune.tasks.evaluate import autocast_for
     from domaintune.tasktypes import get_task_type
     from domaintune.training.attention import CPU_ATTENTION, attention_implementation
     from domaintune.training.launch import inference_precision
@@ -246,21 +235,131 @@ def _classification_logits(model: PredictModel, texts: list[str]) -> np.ndarray:
     )
     net.eval()
     model.notes.append(f"scored in {precision}")
-    enc = tokenizer(texts, truncation=True, max_length=model.max_length)
+    return tokenizer, net, precision
+
+
+def _logits(model: PredictModel, net: Any, tokenizer: Any, precision: str, enc: Any) -> list:
+    """The logits of every encoded row (batches of similar length, rows in their order;
+    per-token logits cut back to each row's length)."""
+    import torch
+
+    from domaintune.tasks.evaluate import autocast_for
+
+    n = len(enc["input_ids"])
     order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
-    out = np.zeros((len(texts), net.config.num_labels), dtype=np.float32)
-    progress = _Progress(len(texts))
+    out: list[Any] = [None] * n
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    progress = _Progress(n)
     with torch.inference_mode(), autocast_for(net, precision):
-        for start in range(0, len(order), model.batch_size):
+        for start in range(0, n, model.batch_size):
             idx = order[start : start + model.batch_size]
             batch = tokenizer.pad(
-                {k: [enc[k][i] for i in idx] for k in enc.keys()},
+                {k: [enc[k][i] for i in idx] for k in keys},
                 pad_to_multiple_of=8,  # as the training and evaluation collator pads
                 return_tensors="pt",
             )
-            out[idx] = net(**batch).logits.float().numpy()
+            logits = net(**batch).logits.float().numpy()
+            for j, i in enumerate(idx):
+                row = logits[j]
+                out[i] = row[: len(enc["input_ids"][i])] if row.ndim == 2 else row
             progress.advance(len(idx))
     progress.close()
+    return out
+
+
+def _classify(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.DataFrame:
+    tokenizer, net, precision = _load(model)
+    texts = table[text_column].fillna("").astype(str).tolist()
+    enc = tokenizer(texts, truncation=True, max_length=model.max_length)
+    logits = np.stack(_logits(model, net, tokenizer, precision, enc))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    labels = model.labels or [str(i) for i in range(probs.shape[1])]
+    out = table.copy()
+    out["predicted"] = [labels[i] for i in probs.argmax(-1)]
+    out["confidence"] = probs.max(-1)
+    for i, label in enumerate(labels):
+        out[f"prob_{label}"] = probs[:, i]
+    return out
+
+
+def _words(tokenizer: Any, text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """The words of raw text as the tokenizer's own pre-tokenizer splits it (whitespace and
+    punctuation for BERT-like models: the CoNLL convention), with character offsets."""
+    pre = tokenizer.backend_tokenizer.pre_tokenizer
+    pieces = pre.pre_tokenize_str(text) if pre is not None else []
+    if not pieces:  # no pre-tokenizer: whitespace
+        pieces = [(m.group(), m.span()) for m in re.finditer(r"\S+", text)]
+    return [w for w, _ in pieces], [(int(a), int(b)) for _, (a, b) in pieces]
+
+
+def _entities(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.DataFrame:
+    """Entities with character spans (``start``/``end`` into the text), type and score (the
+    mean probability of the words' tags); CoNLL input (``tokens``) is scored as its words,
+    its text being the words joined by spaces."""
+    from domaintune.tasktypes.token_classification import spans, word_logits
+
+    tokenizer, net, precision = _load(model)
+    words_of, offsets_of, texts = [], [], []
+    conll = "tokens" in table.columns
+    for i in range(len(table)):
+        if conll:
+            words = [str(w) for w in table["tokens"].iloc[i]]
+            starts = np.cumsum([0] + [len(w) + 1 for w in words[:-1]]).tolist()
+            offsets = [(s, s + len(w)) for s, w in zip(starts, words, strict=True)]
+            text = " ".join(words)
+        else:
+            text = "" if pd.isna(table[text_column].iloc[i]) else str(table[text_column].iloc[i])
+            words, offsets = _words(tokenizer, text)
+        words_of.append(words)
+        offsets_of.append(offsets)
+        texts.append(text)
+    stride = model.config.task.stride if model.config is not None else 32
+    rows = [i for i, w in enumerate(words_of) if w]
+    enc = tokenizer(
+        [words_of[i] for i in rows],
+        is_split_into_words=True,
+        truncation=True,
+        max_length=model.max_length,
+        stride=min(stride, model.max_length // 2),
+        return_overflowing_tokens=True,
+    )
+    logits = _logits(model, net, tokenizer, precision, enc)
+    examples = [rows[s] for s in enc["overflow_to_sample_mapping"]]
+    word_ids = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(examples))]
+    best = word_logits(examples, word_ids, logits)
+    labels = model.labels
+    found: list[list[dict[str, Any]]] = []
+    for i, words in enumerate(words_of):
+        rows_logits = best.get(i, {})
+        tags, scores = [], []
+        for w in range(len(words)):
+            if w not in rows_logits:
+                tags.append("O")
+                scores.append(1.0)
+                continue
+            z = rows_logits[w] - rows_logits[w].max()
+            p = np.exp(z) / np.exp(z).sum()
+            tags.append(labels[int(p.argmax())])
+            scores.append(float(p.max()))
+        entities = []
+        for etype, first, last in spans(tags):
+            start, end = offsets_of[i][first][0], offsets_of[i][last][1]
+            entities.append(
+                {
+                    "type": etype,
+                    "start": int(start),
+                    "end": int(end),
+                    "text": texts[i][start:end],
+                    "score": float(np.mean(scores[first : last + 1])),
+                }
+            )
+        found.append(entities)
+    out = table.copy()
+    if conll:
+        out["text"] = texts
+    out["entities"] = found
+    out["entity_count"] = [len(e) for e in found]
     return out
 
 
@@ -314,6 +413,16 @@ def output_format(out: str | None) -> str:
     return _WRITERS[suffix]
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def write_output(table: pd.DataFrame, out: str | None) -> None:
     fmt = output_format(out)
     if out is None:
@@ -324,8 +433,14 @@ def write_output(table: pd.DataFrame, out: str | None) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     if fmt == "parquet":
         table.to_parquet(tmp, index=False)
-    elif fmt == "csv":
-        table.to_csv(tmp, index=False)
+    elif fmt == "csv":  # lists (entities, tokens) as JSON text in a cell
+        table.assign(
+            **{
+                c: table[c].map(lambda v: json.dumps(_plain(v), ensure_ascii=False))
+                for c in table.columns
+                if table[c].map(lambda v: isinstance(v, list | dict | np.ndarray)).any()
+            }
+        ).to_csv(tmp, index=False)
     else:
         table.to_json(tmp, orient="records", lines=True, force_ascii=False)
     tmp.replace(path)  # a reader never sees half a file
@@ -357,7 +472,14 @@ def predict(
     result = predict_table(model, table, column)
     seconds = time.time() - t0
     write_output(result, out)
-    counts = result["predicted"].value_counts().to_dict()
+    if "predicted" in result.columns:
+        counts = result["predicted"].value_counts().to_dict()
+    else:  # entities per type
+        counts = (
+            pd.Series([e["type"] for row in result["entities"] for e in row], dtype=object)
+            .value_counts()
+            .to_dict()
+        )
     return {
         "model": model.reference,
         "version": model.version,
@@ -369,3 +491,7 @@ def predict(
         "seconds": round(seconds, 2),
         "notes": notes + model.notes,
     }
+
+
+#: the task types predict serves, and how
+SUPPORTED = {"text_classification": _classify, "token_classification": _entities}

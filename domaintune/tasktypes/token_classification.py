@@ -57,6 +57,30 @@ def spans(tags: list[str]) -> list[tuple[str, int, int]]:
     return [tuple(s) for s in out]  # type: ignore[misc]
 
 
+def word_logits(
+    examples: Any, window_word_ids: Any, window_logits: Any
+) -> dict[int, dict[int, np.ndarray]]:
+    """example -> word -> the logits of the word's first sub-token, from the window (of the
+    overlapping windows a long sentence was cut into) where the word has the most context on
+    both sides. ``window_word_ids`` hold -1 for special tokens."""
+    best: dict[int, dict[int, tuple[int, np.ndarray]]] = {}
+    for example, wids, logits in zip(examples, window_word_ids, window_logits, strict=True):
+        wids = list(wids)
+        content = [p for p, w in enumerate(wids) if w >= 0]
+        if not content:
+            continue
+        lo, hi = content[0], content[-1]
+        words = best.setdefault(int(example), {})
+        prev = None
+        for p, w in enumerate(wids):
+            if w >= 0 and w != prev:
+                context = min(p - lo, hi - p)
+                if w not in words or context > words[w][0]:
+                    words[w] = (context, logits[p])
+            prev = w
+    return {e: {w: row for w, (_, row) in words.items()} for e, words in best.items()}
+
+
 def iob2_error(tags: list[str]) -> str:
     """'' when the tags are valid IOB2, else the first violation."""
     prev = "O"
@@ -268,29 +292,15 @@ class TokenClassification(TaskType):
             split_path,
             columns=["_example", "word_ids", "tokens", "tags", "text", "_row", "_source"],
         )
-        best: dict[int, dict[int, tuple[int, int]]] = {}  # example -> word -> (context, label id)
-        for example, wids, window_logits in zip(
-            windows["_example"], windows["word_ids"], logits, strict=True
-        ):
-            wids = list(wids)
-            content = [p for p, w in enumerate(wids) if w >= 0]
-            if not content:
-                continue
-            lo, hi = content[0], content[-1]
-            words = best.setdefault(int(example), {})
-            prev = None
-            for p, w in enumerate(wids):
-                if w >= 0 and w != prev:
-                    context = min(p - lo, hi - p)
-                    if w not in words or context > words[w][0]:
-                        words[w] = (context, int(window_logits[p].argmax()))
-                prev = w
+        best = word_logits(windows["_example"], windows["word_ids"], logits)
         examples = windows.drop_duplicates("_example").sort_values("_example")
         preds, refs = [], []
         for example, tags in zip(examples["_example"], examples["tags"], strict=True):
             words = best.get(int(example), {})
             refs.append(list(tags))
-            preds.append([labels[words[i][1]] if i in words else "O" for i in range(len(tags))])
+            preds.append(
+                [labels[int(words[i].argmax())] if i in words else "O" for i in range(len(tags))]
+            )
         metrics = self.compute_metrics(preds, refs, labels)
         table = examples[["text", "_row", "_source"]].copy()
         table["tags"] = [" ".join(r) for r in refs]

@@ -121,6 +121,37 @@ def test_ner_through_the_retrain_flow_reports_entity_f1_for_base_and_finetuned(
     assert set(metrics["finetuned"]["per_type"]) == {"PER", "ORG", "LOC"}
     assert "Per entity type" in open(m["report"]).read()
 
+    # predict from the registry on raw text: the entities are the evaluation's predicted
+    # tags, as character spans of the text
+    from domaintune.predict import predict
+
+    scored = pd.read_parquet(m["report"].replace("report.md", "predictions.parquet"))
+    write_jsonl(
+        tmp_path / "new.jsonl", [{"id": i, "text": t} for i, t in enumerate(scored["text"])]
+    )
+    out = tmp_path / "entities.parquet"
+    summary = predict("test-uc@latest", [str(tmp_path / "new.jsonl")], str(out),
+                      store=Store(cfg.store.root))  # fmt: skip
+    got = pd.read_parquet(out)
+    assert got["id"].tolist() == list(range(len(scored)))
+    for text, tags, entities in zip(
+        scored["text"], scored["predicted"], got["entities"], strict=True
+    ):
+        words = text.split(" ")
+        starts = [sum(len(w) + 1 for w in words[:k]) for k in range(len(words))]
+        expected = [
+            (etype, starts[a], starts[b] + len(words[b])) for etype, a, b in spans(tags.split())
+        ]
+        assert [(e["type"], e["start"], e["end"]) for e in entities] == expected
+        assert all(
+            text[e["start"] : e["end"]] == e["text"] and 0 < e["score"] <= 1 for e in entities
+        )
+    assert sum(summary["counts"].values()) == got["entity_count"].sum() > 0
+    predict("test-uc@latest", [str(tmp_path / "new.jsonl")], str(tmp_path / "e.csv"),
+            store=Store(cfg.store.root))  # fmt: skip
+    first = json.loads(pd.read_csv(tmp_path / "e.csv")["entities"].iloc[0])  # JSON in a cell
+    assert first == [dict(e) for e in got["entities"].iloc[0]]
+
 
 def test_predefined_splits_keep_the_official_test_set(tmp_path, make_config):
     sents = make_ner_sentences(60)
