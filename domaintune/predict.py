@@ -16,7 +16,8 @@ trained in on this machine's kind (bf16 where the CPU has it).
 
 Task types so far: ``text_classification`` (``predicted``, ``confidence``, ``prob_<label>`` per
 class) and ``token_classification`` (``entities``: type, character ``start`` / ``end``, ``text``
-and ``score`` each; ``entity_count``).
+and ``score`` each; ``entity_count``) and ``causal_lm`` (``perplexity_tokens`` scored and ``perplexity``
+per document).
 """
 
 from __future__ import annotations
@@ -474,6 +475,9 @@ def predict(
     write_output(result, out)
     if "predicted" in result.columns:
         counts = result["predicted"].value_counts().to_dict()
+    elif "perplexity" in result.columns:  # the corpus as a whole
+        tokens = int(result["perplexity_tokens"].sum())
+        counts = {"documents": len(result), "tokens": tokens}
     else:  # entities per type
         counts = (
             pd.Series([e["type"] for row in result["entities"] for e in row], dtype=object)
@@ -493,5 +497,61 @@ def predict(
     }
 
 
+def _perplexities(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.DataFrame:
+    """Per document: ``perplexity_tokens`` scored and ``perplexity`` = exp(mean negative log-likelihood).
+    A document (its tokens and end-of-sequence token, as training packs it) is cut into
+    blocks of ``training.max_length``; each block's first token has no context and is not
+    scored, as in the evaluation's packed blocks."""
+    import torch
+    import torch.nn.functional as F
+
+    from domaintune.tasks.evaluate import autocast_for
+
+    tokenizer, net, precision = _load(model)
+    texts = table[text_column].fillna("").astype(str).tolist()
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    blocks: list[tuple[int, list[int]]] = []  # (document, token ids)
+    for doc, doc_ids in enumerate(ids):
+        doc_ids = [*doc_ids, eos] if eos is not None else list(doc_ids)
+        for start in range(0, len(doc_ids), model.max_length):
+            block = doc_ids[start : start + model.max_length]
+            if len(block) > 1:
+                blocks.append((doc, block))
+    nll = np.zeros(len(texts))
+    scored = np.zeros(len(texts), dtype=np.int64)
+    order = np.argsort([len(b) for _, b in blocks], kind="stable")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    progress = _Progress(len(blocks))
+    with torch.inference_mode(), autocast_for(net, precision):
+        for start in range(0, len(order), model.batch_size):
+            chosen = [blocks[i] for i in order[start : start + model.batch_size]]
+            width = max(len(b) for _, b in chosen)
+            input_ids = torch.full((len(chosen), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chosen), width), dtype=torch.long)
+            for j, (_, b) in enumerate(chosen):
+                input_ids[j, : len(b)] = torch.tensor(b)
+                mask[j, : len(b)] = 1
+            logits = net(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+            target = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            losses = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none"
+            ).view(target.shape)
+            for j, (doc, _) in enumerate(chosen):
+                nll[doc] += float(losses[j].sum())
+                scored[doc] += int((target[j] != -100).sum())
+            progress.advance(len(chosen))
+    progress.close()
+    out = table.copy()
+    out["perplexity_tokens"] = scored
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["perplexity"] = np.where(scored > 0, np.exp(nll / np.maximum(scored, 1)), np.nan)
+    return out
+
+
 #: the task types predict serves, and how
-SUPPORTED = {"text_classification": _classify, "token_classification": _entities}
+SUPPORTED = {
+    "text_classification": _classify,
+    "token_classification": _entities,
+    "causal_lm": _perplexities,
+}

@@ -80,3 +80,32 @@ def test_causal_lm_flow_lowers_perplexity_and_promotes(
     assert m["primary_metric"] == "perplexity"
     assert m["finetuned"]["perplexity"] < m["base"]["perplexity"], m
     assert summary["promoted"], summary["promotion_reason"]
+
+    # predict from the registry: perplexity per document, what transformers' own loss gives
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domaintune.predict import predict
+    from domaintune.tasks.evaluate import autocast_for
+    from domaintune.training.launch import inference_precision
+
+    cfg = lm_config(make_config, src, tiny_causal_model)
+    short = "profit record gain for the company"
+    long = " ".join(["the market rose on strong growth"] * 40)  # several blocks of max_length
+    write_jsonl(tmp_path / "new.jsonl", [{"text": short}, {"text": long}])
+    out = tmp_path / "ppl.csv"
+    done = predict("test-uc@production", [str(tmp_path / "new.jsonl")], str(out),
+                   store=Store(cfg.store.root))  # fmt: skip
+    got = pd.read_csv(out)
+    model_dir = done["model_dir"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(short, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert got["perplexity_tokens"].iloc[0] == len(ids) - 1  # the first token has no context
+    n_long = len(tok(long, add_special_tokens=False)["input_ids"]) + 1
+    blocks = -(-n_long // cfg.training.max_length)
+    assert blocks > 1 and got["perplexity_tokens"].iloc[1] == n_long - blocks
+    net = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.inference_mode(), autocast_for(net, inference_precision(cfg.training)[0]):
+        loss = net(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.float()
+    assert got["perplexity"].iloc[0] == pytest.approx(float(torch.exp(loss)), rel=2e-2)
+    assert done["counts"] == {"documents": 2, "tokens": int(got["perplexity_tokens"].sum())}
