@@ -210,31 +210,19 @@ def predict_table(model: PredictModel, table: pd.DataFrame, text_column: str) ->
 
 
 def _load(model: PredictModel) -> tuple[Any, Any, str]:
-    """(tokenizer, model, precision), loaded as the evaluate stage loads a model to score: the
-    task type's loader (a custom head restored), the CPU attention function, the training's
-    precision on this machine (so predictions on the test split are the evaluation's)."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
+    """(tokenizer, model, precision), loaded as the evaluate stage loads a model to score, so
+    that predictions on the test split are the evaluation's."""
     from domaintune.config import TrainingConfig
-    from domaintune.tasktypes import get_task_type
-    from domaintune.training.attention import CPU_ATTENTION, attention_implementation
-    from domaintune.training.launch import inference_precision
+    from domaintune.tasks.evaluate import load_for_scoring
 
-    hf_logging.set_verbosity_error()
-    training = model.config.training if model.config is not None else TrainingConfig()
-    trust = bool(model.config.model.trust_remote_code) if model.config is not None else False
-    precision = inference_precision(training)[0]
-    attention = attention_implementation(training.attention, precision, str(model.model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(model.model_dir, use_fast=True)
-    net = get_task_type(model.task_type).load_model(
+    config = model.config
+    tokenizer, net, precision = load_for_scoring(
         str(model.model_dir),
+        model.task_type,
         model.labels,
-        training.seed,
-        trust,
-        **({"attn_implementation": attention} if attention == CPU_ATTENTION else {}),
+        config.training if config is not None else TrainingConfig(),
+        bool(config.model.trust_remote_code) if config is not None else False,
     )
-    net.eval()
     model.notes.append(f"scored in {precision}")
     return tokenizer, net, precision
 

@@ -87,30 +87,53 @@ def autocast_for(model: Any, precision: str) -> Iterator[None]:
         yield
 
 
+def load_for_scoring(
+    model_path: str,
+    task_type: str,
+    labels: list[str],
+    training: Any,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any, str]:
+    """(tokenizer, model in eval mode, precision): a model loaded to be scored, the one way
+    every scoring does it (this stage, the base model, the champion, ``domaintune predict``):
+    the task type's loader (a new head from ``training.seed``, a custom head restored), the
+    CPU attention function (see domaintune.training.attention; on GPUs as before) and the
+    training's precision on this machine."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
+    tok = AutoTokenizer.from_pretrained(model_path, use_fast=True)
+    precision = inference_precision(training)[0]
+    attention = attention_implementation(training.attention, precision, model_path)
+    attention = attention if attention == CPU_ATTENTION else None
+    model = get_task_type(task_type).load_model(
+        model_path,
+        labels,
+        training.seed,
+        trust_remote_code,
+        **({"attn_implementation": attention} if attention else {}),
+    )
+    model.eval()
+    return tok, model, precision
+
+
 def _score(
     config: RetrainConfig, model_path: str, splits: SplitManifest
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """(metrics, per-example predictions) of one model on the test split."""
     import torch
     from datasets import disable_progress_bars
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     disable_progress_bars()
-    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
     task = get_task_type(config.task.type)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    tok = AutoTokenizer.from_pretrained(model_path, use_fast=True)
-    precision = inference_precision(config.training)[0]
-    # the CPU attention function (see domaintune.training.attention); on GPUs as before
-    attention = attention_implementation(config.training.attention, precision, model_path)
-    attention = attention if attention == CPU_ATTENTION else None
-    model = task.load_model(
+    tok, model, precision = load_for_scoring(
         model_path,
+        config.task.type,
         splits.labels,
-        config.training.seed,
+        config.training,
         config.model.trust_remote_code,
-        **({"attn_implementation": attention} if attention else {}),
     )
     with autocast_for(model, precision):
         return task.score_split(
