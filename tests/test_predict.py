@@ -112,3 +112,24 @@ def test_predictions_from_the_registry_are_the_evaluations_and_keep_the_input(
     bad = cli("predict", "test-uc@v0042", str(tmp_path / "new.csv"), "--store", cfg.store.root)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "has no version 'v0042'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("auto", "expected"),
+    [
+        ("AutoModelForQuestionAnswering", "does not support task type 'question_answering' yet"),
+        ("AutoModel", "cannot tell the task type of"),
+    ],
+)
+def test_a_model_folder_of_a_task_predict_cannot_serve_is_one_clear_line(
+    tmp_path, tiny_model, auto, expected
+):
+    """A bare Hugging Face folder: its architecture names the task (no config.yaml)."""
+    import transformers
+
+    folder = tmp_path / "model"
+    getattr(transformers, auto).from_pretrained(tiny_model).save_pretrained(folder)
+    pd.DataFrame({"text": ["a"]}).to_csv(tmp_path / "in.csv", index=False)
+    with pytest.raises(PredictError, match=expected):
+        predict(str(folder), [str(tmp_path / "in.csv")], str(tmp_path / "out.csv"))
+    assert not (tmp_path / "out.csv").exists()
