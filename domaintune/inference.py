@@ -1,28 +1,33 @@
-"""Batched inference on a tokenized split, used to evaluate fine-tuned and base models alike."""
+"""Batched inference, used to evaluate fine-tuned and base models alike and by ``predict``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 
-def predict_logits(
-    model: Any, tokenizer: Any, task: Any, split_path: str, batch_size: int
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis (stable: the maximum is subtracted first)."""
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def batched_logits(
+    model: Any,
+    collate: Any,
+    feats: list[dict[str, Any]],
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[np.ndarray]:
-    """Logits for every row of a tokenized split, in the split's order.
+    """Logits for every feature row (``input_ids`` and its companions), in their order.
 
     Rows are batched by length (less padding) and put back in order afterwards. Per-token
-    logits are cut back to each row's own length.
-    """
+    logits are cut back to each row's own length. ``on_batch(rows)`` after each batch."""
     import torch
-    from datasets import Dataset
 
-    ds = Dataset.from_parquet(split_path)
-    cols = [c for c in task.model_columns if c in ds.column_names and c != "labels"]
-    feats = ds.select_columns(cols).to_list()
     order = np.argsort([len(f["input_ids"]) for f in feats], kind="stable")
-    collate = task.collator(tokenizer)
     model.eval()
     device = next(model.parameters()).device
     out: list[np.ndarray] = [None] * len(feats)  # type: ignore[list-item]
@@ -35,4 +40,18 @@ def predict_logits(
             for j, i in enumerate(idx):
                 row = logits[j]
                 out[i] = row[: len(feats[i]["input_ids"])] if row.ndim == 2 else row
+            if on_batch is not None:
+                on_batch(len(idx))
     return out
+
+
+def predict_logits(
+    model: Any, tokenizer: Any, task: Any, split_path: str, batch_size: int
+) -> list[np.ndarray]:
+    """Logits for every row of a tokenized split, in the split's order."""
+    from datasets import Dataset
+
+    ds = Dataset.from_parquet(split_path)
+    cols = [c for c in task.model_columns if c in ds.column_names and c != "labels"]
+    feats = ds.select_columns(cols).to_list()
+    return batched_logits(model, task.collator(tokenizer), feats, batch_size)

@@ -27,6 +27,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from domaintune.errors import ConfigError, DataError, DomainTuneError
+from domaintune.inference import batched_logits, softmax
 
 log = logging.getLogger(__name__)
 
@@ -199,14 +201,19 @@ def read_inputs(
 # ------------------------------------------------------------------------- predicting
 
 
-def predict_table(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.DataFrame:
-    """``table`` with the predictions of ``model`` added (rows in their input order)."""
+def _served(model: PredictModel) -> Served:
+    """How predict serves the model's task type (a clear error where it does not yet)."""
     if model.task_type not in SUPPORTED:
         raise PredictError(
             f"{model.reference}: predict does not support task type {model.task_type!r} yet "
             f"(supported: {', '.join(SUPPORTED)})"
         )
-    return SUPPORTED[model.task_type](model, table, text_column)
+    return SUPPORTED[model.task_type]
+
+
+def predict_table(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.DataFrame:
+    """``table`` with the predictions of ``model`` added (rows in their input order)."""
+    return _served(model).predict(model, table, text_column)
 
 
 def _load(model: PredictModel) -> tuple[Any, Any, str]:
@@ -228,30 +235,17 @@ def _load(model: PredictModel) -> tuple[Any, Any, str]:
 
 
 def _logits(model: PredictModel, net: Any, tokenizer: Any, precision: str, enc: Any) -> list:
-    """The logits of every encoded row (batches of similar length, rows in their order;
-    per-token logits cut back to each row's length)."""
-    import torch
-
+    """The logits of every encoded row (inference.batched_logits, with the task type's
+    collator as in evaluation, in ``precision``, with a progress display)."""
     from domaintune.tasks.evaluate import autocast_for
+    from domaintune.tasktypes import get_task_type
 
-    n = len(enc["input_ids"])
-    order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
-    out: list[Any] = [None] * n
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    progress = _Progress(n)
-    with torch.inference_mode(), autocast_for(net, precision):
-        for start in range(0, n, model.batch_size):
-            idx = order[start : start + model.batch_size]
-            batch = tokenizer.pad(
-                {k: [enc[k][i] for i in idx] for k in keys},
-                pad_to_multiple_of=8,  # as the training and evaluation collator pads
-                return_tensors="pt",
-            )
-            logits = net(**batch).logits.float().numpy()
-            for j, i in enumerate(idx):
-                row = logits[j]
-                out[i] = row[: len(enc["input_ids"][i])] if row.ndim == 2 else row
-            progress.advance(len(idx))
+    feats = [{k: enc[k][i] for k in keys} for i in range(len(enc["input_ids"]))]
+    collate = get_task_type(model.task_type).collator(tokenizer)
+    progress = _Progress(len(feats))
+    with autocast_for(net, precision):
+        out = batched_logits(net, collate, feats, model.batch_size, progress.advance)
     progress.close()
     return out
 
@@ -260,9 +254,7 @@ def _classify(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.
     tokenizer, net, precision = _load(model)
     texts = table[text_column].fillna("").astype(str).tolist()
     enc = tokenizer(texts, truncation=True, max_length=model.max_length)
-    logits = np.stack(_logits(model, net, tokenizer, precision, enc))
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = softmax(np.stack(_logits(model, net, tokenizer, precision, enc)))
     labels = model.labels or [str(i) for i in range(probs.shape[1])]
     out = table.copy()
     out["predicted"] = [labels[i] for i in probs.argmax(-1)]
@@ -327,8 +319,7 @@ def _entities(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.
                 tags.append("O")
                 scores.append(1.0)
                 continue
-            z = rows_logits[w] - rows_logits[w].max()
-            p = np.exp(z) / np.exp(z).sum()
+            p = softmax(rows_logits[w])
             tags.append(labels[int(p.argmax())])
             scores.append(float(p.max()))
         entities = []
@@ -446,11 +437,7 @@ def predict(
     """Resolve, read, predict and write; returns a summary (model, version, rows, counts)."""
     output_format(out)  # a bad --out fails before any work
     model = resolve(reference, store)
-    if model.task_type not in SUPPORTED:
-        raise PredictError(
-            f"{reference}: predict does not support task type {model.task_type!r} yet "
-            f"(supported: {', '.join(SUPPORTED)})"
-        )
+    served = _served(model)  # before any input is read
     if batch_size:
         model.batch_size = batch_size
     column = text_column or model.text_column
@@ -458,20 +445,10 @@ def predict(
     column = column if column in table.columns else "text"
     log.info("predict: %d rows with %s", len(table), model.describe())
     t0 = time.time()
-    result = predict_table(model, table, column)
+    result = served.predict(model, table, column)
     seconds = time.time() - t0
     write_output(result, out)
-    if "predicted" in result.columns:
-        counts = result["predicted"].value_counts().to_dict()
-    elif "perplexity" in result.columns:  # the corpus as a whole
-        tokens = int(result["perplexity_tokens"].sum())
-        counts = {"documents": len(result), "tokens": tokens}
-    else:  # entities per type
-        counts = (
-            pd.Series([e["type"] for row in result["entities"] for e in row], dtype=object)
-            .value_counts()
-            .to_dict()
-        )
+    counts = served.counts(result)
     return {
         "model": model.reference,
         "version": model.version,
@@ -479,7 +456,7 @@ def predict(
         "task_type": model.task_type,
         "rows": len(result),
         "out": out,
-        "counts": {str(k): int(v) for k, v in counts.items()},
+        "counts": counts,
         "seconds": round(seconds, 2),
         "notes": notes + model.notes,
     }
@@ -537,9 +514,26 @@ def _perplexities(model: PredictModel, table: pd.DataFrame, text_column: str) ->
     return out
 
 
+@dataclass(frozen=True)
+class Served:
+    """A task type predict serves: its predictions, and what the summary counts."""
+
+    predict: Callable[[PredictModel, pd.DataFrame, str], pd.DataFrame]
+    counts: Callable[[pd.DataFrame], dict[str, int]]
+
+
+def _value_counts(values: Any) -> dict[str, int]:
+    return {str(k): int(v) for k, v in pd.Series(values, dtype=object).value_counts().items()}
+
+
 #: the task types predict serves, and how
 SUPPORTED = {
-    "text_classification": _classify,
-    "token_classification": _entities,
-    "causal_lm": _perplexities,
+    "text_classification": Served(_classify, lambda r: _value_counts(r["predicted"])),
+    "token_classification": Served(
+        _entities, lambda r: _value_counts([e["type"] for row in r["entities"] for e in row])
+    ),
+    "causal_lm": Served(  # the corpus as a whole
+        _perplexities,
+        lambda r: {"documents": len(r), "tokens": int(r["perplexity_tokens"].sum())},
+    ),
 }

@@ -171,13 +171,12 @@ class TextClassification(TaskType):
     def score_split(
         self, model: Any, tokenizer: Any, split_path: str, labels: list[str], batch_size: int
     ) -> tuple[dict[str, Any], pd.DataFrame]:
-        from domaintune.inference import predict_logits
+        from domaintune.inference import predict_logits, softmax
 
         logits = np.stack(predict_logits(model, tokenizer, self, split_path, batch_size))
         table = pd.read_parquet(split_path, columns=["text", "label", "labels", "_row", "_source"])
         metrics = self.compute_metrics(logits.argmax(-1), table.pop("labels").to_numpy(), labels)
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
+        probs = softmax(logits)
         table["predicted"] = [labels[i] for i in logits.argmax(-1)]
         table["confidence"] = probs.max(-1)
         return metrics, table

@@ -293,12 +293,12 @@ def run(spec: dict[str, Any]) -> None:
     task = get_task_type(spec["task_type"])
     labels = spec["labels"]
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"], use_fast=True)
-    if spec.get("launch", {}).get("device") == "cpu" and _rank() == 0:
-        from domaintune.training.allocator import describe as describe_allocator
+    from domaintune.training.allocator import describe as describe_allocator
 
-        logging.getLogger(__name__).info(
-            "memory allocator: %s", describe_allocator(training.cpu_allocator)
-        )
+    cpu = spec.get("launch", {}).get("device") == "cpu"
+    allocator = describe_allocator(training.cpu_allocator) if cpu else None
+    if allocator and _rank() == 0:
+        logging.getLogger(__name__).info("memory allocator: %s", allocator)
     model = prepare_model(spec, training)
     # before DeepSpeed initialises: what trains is decided here, once
     model, report = strategies.apply_strategy(model, training.strategy, spec["task_type"])
@@ -410,10 +410,6 @@ def run(spec: dict[str, Any]) -> None:
     trained_steps = trainer.state.global_step - seen.get("start_step", 0)
     tokens = trainer.state.num_input_tokens_seen - seen.get("tokens_at_start", 0)
     optimizer_params = sum(g["parameters"] for g in trainer.group_report)
-    from domaintune.training.allocator import describe as describe_allocator
-
-    cpu = spec.get("launch", {}).get("device") == "cpu"
-    allocator = describe_allocator(training.cpu_allocator) if cpu else None
     ranks = _per_rank(_rank_info(trainer.model, trainer.optimizer, allocator))
     counts = [r["optimizer_state_elements"] for r in ranks]
     state_elements = None if None in counts else sum(counts)
