@@ -20,11 +20,13 @@ def batched_logits(
     feats: list[dict[str, Any]],
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
+    logits_of: Callable[[Any], Any] | None = None,
 ) -> list[np.ndarray]:
     """Logits for every feature row (``input_ids`` and its companions), in their order.
 
     Rows are batched by length (less padding) and put back in order afterwards. Per-token
-    logits are cut back to each row's own length. ``on_batch(rows)`` after each batch."""
+    logits are cut back to each row's own length. ``on_batch(rows)`` after each batch;
+    ``logits_of(output)`` picks the logits from the model's output (default ``.logits``)."""
     import torch
 
     order = np.argsort([len(f["input_ids"]) for f in feats], kind="stable")
@@ -36,7 +38,9 @@ def batched_logits(
             idx = order[start : start + batch_size]
             batch = collate([feats[i] for i in idx])
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            logits = model(**batch).logits.float().cpu().numpy()
+            output = model(**batch)
+            logits = (output.logits if logits_of is None else logits_of(output)).float()
+            logits = logits.cpu().numpy()
             for j, i in enumerate(idx):
                 row = logits[j]
                 out[i] = row[: len(feats[i]["input_ids"])] if row.ndim == 2 else row

@@ -14,10 +14,13 @@ its format follows the suffix of ``--out`` (``.parquet``, ``.csv``, ``.jsonl``),
 stdout without one. Rows are scored in batches of similar length, in the precision the model
 trained in on this machine's kind (bf16 where the CPU has it).
 
-Task types so far: ``text_classification`` (``predicted``, ``confidence``, ``prob_<label>`` per
-class) and ``token_classification`` (``entities``: type, character ``start`` / ``end``, ``text``
-and ``score`` each; ``entity_count``) and ``causal_lm`` (``perplexity_tokens`` scored and ``perplexity``
-per document).
+Columns added per task type: ``text_classification``: ``predicted``, ``confidence``,
+``prob_<label>`` per class; ``token_classification``: ``entities`` (type, character ``start`` /
+``end``, ``text`` and ``score`` each) and ``entity_count``; ``question_answering`` (input columns
+``question`` and ``context``): ``answer``, ``answer_start`` / ``answer_end`` in the context,
+``answer_score``, ``no_answer``; ``causal_lm``: ``perplexity_tokens`` scored and ``perplexity``
+per document; ``instruction_tuning`` (chat ``messages``, ``instruction`` [+ ``input``] or a
+prompt in the text column): ``generated``.
 """
 
 from __future__ import annotations
@@ -68,6 +71,24 @@ class PredictModel:
     version: str | None = None
     config: Any = None
     notes: list[str] = field(default_factory=list)
+
+    def column(self, name: str) -> str:
+        """A column setting of the model's data (``data.<name>``; the default without one)."""
+        from domaintune.config import DataConfig
+
+        data = self.config.data if self.config is not None else None
+        return getattr(data, name) if data is not None else DataConfig.model_fields[name].default
+
+    def settings(self) -> Any:
+        """The settings tokenizing for this model needs (``training``, ``task``)."""
+        if self.config is not None:
+            return self.config
+        from types import SimpleNamespace
+
+        from domaintune.config import TaskConfig, TrainingConfig
+
+        training = TrainingConfig(max_length=self.max_length)
+        return SimpleNamespace(training=training, task=TaskConfig(type=self.task_type))
 
     def describe(self) -> str:
         where = f" = {self.version}" if self.version and self.version not in self.reference else ""
@@ -157,11 +178,25 @@ def _from_folder(folder: Path, reference: str) -> PredictModel:
 # ------------------------------------------------------------------------------ inputs
 
 
+#: what each input column is for, and where its name comes from
+_COLUMN_RULES = {
+    "text": "the column the model was trained on (data.text_column), or --text-column",
+    "question": "the column of the questions (data.question_column)",
+    "context": "the column of the passages (data.context_column)",
+    "prompt": "a column of chat messages (data.messages_column), of instructions "
+    "(data.instruction_column, with data.input_column), or of prompts (--text-column)",
+}
+
+
 def read_inputs(
-    specs: list[str], text_column: str, storage_options: dict[str, Any] | None = None
+    specs: list[str],
+    text_column: str,
+    storage_options: dict[str, Any] | None = None,
+    needs: list[tuple[str, tuple[str, ...]]] | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Every input row (columns as read, plus ``_source`` and ``_row``) and notes; the text
-    column is checked in each file."""
+    """Every input row (columns as read, plus ``_source`` and ``_row``) and notes. ``needs``:
+    (role, column names of which one must be there), checked in each file; default the
+    text column."""
     from domaintune.redaction import redact
     from domaintune.sources import infer_format, read_file, resolve_sources
 
@@ -174,16 +209,18 @@ def read_inputs(
     for f in files:
         held = len(unparsed)
         df, encoding = read_file(f, fmt, "auto", None, unparsed)
-        column = text_column if fmt not in ("text", "conll") else "text"
+        text = text_column if fmt not in ("text", "conll") else "text"
         if fmt == "conll" and "tokens" in df.columns:
             df["text"] = df["tokens"].map(" ".join)
-        if column not in df.columns:
-            raise PredictError(
-                f"{redact(f.url)}: no text column {column!r} (columns: "
-                f"{', '.join(str(c) for c in df.columns if not str(c).startswith('_'))}); "
-                "rule: the column the model was trained on (data.text_column), or "
-                "--text-column"
-            )
+        for role, names in needs or [("text", (text_column,))]:
+            names = tuple(text if n == text_column else n for n in names)
+            if not any(n in df.columns for n in names):
+                raise PredictError(
+                    f"{redact(f.url)}: no {role} column {' or '.join(map(repr, names))} "
+                    f"(columns: "
+                    f"{', '.join(str(c) for c in df.columns if not str(c).startswith('_'))}); "
+                    f"rule: {_COLUMN_RULES[role]}"
+                )
         df["_source"] = redact(f.url)
         if encoding and encoding != "utf-8":
             notes.append(f"{redact(f.url)}: decoded as {encoding}")
@@ -234,7 +271,14 @@ def _load(model: PredictModel) -> tuple[Any, Any, str]:
     return tokenizer, net, precision
 
 
-def _logits(model: PredictModel, net: Any, tokenizer: Any, precision: str, enc: Any) -> list:
+def _logits(
+    model: PredictModel,
+    net: Any,
+    tokenizer: Any,
+    precision: str,
+    enc: Any,
+    logits_of: Callable[[Any], Any] | None = None,
+) -> list:
     """The logits of every encoded row (inference.batched_logits, with the task type's
     collator as in evaluation, in ``precision``, with a progress display)."""
     from domaintune.tasks.evaluate import autocast_for
@@ -245,7 +289,7 @@ def _logits(model: PredictModel, net: Any, tokenizer: Any, precision: str, enc: 
     collate = get_task_type(model.task_type).collator(tokenizer)
     progress = _Progress(len(feats))
     with autocast_for(net, precision):
-        out = batched_logits(net, collate, feats, model.batch_size, progress.advance)
+        out = batched_logits(net, collate, feats, model.batch_size, progress.advance, logits_of)
     progress.close()
     return out
 
@@ -441,7 +485,7 @@ def predict(
     if batch_size:
         model.batch_size = batch_size
     column = text_column or model.text_column
-    table, notes = read_inputs(inputs, column)
+    table, notes = read_inputs(inputs, column, needs=served.inputs(model, column))
     column = column if column in table.columns else "text"
     log.info("predict: %d rows with %s", len(table), model.describe())
     t0 = time.time()
@@ -514,12 +558,100 @@ def _perplexities(model: PredictModel, table: pd.DataFrame, text_column: str) ->
     return out
 
 
+def _answers(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.DataFrame:
+    """Per question: ``answer`` (a span of the context), its character ``answer_start`` /
+    ``answer_end`` in the context, ``answer_score`` (its probability) and ``no_answer``
+    (where a model trained with unanswerable questions finds none). Long contexts are read in
+    the training's overlapping windows, the best span over them wins (as in evaluation)."""
+    from domaintune.tasktypes import get_task_type
+    from domaintune.tasktypes.question_answering import NO_ANSWER, best_answers, span_logits
+
+    tokenizer, net, precision = _load(model)
+    settings = model.settings()
+
+    def texts(column: str) -> list[str]:
+        return ["" if pd.isna(v) else str(v) for v in table[model.column(column)]]
+
+    questions = [" ".join(q.split()) for q in texts("question_column")]
+    contexts = texts("context_column")
+    rows = [i for i in range(len(table)) if questions[i] and contexts[i].strip()]
+    batch = {
+        "question": [questions[i] for i in rows],
+        "context": [contexts[i] for i in rows],
+        "answers": [None] * len(rows),
+        "text": [None] * len(rows),
+        **{k: rows for k in ("_row", "_source", "_example")},
+    }
+    enc = get_task_type("question_answering").tokenize(batch, tokenizer, settings, [])
+    logits = _logits(model, net, tokenizer, precision, enc, logits_of=span_logits)
+    allow = bool(getattr(settings.task, "allow_unanswerable", False))
+    found = best_answers(enc["_example"], enc["context"], enc["offsets"], logits, allow)
+    answers = [found.get(i, NO_ANSWER) for i in range(len(table))]
+    out = table.copy()
+    out["answer"] = [a.text for a in answers]
+    out["answer_start"] = [a.start for a in answers]
+    out["answer_end"] = [a.end for a in answers]
+    out["answer_score"] = [a.score for a in answers]
+    out["no_answer"] = [a.no_answer for a in answers]
+    return out
+
+
+def _generations(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.DataFrame:
+    """Per prompt: ``generated``, the model's greedy answer (as evaluation generates). A row
+    is a chat conversation (``data.messages_column``; a closing assistant message is the
+    reference, not part of the prompt), an instruction (+ input), or a prompt in the text
+    column; rendered with the model's chat template."""
+    from domaintune.tasks.evaluate import autocast_for
+    from domaintune.tasktypes.instruction_tuning import messages_from_row, generate, prompt_ids
+
+    tokenizer, net, precision = _load(model)
+    if not getattr(tokenizer, "chat_template", None):
+        raise PredictError(
+            f"{model.reference}: the model's tokenizer has no chat template; rule: "
+            "instruction_tuning prompts are rendered with it"
+        )
+    names = {k: model.column(f"{k}_column") for k in ("messages", "instruction", "input", "output")}
+    has_messages = names["messages"] in table.columns
+    has_instruction = names["instruction"] in table.columns
+    prompts, empty = [], []
+    for i, row in enumerate(table.to_dict("records")):
+        if has_messages or has_instruction:
+            messages = messages_from_row(row, has_messages, names) or []
+        else:
+            text = row.get(text_column)
+            messages = (
+                [] if text is None or pd.isna(text) else [{"role": "user", "content": str(text)}]
+            )
+        messages = [m for m in messages if isinstance(m, dict)]
+        if messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        if not any(m.get("role") == "user" for m in messages):
+            empty.append(i)
+            messages = [{"role": "user", "content": ""}]
+        prompts.append(prompt_ids(tokenizer, messages)[-model.max_length :])
+    progress = _Progress(len(prompts))
+    with autocast_for(net, precision):
+        generated = generate(net, tokenizer, prompts, model.batch_size, progress.advance)
+    progress.close()
+    for i in empty:
+        generated[i] = ""
+    if empty:
+        model.notes.append(f"{len(empty)} row(s) had no prompt: nothing generated")
+    out = table.copy()
+    out["generated"] = generated
+    return out
+
+
 @dataclass(frozen=True)
 class Served:
     """A task type predict serves: its predictions, and what the summary counts."""
 
     predict: Callable[[PredictModel, pd.DataFrame, str], pd.DataFrame]
     counts: Callable[[pd.DataFrame], dict[str, int]]
+    #: (role, column names one of which the input needs), given the text column
+    inputs: Callable[[PredictModel, str], list[tuple[str, tuple[str, ...]]]] = lambda model, text: [
+        ("text", (text,))
+    ]
 
 
 def _value_counts(values: Any) -> dict[str, int]:
@@ -535,5 +667,25 @@ SUPPORTED = {
     "causal_lm": Served(  # the corpus as a whole
         _perplexities,
         lambda r: {"documents": len(r), "tokens": int(r["perplexity_tokens"].sum())},
+    ),
+    "question_answering": Served(
+        _answers,
+        lambda r: {
+            "answered": int((~r["no_answer"]).sum()),
+            "no_answer": int(r["no_answer"].sum()),
+        },
+        lambda model, text: [
+            (role, (model.column(f"{role}_column"),)) for role in ("question", "context")
+        ],
+    ),
+    "instruction_tuning": Served(
+        _generations,
+        lambda r: {"prompts": len(r), "empty": int((r["generated"] == "").sum())},
+        lambda model, text: [
+            (
+                "prompt",
+                (model.column("messages_column"), model.column("instruction_column"), text),
+            )
+        ],
     ),
 }

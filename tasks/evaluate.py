@@ -56,7 +56,7 @@ def plan(
         test.fingerprint,
         model.base_fingerprint,
         splits.labels,
-        config.task.type,
+        scored_as(config),
         config.training.seed,
         # scores in bf16 and in fp32 differ a little: each is its own measurement
         inference_precision(config.training)[0],
@@ -71,6 +71,14 @@ def plan(
         champion["fingerprint"] if champion else None,
     )
     return key, base_key
+
+
+def scored_as(config: RetrainConfig) -> Any:
+    """What decides how a model is scored besides the data and the model: the task type, and
+    for question answering whether "no answer" is a possible answer."""
+    if config.task.type == "question_answering" and config.task.allow_unanswerable:
+        return [config.task.type, "no answer possible"]
+    return config.task.type
 
 
 @contextlib.contextmanager
@@ -137,7 +145,12 @@ def _score(
     )
     with autocast_for(model, precision):
         return task.score_split(
-            model, tok, splits.splits["test"].path, splits.labels, config.evaluation.batch_size
+            model,
+            tok,
+            splits.splits["test"].path,
+            splits.labels,
+            config.evaluation.batch_size,
+            settings=config.task,
         )
 
 
@@ -196,7 +209,7 @@ def _champion_metrics(
         splits.splits["test"].fingerprint,
         champion["fingerprint"],
         splits.labels,
-        config.task.type,
+        scored_as(config),
         inference_precision(config.training)[0],
     )
     with store.lock(CHAMPION_STAGE, key):

@@ -114,22 +114,28 @@ def test_predictions_from_the_registry_are_the_evaluations_and_keep_the_input(
     assert "has no version 'v0042'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize(
-    ("auto", "expected"),
-    [
-        ("AutoModelForQuestionAnswering", "does not support task type 'question_answering' yet"),
-        ("AutoModel", "cannot tell the task type of"),
-    ],
-)
-def test_a_model_folder_of_a_task_predict_cannot_serve_is_one_clear_line(
-    tmp_path, tiny_model, auto, expected
-):
-    """A bare Hugging Face folder: its architecture names the task (no config.yaml)."""
+def test_a_bare_model_folder_is_served_by_the_task_its_architecture_names(tmp_path, tiny_model):
+    """A plain Hugging Face folder (no config.yaml): its architecture names the task; one
+    whose architecture names none is one clear line, and nothing is written."""
     import transformers
 
+    qa = tmp_path / "qa"
+    transformers.AutoModelForQuestionAnswering.from_pretrained(tiny_model).save_pretrained(qa)
+    transformers.AutoTokenizer.from_pretrained(tiny_model).save_pretrained(qa)
+    contexts = ["Anna Berg joined Acme Corp in Oslo .", "Globex hired Tom Hale ."]
+    pd.DataFrame({"question": ["Who joined Acme Corp ?", "Who was hired ?"],
+                  "context": contexts}).to_csv(tmp_path / "q.csv", index=False)  # fmt: skip
+    summary = predict(str(qa), [str(tmp_path / "q.csv")], str(tmp_path / "a.jsonl"))
+    got = pd.read_json(tmp_path / "a.jsonl", lines=True)
+    assert summary["task_type"] == "question_answering" and len(got) == 2
+    for context, answer, start, end in zip(
+        contexts, got["answer"], got["answer_start"], got["answer_end"], strict=True
+    ):
+        assert context[start:end] == answer  # an untrained head: some span, still a span
+
     folder = tmp_path / "model"
-    getattr(transformers, auto).from_pretrained(tiny_model).save_pretrained(folder)
+    transformers.AutoModel.from_pretrained(tiny_model).save_pretrained(folder)
     pd.DataFrame({"text": ["a"]}).to_csv(tmp_path / "in.csv", index=False)
-    with pytest.raises(PredictError, match=expected):
+    with pytest.raises(PredictError, match="cannot tell the task type of"):
         predict(str(folder), [str(tmp_path / "in.csv")], str(tmp_path / "out.csv"))
     assert not (tmp_path / "out.csv").exists()

@@ -144,7 +144,13 @@ class CausalLM(TaskType):
         raise NotImplementedError("causal_lm is judged by the validation loss alone")
 
     def score_split(
-        self, model: Any, tokenizer: Any, split_path: str, labels: list[str], batch_size: int
+        self,
+        model: Any,
+        tokenizer: Any,
+        split_path: str,
+        labels: list[str],
+        batch_size: int,
+        settings: Any = None,
     ) -> tuple[dict[str, Any], pd.DataFrame]:
         import torch
         import torch.nn.functional as F

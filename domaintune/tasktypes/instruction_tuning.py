@@ -24,7 +24,7 @@ from domaintune.tasktypes.base import TaskType, require_columns
 MAX_NEW_TOKENS = 128
 
 
-def _messages_from_row(
+def messages_from_row(
     row: dict[str, Any], has_messages: bool, cols: dict[str, str]
 ) -> list[dict] | None:
     if has_messages:
@@ -47,6 +47,57 @@ def _messages_from_row(
         None if output is None or (isinstance(output, float) and np.isnan(output)) else str(output)
     )
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """The token ids of a conversation up to the assistant's next turn (the model's chat
+    template with its generation header): what the model answers."""
+    return list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    batch_size: int,
+    on_batch: Any = None,
+) -> list[str]:
+    """Greedy answers (at most ``MAX_NEW_TOKENS``) to prompts of token ids, in their order;
+    batches of similar length, left-padded. ``on_batch(rows)`` after each batch."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    device = next(model.parameters()).device
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    outputs: list[str] = [""] * len(prompts)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            chunk = [prompts[i] for i in idx]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor(
+                [[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device
+            )
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+            for i, text in zip(idx, texts, strict=True):
+                outputs[i] = text.strip()
+            if on_batch is not None:
+                on_batch(len(idx))
+    return outputs
 
 
 def messages_error(messages: list[dict] | None) -> str:
@@ -87,7 +138,7 @@ class InstructionTuning(TaskType):
         if not has_messages:
             required = {role: cols[role] for role in ("instruction", "output")}
             require_columns(df, required, where, what=f"no {cols['messages']!r} column and no ")
-        messages = [_messages_from_row(r, has_messages, cols) for r in df.to_dict("records")]
+        messages = [messages_from_row(r, has_messages, cols) for r in df.to_dict("records")]
         return pd.DataFrame(
             {
                 "messages": [
@@ -144,11 +195,7 @@ class InstructionTuning(TaskType):
         }
         for raw in batch["messages"]:
             messages = json.loads(raw)
-            prompt = list(
-                tokenizer.apply_chat_template(
-                    messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False
-                )
-            )
+            prompt = prompt_ids(tokenizer, messages[:-1])
             full = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
             # the loss covers what follows the prompt (with its generation header): the answer
             prompt_len = len(prompt)
@@ -193,40 +240,19 @@ class InstructionTuning(TaskType):
         raise NotImplementedError("instruction_tuning checkpoints are picked by validation loss")
 
     def score_split(
-        self, model: Any, tokenizer: Any, split_path: str, labels: list[str], batch_size: int
+        self,
+        model: Any,
+        tokenizer: Any,
+        split_path: str,
+        labels: list[str],
+        batch_size: int,
+        settings: Any = None,
     ) -> tuple[dict[str, Any], pd.DataFrame]:
-        import torch
-
         table = pd.read_parquet(
             split_path, columns=["prompt_ids", "text", "reference", "_row", "_source"]
         )
         prompts = [p.tolist() for p in table["prompt_ids"]]
-        pad = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
-        model.eval()
-        device = next(model.parameters()).device
-        outputs: list[str] = []
-        with torch.inference_mode():
-            for s in range(0, len(prompts), batch_size):
-                chunk = prompts[s : s + batch_size]
-                width = max(len(p) for p in chunk)
-                ids = torch.tensor(
-                    [[pad] * (width - len(p)) + p for p in chunk], device=device
-                )  # left padding
-                mask = torch.tensor(
-                    [[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device
-                )
-                gen = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=MAX_NEW_TOKENS,
-                    do_sample=False,
-                    pad_token_id=pad,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-                outputs += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-        outputs = [o.strip() for o in outputs]
+        outputs = generate(model, tokenizer, prompts, batch_size)
         metrics = self.compute_metrics(outputs, table["reference"].tolist(), labels)
         result = table.drop(columns=["prompt_ids"]).rename(columns={"text": "prompt"})
         result["predicted"] = outputs

@@ -4,9 +4,12 @@ Rows hold ``context``, ``question`` and ``answers`` = {"text": [...], "answer_st
 (the Hugging Face SQuAD layout; a flat ``answer_text`` + ``answer_start`` pair works too).
 Contexts longer than ``training.max_length`` are cut into overlapping windows
 (``task.stride`` tokens of overlap) with their character offsets; a window that does not hold
-the answer is trained to point at the first token (no answer here). At evaluation the best
+the answer is trained to point at the first token (no answer here), as is an unanswerable
+question (``task.allow_unanswerable``). At evaluation and in ``domaintune predict`` the best
 valid span over all windows wins (start and end inside the context, end not before start, at
-most ``MAX_ANSWER_TOKENS`` long). Metrics are SQuAD's exact match and token F1, implemented
+most ``MAX_ANSWER_TOKENS`` long; ``best_answers``); a model trained with unanswerable
+questions answers "no answer" when the first token's score beats the best span (SQuAD 2.0's
+rule). Metrics are SQuAD's exact match and token F1, implemented
 here (``evaluate.load`` needs a hub), taking the best over the gold answers.
 """
 
@@ -16,6 +19,8 @@ import collections
 import json
 import re
 import string
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,6 +62,72 @@ def token_f1(prediction: str, truths: list[str]) -> float:
         return 2 * precision * recall / (precision + recall)
 
     return max(f1(prediction, t) for t in truths)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A predicted answer: its text, character span in the context and probability (start
+    times end in its window); ``no_answer`` where the model says the context holds none."""
+
+    text: str
+    start: int
+    end: int
+    score: float
+    no_answer: bool = False
+
+
+NO_ANSWER = Answer("", -1, -1, 0.0, True)
+
+
+def span_logits(output: Any) -> Any:
+    """A question-answering model's start and end logits as one (batch, tokens, 2) tensor."""
+    import torch
+
+    return torch.stack([output.start_logits, output.end_logits], dim=-1)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def best_answers(
+    examples: Iterable[int],
+    contexts: Iterable[str],
+    offsets: Iterable[Any],
+    logits: Iterable[np.ndarray],
+    allow_unanswerable: bool = False,
+) -> dict[int, Answer]:
+    """The answer to each example from its windows (``logits``: tokens x (start, end) per
+    window; ``offsets``: character offsets, negative outside the context). The span with the
+    highest start + end logit wins; with ``allow_unanswerable`` the first token's (what
+    training points unanswerable questions at; its lowest score over the example's windows)
+    wins over a lower span: "no answer". An example with no valid span answers nothing."""
+    best: dict[int, tuple[float, Answer]] = {}
+    null: dict[int, tuple[float, float]] = {}
+    for example, context, offs, lg in zip(examples, contexts, offsets, logits, strict=True):
+        example = int(example)
+        offs = [list(o) for o in offs]
+        st, en = lg[:, 0], lg[:, 1]
+        log_start, log_end = _log_softmax(st), _log_softmax(en)
+        if allow_unanswerable:
+            score = float(st[0] + en[0])
+            if example not in null or score < null[example][0]:
+                null[example] = (score, float(np.exp(log_start[0] + log_end[0])))
+        for a in np.argsort(st)[::-1][:N_BEST]:
+            for b in np.argsort(en)[::-1][:N_BEST]:
+                if offs[a][0] < 0 or offs[b][0] < 0 or b < a or b - a + 1 > MAX_ANSWER_TOKENS:
+                    continue
+                score = float(st[a] + en[b])
+                if example not in best or score > best[example][0]:
+                    start, end = int(offs[a][0]), int(offs[b][1])
+                    p = float(np.exp(log_start[a] + log_end[b]))
+                    best[example] = (score, Answer(context[start:end], start, end, p))
+    answers = {e: a for e, (_, a) in best.items()}
+    for e, (score, p) in null.items():
+        if e not in best or score > best[e][0]:
+            answers[e] = Answer("", -1, -1, p, True)
+    return answers
 
 
 def _answers(value: Any) -> dict[str, list] | None:
@@ -250,50 +321,35 @@ class QuestionAnswering(TaskType):
         raise NotImplementedError("question_answering checkpoints are picked by validation loss")
 
     def score_split(
-        self, model: Any, tokenizer: Any, split_path: str, labels: list[str], batch_size: int
+        self,
+        model: Any,
+        tokenizer: Any,
+        split_path: str,
+        labels: list[str],
+        batch_size: int,
+        settings: Any = None,
     ) -> tuple[dict[str, Any], pd.DataFrame]:
-        import torch
+        from domaintune.inference import batched_logits
 
         windows = pd.read_parquet(split_path)
         cols = [
             c for c in ("input_ids", "attention_mask", "token_type_ids") if c in windows.columns
         ]
         feats = [{c: windows[c].iloc[i].tolist() for c in cols} for i in range(len(windows))]
-        collate = self.collator(tokenizer)
-        model.eval()
-        device = next(model.parameters()).device
-        start_logits: list[np.ndarray] = []
-        end_logits: list[np.ndarray] = []
-        with torch.inference_mode():
-            for s in range(0, len(feats), batch_size):
-                batch = {k: v.to(device) for k, v in collate(feats[s : s + batch_size]).items()}
-                out = model(**batch)
-                for j in range(len(batch["input_ids"])):
-                    n = len(feats[s + j]["input_ids"])
-                    start_logits.append(out.start_logits[j, :n].float().cpu().numpy())
-                    end_logits.append(out.end_logits[j, :n].float().cpu().numpy())
-        best: dict[int, tuple[float, str]] = {}
-        for i, (example, context, offsets) in enumerate(
-            zip(windows["_example"], windows["context"], windows["offsets"], strict=True)
-        ):
-            offsets = [list(o) for o in offsets]
-            st, en = start_logits[i], end_logits[i]
-            for a in np.argsort(st)[::-1][:N_BEST]:
-                for b in np.argsort(en)[::-1][:N_BEST]:
-                    if (
-                        offsets[a][0] < 0
-                        or offsets[b][0] < 0
-                        or b < a
-                        or b - a + 1 > MAX_ANSWER_TOKENS
-                    ):
-                        continue
-                    score = float(st[a] + en[b])
-                    if int(example) not in best or score > best[int(example)][0]:
-                        best[int(example)] = (score, context[offsets[a][0] : offsets[b][1]])
+        logits = batched_logits(
+            model, self.collator(tokenizer), feats, batch_size, logits_of=span_logits
+        )
+        found = best_answers(
+            windows["_example"],
+            windows["context"],
+            windows["offsets"],
+            logits,
+            bool(getattr(settings, "allow_unanswerable", False)),
+        )
         examples = windows.drop_duplicates("_example").sort_values("_example")
         preds, refs = [], []
         for example, answers in zip(examples["_example"], examples["answers"], strict=True):
-            preds.append(best.get(int(example), (0.0, ""))[1])
+            preds.append(found.get(int(example), NO_ANSWER).text)
             refs.append((_answers(answers) or {"text": []})["text"])
         metrics = self.compute_metrics(preds, refs, labels)
         table = examples[["question", "_row", "_source"]].copy()

@@ -283,7 +283,13 @@ class TokenClassification(TaskType):
         return {k: v for k, v in m.items() if isinstance(v, int | float)}
 
     def score_split(
-        self, model: Any, tokenizer: Any, split_path: str, labels: list[str], batch_size: int
+        self,
+        model: Any,
+        tokenizer: Any,
+        split_path: str,
+        labels: list[str],
+        batch_size: int,
+        settings: Any = None,
     ) -> tuple[dict[str, Any], pd.DataFrame]:
         from domaintune.inference import predict_logits
 

@@ -108,3 +108,37 @@ def test_instruction_tuning_flow_scores_generations_of_base_and_finetuned(
         ]
         >= 0
     )
+
+    # predict from the registry: the same greedy answers as the evaluation's, for prompts
+    # given as an instruction + input (JSON Lines), as plain text (CSV) or as chat messages
+    from domaintune.predict import predict
+
+    scored = pd.read_parquet(m["report"].replace("report.md", "predictions.parquet"))
+    instruction, _, inputs = zip(*(p.partition("\n\n") for p in scored["prompt"]), strict=True)
+    write_jsonl(
+        tmp_path / "new.jsonl",
+        [{"instruction": a, "input": b} for a, b in zip(instruction, inputs, strict=True)],
+    )
+    store = Store(summary["model_dir"].rsplit("/registry/", 1)[0])
+    result = predict("test-uc@latest", [str(tmp_path / "new.jsonl")], str(tmp_path / "g.jsonl"),
+                     store=store)  # fmt: skip
+    got = pd.read_json(tmp_path / "g.jsonl", lines=True, dtype=False)
+    assert got["generated"].tolist() == scored["predicted"].tolist()
+    assert result["counts"]["prompts"] == len(scored)
+    pd.DataFrame({"text": scored["prompt"]}).to_csv(tmp_path / "plain.csv", index=False)
+    predict("test-uc@latest", [str(tmp_path / "plain.csv")], str(tmp_path / "p.parquet"),
+            store=store)  # fmt: skip
+    assert (
+        pd.read_parquet(tmp_path / "p.parquet")["generated"].tolist() == got["generated"].tolist()
+    )
+    chats = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "x"}]}
+        for p in scored["prompt"][:3]
+    ]
+    write_jsonl(tmp_path / "chat.jsonl", chats)
+    predict("test-uc@latest", [str(tmp_path / "chat.jsonl")], str(tmp_path / "c.parquet"),
+            store=store)  # fmt: skip
+    assert (
+        pd.read_parquet(tmp_path / "c.parquet")["generated"].tolist()
+        == scored["predicted"][:3].tolist()
+    ), "the closing assistant message is the reference, not part of the prompt"

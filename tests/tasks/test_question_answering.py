@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from domaintune.errors import ContractViolation
+from domaintune.predict import PredictError
 from domaintune.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate
-from domaintune.tasktypes.question_answering import exact_match, normalize_answer, token_f1
+from domaintune.tasktypes.question_answering import (
+    best_answers,
+    exact_match,
+    normalize_answer,
+    token_f1,
+)
 from tests.conftest import make_qa_rows, merge_sections, write_jsonl
 
 QA = {"type": "question_answering"}
@@ -82,3 +89,46 @@ def test_qa_flow_reports_em_and_f1_for_base_and_finetuned(tmp_path, make_config)
     assert m["primary_metric"] == "f1"
     assert {"f1", "exact_match"} <= set(m["finetuned"]) and {"f1", "exact_match"} <= set(m["base"])
     assert m["finetuned"]["f1"] > m["base"]["f1"], m
+
+    # predict from the registry on new questions (CSV, no answers): the evaluation's answers,
+    # each a span of its context with its character offsets
+    from domaintune.predict import predict
+
+    scored = pd.read_parquet(m["report"].replace("report.md", "predictions.parquet"))
+    context_of = {i + 1: r["context"] for i, r in enumerate(make_qa_rows(150))}
+    new = pd.DataFrame(
+        {"question": scored["question"], "context": [context_of[r] for r in scored["_row"]]}
+    )
+    new.to_csv(tmp_path / "new.csv", index=False)
+    store = Store(summary["model_dir"].rsplit("/registry/", 1)[0])
+    result = predict("test-uc@latest", [str(tmp_path / "new.csv")], str(tmp_path / "a.parquet"),
+                     store=store)  # fmt: skip
+    got = pd.read_parquet(tmp_path / "a.parquet")
+    assert got["answer"].tolist() == scored["predicted"].tolist()
+    for _, row in got.iterrows():
+        assert row["context"][row["answer_start"] : row["answer_end"]] == row["answer"]
+        assert 0 < row["answer_score"] <= 1 and not row["no_answer"]
+    assert result["counts"] == {"answered": len(got), "no_answer": 0}
+    new[["question"]].to_csv(tmp_path / "no-context.csv", index=False)
+    with pytest.raises(PredictError, match=r"no-context.csv: no context column 'context'"):
+        predict("test-uc@latest", [str(tmp_path / "no-context.csv")], None, store=store)
+
+
+def test_no_answer_wins_only_where_the_model_was_trained_for_it():
+    """SQuAD 2.0's rule over windows: the first token's score (its lowest over the
+    example's windows) against the best span's."""
+    offsets = [[-1, -1], [-1, -1], [0, 4], [5, 9], [10, 14]]  # [CLS] question | 3 words
+    context = "Anna Berg Oslo"[:14]
+    span = np.full((5, 2), -5.0)
+    span[2, 0], span[3, 1] = 4.0, 4.0  # "Anna Berg": start+end = 8
+    null = span.copy()
+    null[0] = [5.0, 5.0]  # [CLS]: 10 > 8
+    for allow, expected in [(False, "Anna Berg"), (True, "")]:
+        found = best_answers([0], [context], [offsets], [null], allow)
+        assert found[0].text == expected and found[0].no_answer is allow
+        assert (found[0].start, found[0].end) == ((0, 9) if not allow else (-1, -1))
+    # a second window of the same question where [CLS] scores low: the lowest null counts
+    found = best_answers([0, 0], [context] * 2, [offsets] * 2, [null, span], True)
+    assert found[0].text == "Anna Berg" and 0 < found[0].score <= 1
+    # a question no window can answer
+    assert best_answers([3], [""], [[[-1, -1]] * 5], [span], False) == {}
