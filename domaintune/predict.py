@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domaintune.errors import ConfigError, DataError, DomainTuneError
+from domaintune.errors import ConfigError, DataError, DomainTuneError, ModelError
 from domaintune.inference import batched_logits, softmax
+from domaintune.registry import REFERENCE as _REFERENCE
 
 log = logging.getLogger(__name__)
 
-_REFERENCE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)@(?P<version>[A-Za-z0-9._-]+)$")
 #: where the architecture of a plain model folder says which task type it was trained for
 _HEADS = {
     "ForSequenceClassification": "text_classification",
@@ -111,30 +111,15 @@ def resolve(reference: str, store: Any = None) -> PredictModel:
 
 
 def _from_registry(name: str, version: str, reference: str, store: Any) -> PredictModel:
-    from domaintune.registry import Registry, use_cases
+    from domaintune.registry import Registry
     from domaintune.store import Store
 
-    store = store if store is not None else Store(".domaintune")
-    state = Registry(store, name).state()
-    if not state.versions:
-        known = use_cases(store)
-        raise PredictError(
-            f"{reference}: no use case {name!r} in the registry of {store.url_of()} "
-            f"(registered: {', '.join(known) if known else 'none'})"
-        )
-    chosen = {"production": state.production, "latest": state.latest}.get(version, version)
-    if chosen is None:
-        raise PredictError(
-            f"{reference}: no version of {name!r} is in production (versions: "
-            f"{', '.join(state.versions)}; promote one with `domaintune models promote`)"
-        )
-    if chosen not in state.versions:
-        raise PredictError(
-            f"{reference}: {name!r} has no version {version!r} (versions: "
-            f"{', '.join(state.versions)}; or @production, @latest)"
-        )
-    folder = Registry(store, name).version_dir(chosen)
-    model = _from_folder(folder, reference)
+    registry = Registry(store if store is not None else Store(".domaintune"), name)
+    try:  # the registry's one rule for production / latest / vNNNN and its errors
+        chosen = registry.resolve(version, reference)
+    except ModelError as exc:
+        raise PredictError(str(exc)) from None
+    model = _from_folder(registry.version_dir(chosen), reference)
     model.version = chosen
     return model
 
@@ -481,27 +466,39 @@ def predict(
     """Resolve, read, predict and write; returns a summary (model, version, rows, counts)."""
     output_format(out)  # a bad --out fails before any work
     model = resolve(reference, store)
-    served = _served(model)  # before any input is read
     if batch_size:
         model.batch_size = batch_size
-    column = text_column or model.text_column
-    table, notes = read_inputs(inputs, column, needs=served.inputs(model, column))
-    column = column if column in table.columns else "text"
-    log.info("predict: %d rows with %s", len(table), model.describe())
-    t0 = time.time()
-    result = served.predict(model, table, column)
-    seconds = time.time() - t0
+    result, summary = predict_inputs(model, inputs, text_column)
     write_output(result, out)
-    counts = served.counts(result)
     return {
         "model": model.reference,
         "version": model.version,
         "model_dir": str(model.model_dir),
         "task_type": model.task_type,
-        "rows": len(result),
         "out": out,
-        "counts": counts,
-        "seconds": round(seconds, 2),
+        **summary,
+    }
+
+
+def predict_inputs(
+    model: PredictModel,
+    inputs: list[str],
+    text_column: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """(the inputs with the predictions of ``model``, {rows, counts, seconds, notes}): what
+    ``domaintune predict`` writes and the ``score`` stage keeps."""
+    served = _served(model)  # before any input is read
+    column = text_column or model.text_column
+    table, notes = read_inputs(inputs, column, storage_options, needs=served.inputs(model, column))
+    column = column if column in table.columns else "text"
+    log.info("predict: %d rows with %s", len(table), model.describe())
+    t0 = time.time()
+    result = served.predict(model, table, column)
+    return result, {
+        "rows": len(result),
+        "counts": served.counts(result),
+        "seconds": round(time.time() - t0, 2),
         "notes": notes + model.notes,
     }
 
@@ -602,7 +599,7 @@ def _generations(model: PredictModel, table: pd.DataFrame, text_column: str) -> 
     reference, not part of the prompt), an instruction (+ input), or a prompt in the text
     column; rendered with the model's chat template."""
     from domaintune.tasks.evaluate import autocast_for
-    from domaintune.tasktypes.instruction_tuning import messages_from_row, generate, prompt_ids
+    from domaintune.tasktypes.instruction_tuning import generate, messages_from_row, prompt_ids
 
     tokenizer, net, precision = _load(model)
     if not getattr(tokenizer, "chat_template", None):

@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from typing import Any
 import yaml
 
 from domaintune.coordination import check_leases, create_exclusive, numbered_objects
-from domaintune.errors import DomainTuneError, StoreError
+from domaintune.errors import DomainTuneError, ModelError, StoreError
 from domaintune.store import Store, atomic_write_text, describe_remote_error, store_error
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,13 @@ log = logging.getLogger(__name__)
 MARKER = "registration.json"
 LOG = "log"
 _LEGACY_HISTORY = "history.jsonl"
+#: ``NAME@production``, ``NAME@latest`` or ``NAME@vNNNN``, with or without the ``registry://``
+#: scheme that ``model.name_or_path`` uses for it (``domaintune predict`` takes both)
+SCHEME = "registry://"
+REFERENCE = re.compile(
+    r"^(?:registry://)?(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)@(?P<version>[A-Za-z0-9._-]+)$"
+)
+REFERENCE_RULE = "registry://NAME@production, registry://NAME@latest or registry://NAME@vNNNN"
 
 
 @dataclass
@@ -296,6 +304,36 @@ class Registry:
         return "/".join([self.url, version, *parts])
 
     # ------------------------------------------------------------------ queries
+    def resolve(self, version: str, reference: str | None = None) -> str:
+        """The committed version that ``version`` names (``production``, ``latest`` or
+        ``vNNNN``); else a one-line ModelError naming ``reference`` and the rule broken."""
+        reference = reference or f"{self.name}@{version}"
+        state = self.state()
+        if not state.versions:
+            known = use_cases(self.store)
+            if not known:
+                raise ModelError(
+                    f"{reference}: the store {self.store.url_of()} has no registry (no use case "
+                    "registered there yet); rule: a registry reference names a use case "
+                    "registered in the same store (store.root)"
+                )
+            raise ModelError(
+                f"{reference}: no use case {self.name!r} in the registry of "
+                f"{self.store.url_of()} (registered: {', '.join(known)})"
+            )
+        chosen = {"production": state.production, "latest": state.latest}.get(version, version)
+        if chosen is None:
+            raise ModelError(
+                f"{reference}: no version of {self.name!r} is in production (versions: "
+                f"{', '.join(state.versions)}; promote one with `domaintune models promote`)"
+            )
+        if chosen not in state.versions:
+            raise ModelError(
+                f"{reference}: {self.name!r} has no version {version!r} (versions: "
+                f"{', '.join(state.versions)}; or @production, @latest)"
+            )
+        return chosen
+
     def champion(self) -> dict[str, Any] | None:
         """The production version: version, local model folder, model fingerprint, metrics."""
         state = self.state()
@@ -378,6 +416,17 @@ class Registry:
             self.append(state, action="rollback", version=previous, previous=current, reason=reason)
         log.info("models: %s rolled back %s -> %s", self.name, current, previous)
         return previous
+
+
+def resolve_reference(store: Store, reference: str) -> tuple[str, str, Path]:
+    """``[registry://]NAME@production|latest|vNNNN`` in ``store``: (use case, version, local
+    folder of the version, downloaded once into the cache for a remote store)."""
+    match = REFERENCE.match(reference)
+    if match is None:
+        raise ModelError(f"{reference}: not a registry reference; rule: {REFERENCE_RULE}")
+    registry = Registry(store, match["name"])
+    version = registry.resolve(match["version"], reference)
+    return match["name"], version, registry.version_dir(version)
 
 
 def use_cases(store: Store) -> list[str]:

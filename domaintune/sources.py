@@ -105,18 +105,20 @@ def resolve_sources(
     source: str | list[str],
     field: str = "data.source",
     storage_options: dict[str, Any] | None = None,
+    allow_empty: bool = False,
 ) -> list[SourceFile]:
     """Expand every source spec into concrete files, sorted, de-duplicated.
 
     ``storage_options`` (data.storage_options) open remote file systems; ``${env:NAME}`` in
-    them is read from the environment now."""
+    them is read from the environment now. A spec that matches nothing is an error unless
+    ``allow_empty`` (a landing folder with nothing new in it yet)."""
     specs = [source] if isinstance(source, str) else list(source)
     if not specs:
         raise ConfigError(f"{field}: no source given")
     files: dict[str, SourceFile] = {}
     for spec in specs:
         found = _expand(spec, storage_options)
-        if not found:
+        if not found and not allow_empty:
             raise DataError(f"{field}: {spec!r} matched no files")
         for f in found:
             files.setdefault(f.url, f)

@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
+from domaintune.chaining import pin
 from domaintune.config import RetrainConfig
 from domaintune.manifests import (
     EvaluationReport,
@@ -25,12 +26,14 @@ from domaintune.manifests import (
 )
 from domaintune.orchestration import call_stage, stage_task, superseded_by
 from domaintune.redaction import redact, redact_obj
+from domaintune.store import Store
 from domaintune.tasks.evaluate import evaluate, metric_rows
 from domaintune.tasks.finetune import finetune, training_markdown, training_summary
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.register import register
 from domaintune.tasks.validate import validate
+from domaintune.tracking import finish_run
 
 
 def _artifact_key(text: str) -> str:
@@ -82,6 +85,8 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         )
         get_run_logger().info(message)
         return Completed(name="Superseded", message=message)
+    # a registry://NAME@production base is one version for the whole run
+    config = pin(config, Store.of(config))
     stages: list[StageRecord] = []
     raw = call_stage(ingest_task, stages, config)
     validation = call_stage(validate_task, stages, config, raw)
@@ -124,4 +129,5 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         trust_remote_code=config.model.trust_remote_code,
         seconds=round(time.perf_counter() - t0, 3),
     )
+    finish_run(config, summary, model, registration)  # tracking.report_to: the MLflow run
     return redact_obj(summary.model_dump(mode="json"))

@@ -26,6 +26,7 @@ from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
 from domaintune.training.attention import CPU_ATTENTION, attention_implementation
 from domaintune.training.launch import inference_precision
+from domaintune.training.strategies import load_task_model
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ def load_for_scoring(
     precision = inference_precision(training)[0]
     attention = attention_implementation(training.attention, precision, model_path)
     attention = attention if attention == CPU_ATTENTION else None
-    model = get_task_type(task_type).load_model(
+    model = load_task_model(  # a base model's head that does not fit the run: a fresh one
+        task_type,
         model_path,
         labels,
         training.seed,

@@ -28,6 +28,7 @@ from domaintune.manifests import ModelArtifact, SplitManifest
 from domaintune.models import ResolvedModel, resolve_config_model, resolve_model
 from domaintune.redaction import redact
 from domaintune.store import Store, atomic_write_text
+from domaintune.tracking import TrainingTracker
 from domaintune.training.checkpoints import CheckpointMirror, latest_complete_checkpoint
 from domaintune.training.checks import verify_saved_model
 from domaintune.training.deepspeed_config import build_deepspeed_config
@@ -98,7 +99,9 @@ def _run(
     base_fp: str,
 ) -> ModelArtifact:
     # a strategy that cannot apply to this model fails here, clearly, before any launch
-    checked = preflight(config.training, base.path, config.task.type)
+    checked = preflight(config.training, base.path, config.task.type, splits.labels)
+    if checked["head"]:  # a registered model of another task or label set (chaining)
+        log.info("finetune: base model %s: %s", base.name, checked["head"])
     work = store.scratch_dir(STAGE, key)
     ckpt_dir = work / "checkpoints"
     final_dir = work / "final"
@@ -131,6 +134,8 @@ def _run(
         "nodes": launch.num_nodes,
         "device": "gpu" if launch.use_gpu else "cpu",
     }
+    # tracking.report_to: TensorBoard events and the MLflow run (its id goes in the attempt)
+    tracker = TrainingTracker.start(config, key, work, attempts, attempt)
     spec = {
         "task_type": config.task.type,
         "labels": splits.labels,
@@ -179,11 +184,13 @@ def _run(
     atomic_write_text(attempts_path, json.dumps([*attempts, attempt], indent=2))
     mirror.save_file("attempts.json")
     t0 = time.time()
+    rc = None
     try:
         with mirror.running():
-            rc, tail, first, fault = _launch(cmd, env, work / "train.log", cwd=work)
+            rc, tail, first, fault = _launch(cmd, env, work / "train.log", work, tracker)
     finally:
         remove_shared_memory(launch)
+        tracker.close(succeeded=rc == 0 and (final_dir / "training_summary.json").is_file())
     attempt.update(exit_code=rc, seconds=round(time.time() - t0, 2))
     attempts.append(attempt)
     atomic_write_text(attempts_path, json.dumps(attempts, indent=2))
@@ -228,6 +235,7 @@ def _run(
             json.dumps(summary.get("log_history", []), indent=2, default=float)
         )
         shutil.copy2(work / "train.log", w.path / "train.log")
+        tracker.export(w.path)  # TensorBoard event files, beside the model
         (w.path / "attempts.json").write_text(json.dumps(attempts, indent=2))
         entry = store.entry_path(STAGE, key)
         manifest = ModelArtifact(
@@ -292,7 +300,11 @@ def _run(
 
 
 def _launch(
-    cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None
+    cmd: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    cwd: Path | None = None,
+    tracker: TrainingTracker | None = None,
 ) -> tuple[int, list[str], str | None, str]:
     """Run the launcher, forward its output; return (exit code, last lines, the rank that
     ended with an error first (``root_failure``), in words, and the first fatal-signal dump,
@@ -328,7 +340,7 @@ def _launch(
                 failure = rank_failure(line)
                 if failure:
                     failures.append(failure)
-                _forward(line, progress)
+                _forward(line, progress, tracker)
             rc = proc.wait()
         except BaseException:
             _kill_group(proc)
@@ -477,7 +489,9 @@ def progress_description(step: int, max_steps: int, **latest: float) -> str:
     return " · ".join(parts)
 
 
-def _forward(line: str, progress: _PrefectProgress | None = None) -> None:
+def _forward(
+    line: str, progress: _PrefectProgress | None = None, tracker: TrainingTracker | None = None
+) -> None:
     host, sep, rest = line.partition(": ")
     if sep and " " not in host and rest.startswith(PROGRESS_PREFIX):
         line = rest  # pdsh puts "<host>: " before each line of the ranks on several hosts
@@ -498,6 +512,8 @@ def _forward(line: str, progress: _PrefectProgress | None = None) -> None:
             }
             progress.update(int(step or 0), int(total or 0), **latest)
         if kind == "log":
+            if tracker is not None:  # tracking.report_to: TensorBoard, MLflow
+                tracker.log(event)
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in event.items()}
             log.info("train: %s", " ".join(f"{k}={v}" for k, v in shown.items()))
         else:

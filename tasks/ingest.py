@@ -28,7 +28,9 @@ STAGE = "ingest"
 VERSION = "3"  # 2: rows repeating an earlier file are dropped; 3: extra columns, redacted sources
 
 
-def _file_fingerprint(f: InputFile) -> str:
+def file_fingerprint(f: InputFile) -> str:
+    """A file's content fingerprint: sha256 of a local file, the object store's own
+    checksum, size and time for a remote one (read without downloading)."""
     if f.is_local:
         return hash_local_file(f.path)
     info = f.fs.info(f.path)  # object stores: ETag / checksum / size / mtime
@@ -45,7 +47,7 @@ def plan(
         field = "data.source" if split is None else f"data.splits.{split}"
         files += [(split, f) for f in resolve_sources(source, field, config.data.storage_options)]
     fmt = infer_format([f for _, f in files], config.data.format)
-    hashes = {f.url: _file_fingerprint(f) for _, f in files}
+    hashes = {f.url: file_fingerprint(f) for _, f in files}
     key = hash_obj(
         STAGE,
         VERSION,

@@ -1,7 +1,8 @@
 """register: a versioned model folder with its metrics, config and lineage; promotion gate.
 
 ``<store>/registry/<name>/vNNNN/`` holds ``model/`` (weights and tokenizer: hard-linked from
-the store when local, copied inside the object store when remote), ``metrics.json``,
+the store when local, copied inside the object store when remote; plus its model card
+``README.md``, domaintune.modelcard), ``metrics.json``,
 ``config.yaml``, ``lineage.json`` and ``registration.json``; the version exists once the
 registry's event log commits it (``domaintune.registry``), which also moves ``latest`` and,
 when promoted, ``production``. Registering the same model, metrics and config again returns
@@ -38,9 +39,11 @@ from domaintune.manifests import (
     Registration,
     SplitManifest,
 )
+from domaintune.modelcard import write_model_card
 from domaintune.redaction import redact_obj
 from domaintune.registry import MARKER, Registry
 from domaintune.store import Store, store_error
+from domaintune.tracking import TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +103,10 @@ def _export_plan(config: RetrainConfig, model: ModelArtifact) -> tuple[dict[str,
     files: dict[str, Path] = {}
     if lora is None or lora.merge_on_export or not (src / "adapter").is_dir():
         for p in sorted(src.rglob("*")):
-            if p.is_file() and p.name not in _NOT_EXPORTED:
-                files[p.relative_to(src).as_posix()] = p
+            rel = p.relative_to(src)
+            # the entry's TensorBoard event files are the training's record, not the model
+            if p.is_file() and p.name not in _NOT_EXPORTED and rel.parts[0] != TENSORBOARD_DIR:
+                files[rel.as_posix()] = p
         return files, {}
     for p in sorted((src / "adapter").rglob("*")):
         if p.is_file() and p.name not in _NOT_EXPORTED:
@@ -253,6 +258,11 @@ def register(
             )
             lineage = _lineage(flow_run_id, raw, splits, model, evaluation)
             (staged / "lineage.json").write_text(json.dumps(redact_obj(lineage), indent=2))
+            # the model card: a new file (never the finetune entry's), uploaded, not server-copied
+            write_model_card(
+                staged / "model", config, raw, splits, model, evaluation, manifest, lineage
+            )
+            server_copies.pop("model/README.md", None)
             (staged / MARKER).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2))
             registry.publish(version, staged, server_copies)
             staged = None
@@ -290,6 +300,8 @@ def _lineage(
     model: ModelArtifact,
     evaluation: EvaluationReport,
 ) -> dict[str, Any]:
+    from domaintune.chaining import parent as registry_parent
+
     return {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "prefect_flow_run_id": flow_run_id,
@@ -308,10 +320,16 @@ def _lineage(
             **{n: {"rows": s.rows, "fingerprint": s.fingerprint} for n, s in splits.splits.items()},
         },
         "tokenizer_fingerprint": splits.tokenizer_fingerprint,
-        "base_model": {"name": model.base_model, "fingerprint": model.base_fingerprint},
+        "base_model": {
+            "name": model.base_model,
+            "fingerprint": model.base_fingerprint,
+            # chained from a registered model: its reference and the version it resolved to
+            **({"registry": parent} if (parent := registry_parent(model.base_model)) else {}),
+        },
         "model": {
             "key": model.key,
             "fingerprint": model.fingerprint,
+            "labels": model.labels,  # the head's labels in id order (an adapter alone lacks them)
             "global_step": model.global_step,
             "attempts": model.attempts,
         },

@@ -63,6 +63,17 @@ def test_run_json_reports_stages_metrics_and_model_then_everything_cached(
     text = cli("run", config)
     assert text.returncode == 0 and "fine-tuned" in text.stdout and "promoted: yes" in text.stdout
 
+    # the score flow on new, unlabelled data with the production model of that store
+    new = tmp_path / "incoming.csv"
+    new.write_text("text\n" + "\n".join(r["text"] for r in rows(1)) + "\n")
+    scored = cli("score", "test-uc@production", str(new), "--config", config, "--json")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    result = json.loads(scored.stdout)
+    assert (result["scored"], result["rows"]) == (1, 3)
+    assert result["files"][0]["version"] == doc["version"] and result["name"] == "test-uc"
+    again = cli("score", "test-uc@production", str(new), "--config", config)
+    assert again.returncode == 0 and "(0 scored, 1 cached)" in again.stdout, again.stdout
+
 
 def test_validate_command_and_exit_codes(tmp_path, rows, make_config):
     good = write_csv(tmp_path / "good.csv", rows(12))

@@ -75,6 +75,8 @@ def test_two_hosts_share_entries_registry_and_champion_and_a_cache_is_disposable
     assert fs.cat_file(f"{root}/registry/test-uc/latest") == b"v0001"
     assert fs.exists(f"{root}/registry/test-uc/v0001/model/model.safetensors")
     assert fs.exists(f"{root}/registry/test-uc/v0001/registration.json")
+    # the model card is written into the staged folder: uploaded, not a server-side copy
+    assert b"model-index:" in fs.cat_file(f"{root}/registry/test-uc/v0001/model/README.md")
     assert json.loads(fs.cat_file(f"{root}/registry/test-uc/log/000001.json"))["action"] == (
         "register"
     )

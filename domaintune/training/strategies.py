@@ -20,6 +20,7 @@ components: it trains when either is selected, unless ``freeze_embeddings``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -238,9 +239,13 @@ def dropout_overrides(dropout: DropoutConfig, model_config: Any) -> dict[str, fl
     return out
 
 
-def preflight(training: TrainingConfig, model_path: str, task_type: str) -> dict[str, Any]:
+def preflight(
+    training: TrainingConfig, model_path: str, task_type: str, labels: list[str] | None = None
+) -> dict[str, Any]:
     """Check a strategy against the base model before anything is launched (cheap: the
-    model is built on the meta device). Returns what the worker needs; raises ConfigError."""
+    model is built on the meta device). Returns what the worker needs (and, given the run's
+    ``labels``, ``head``: why the base model's own head is replaced, or None); raises
+    ConfigError."""
     import torch
     from transformers import AutoConfig
 
@@ -271,7 +276,10 @@ def preflight(training: TrainingConfig, model_path: str, task_type: str) -> dict
         raise ConfigError(f"training.strategy head_only: {task_type} model has no head")
     if s.init_embeddings_from:
         check_embeddings_source(model_path, s.init_embeddings_from)
-    return {"config_overrides": overrides, "num_layers": n}
+    out: dict[str, Any] = {"config_overrides": overrides, "num_layers": n}
+    if labels is not None:
+        out["head"] = head_change(model_path, task_type, labels)
+    return out
 
 
 def check_embeddings_source(base_path: str, source: str) -> str:
@@ -412,6 +420,95 @@ def restore_head(model: Any, path: str) -> Any:
     mlp.load_state_dict(state)
     setattr(model, spec["module"], mlp.to(linear.weight.device))
     return model
+
+
+def _head_suffix(task_type: str) -> str:
+    """The architecture suffix of a task's model class: ``ForSequenceClassification``."""
+    from domaintune.tasktypes import get_task_type
+
+    return get_task_type(task_type).auto_model.removeprefix("AutoModel")
+
+
+def head_change(model_path: str, task_type: str, labels: list[str]) -> str | None:
+    """Why the task head saved with ``model_path`` (a registered model a run chains from)
+    cannot serve ``task_type`` with ``labels``, or None when it can: the same task and label
+    set keep the head (training continues it), and a folder without such a head (an encoder,
+    a language model) gets a new one anyway. A head that does not fit is not loaded: the
+    run starts from the encoder with a fresh head initialised from the seed
+    (:func:`load_task_model`), instead of a size-mismatch crash or, worse, a head of the
+    same size that means other labels."""
+    from domaintune.tasktypes import get_task_type
+
+    if task_type not in NEW_HEAD_TASKS:
+        return None
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    found = [
+        (arch, task)
+        for arch in cfg.get("architectures") or []
+        for task in NEW_HEAD_TASKS
+        if arch.endswith(_head_suffix(task))
+    ]
+    if not found:
+        return None
+    arch, theirs = found[0]
+    id2label = cfg.get("id2label") or {}
+    their_labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    labelled = get_task_type(task_type).labelled_head
+    if theirs == task_type and (not labelled or their_labels == list(labels)):
+        return None
+    was = f"{theirs}, {len(their_labels)} labels: {', '.join(their_labels)}"
+    now = f"{len(labels)} labels: {', '.join(labels)}" if labelled else task_type
+    return (
+        f"its {arch} head ({was if get_task_type(theirs).labelled_head else theirs}) does not "
+        f"fit this {task_type} run: dropped, and a fresh {_head_suffix(task_type)} head "
+        f"({now}) is initialised from training.seed on its encoder"
+    )
+
+
+def load_task_model(
+    task_type: str,
+    path: str,
+    labels: list[str],
+    seed: int,
+    trust_remote_code: bool = False,
+    **config_overrides: Any,
+) -> Any:
+    """The task type's ``load_model``, with a fresh head where the folder's own head does
+    not fit the run (:func:`head_change`): training, the base model's evaluation and the
+    merge of an adapter all load a base model through here, so the head they start from is
+    the same one."""
+    from domaintune.tasktypes import get_task_type
+
+    task = get_task_type(task_type)
+    if head_change(path, task_type, labels) is None:
+        return task.load_model(path, labels, seed, trust_remote_code, **config_overrides)
+    saved = json.loads((Path(path) / "config.json").read_text())
+    if saved.get("domaintune_head"):  # a custom head of the other task: not rebuilt
+        config_overrides["domaintune_head"] = None
+    model = task.load_model(
+        path, labels, seed, trust_remote_code, ignore_mismatched_sizes=True, **config_overrides
+    )
+    fresh_head(model, seed)
+    return model
+
+
+def fresh_head(model: Any, seed: int) -> None:
+    """Initialise what the task model adds on top of its base model anew, from ``seed``, as
+    the architecture initialises a new model (a same-sized head of another task loads
+    without complaint, so it is not left to the loader)."""
+    import transformers
+
+    prefix = _base_prefix(model)
+    if not prefix:
+        return
+    transformers.set_seed(seed)
+    for name, child in model.named_children():
+        if name == prefix:
+            continue
+        for module in child.modules():
+            for p in module.parameters(recurse=False):
+                p._is_hf_initialized = False  # loaded weights are marked: init would skip them
+            model._init_weights(module)
 
 
 def init_embeddings(model: Any, base_path: str, source: str) -> str:

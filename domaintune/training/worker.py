@@ -151,17 +151,16 @@ def _stopped_early(trainer: Any) -> bool:
 def prepare_model(spec: dict[str, Any], training: Any) -> Any:
     """The base model as training starts from it: dropout overrides, then the strategy's
     architecture changes (dropped blocks, custom head, embeddings from a checkpoint)."""
-    from domaintune.tasktypes import get_task_type
     from domaintune.training.attention import attention_implementation
-    from domaintune.training.strategies import prepare_structure
+    from domaintune.training.strategies import load_task_model, prepare_structure
 
-    task = get_task_type(spec["task_type"])
     overrides = dict(spec.get("config_overrides", {}))
     precision = "bf16" if spec.get("bf16") else "fp16" if spec.get("fp16") else "fp32"
     attention = attention_implementation(training.attention, precision, spec["model_path"])
     if attention:
         overrides["attn_implementation"] = attention
-    model = task.load_model(
+    model = load_task_model(  # a base model's own head that does not fit: a fresh one
+        spec["task_type"],
         spec["model_path"],
         spec["labels"],
         training.seed,

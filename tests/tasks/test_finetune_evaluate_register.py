@@ -15,6 +15,7 @@ from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.register import register
 from domaintune.training.allocator import find_tcmalloc
 from tests.conftest import write_csv
+from tests.test_modelcard import assert_registered_card
 
 pytestmark = pytest.mark.slow
 
@@ -102,5 +103,6 @@ def test_a_better_model_is_registered_once_and_promoted(tmp_path, make_config, r
     assert lineage["prefect_flow_run_id"] == "run-1"
     assert lineage["code_version"]["domaintune"]
     assert lineage["base_model"]["fingerprint"] == model.base_fingerprint
+    assert_registered_card(Path(reg.path))  # model/README.md: parses, metrics, plain loading
     again = register(cfg, raw, splits, model, evaluation, store, flow_run_id="run-2")
     assert again.reused and again.version == "v0001"
