@@ -54,14 +54,15 @@ def parent(name: str) -> dict[str, str] | None:
     return {"reference": match["reference"], "use_case": ref["name"], "version": version}
 
 
-def pin(config: Any, store: Store) -> Any:
+def pin(config: Any, store: Store | None = None) -> Any:
     """``config`` with a ``registry://NAME@production`` (or ``@latest``) base model pinned to
     the version it names now, ``registry://NAME@vNNNN``: every stage of one run then starts
     from the same version even when another is promoted meanwhile, and a bad reference fails
     here, before any stage."""
     named = parent(config.model.name_or_path or "")
-    if named is None:
+    if named is None:  # no store is touched: a store that cannot be used fails in ingest
         return config
+    store = store if store is not None else Store.of(config)
     try:
         _, version, _ = resolve_reference(store, f"{SCHEME}{named['use_case']}@{named['version']}")
     except ModelError as exc:

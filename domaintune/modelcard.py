@@ -157,7 +157,8 @@ def _evaluation(
         f"Primary metric: **{primary}**"
         + (" (lower is better)" if primary in LOWER_IS_BETTER else "")
         + ". Base: the pretrained model before fine-tuning, scored the same way on the same "
-        "test split (a new task head starts from the training's seed)"
+        "test split (a new task head starts from the training's seed; a registered model's "
+        "fitting head, as registered)"
         + (
             f"; the champion {champion['version']} was re-scored on the same test split."
             if champ

@@ -26,7 +26,6 @@ from domaintune.manifests import (
 )
 from domaintune.orchestration import call_stage, stage_task, superseded_by
 from domaintune.redaction import redact, redact_obj
-from domaintune.store import Store
 from domaintune.tasks.evaluate import evaluate, metric_rows
 from domaintune.tasks.finetune import finetune, training_markdown, training_summary
 from domaintune.tasks.ingest import ingest
@@ -86,7 +85,7 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         get_run_logger().info(message)
         return Completed(name="Superseded", message=message)
     # a registry://NAME@production base is one version for the whole run
-    config = pin(config, Store.of(config))
+    config = pin(config)
     stages: list[StageRecord] = []
     raw = call_stage(ingest_task, stages, config)
     validation = call_stage(validate_task, stages, config, raw)

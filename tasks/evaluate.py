@@ -361,8 +361,9 @@ def render_markdown(
     lines = [
         f"# Evaluation on {doc['test_rows']} test rows",
         "",
-        f"Primary metric: **{doc['primary_metric']}**. Base model: `{doc['base_model']}` with an "
-        "untrained head initialised from the same seed.",
+        f"Primary metric: **{doc['primary_metric']}**. Base model: `{doc['base_model']}` as "
+        "fine-tuning started from it (a new task head: untrained, initialised from the same "
+        "seed; a registered model's fitting head: as registered).",
         "",
         "| metric | base | fine-tuned | gain |",
         "|---|---|---|---|",

@@ -180,7 +180,7 @@ def production_cluster(
     for dep in doc["deployments"]:
         cfg = dep["parameters"]["config"]
         cfg["store"] = store
-        if cfg["domain"] == "finance":
+        if cfg.get("domain") == "finance":
             dep["parameters"]["config"] = finance_config(store, f"{landing}/finance/*.csv")
     root.mkdir(parents=True, exist_ok=True)
     prefect_file = root / "prefect.yaml"

@@ -93,36 +93,56 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def s3_server(log_dir: Path, env: dict[str, str] | None = None) -> Iterator[S3Server]:
-    """moto's S3 API server on a free loopback port (``env``: e.g. INITIAL_NO_AUTH_ACTION_COUNT
-    to make it check credentials)."""
-    port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    out = open(log_dir / f"moto-{port}.log", "w")  # noqa: SIM115
+def http_service(
+    name: str,
+    cmd: list[str],
+    ready_url: str,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    cwd: Path | None = None,
+) -> Iterator[subprocess.Popen]:
+    """Start ``cmd`` (a server on a loopback port), wait until ``ready_url`` answers (within
+    ``timeout`` seconds; its log in the error otherwise), and stop it afterwards."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log_path, "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        cmd,
         stdout=out,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
         start_new_session=True,
     )
-    endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + timeout
         while True:
             try:
-                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+                with urllib.request.urlopen(ready_url, timeout=2):
                     break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
                     raise RuntimeError(
-                        f"moto server did not start: {(log_dir / f'moto-{port}.log').read_text()}"
+                        f"{name} did not start: {log_path.read_text()[-2000:]}"
                     ) from None
                 time.sleep(0.3)
-        yield S3Server(endpoint=endpoint, proc=proc)
+        yield proc
     finally:
         stop(proc)
         out.close()
+
+
+@contextlib.contextmanager
+def s3_server(log_dir: Path, env: dict[str, str] | None = None) -> Iterator[S3Server]:
+    """moto's S3 API server on a free loopback port (``env``: e.g. INITIAL_NO_AUTH_ACTION_COUNT
+    to make it check credentials)."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with http_service(
+        "moto server", cmd, f"{endpoint}/moto-api/", log_dir / f"moto-{port}.log", env
+    ) as proc:
+        yield S3Server(endpoint=endpoint, proc=proc)
 
 
 # ----------------------------------------------------------------------------- PostgreSQL

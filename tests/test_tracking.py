@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +16,7 @@ import pytest
 
 from domaintune.errors import ConfigError
 from tests.conftest import write_csv
-from tests.services import free_port, stop
+from tests.services import free_port, http_service
 
 
 @contextlib.contextmanager
@@ -28,32 +25,21 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     port of 127.0.0.1; its URI."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    out = open(folder / "mlflow.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=out, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(
-                        f"mlflow server did not start: {(folder / 'mlflow.log').read_text()[-2000:]}"
-                    ) from None
-                time.sleep(0.5)
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server",
+           "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+           "--artifacts-destination", str(folder / "artifacts"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    with http_service(
+        "mlflow server",
+        cmd,
+        f"{uri}/health",
+        folder / "mlflow.log",
+        {"MLFLOW_DISABLE_TELEMETRY": "true"},
+        timeout=120,
+        cwd=folder,
+    ):
         yield uri
-    finally:
-        stop(proc)
-        out.close()
 
 
 @pytest.fixture(scope="module")
