@@ -23,6 +23,7 @@ TaskType = Literal[
     "token_classification",
     "question_answering",
     "causal_lm",
+    "masked_lm",
     "instruction_tuning",
 ]
 
@@ -33,6 +34,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "token_classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
     "question_answering": ("f1", "exact_match"),
     "causal_lm": ("perplexity",),
+    "masked_lm": ("perplexity", "masked_accuracy"),
     "instruction_tuning": ("rougeL", "bleu"),
 }
 #: Task types whose classification head training.strategy.head can replace.
@@ -45,6 +47,7 @@ DEFAULT_MODELS: dict[str, str] = {
     "token_classification": "sentence-transformers/all-MiniLM-L6-v2",
     "question_answering": "sentence-transformers/all-MiniLM-L6-v2",
     "causal_lm": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "masked_lm": "sentence-transformers/all-MiniLM-L6-v2",
     "instruction_tuning": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
@@ -75,6 +78,19 @@ class TaskConfig(_Section):
     allow_unanswerable: bool = Field(
         False,
         description="question_answering: questions without an answer in the context are valid.",
+    )
+    mlm_probability: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="masked_lm: share of the tokens (or words) masked in each block, anew in "
+        "every batch during training, once with a fixed seed for evaluation.",
+    )
+    whole_word_masking: bool = Field(
+        True,
+        description="masked_lm: mask all pieces of a word together (each masked piece becomes "
+        "the mask token) instead of single tokens (80% mask token, 10% a random token, 10% "
+        "kept, as BERT and RoBERTa).",
     )
 
     @field_validator("labels")
@@ -184,7 +200,8 @@ class ModelConfig(_Section):
         "to the installed package. Or a registered model of this store: "
         "registry://NAME@production, registry://NAME@latest, registry://NAME@vNNNN (chaining: a "
         "head of another task or label set is replaced by a fresh one). Default: "
-        "all-MiniLM-L6-v2 for classification tasks, SmolLM2-135M-Instruct for causal_lm.",
+        "all-MiniLM-L6-v2 for classification tasks and masked_lm, SmolLM2-135M-Instruct for "
+        "causal_lm.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(

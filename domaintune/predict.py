@@ -20,7 +20,8 @@ Columns added per task type: ``text_classification``: ``predicted``, ``confidenc
 ``question`` and ``context``): ``answer``, ``answer_start`` / ``answer_end`` in the context,
 ``answer_score``, ``no_answer``; ``causal_lm``: ``perplexity_tokens`` scored and ``perplexity``
 per document; ``instruction_tuning`` (chat ``messages``, ``instruction`` [+ ``input``] or a
-prompt in the text column): ``generated``.
+prompt in the text column): ``generated``. ``masked_lm`` models are not served (they are
+encoders to fine-tune further): predict says so in one line.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ _HEADS = {
     "ForTokenClassification": "token_classification",
     "ForQuestionAnswering": "question_answering",
     "ForCausalLM": "causal_lm",
+    "ForMaskedLM": "masked_lm",  # known, so that predict says it does not serve it
 }
 
 

@@ -76,9 +76,12 @@ def plan(
 
 def scored_as(config: RetrainConfig) -> Any:
     """What decides how a model is scored besides the data and the model: the task type, and
-    for question answering whether "no answer" is a possible answer."""
+    for question answering whether "no answer" is a possible answer, for masked_lm how the
+    test split is masked."""
     if config.task.type == "question_answering" and config.task.allow_unanswerable:
         return [config.task.type, "no answer possible"]
+    if config.task.type == "masked_lm":
+        return [config.task.type, config.task.mlm_probability, config.task.whole_word_masking]
     return config.task.type
 
 

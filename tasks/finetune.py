@@ -69,6 +69,13 @@ def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedMod
         splits.fingerprint,
         splits.labels,
         config.task.type,
+        # masked_lm: how the collator masks is part of what is learned (no term for the
+        # other task types: their keys stay what they were)
+        *(
+            [config.task.model_dump(include={"mlm_probability", "whole_word_masking"})]
+            if config.task.type == "masked_lm"
+            else []
+        ),
         base_fp,
         config.model.trust_remote_code,
         # where rank 0 listens and how hosts are reached do not change what is learned
@@ -138,6 +145,7 @@ def _run(
     tracker = TrainingTracker.start(config, key, work, attempts, attempt)
     spec = {
         "task_type": config.task.type,
+        "task": config.task.model_dump(mode="json"),
         "labels": splits.labels,
         "model_path": base.path,
         "trust_remote_code": config.model.trust_remote_code,

@@ -30,9 +30,13 @@ def get_task_type(name: str) -> TaskType:
         from domaintune.tasktypes.causal_lm import CausalLM
 
         return CausalLM()
+    if name == "masked_lm":
+        from domaintune.tasktypes.masked_lm import MaskedLM
+
+        return MaskedLM()
     raise ConfigError(
         f"task.type: unknown task type {name!r}; allowed: text_classification, "
-        "token_classification, question_answering, causal_lm, instruction_tuning"
+        "token_classification, question_answering, causal_lm, masked_lm, instruction_tuning"
     )
 
 

@@ -144,7 +144,9 @@ class TaskType(ABC):
         }
 
     @abstractmethod
-    def collator(self, tokenizer: Any) -> Any: ...
+    def collator(self, tokenizer: Any, settings: Any = None) -> Any:
+        """The training batches' collator; ``settings``: the run's ``task`` section (how
+        masked_lm masks, say)."""
 
     @abstractmethod
     def compute_metrics(

@@ -124,7 +124,7 @@ class CausalLM(TaskType):
         return packed, stats
 
     # -- train / evaluate ------------------------------------------------------
-    def collator(self, tokenizer: Any) -> Any:
+    def collator(self, tokenizer: Any, settings: Any = None) -> Any:
         from transformers import default_data_collator
 
         return default_data_collator  # blocks all have the same length

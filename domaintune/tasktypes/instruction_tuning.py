@@ -211,7 +211,7 @@ class InstructionTuning(TaskType):
         return out
 
     # -- train / evaluate ------------------------------------------------------
-    def collator(self, tokenizer: Any) -> Any:
+    def collator(self, tokenizer: Any, settings: Any = None) -> Any:
         from transformers import DataCollatorForSeq2Seq
 
         if tokenizer.pad_token is None:

@@ -298,7 +298,7 @@ class QuestionAnswering(TaskType):
         return out
 
     # -- train / evaluate ------------------------------------------------------
-    def collator(self, tokenizer: Any) -> Any:
+    def collator(self, tokenizer: Any, settings: Any = None) -> Any:
         from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)

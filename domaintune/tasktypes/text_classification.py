@@ -152,7 +152,7 @@ class TextClassification(TaskType):
         return {**enc, **{k: batch[k] for k in self._keep}}
 
     # -- train / evaluate ------------------------------------------------------
-    def collator(self, tokenizer: Any) -> Any:
+    def collator(self, tokenizer: Any, settings: Any = None) -> Any:
         from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)

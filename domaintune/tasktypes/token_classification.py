@@ -234,7 +234,7 @@ class TokenClassification(TaskType):
         return out
 
     # -- train / evaluate ------------------------------------------------------
-    def collator(self, tokenizer: Any) -> Any:
+    def collator(self, tokenizer: Any, settings: Any = None) -> Any:
         from transformers import DataCollatorForTokenClassification
 
         return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8)

@@ -281,7 +281,7 @@ def run(spec: dict[str, Any]) -> None:
     from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from domaintune.config import TrainingConfig
+    from domaintune.config import TaskConfig, TrainingConfig
     from domaintune.tasktypes import get_task_type
     from domaintune.training import strategies
 
@@ -397,7 +397,7 @@ def run(spec: dict[str, Any]) -> None:
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=task.collator(tokenizer),
+        data_collator=task.collator(tokenizer, TaskConfig.model_validate(spec["task"])),
         compute_metrics=None if loss_only else compute_metrics,
         callbacks=callbacks,
     )
