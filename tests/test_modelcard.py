@@ -250,6 +250,7 @@ def test_every_task_type_has_a_pipeline_tag():
         "token_classification": "token-classification",
         "question_answering": "question-answering",
         "causal_lm": "text-generation",
+        "masked_lm": "fill-mask",
         "instruction_tuning": "text-generation",
     }
 
