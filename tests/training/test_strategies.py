@@ -147,6 +147,7 @@ def _batch(task: str) -> dict[str, torch.Tensor]:
         "question_answering",
         "causal_lm",
         "instruction_tuning",
+        "masked_lm",
     ],
 )
 @pytest.mark.parametrize(
