@@ -75,14 +75,10 @@ def plan(
 
 
 def scored_as(config: RetrainConfig) -> Any:
-    """What decides how a model is scored besides the data and the model: the task type, and
-    for question answering whether "no answer" is a possible answer, for masked_lm how the
-    test split is masked."""
-    if config.task.type == "question_answering" and config.task.allow_unanswerable:
-        return [config.task.type, "no answer possible"]
-    if config.task.type == "masked_lm":
-        return [config.task.type, config.task.mlm_probability, config.task.whole_word_masking]
-    return config.task.type
+    """What decides how a model is scored besides the data and the model: the task type and
+    the task settings its scoring reads (``TaskType.scoring_settings``: none for most)."""
+    extra = get_task_type(config.task.type).scoring_settings(config.task)
+    return config.task.type if extra is None else [config.task.type, extra]
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from domaintune.manifests import ModelArtifact, SplitManifest
 from domaintune.models import ResolvedModel, resolve_config_model, resolve_model
 from domaintune.redaction import redact
 from domaintune.store import Store, atomic_write_text
+from domaintune.tasktypes import get_task_type
 from domaintune.tracking import TrainingTracker
 from domaintune.training.checkpoints import CheckpointMirror, latest_complete_checkpoint
 from domaintune.training.checks import verify_saved_model
@@ -63,19 +64,16 @@ def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedMod
     base = resolve_config_model(config)
     base_fp = base.fingerprint()
     embeddings_from = config.training.strategy.init_embeddings_from
+    # task settings that change what is learned (masked_lm's masking)
+    learned = get_task_type(config.task.type).learning_settings(config.task)
     key = hash_obj(
         STAGE,
         VERSION,
         splits.fingerprint,
         splits.labels,
         config.task.type,
-        # masked_lm: how the collator masks is part of what is learned (no term for the
-        # other task types: their keys stay what they were)
-        *(
-            [config.task.model_dump(include={"mlm_probability", "whole_word_masking"})]
-            if config.task.type == "masked_lm"
-            else []
-        ),
+        # no term where the task type learns from no settings: those keys stay as they were
+        *([learned] if learned is not None else []),
         base_fp,
         config.model.trust_remote_code,
         # where rank 0 listens and how hosts are reached do not change what is learned

@@ -143,6 +143,16 @@ class TaskType(ABC):
             "label2id": {lab: i for i, lab in enumerate(labels)},
         }
 
+    def learning_settings(self, settings: Any) -> dict[str, Any] | None:
+        """The task settings (``settings``: the run's ``task`` section) beyond the data that
+        change what training learns: part of the finetune key. None: none do."""
+        return None
+
+    def scoring_settings(self, settings: Any) -> dict[str, Any] | None:
+        """The task settings that change how a model is scored: part of the evaluation keys.
+        None: none do."""
+        return None
+
     @abstractmethod
     def collator(self, tokenizer: Any, settings: Any = None) -> Any:
         """The training batches' collator; ``settings``: the run's ``task`` section (how

@@ -154,6 +154,12 @@ class MaskedLM(CausalLM):
     auto_model = "AutoModelForMaskedLM"
     model_columns = ("input_ids", "attention_mask")
 
+    def learning_settings(self, settings: Any) -> dict[str, Any]:
+        """How the collator masks is part of what is learned, and of what is scored."""
+        return {k: getattr(settings, k) for k in ("mlm_probability", "whole_word_masking")}
+
+    scoring_settings = learning_settings
+
     # -- preprocess -----------------------------------------------------------
     def tokenize(
         self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]

@@ -298,6 +298,10 @@ class QuestionAnswering(TaskType):
         return out
 
     # -- train / evaluate ------------------------------------------------------
+    def scoring_settings(self, settings: Any) -> dict[str, Any] | None:
+        """Whether "no answer" may win (``best_answers``); None for the default rule."""
+        return {"allow_unanswerable": True} if settings.allow_unanswerable else None
+
     def collator(self, tokenizer: Any, settings: Any = None) -> Any:
         from transformers import DataCollatorWithPadding
 
