@@ -219,34 +219,43 @@ def _fail(
 
 
 def _validate(args: argparse.Namespace, config: Any) -> int:
+    from domaintune.recipes import stage_configs
     from domaintune.store import Store
     from domaintune.tasks.ingest import ingest
     from domaintune.tasks.validate import validate
 
     store = Store.of(config)
-    try:
-        raw = ingest(config, store)
-        report = validate(config, raw, store)
-    except DomainTuneError as exc:
-        return _fail(args, exc, 2)
-    doc = {
-        "status": "passed",
-        "rows": raw.rows,
-        "label_counts": raw.label_counts,
-        "raw_snapshot": raw.table,
-        "validation_report": report.report_markdown,
-        "expectations": report.evaluated,
-        "quarantined_rows": report.quarantined_rows,
-        "quarantine_table": report.quarantine_table,
-        "notes": raw.notes,
-    }
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
+    docs = []
+    for stage in stage_configs(config):  # a multi-stage recipe: every stage's data
+        try:
+            raw = ingest(stage.config, store)
+            report = validate(stage.config, raw, store)
+        except DomainTuneError as exc:
+            if stage.name is not None:
+                exc.args = (f"stage {stage.name}: {exc}",)
+            return _fail(args, exc, 2)
+        doc = {
+            **({"stage": stage.name} if stage.name is not None else {}),
+            "status": "passed",
+            "rows": raw.rows,
+            "label_counts": raw.label_counts,
+            "raw_snapshot": raw.table,
+            "validation_report": report.report_markdown,
+            "expectations": report.evaluated,
+            "quarantined_rows": report.quarantined_rows,
+            "quarantine_table": report.quarantine_table,
+            "notes": raw.notes,
+        }
+        docs.append(doc)
+        if args.json:
+            continue
+        where = f" stage {stage.name} ({stage.config.task.type})" if stage.name else ""
         print(
-            f"{config.name}: data contract passed ({report.evaluated} expectations, {raw.rows} rows)"
+            f"{config.name}{where}: data contract passed ({report.evaluated} expectations, "
+            f"{raw.rows} rows)"
         )
-        print(f"  labels: {', '.join(f'{k} {v}' for k, v in raw.label_counts.items())}")
+        if raw.label_counts:
+            print(f"  labels: {', '.join(f'{k} {v}' for k, v in raw.label_counts.items())}")
         for note in raw.notes:
             print(f"  note: {note}")
         if report.quarantined_rows:
@@ -255,6 +264,9 @@ def _validate(args: argparse.Namespace, config: Any) -> int:
                 f"({100 * report.quarantine_share:.2f}%) -> {report.quarantine_table}"
             )
         print(f"  report: {report.report_markdown}")
+    if args.json:
+        out = docs[0] if len(docs) == 1 else {"status": "passed", "stages": docs}
+        print(json.dumps(out, indent=2))
     return 0
 
 
@@ -474,16 +486,27 @@ def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _num(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, int | float) else "-"
+
+
 def render_summary(s: dict[str, Any]) -> str:
     lines = [
         f"retrain {s['name']!r} (domain {s['domain']}): {s['status'].upper()} in {s['seconds']:.1f} s"
         f"   [flow run {s['run_id']}]",
         "",
-        "  stage        cached   seconds",
     ]
+    width = max([12, *(len(st["name"]) for st in s["stages"])])
+    lines.append(f"  {'stage':<{width}} cached   seconds")
     for st in s["stages"]:
         lines.append(
-            f"  {st['name']:<12} {'yes' if st['cached'] else 'no':<8} {st['seconds']:>7.1f}"
+            f"  {st['name']:<{width}} {'yes' if st['cached'] else 'no':<8} {st['seconds']:>7.1f}"
+        )
+    for r in s.get("recipe") or []:  # a multi-stage recipe's earlier stages
+        e = r["evaluation"]
+        lines.append(
+            f"  stage {r['stage']} ({r['task']}): test {e['primary_metric']} "
+            f"{_num(e['base'])} -> {_num(e['finetuned'])}"
         )
     t = s.get("training") or {}
     if t:

@@ -692,6 +692,12 @@ class RetrainConfig(_Section):
         default_factory=TrackingConfig,
         description="Experiment tracking (TensorBoard, MLflow); never part of a cache key.",
     )
+    stages: list[dict[str, Any]] | None = Field(
+        None,
+        description="A multi-stage recipe (domaintune.recipes): stages run in order, each "
+        "the config above with the stage's own sections merged on, each starting from the "
+        "previous stage's model; only the last is registered.",
+    )
 
     @model_validator(mode="after")
     def _credentials_by_reference(self) -> RetrainConfig:
@@ -705,6 +711,14 @@ class RetrainConfig(_Section):
                 "it as ${env:NAME} (Prefect stores a run's parameters as given and shows them "
                 "in its UI)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _stages_run(self) -> RetrainConfig:
+        if self.stages is not None:
+            from domaintune.recipes import check_stages
+
+            check_stages(self)
         return self
 
     @model_validator(mode="after")
@@ -828,12 +842,18 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         src = strategy["init_embeddings_from"]
         if (base / src).exists():  # a local folder; otherwise a hub id or pkg:// URL
             strategy["init_embeddings_from"] = fix(src)
+    for stage in data.get("stages") or []:  # a recipe's stages name files too
+        if isinstance(stage, dict):
+            _resolve_relative_paths(stage, base)
 
 
 def format_validation_error(exc: ValidationError, origin: str) -> str:
     lines = [f"{origin}: invalid config ({exc.error_count()} problem(s))"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if not err["loc"] and err["type"] == "value_error":  # a rule across keys names its keys
+            lines.append(f"  {str(err['msg']).removeprefix('Value error, ')}")
+            continue
         if err["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key{_suggest(err['loc'])}")
         elif err["type"] == "missing":

@@ -177,5 +177,7 @@ class RunSummary(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     #: Whether code shipped with the model was allowed to run (model.trust_remote_code).
     trust_remote_code: bool = False
+    #: A multi-stage recipe's earlier stages (domaintune.recipes.stage_record), in order.
+    recipe: list[dict[str, Any]] = Field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None

@@ -82,8 +82,10 @@ def write_model_card(
         for k, v in doc["finetuned"].items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     ]
+    chain = lineage.get("stages") or []  # a multi-stage recipe starts from its first base
+    origin = chain[0]["base_model"]["name"] if chain else model.base_model
     data = ModelCardData(
-        base_model=hub_name(model.base_model),
+        base_model=hub_name(origin),
         pipeline_tag=pipeline_tag,
         library_name="transformers",
         datasets=data_ids,
@@ -94,6 +96,7 @@ def write_model_card(
     lines = [
         *_evaluation(config, model, doc, metric_rows(doc), registration),
         *_training(config, model, doc),
+        *_stages(chain, config, doc),
         *_data(config, raw, splits),
         *_lineage(lineage),
         _loading(Path(folder), task, model, registration).rstrip(),
@@ -294,6 +297,37 @@ def _data(config: RetrainConfig, raw: RawSnapshot, splits: SplitManifest) -> lis
             [k, *(splits.splits[n].label_counts.get(k, 0) for n in names)] for k in keys
         ])]  # fmt: skip
     return lines
+
+
+def _stages(chain: list[dict[str, Any]], config: RetrainConfig, doc: dict[str, Any]) -> list[str]:
+    """A multi-stage recipe: each stage, what it learned from and its own test figure."""
+    if not chain:
+        return []
+    m = config.evaluation.primary_metric
+    rows = [
+        [
+            f"{i + 1}. {r['stage']}",
+            r["task"],
+            r["model"].get("strategy") or "-",
+            f"{r['raw_snapshot']['rows']} rows, {r['held_out_of_final_stage']} left out",
+            f"{r['evaluation']['primary_metric']} {_num(r['evaluation']['base'])} -> "
+            f"{_num(r['evaluation']['finetuned'])}",
+        ]
+        for i, r in enumerate(chain)
+    ]
+    rows.append([
+        f"{len(chain) + 1}. (this model)", config.task.type, config.training.strategy.kind,
+        "-", f"{m} {_num(doc['base'].get(m))} -> {_num(doc['finetuned'].get(m))}",
+    ])  # fmt: skip
+    return [
+        "",
+        "## Training stages",
+        "",
+        "Trained in stages, each starting from the model the stage before it trained; "
+        "\"left out\": rows whose text is in this model's validation or test split.",
+        "",
+        *_table(["stage", "task", "strategy", "data", "test metric (start -> end)"], rows),
+    ]
 
 
 def _lineage(lineage: dict[str, Any]) -> list[str]:

@@ -50,9 +50,13 @@ class ResolvedModel:
 
     name: str
     path: str
+    #: the content fingerprint already on record (a store entry's manifest), if any
+    known_fingerprint: str | None = None
 
     def fingerprint(self) -> str:
         """Content of everything that defines the model (weights, config, tokenizer)."""
+        if self.known_fingerprint:
+            return self.known_fingerprint
         root = Path(self.path)
         names = sorted(
             str(p.relative_to(root))
@@ -83,6 +87,8 @@ def resolve_model(
         from domaintune.chaining import resolve_registered
 
         return resolve_registered(spec, store)
+    if spec.startswith(STORE_SCHEME):
+        return _store_entry(spec, store)
     if spec in PACKAGED_MODELS:
         try:
             path = resolve_package_path(PACKAGED_MODELS[spec])
@@ -134,6 +140,23 @@ def resolve_model(
             f"model{hint}: {type(exc).__name__}"
         ) from None
     return ResolvedModel(name=name_or_path, path=_safe_weights(path))
+
+
+#: A model a stage of this run trained (domaintune.recipes): ``store://finetune/<key>``.
+STORE_SCHEME = "store://"
+
+
+def _store_entry(spec: str, store: Store | None) -> ResolvedModel:
+    stage, _, key = spec[len(STORE_SCHEME) :].partition("/")
+    rule = "rule: store://finetune/<key> names a complete finetune entry of the run's store"
+    if stage != "finetune" or not key or "/" in key:
+        raise ModelError(f"model.name_or_path {spec}: not a store reference; {rule}")
+    manifest = store.cached_manifest(stage, key) if store is not None else None
+    if manifest is None:
+        where = f"in {store.url_of(stage, key)}" if store is not None else "(no store given)"
+        raise ModelError(f"model.name_or_path {spec}: no complete entry {where}; {rule}")
+    # the trained model's own fingerprint (the entry also holds its logs)
+    return ResolvedModel(spec, manifest["model_dir"], known_fingerprint=manifest["fingerprint"])
 
 
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

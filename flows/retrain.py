@@ -25,11 +25,12 @@ from domaintune.manifests import (
     ValidationReport,
 )
 from domaintune.orchestration import call_stage, stage_task, superseded_by
+from domaintune.recipes import Stage, from_previous, stage_configs, stage_record
 from domaintune.redaction import redact, redact_obj
 from domaintune.tasks.evaluate import evaluate, metric_rows
 from domaintune.tasks.finetune import finetune, training_markdown, training_summary
 from domaintune.tasks.ingest import ingest
-from domaintune.tasks.preprocess import preprocess
+from domaintune.tasks.preprocess import HeldOut, preprocess
 from domaintune.tasks.register import register
 from domaintune.tasks.validate import validate
 from domaintune.tracking import finish_run
@@ -87,20 +88,45 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
     # a registry://NAME@production base is one version for the whole run
     config = pin(config)
     stages: list[StageRecord] = []
-    raw = call_stage(ingest_task, stages, config)
-    validation = call_stage(validate_task, stages, config, raw)
-    splits = call_stage(preprocess_task, stages, config, raw, validation=validation)
-    model = call_stage(finetune_task, stages, config, splits)
-    evaluation = call_stage(evaluate_task, stages, config, splits, model)
+    recipe = stage_configs(config)  # one stage, or a multi-stage recipe (domaintune.recipes)
+
+    def named(t: Any, stage: Stage) -> Any:  # "dapt-finetune" for an earlier stage
+        return t.with_options(name=stage.label(t.name))
+
+    # every stage's data is read and checked before anything trains
+    data = []
+    for stage in recipe:
+        raw = call_stage(named(ingest_task, stage), stages, stage.config)
+        validation = call_stage(named(validate_task, stage), stages, stage.config, raw)
+        data.append((raw, validation))
+    # no earlier stage trains on the text the final model is validated or tested on
+    held_out = HeldOut(recipe[-1].config, *data[-1]) if len(recipe) > 1 else None
+    chain: list[dict[str, Any]] = []
+    model = None
+    for stage, (raw, validation) in zip(recipe, data, strict=True):
+        cfg = stage.config if model is None else from_previous(stage, model.key)
+        splits = call_stage(
+            named(preprocess_task, stage),
+            stages,
+            cfg,
+            raw,
+            validation=validation,
+            **({} if stage.final else {"held_out": held_out}),
+        )
+        model = call_stage(named(finetune_task, stage), stages, cfg, splits)
+        evaluation = call_stage(named(evaluate_task, stage), stages, cfg, splits, model)
+        if not stage.final:
+            chain.append(stage_record(stage, cfg, raw, splits, model, evaluation))
     registration = call_stage(
         register_task,
         stages,
-        config,
+        cfg,
         raw,
         splits,
         model,
         evaluation,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
+        **({"recipe": config, "chain": chain} if chain else {}),
     )
     summary = RunSummary(
         run_id=str(flow_run.id) if flow_run.id else None,
@@ -126,6 +152,7 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         quarantine_table=validation.quarantine_table,
         training=training_summary(model),
         trust_remote_code=config.model.trust_remote_code,
+        recipe=chain,
         seconds=round(time.perf_counter() - t0, 3),
     )
     finish_run(config, summary, model, registration)  # tracking.report_to: the MLflow run

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -40,8 +40,46 @@ VERSION = "2"  # 2: splits keep _example ids (windows of long examples)
 SPLITS = ("train", "validation", "test")
 
 
+class HeldOut(NamedTuple):
+    """The data of a recipe's final stage: its validation and test texts are left out of an
+    earlier stage's data (domaintune.recipes)."""
+
+    config: RetrainConfig
+    raw: RawSnapshot
+    validation: ValidationReport | None = None
+
+    def fingerprint(self) -> str:
+        """What decides the final stage's held-out texts: its data and how it splits."""
+        c = self.config
+        return hash_obj(
+            "held-out",
+            VERSION,
+            self.raw.fingerprint,
+            self.validation.quarantine_fingerprint if self.validation else None,
+            self.raw.labels,
+            c.task.type,
+            c.preprocess.model_dump(exclude={"num_proc"}),
+            _split_settings(c),
+        )
+
+    def texts(self) -> set[str]:
+        parts, _ = split_parts(self.config, self.raw, self.validation)
+        return {t for name in ("validation", "test") for t in parts[name]["text"]}
+
+
+def _split_settings(config: RetrainConfig) -> dict[str, Any]:
+    return {
+        "seed": config.training.seed,
+        "test_size": config.evaluation.test_size,
+        "val_size": config.evaluation.val_size,
+    }
+
+
 def plan(
-    config: RetrainConfig, raw: RawSnapshot, validation: ValidationReport | None = None
+    config: RetrainConfig,
+    raw: RawSnapshot,
+    validation: ValidationReport | None = None,
+    held_out: HeldOut | None = None,
 ) -> tuple[str, ResolvedModel, str]:
     model = resolve_config_model(config)
     tok_fp = model.tokenizer_fingerprint()
@@ -51,15 +89,14 @@ def plan(
         VERSION,
         raw.fingerprint,
         *([{"quarantined": quarantined}] if quarantined else []),
+        *([{"held_out": held_out.fingerprint()}] if held_out is not None else []),
         raw.labels,
         config.task.type,
         config.preprocess.model_dump(exclude={"num_proc"}),
         {
             "max_length": config.training.max_length,
             "stride": config.task.stride,
-            "seed": config.training.seed,
-            "test_size": config.evaluation.test_size,
-            "val_size": config.evaluation.val_size,
+            **_split_settings(config),
         },
         tok_fp,
         library_versions("transformers", "tokenizers", "datasets"),
@@ -139,30 +176,28 @@ def preprocess(
     raw: RawSnapshot,
     store: Store,
     validation: ValidationReport | None = None,
+    held_out: HeldOut | None = None,
 ) -> SplitManifest:
     """``validation``: the rows its quarantine lists (data.on_invalid: quarantine) are left
-    out of every split."""
-    key, model, tok_fp = plan(config, raw, validation)
+    out of every split. ``held_out``: a recipe's final stage, whose validation and test
+    texts are left out of this (earlier) stage's data."""
+    key, model, tok_fp = plan(config, raw, validation, held_out)
     return store.compute_once(
         STAGE,
         key,
         SplitManifest,
-        lambda: _run(config, raw, store, key, model, tok_fp, validation),
+        lambda: _run(config, raw, store, key, model, tok_fp, validation, held_out),
     )
 
 
-def _run(
+def split_parts(
     config: RetrainConfig,
     raw: RawSnapshot,
-    store: Store,
-    key: str,
-    model: ResolvedModel,
-    tok_fp: str,
     validation: ValidationReport | None = None,
-) -> SplitManifest:
-    from datasets import Dataset, disable_progress_bars
-
-    disable_progress_bars()
+    held_out: HeldOut | None = None,
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """The raw snapshot cleaned, de-duplicated and split (before tokenization), and what
+    was dropped on the way."""
     task = get_task_type(config.task.type)
     labels = raw.labels
     df = pd.read_parquet(raw.table)
@@ -188,6 +223,10 @@ def _run(
         stats["dropped_duplicates"] = int(dup.sum())
         stats["duplicate_texts_with_conflicting_labels"] = int((conflicting > 1).sum())
         df = df[~dup]
+    if held_out is not None:  # never train an earlier stage on the final stage's held-out text
+        kept = ~df["text"].isin(held_out.texts())
+        stats["held_out_of_final_stage"] = int((~kept).sum())
+        df = df[kept]
     if predefined:
         parts = {name: df[df["_split"] == name].drop(columns="_split") for name in SPLITS}
         if parts["validation"].empty:  # carve validation from train, stratified as usual
@@ -216,6 +255,25 @@ def _run(
                 "rows per label for train, validation and test (add data or change "
                 "evaluation.test_size / val_size)"
             )
+    return parts, stats
+
+
+def _run(
+    config: RetrainConfig,
+    raw: RawSnapshot,
+    store: Store,
+    key: str,
+    model: ResolvedModel,
+    tok_fp: str,
+    validation: ValidationReport | None = None,
+    held_out: HeldOut | None = None,
+) -> SplitManifest:
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    task = get_task_type(config.task.type)
+    labels = raw.labels
+    parts, stats = split_parts(config, raw, validation, held_out)
     tokenizer = load_fast_tokenizer(model, config.model.trust_remote_code)
     splits: dict[str, SplitInfo] = {}
     with store.writer(STAGE, key) as w:

@@ -217,7 +217,12 @@ def register(
     evaluation: EvaluationReport,
     store: Store,
     flow_run_id: str | None = None,
+    recipe: RetrainConfig | None = None,
+    chain: list[dict[str, Any]] | None = None,
 ) -> Registration:
+    """``config`` is the final stage's; for a multi-stage recipe ``recipe`` is the whole
+    config (what ``config.yaml`` keeps, to run again) and ``chain`` the earlier stages (in
+    the lineage)."""
     key = plan(config, model, evaluation)
     registry = Registry(store, config.name)
     with registry.lock():
@@ -254,9 +259,13 @@ def register(
             shutil.copy2(evaluation.metrics_json, staged / "metrics.json")
             shutil.copy2(evaluation.report_markdown, staged / "evaluation.md")
             (staged / "config.yaml").write_text(
-                yaml.safe_dump(redact_obj(config.model_dump(mode="json")), sort_keys=False)
+                yaml.safe_dump(
+                    redact_obj((recipe or config).model_dump(mode="json")), sort_keys=False
+                )
             )
             lineage = _lineage(flow_run_id, raw, splits, model, evaluation)
+            if chain:  # a multi-stage recipe: the stages that led to this model, in order
+                lineage["stages"] = chain
             (staged / "lineage.json").write_text(json.dumps(redact_obj(lineage), indent=2))
             # the model card: a new file (never the finetune entry's), uploaded, not server-copied
             write_model_card(
