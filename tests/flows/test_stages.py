@@ -177,3 +177,32 @@ def test_stages_chain_are_cached_and_only_the_last_is_registered(tmp_path, make_
     assert not cached["classify-finetune"] and not cached["finetune"], cached
     assert again["recipe"][0]["model"]["key"] == dapt["model"]["key"]
     assert again["version"] == "v0002"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_a_broken_stage_fails_before_anything_trains(tmp_path, make_config, rows):
+    from domaintune.errors import ContractViolation
+    from domaintune.flows.retrain import retrain
+    from tests.test_cli import cli, write_config
+
+    first = write_csv(tmp_path / "news.csv", rows(12))
+    fine = cli("validate", write_config(tmp_path / "ok.yaml", recipe(make_config, first, first)))
+    assert fine.returncode == 0, fine.stderr[-2000:]
+    assert [ln.split(":")[0] for ln in fine.stdout.splitlines() if "contract passed" in ln] == [
+        "test-uc stage dapt (masked_lm)",
+        "test-uc stage classify (text_classification)",
+        "test-uc stage attention (text_classification)",
+    ]
+    broken = rows(12, seed=5)
+    broken[2]["label"] = "sideways"
+    cfg = recipe(make_config, first, write_csv(tmp_path / "more.csv", broken))
+    said = cli("validate", write_config(tmp_path / "bad.yaml", cfg), "--json")
+    assert said.returncode == 2
+    error = json.loads(said.stdout)["error"]
+    assert error.startswith("stage attention: ") and "more.csv row 3: 'sideways'" in error, error
+    # the flow checks the last stage's data before the first stage trains
+    with pytest.raises(ContractViolation, match="more.csv row 3"):
+        retrain(cfg)
+    finetuned = Path(cfg.store.root) / "finetune"
+    assert not finetuned.exists() or not [p for p in finetuned.iterdir() if p.name[0] != "."]
