@@ -324,7 +324,7 @@ def _stages(chain: list[dict[str, Any]], config: RetrainConfig, doc: dict[str, A
         "## Training stages",
         "",
         "Trained in stages, each starting from the model the stage before it trained; "
-        "\"left out\": rows whose text is in this model's validation or test split.",
+        '"left out": rows whose text is in this model\'s validation or test split.',
         "",
         *_table(["stage", "task", "strategy", "data", "test metric (start -> end)"], rows),
     ]
