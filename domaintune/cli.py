@@ -2,6 +2,7 @@
 
     domaintune run CONFIG.yaml [--set key.path=value ...] [--json]
     domaintune validate CONFIG.yaml [--set key.path=value ...] [--json]
+    domaintune tune CONFIG.yaml [--trials N] [--set key.path=value ...] [--json]
     domaintune models list [NAME] | show NAME VERSION | promote NAME VERSION | rollback NAME
         [--store ROOT | --config CONFIG.yaml] [--json]
     domaintune predict MODEL INPUT... [--out FILE] [--store ROOT | --config CONFIG.yaml] [--json]
@@ -47,9 +48,21 @@ def _parser() -> argparse.ArgumentParser:
             "run the retrain flow (ingest, validate, preprocess, finetune, evaluate, register)",
         ),
         ("validate", "ingest and validate the data against its contract; no training"),
+        (
+            "tune",
+            "the tune flow: search training settings (tune.space) with Optuna on the "
+            "validation split, then test and register the best model",
+        ),
     ):
         c = sub.add_parser(name, help=help_text)
         c.add_argument("config", help="YAML config of the use case")
+        if name == "tune":
+            c.add_argument(
+                "--trials",
+                type=int,
+                help="trials to finish (default tune.trials); the same search run again "
+                "continues its study",
+            )
         c.add_argument(
             "--set",
             dest="overrides",
@@ -199,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, exc, 2)
     if args.command == "validate":
         return _validate(args, config)
+    if args.command == "tune":
+        return _tune(args, config)
     return _run(args, config)
 
 
@@ -295,6 +310,33 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     return _fail(
         args, exc, code, {"run_id": run_id, "stages": stages, "promoted": False, "seconds": seconds}
     )
+
+
+def _tune(args: argparse.Namespace, config: Any) -> int:
+    from domaintune.flows.tune import tune
+    from domaintune.tuning import check_space
+
+    try:
+        check_space(config)  # a value the search would try that the config refuses
+    except DomainTuneError as exc:
+        return _fail(args, exc, 2)
+    if args.trials is not None and args.trials < 1:
+        return _fail(args, DomainTuneError("--trials must be at least 1"), 2)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        state = tune(config, trials=args.trials, return_state=True)
+    seconds = round(time.perf_counter() - t0, 3)
+    if state.is_completed():
+        summary = state.result()
+        summary["seconds"] = seconds
+        print(json.dumps(summary, indent=2) if args.json else render_tune_summary(summary))
+        return 0
+    exc = state.result(raise_on_failure=False)
+    run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
+    code = 2 if isinstance(exc, DomainTuneError) else 1
+    if not isinstance(exc, BaseException):
+        exc = RuntimeError(f"flow ended in state {state.name}: {state.message}")
+    return _fail(args, exc, code, {"run_id": run_id, "promoted": False, "seconds": seconds})
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -490,9 +532,17 @@ def _num(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, int | float) else "-"
 
 
+def render_tune_summary(s: dict[str, Any]) -> str:
+    """``domaintune tune``: the best model as ``run`` shows one, then the search."""
+    from domaintune.tuning import render_trials
+
+    return f"{render_summary(s)}\n\n{render_trials(s)}"
+
+
 def render_summary(s: dict[str, Any]) -> str:
     lines = [
-        f"retrain {s['name']!r} (domain {s['domain']}): {s['status'].upper()} in {s['seconds']:.1f} s"
+        f"{s.get('flow', 'retrain')} {s['name']!r} (domain {s['domain']}): "
+        f"{s['status'].upper()} in {s['seconds']:.1f} s"
         f"   [flow run {s['run_id']}]",
         "",
     ]

@@ -672,6 +672,76 @@ class TrackingConfig(_Section):
         return self
 
 
+class TuneParamConfig(_Section):
+    """One key of a hyperparameter search: a range (``low``, ``high``; ``log``, ``step``) or
+    ``choices`` (any value the key takes: numbers, names, strategies)."""
+
+    low: float | None = Field(None, description="Range: the lowest value.")
+    high: float | None = Field(None, description="Range: the highest value.")
+    log: bool = Field(False, description="Range: sample on a log scale (learning rates).")
+    step: float | None = Field(None, gt=0, description="Range: a grid (low, low + step, ...).")
+    choices: list[Any] | None = Field(None, min_length=1, description="The values to try.")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> TuneParamConfig:
+        ranged = [k for k in ("low", "high", "step") if getattr(self, k) is not None]
+        if self.choices is not None:
+            if ranged or self.log:
+                raise ValueError("give choices or a range (low, high), not both")
+        elif self.low is None or self.high is None:
+            raise ValueError("give choices: [...] or a range: low: ..., high: ...")
+        elif self.low > self.high:
+            raise ValueError(f"low {self.low:g} is above high {self.high:g}")
+        elif self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("a log range needs low > 0 and no step")
+        return self
+
+
+class TuneConfig(_Section):
+    """Hyperparameter search with Optuna (``domaintune tune``, the ``tune`` flow): the keys of
+    ``space`` are training settings, each trial is a fine-tuning judged on the validation
+    split. Never part of a cache key: a trial's training is the finetune entry its settings
+    name, as for ``domaintune run``."""
+
+    trials: int = Field(20, ge=1, description="Trials to finish (completed or pruned); --trials.")
+    sampler: Literal["tpe", "random"] = Field(
+        "tpe", description="tpe: Optuna's TPE after startup_trials random ones; random."
+    )
+    seed: int | None = Field(None, description="Seeds the sampler (default: training.seed).")
+    startup_trials: int = Field(
+        10, ge=1, description="tpe: random trials before TPE models the results."
+    )
+    pruner: Literal["median", "none"] = Field(
+        "median",
+        description="median: stop a trial whose best validation metric so far is worse than "
+        "the median of completed trials at the same evaluation (epoch); none: never.",
+    )
+    prune_startup_trials: int = Field(
+        3, ge=0, description="median: completed trials before any trial is pruned."
+    )
+    prune_from_evaluation: int = Field(
+        1, ge=1, description="median: the first evaluation (epoch) after which one can prune."
+    )
+    space: dict[str, TuneParamConfig] = Field(
+        default_factory=lambda: {
+            "training.learning_rate": TuneParamConfig(low=1e-5, high=5e-4, log=True),
+            "training.epochs": TuneParamConfig(choices=[2, 3, 4]),
+            "training.warmup_ratio": TuneParamConfig(low=0.0, high=0.2),
+            "training.weight_decay": TuneParamConfig(low=0.0, high=0.1),
+        },
+        description="Dotted training keys (as for --set) and what to try for each, e.g. "
+        "training.learning_rate: {low: 1.0e-5, high: 3.0e-4, log: true}, "
+        "training.batch_size: {choices: [16, 32]}.",
+    )
+
+    @model_validator(mode="after")
+    def _space_keys(self) -> TuneConfig:
+        from domaintune.tuning import check_space_keys
+
+        check_space_keys(self.space)
+        return self
+
+
 class RetrainConfig(_Section):
     """Everything a retraining run needs. Loaded from YAML; every key has a default but
     `name` and `data.source`."""
@@ -697,6 +767,10 @@ class RetrainConfig(_Section):
         description="A multi-stage recipe (domaintune.recipes): stages run in order, each "
         "the config above with the stage's own sections merged on, each starting from the "
         "previous stage's model; only the last is registered.",
+    )
+    tune: TuneConfig = Field(
+        default_factory=TuneConfig,
+        description="Hyperparameter search (domaintune tune); never part of a cache key.",
     )
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,21 @@ def plan(config: RetrainConfig, splits: SplitManifest) -> tuple[str, ResolvedMod
     return key, base, base_fp
 
 
-def finetune(config: RetrainConfig, splits: SplitManifest, store: Store) -> ModelArtifact:
+def finetune(
+    config: RetrainConfig,
+    splits: SplitManifest,
+    store: Store,
+    observer: Callable[[dict[str, Any]], None] | None = None,
+) -> ModelArtifact:
+    """``observer``: called with each ``log`` progress event of rank 0 (``step``, ``epoch``,
+    ``eval_<metric>`` after an evaluation, ...); an exception it raises stops the training
+    (its process group is killed), leaves the entry incomplete and propagates."""
     key, base, base_fp = plan(config, splits)
     return store.compute_once(
-        STAGE, key, ModelArtifact, lambda: _run(config, splits, store, key, base, base_fp)
+        STAGE,
+        key,
+        ModelArtifact,
+        lambda: _run(config, splits, store, key, base, base_fp, observer),
     )
 
 
@@ -102,6 +114,7 @@ def _run(
     key: str,
     base: ResolvedModel,
     base_fp: str,
+    observer: Callable[[dict[str, Any]], None] | None = None,
 ) -> ModelArtifact:
     # a strategy that cannot apply to this model fails here, clearly, before any launch
     checked = preflight(config.training, base.path, config.task.type, splits.labels)
@@ -193,7 +206,7 @@ def _run(
     rc = None
     try:
         with mirror.running():
-            rc, tail, first, fault = _launch(cmd, env, work / "train.log", work, tracker)
+            rc, tail, first, fault = _launch(cmd, env, work / "train.log", work, tracker, observer)
     finally:
         remove_shared_memory(launch)
         tracker.close(succeeded=rc == 0 and (final_dir / "training_summary.json").is_file())
@@ -311,6 +324,7 @@ def _launch(
     log_path: Path,
     cwd: Path | None = None,
     tracker: TrainingTracker | None = None,
+    observer: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[int, list[str], str | None, str]:
     """Run the launcher, forward its output; return (exit code, last lines, the rank that
     ended with an error first (``root_failure``), in words, and the first fatal-signal dump,
@@ -346,7 +360,7 @@ def _launch(
                 failure = rank_failure(line)
                 if failure:
                     failures.append(failure)
-                _forward(line, progress, tracker)
+                _forward(line, progress, tracker, observer)
             rc = proc.wait()
         except BaseException:
             _kill_group(proc)
@@ -496,7 +510,10 @@ def progress_description(step: int, max_steps: int, **latest: float) -> str:
 
 
 def _forward(
-    line: str, progress: _PrefectProgress | None = None, tracker: TrainingTracker | None = None
+    line: str,
+    progress: _PrefectProgress | None = None,
+    tracker: TrainingTracker | None = None,
+    observer: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
     host, sep, rest = line.partition(": ")
     if sep and " " not in host and rest.startswith(PROGRESS_PREFIX):
@@ -522,6 +539,8 @@ def _forward(
                 tracker.log(event)
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in event.items()}
             log.info("train: %s", " ".join(f"{k}={v}" for k, v in shown.items()))
+            if observer is not None:  # may raise to stop the training (tune's pruning)
+                observer(dict(event))
         else:
             log.info("train %s: %s", kind, json.dumps(event, default=str))
     elif "Traceback" in line or "Error" in line or "error:" in line:

@@ -23,10 +23,10 @@ def test_every_deployment_points_at_its_flow_with_a_valid_config():
     for dep in _deployments():
         path, _, name = dep["entrypoint"].partition(":")
         flow = load_flow_from_entrypoint(f"{ROOT / path}:{name}")
-        assert flow.name in ("retrain", "score")
-        if flow.name == "retrain":
+        assert flow.name in ("retrain", "score", "tune")
+        if flow.name in ("retrain", "tune"):
             cfg = validate_config(dep["parameters"]["config"], origin=dep["name"])
-            assert cfg.name == dep["name"]
+            assert cfg.name == dep["name"].removesuffix("-tune")
         else:
             cfg = ScoreConfig.model_validate(dep["parameters"]["config"])
             assert cfg.name == dep["name"]
@@ -59,3 +59,16 @@ def test_each_domain_scores_its_incoming_folder_daily_and_when_files_arrive():
         assert dep["concurrency_limit"]["limit"] == 1
         source = dep["parameters"]["config"]["source"]
         assert source.startswith(f"landing/{domain}-incoming/"), "not the training data"
+
+
+def test_each_domain_has_a_tune_deployment_of_its_retrain_config_started_by_hand():
+    retrain = {d["name"]: d for d in _deployments("retrain")}
+    tuning = {d["tags"][0]: d for d in _deployments("tune")}
+    assert set(tuning) == {"finance", "healthcare", "ecommerce"}
+    for domain, dep in tuning.items():
+        use_case = dep["name"].removesuffix("-tune")
+        assert dep["parameters"]["config"] == retrain[use_case]["parameters"]["config"]
+        assert dep["parameters"]["config"]["domain"] == domain
+        assert dep["parameters"]["trials"] >= 1
+        assert "schedules" not in dep and "triggers" not in dep, "a search is started by hand"
+        assert dep["concurrency_limit"]["limit"] == 1
