@@ -221,14 +221,13 @@ def with_values(config: RetrainConfig, values: dict[str, Any]) -> RetrainConfig:
 
 def check_space(config: RetrainConfig) -> None:
     """Every value the search may try is one this config takes (rules across keys too, such
-    as a strategy kind that needs its settings), and the config is a single-stage one;
-    ConfigError naming ``tune.space.<key>`` otherwise. Called before any stage runs."""
-    if getattr(config, "stages", None):
-        raise ConfigError(
-            f"{config.name}: tune searches a single-stage config (this one has "
-            f"{len(config.stages)} stages); rule: tune a stage's settings in a config "
-            "without stages"
-        )
+    as a strategy kind that needs its settings); ConfigError naming ``tune.space.<key>``
+    otherwise. Called before any stage runs. A multi-stage recipe's search is of its last
+    stage's settings (the earlier stages train once)."""
+    if config.stages:
+        from domaintune.recipes import stage_configs
+
+        config = stage_configs(config)[-1].config
     space = config.tune.space
     if not space:
         raise ConfigError(f"{config.name}: tune.space is empty: nothing to search")

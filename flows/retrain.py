@@ -8,6 +8,7 @@ training; only a completed run reaches ``register``, so a failed run never promo
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -20,6 +21,7 @@ from domaintune.config import RetrainConfig
 from domaintune.manifests import (
     EvaluationReport,
     ModelArtifact,
+    Registration,
     RunSummary,
     StageRecord,
     ValidationReport,
@@ -73,6 +75,119 @@ evaluate_task = stage_task(evaluate, "evaluate", after=_publish_evaluation)
 register_task = stage_task(register, "register")
 
 
+@dataclass
+class Prepared:
+    """A run's stages up to the last one's training: the last stage's config (starting from
+    the model the stage before it trained), data and splits, and the earlier stages
+    (``domaintune.recipes.stage_record``)."""
+
+    config: RetrainConfig
+    raw: Any
+    validation: ValidationReport
+    splits: Any
+    chain: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prepare(config: RetrainConfig, records: list[StageRecord]) -> Prepared:
+    """Ingest and check every stage's data (before anything trains), train and evaluate the
+    earlier stages of a multi-stage recipe, and preprocess the last stage's data; for a
+    one-stage config: ingest, validate, preprocess."""
+    recipe = stage_configs(config)
+
+    def named(t: Any, stage: Stage) -> Any:  # "dapt-finetune" for an earlier stage
+        return t.with_options(name=stage.label(t.name))
+
+    data = []
+    for stage in recipe:
+        raw = call_stage(named(ingest_task, stage), records, stage.config)
+        validation = call_stage(named(validate_task, stage), records, stage.config, raw)
+        data.append((raw, validation))
+    # no earlier stage trains on the text the final model is validated or tested on
+    held_out = HeldOut(recipe[-1].config, *data[-1]) if len(recipe) > 1 else None
+    chain: list[dict[str, Any]] = []
+    model = None
+    for stage, (raw, validation) in zip(recipe, data, strict=True):
+        cfg = stage.config if model is None else from_previous(stage, model.key)
+        splits = call_stage(
+            named(preprocess_task, stage),
+            records,
+            cfg,
+            raw,
+            validation=validation,
+            **({} if stage.final else {"held_out": held_out}),
+        )
+        if stage.final:
+            return Prepared(cfg, raw, validation, splits, chain)
+        model = call_stage(named(finetune_task, stage), records, cfg, splits)
+        evaluation = call_stage(named(evaluate_task, stage), records, cfg, splits, model)
+        chain.append(stage_record(stage, cfg, raw, splits, model, evaluation))
+    raise AssertionError("a recipe ends with its final stage")
+
+
+def register_prepared(
+    run: Prepared,
+    records: list[StageRecord],
+    recipe: RetrainConfig,
+    model: ModelArtifact,
+    evaluation: EvaluationReport,
+    config: RetrainConfig | None = None,
+) -> Registration:
+    """The register stage for a prepared run (``config``: the last stage's settings, if
+    they differ from ``run.config``, as the best trial's of a search)."""
+    return call_stage(
+        register_task,
+        records,
+        config or run.config,
+        run.raw,
+        run.splits,
+        model,
+        evaluation,
+        flow_run_id=str(flow_run.id) if flow_run.id else None,
+        **({"recipe": recipe, "chain": run.chain} if run.chain else {}),
+    )
+
+
+def run_summary(
+    config: RetrainConfig,
+    run: Prepared,
+    records: list[StageRecord],
+    model: ModelArtifact,
+    evaluation: EvaluationReport,
+    registration: Registration,
+    t0: float,
+) -> RunSummary:
+    return RunSummary(
+        run_id=str(flow_run.id) if flow_run.id else None,
+        name=config.name,
+        domain=config.domain,
+        status="completed",
+        stages=records,
+        metrics={
+            "primary_metric": evaluation.primary_metric,
+            "test_rows": evaluation.test_rows,
+            "finetuned": numeric(evaluation.finetuned),
+            "base": numeric(evaluation.base),
+            "report": evaluation.report_markdown,
+        },
+        model_dir=registration.model_dir,
+        version=registration.version,
+        promoted=registration.promoted,
+        promotion_reason=registration.promotion_reason,
+        validation_report=run.validation.report_markdown,
+        quarantined_rows=run.validation.quarantined_rows,
+        quarantine_table=run.validation.quarantine_table,
+        training=training_summary(model),
+        trust_remote_code=config.model.trust_remote_code,
+        recipe=run.chain,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of an evaluation (not its per-class tables)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
 @flow(name="retrain", flow_run_name="retrain-{config.name}", log_prints=False)
 def retrain(config: RetrainConfig) -> dict[str, Any]:
     """Retrain one use case's model from its data and promote it if it is better."""
@@ -87,73 +202,12 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         return Completed(name="Superseded", message=message)
     # a registry://NAME@production base is one version for the whole run
     config = pin(config)
-    stages: list[StageRecord] = []
-    recipe = stage_configs(config)  # one stage, or a multi-stage recipe (domaintune.recipes)
-
-    def named(t: Any, stage: Stage) -> Any:  # "dapt-finetune" for an earlier stage
-        return t.with_options(name=stage.label(t.name))
-
-    # every stage's data is read and checked before anything trains
-    data = []
-    for stage in recipe:
-        raw = call_stage(named(ingest_task, stage), stages, stage.config)
-        validation = call_stage(named(validate_task, stage), stages, stage.config, raw)
-        data.append((raw, validation))
-    # no earlier stage trains on the text the final model is validated or tested on
-    held_out = HeldOut(recipe[-1].config, *data[-1]) if len(recipe) > 1 else None
-    chain: list[dict[str, Any]] = []
-    model = None
-    for stage, (raw, validation) in zip(recipe, data, strict=True):
-        cfg = stage.config if model is None else from_previous(stage, model.key)
-        splits = call_stage(
-            named(preprocess_task, stage),
-            stages,
-            cfg,
-            raw,
-            validation=validation,
-            **({} if stage.final else {"held_out": held_out}),
-        )
-        model = call_stage(named(finetune_task, stage), stages, cfg, splits)
-        evaluation = call_stage(named(evaluate_task, stage), stages, cfg, splits, model)
-        if not stage.final:
-            chain.append(stage_record(stage, cfg, raw, splits, model, evaluation))
-    registration = call_stage(
-        register_task,
-        stages,
-        cfg,
-        raw,
-        splits,
-        model,
-        evaluation,
-        flow_run_id=str(flow_run.id) if flow_run.id else None,
-        **({"recipe": config, "chain": chain} if chain else {}),
-    )
-    summary = RunSummary(
-        run_id=str(flow_run.id) if flow_run.id else None,
-        name=config.name,
-        domain=config.domain,
-        status="completed",
-        stages=stages,
-        metrics={
-            "primary_metric": evaluation.primary_metric,
-            "test_rows": evaluation.test_rows,
-            "finetuned": {
-                k: v for k, v in evaluation.finetuned.items() if isinstance(v, int | float)
-            },
-            "base": {k: v for k, v in evaluation.base.items() if isinstance(v, int | float)},
-            "report": evaluation.report_markdown,
-        },
-        model_dir=registration.model_dir,
-        version=registration.version,
-        promoted=registration.promoted,
-        promotion_reason=registration.promotion_reason,
-        validation_report=validation.report_markdown,
-        quarantined_rows=validation.quarantined_rows,
-        quarantine_table=validation.quarantine_table,
-        training=training_summary(model),
-        trust_remote_code=config.model.trust_remote_code,
-        recipe=chain,
-        seconds=round(time.perf_counter() - t0, 3),
-    )
+    records: list[StageRecord] = []
+    # one stage, or a multi-stage recipe's stages up to the last one (domaintune.recipes)
+    run = prepare(config, records)
+    model = call_stage(finetune_task, records, run.config, run.splits)
+    evaluation = call_stage(evaluate_task, records, run.config, run.splits, model)
+    registration = register_prepared(run, records, config, model, evaluation)
+    summary = run_summary(config, run, records, model, evaluation, registration, t0)
     finish_run(config, summary, model, registration)  # tracking.report_to: the MLflow run
     return redact_obj(summary.model_dump(mode="json"))

@@ -17,7 +17,6 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from domaintune.chaining import pin
@@ -25,16 +24,14 @@ from domaintune.config import RetrainConfig
 from domaintune.flows.retrain import (
     evaluate_task,
     finetune_task,
-    ingest_task,
-    preprocess_task,
-    register_task,
-    validate_task,
+    prepare,
+    register_prepared,
+    run_summary,
 )
-from domaintune.manifests import RunSummary, StageRecord
+from domaintune.manifests import StageRecord
 from domaintune.orchestration import call_stage, should_retry
 from domaintune.redaction import redact, redact_obj
 from domaintune.store import Store
-from domaintune.tasks.finetune import training_summary
 from domaintune.tracking import finish_run
 from domaintune.tuning import TrialRun, Tuner, check_space, decode, set_options, state_counts
 
@@ -69,25 +66,25 @@ def tune(config: RetrainConfig, trials: int | None = None) -> dict[str, Any]:
     config = pin(config)  # a registry://NAME@production base is one version for the search
     check_space(config)
     wanted = trials or config.tune.trials
-    stages: list[StageRecord] = []
-    raw = call_stage(ingest_task, stages, config)
-    validation = call_stage(validate_task, stages, config, raw)
-    splits = call_stage(preprocess_task, stages, config, raw, validation=validation)
+    records: list[StageRecord] = []
+    # ingest, validate, preprocess (a recipe: its earlier stages trained, once); the trials
+    # search the last stage's settings
+    run = prepare(config, records)
     store = Store.of(config)
-    with Tuner.open(config, splits, store) as tuner:
+    with Tuner.open(run.config, run.splits, store) as tuner:
         logger.info(
             "tune: study %s: %d of %d trial(s) finished", tuner.key, tuner.finished(), wanted
         )
-        while (run := tuner.ask(wanted)) is not None:
+        while (trial := tuner.ask(wanted)) is not None:
             state = trial_task.with_options(
-                task_run_name=f"trial-{run.number}",
+                task_run_name=f"trial-{trial.number}",
                 retries=config.retries.count,
                 retry_delay_seconds=config.retries.delay_seconds,
-            )(tuner, run, return_state=True)
+            )(tuner, trial, return_state=True)
             result = state.result(raise_on_failure=False)
             if not state.is_completed() and not isinstance(result, BaseException):
-                result = RuntimeError(f"trial {run.number} ended in state {state.name}")
-            tuner.tell(run, result)
+                result = RuntimeError(f"trial {trial.number} ended in state {state.name}")
+            tuner.tell(trial, result)
         rows = tuner.rows()
         importances, _ = tuner.importances()
         create_table_artifact(
@@ -99,48 +96,14 @@ def tune(config: RetrainConfig, trials: int | None = None) -> dict[str, Any]:
         best = tuner.best()
         best_config = tuner.best_config()
     # the best trial's training (a Cached finetune entry), tested once, registered
-    model = call_stage(finetune_task, stages, best_config, splits)
-    evaluation = call_stage(evaluate_task, stages, best_config, splits, model)
-    registration = call_stage(
-        register_task,
-        stages,
-        best_config,
-        raw,
-        splits,
-        model,
-        evaluation,
-        flow_run_id=str(flow_run.id) if flow_run.id else None,
-    )
-    run_summary = RunSummary(
-        run_id=str(flow_run.id) if flow_run.id else None,
-        name=config.name,
-        domain=config.domain,
-        status="completed",
-        stages=stages,
-        metrics={
-            "primary_metric": evaluation.primary_metric,
-            "test_rows": evaluation.test_rows,
-            "finetuned": {
-                k: v for k, v in evaluation.finetuned.items() if isinstance(v, int | float)
-            },
-            "base": {k: v for k, v in evaluation.base.items() if isinstance(v, int | float)},
-            "report": evaluation.report_markdown,
-        },
-        model_dir=registration.model_dir,
-        version=registration.version,
-        promoted=registration.promoted,
-        promotion_reason=registration.promotion_reason,
-        validation_report=validation.report_markdown,
-        quarantined_rows=validation.quarantined_rows,
-        quarantine_table=validation.quarantine_table,
-        training=training_summary(model),
-        trust_remote_code=config.model.trust_remote_code,
-        seconds=round(time.perf_counter() - t0, 3),
-    )
-    finish_run(best_config, run_summary, model, registration)  # tracking.report_to: the MLflow run
+    model = call_stage(finetune_task, records, best_config, run.splits)
+    evaluation = call_stage(evaluate_task, records, best_config, run.splits, model)
+    registration = register_prepared(run, records, config, model, evaluation, best_config)
+    summary_of_run = run_summary(config, run, records, model, evaluation, registration, t0)
+    finish_run(best_config, summary_of_run, model, registration)  # tracking.report_to: MLflow
     values = decode(best.params, config.tune.space)
     summary = {
-        **run_summary.model_dump(mode="json"),
+        **summary_of_run.model_dump(mode="json"),
         "flow": "tune",
         "study": {
             "key": tuner.key,

@@ -206,3 +206,38 @@ def test_a_broken_stage_fails_before_anything_trains(tmp_path, make_config, rows
         retrain(cfg)
     finetuned = Path(cfg.store.root) / "finetune"
     assert not finetuned.exists() or not [p for p in finetuned.iterdir() if p.name[0] != "."]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_a_search_of_a_recipe_tunes_its_last_stage(tmp_path, make_config, rows):
+    from domaintune.flows.tune import tune
+
+    first = write_csv(tmp_path / "news.csv", rows(12))
+    stages = [
+        {"name": "dapt", "task": {"type": "masked_lm"}, "training": {"learning_rate": 1e-3}},
+        {"name": "classify"},
+    ]
+    space = {"training.learning_rate": {"choices": [5e-3, 1e-2]}}
+    cfg = make_config(
+        first,
+        training={"max_steps": 4},
+        stages=stages,
+        tune={"trials": 2, "sampler": "random", "pruner": "none", "space": space},
+    )
+    summary = tune(cfg)
+    names = [s["name"] for s in summary["stages"]]
+    assert names[:6] == [
+        "dapt-ingest", "dapt-validate", "ingest", "validate", "dapt-preprocess", "dapt-finetune",
+    ]  # fmt: skip
+    assert names[-3:] == ["finetune", "evaluate", "register"]
+    assert [t["state"] for t in summary["trials"]] == ["complete", "complete"], summary["trials"]
+    (dapt,) = summary["recipe"]
+    assert dapt["stage"] == "dapt" and summary["version"] == "v0001"
+    from domaintune.registry import Registry
+    from domaintune.store import Store
+
+    folder = Registry(Store(cfg.store.root), "test-uc").version_dir("v0001")
+    lineage = json.loads((folder / "lineage.json").read_text())
+    assert [s["stage"] for s in lineage["stages"]] == ["dapt"]
+    assert lineage["base_model"]["name"] == f"store://finetune/{dapt['model']['key']}"

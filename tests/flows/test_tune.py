@@ -285,6 +285,7 @@ def test_bad_search_spaces_fail_at_load_in_one_line(tmp_path, make_config, rows)
             }
         )
 
+    from domaintune.config import TuneParamConfig
     from domaintune.tuning import check_space
 
     recipe = load_config(
@@ -293,8 +294,20 @@ def test_bad_search_spaces_fail_at_load_in_one_line(tmp_path, make_config, rows)
             "stages": [{"name": "dapt", "task": {"type": "masked_lm"}}, {"name": "classify"}],
         }
     )
-    with pytest.raises(ConfigError, match="tune searches a single-stage config"):
-        check_space(recipe)
+    check_space(recipe)  # a recipe's search is of its last stage's settings
+    bad = recipe.model_copy(
+        update={
+            "tune": recipe.tune.model_copy(
+                update={
+                    "space": {
+                        "training.strategy.kind": TuneParamConfig(choices=["full", "last_n_layers"])
+                    }
+                }
+            )
+        }  # fmt: skip
+    )
+    with pytest.raises(ConfigError, match="tune.space.training.strategy.kind: 'last_n_layers'"):
+        check_space(bad)
 
     # a value the key takes but this config refuses: before anything runs, exit code 2
     src = write_csv(tmp_path / "d.csv", rows(12))
