@@ -112,26 +112,13 @@ def _symptoms_today() -> dict:
 
 
 def _conll_today() -> dict:
-    # bench/ner.py conll2003's settings
-    return {
-        "name": "bench-conll2003",
-        "domain": "news",
-        "task": {
-            "type": "token_classification",
-            "labels": ["PER", "ORG", "LOC", "MISC"],
-            "iob_repair": True,  # 185 IOB1-style sentences in the published files
-        },
-        "data": {
-            "format": "conll",
-            "splits": {
-                "train": str(CONLL / "train.txt"),
-                "validation": str(CONLL / "dev.txt"),
-                "test": str(CONLL / "test.txt"),
-            },
-        },
-        "model": {"name_or_path": MINILM},
-        "training": {"epochs": 3, "learning_rate": 1e-4, "batch_size": 32, "max_length": 128},
-    }
+    # bench/ner.py conll2003's settings (its one definition; the store is set per run here)
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ner import config_for
+
+    cfg = config_for("conll2003", 3, "")
+    cfg.pop("store")
+    return cfg
 
 
 def _lm_today() -> dict:
