@@ -720,7 +720,10 @@ class TuneConfig(_Section):
         3, ge=0, description="median: completed trials before any trial is pruned."
     )
     prune_from_evaluation: int = Field(
-        1, ge=1, description="median: the first evaluation (epoch) after which one can prune."
+        2,
+        ge=1,
+        description="median: the first evaluation (epoch) at which a trial can be pruned; the "
+        "first epoch's ranking misleads (a longer warm-up or a lower rate starts slower).",
     )
     space: dict[str, TuneParamConfig] = Field(
         default_factory=lambda: {
