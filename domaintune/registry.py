@@ -335,20 +335,21 @@ class Registry:
         return chosen
 
     def champion(self) -> dict[str, Any] | None:
-        """The production version: version, local model folder, model fingerprint, metrics."""
+        """The production version: version, local model folder, model fingerprint, metrics,
+        and the fingerprint of the tokenizer its data was tokenized with."""
         state = self.state()
         version = state.production
         if not version or version not in state.versions:
             return None
         registration = state.versions[version]
         local = self.version_dir(version)
-        fingerprint = registration.get("model_fingerprint")
-        if fingerprint is None:  # registered before the log kept it
-            fingerprint = json.loads((local / "lineage.json").read_text())["model"]["fingerprint"]
+        lineage = json.loads((local / "lineage.json").read_text())
+        fingerprint = registration.get("model_fingerprint") or lineage["model"]["fingerprint"]
         return {
             "version": version,
             "model_dir": str(local / "model"),
             "fingerprint": fingerprint,
+            "tokenizer_fingerprint": lineage.get("tokenizer_fingerprint"),
             "recorded_metrics": registration.get("metrics", {}),
         }
 

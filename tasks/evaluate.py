@@ -198,6 +198,12 @@ def _champion_metrics(
     if not (model_dir / "config.json").is_file():
         out["note"] = "exported as an adapter only; compared on its recorded metrics"
         return out
+    tokenizer = champion.get("tokenizer_fingerprint")
+    if tokenizer and tokenizer != splits.tokenizer_fingerprint:
+        # this run's test split is token ids of this run's tokenizer: the champion would read
+        # them as other words (a MiniLM champion scored 0.29 on an MPNet run's ids)
+        out["note"] = "it was trained with another tokenizer; compared on its recorded metrics"
+        return out
     if splits.labels:
         cfg = json.loads((model_dir / "config.json").read_text())
         theirs = [cfg.get("id2label", {}).get(str(i)) for i in range(len(cfg.get("id2label", {})))]

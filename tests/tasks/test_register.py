@@ -156,3 +156,30 @@ def test_champion_is_rescored_and_the_registry_commands_promote_and_roll_back(
     assert shown["lineage"]["model"]["fingerprint"] and shown["config"]["name"] == "test-uc"
     assert cli(["models", "show", "test-uc", "v0009", *root]) == 2
     assert "no registered version 'v0009' (known: v0001, v0002)" in capsys.readouterr().err
+
+
+def test_a_champion_with_another_tokenizer_is_not_scored_on_this_runs_token_ids(
+    tmp_path, make_config, rows, other_tokenizer_model
+):
+    """The test split holds token ids of the run's tokenizer: a champion trained with another
+    tokenizer would read them as other words (seen: a MiniLM champion scored macro-F1 0.29
+    on an MPNet run's split, 0.83 when registered). It is compared on its recorded metrics."""
+    src = write_csv(tmp_path / "d.csv", rows(30))
+    first = make_config(src)
+    store = Store(first.store.root)
+
+    def run(cfg):
+        raw = ingest(cfg, store)
+        splits = preprocess(cfg, raw, store)
+        model = finetune(cfg, splits, store)
+        evaluation = evaluate(cfg, splits, model, store)
+        return evaluation, register(cfg, raw, splits, model, evaluation, store)
+
+    _, v1 = run(first)
+    ev2, v2 = run(make_config(src, model={"name_or_path": str(other_tokenizer_model)}))
+    assert ev2.champion["version"] == "v0001" and ev2.champion["metrics"] is None
+    assert ev2.champion["note"] == (
+        "it was trained with another tokenizer; compared on its recorded metrics"
+    )
+    assert "as recorded (it was trained with another tokenizer" in v2.promotion_reason
+    assert not list((Path(first.store.root) / "evaluate_champion").glob("*/metrics.json"))
