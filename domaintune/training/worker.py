@@ -496,10 +496,13 @@ def watch_task_process(interval: float = 1.0) -> Callable[[], None]:
             try:
                 os.kill(int(pid), 0)
             except ProcessLookupError:
-                print(
-                    f"DOMAINTUNE: the task process {pid} is gone: ending rank {_rank()}", flush=True
-                )
-                os._exit(4)
+                try:  # its last words go to the dead task's pipe, which may be gone too
+                    print(f"DOMAINTUNE: the task process {pid} is gone: ending rank {_rank()}")
+                    sys.stdout.flush()
+                except Exception:
+                    pass
+                finally:
+                    os._exit(4)
             except PermissionError:
                 pass  # alive, another user's (pid reuse): keep going
 
