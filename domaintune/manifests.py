@@ -36,6 +36,8 @@ class RawSnapshot(Manifest):
     #: data.on_invalid: quarantine: records that did not parse (kept with their line and
     #: reason in ``unparsed.parquet``, judged by validate's quarantine share).
     unparsed_rows: int = 0
+    #: CSV rows whose every field was empty (skipped, not data)
+    empty_rows: int = 0
 
     @property
     def table(self) -> str:

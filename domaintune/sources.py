@@ -38,9 +38,13 @@ FORMAT_BY_SUFFIX = {
     ".iob": "conll",
     ".bio": "conll",
 }
+#: compressed exports (``data.csv.gz``): read through fsspec's codecs, named by the inner suffix
+COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 _MAGIC = set("*?[")
 ROW = "_row"
 SOURCE = "_source"
+#: ``read_file``'s table attribute: CSV rows skipped because every field was empty
+EMPTY_ROWS = "empty_rows"
 
 
 def row_ids(df: pd.DataFrame) -> pd.Series:
@@ -64,9 +68,22 @@ class SourceFile:
         return "file" in _protocols(self.fs)
 
     def read_bytes(self) -> bytes:
+        """The file's bytes, decompressed when its name ends in a compression suffix."""
+        codec = compression_of(self.path)
         try:
             with self.fs.open(self.path, "rb") as f:
-                return f.read()
+                if codec is None:
+                    return f.read()
+                from fsspec.compression import compr  # zstd: registered by zstandard
+
+                try:
+                    with compr[codec](f, mode="rb") as inner:
+                        return inner.read()
+                except (OSError, EOFError, ValueError) as exc:  # a damaged or mislabelled file
+                    raise DataError(
+                        f"{self.url}: cannot be read as {codec}: {exc}; rule: a file named "
+                        f"*{os.path.splitext(self.path)[1]} is {codec}-compressed"
+                    ) from None
         except FileNotFoundError:
             raise DataError(f"{self.url}: file not found") from None
         except IsADirectoryError:
@@ -191,14 +208,27 @@ def _refuse_escaping_links(paths: list[str], base: str) -> None:
             )
 
 
+def compression_of(name: str) -> str | None:
+    """The codec a file name declares (``.gz``, ``.bz2``, ``.xz``, ``.zst``), or None."""
+    return COMPRESSION_BY_SUFFIX.get(os.path.splitext(name)[1].lower())
+
+
+def data_suffix(name: str) -> str:
+    """The suffix that names a file's format, under any compression suffix (``.csv`` of
+    ``export.csv.gz``)."""
+    if compression_of(name):
+        name = os.path.splitext(name)[0]
+    return os.path.splitext(name)[1].lower()
+
+
 def _known_suffix(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in FORMAT_BY_SUFFIX
+    return data_suffix(name) in FORMAT_BY_SUFFIX
 
 
 def infer_format(files: list[SourceFile], declared: str | None) -> str:
     if declared:
         return declared
-    formats = {FORMAT_BY_SUFFIX.get(os.path.splitext(f.path)[1].lower()) for f in files}
+    formats = {FORMAT_BY_SUFFIX.get(data_suffix(f.path)) for f in files}
     if None in formats:
         odd = next(f.url for f in files if not _known_suffix(f.path))
         raise ConfigError(
@@ -354,8 +384,11 @@ def read_file(
     With ``unparsed`` (data.on_invalid: quarantine) a JSONL line or CoNLL sentence that does
     not parse is appended there (``_row``, ``_record``: its text, ``_reasons``) instead of
     failing the file. A file with nothing readable, and CSV / Parquet damage (which shifts
-    every later row), still fail."""
+    every later row), still fail. CSV rows whose every field is empty (a spreadsheet export
+    padded with ``,,,`` lines) are skipped; ``df.attrs[EMPTY_ROWS]`` counts them, and the
+    other rows keep their record numbers."""
     data = src.read_bytes()
+    empty = 0
     if fmt == "parquet":
         df, enc = _read_parquet(data, src.url), None
     else:
@@ -369,7 +402,7 @@ def read_file(
                 f"{src.url}: line {line}: NUL byte in text; rule: inputs are clean text"
             )
         if fmt == "csv":
-            df = _read_csv(text, src.url, delimiter or _sniff_delimiter(text, src.path))
+            df, empty = _read_csv(text, src.url, delimiter or _sniff_delimiter(text, src.path))
         elif fmt == "jsonl":
             df = _read_jsonl(text, src.url, unparsed)
         elif fmt == "conll":
@@ -388,11 +421,12 @@ def read_file(
     if ROW not in df.columns:
         df[ROW] = range(1, len(df) + 1)
     df[SOURCE] = src.url
+    df.attrs[EMPTY_ROWS] = empty
     return df, enc
 
 
 def _sniff_delimiter(text: str, path: str) -> str:
-    if path.lower().endswith(".tsv"):
+    if data_suffix(path) == ".tsv":
         return "\t"
     sample = text[:20000]
     try:
@@ -401,7 +435,7 @@ def _sniff_delimiter(text: str, path: str) -> str:
         return ","
 
 
-def _read_csv(text: str, where: str, delimiter: str) -> pd.DataFrame:
+def _read_csv(text: str, where: str, delimiter: str) -> tuple[pd.DataFrame, int]:
     try:
         df = pd.read_csv(
             io.StringIO(text),
@@ -427,7 +461,12 @@ def _read_csv(text: str, where: str, delimiter: str) -> pd.DataFrame:
     unnamed = [c for c in df.columns if str(c).startswith("Unnamed: ")]
     if unnamed and len(unnamed) == len(df.columns):
         raise DataError(f"{where}: header row is empty")
-    return df
+    if ROW not in df.columns:
+        df.insert(len(df.columns), ROW, range(1, len(df) + 1))
+    empty = df.drop(columns=ROW).isna().all(axis=1)
+    if empty.all():
+        raise DataError(f"{where}: no data rows ({len(df)} row(s) with every field empty)")
+    return df[~empty], int(empty.sum())
 
 
 def _unparsed(unparsed: list[dict[str, Any]] | None, line: int, record: str, reason: str) -> None:

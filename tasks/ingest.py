@@ -17,7 +17,7 @@ from domaintune.errors import DataError
 from domaintune.fingerprint import hash_dataframe, hash_local_file, hash_obj, stable_json
 from domaintune.manifests import RawSnapshot, SourceFile
 from domaintune.redaction import redact
-from domaintune.sources import SOURCE, infer_format, read_file, resolve_sources
+from domaintune.sources import EMPTY_ROWS, SOURCE, infer_format, read_file, resolve_sources
 from domaintune.sources import SourceFile as InputFile
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
@@ -25,7 +25,9 @@ from domaintune.tasktypes import get_task_type
 log = logging.getLogger(__name__)
 
 STAGE = "ingest"
-VERSION = "3"  # 2: rows repeating an earlier file are dropped; 3: extra columns, redacted sources
+# 2: rows repeating an earlier file are dropped; 3: extra columns, redacted sources; 4: CSV rows
+# with every field empty skipped and counted
+VERSION = "4"
 
 
 def file_fingerprint(f: InputFile) -> str:
@@ -87,6 +89,7 @@ def _run(
     known = _known_columns(config)
     ignored: dict[str, None] = {}
     unparsed: list[dict] = []  # data.on_invalid: quarantine: records that did not parse
+    empty_rows = 0
     for split, f in files:
         held = len(unparsed)
         df, enc = read_file(
@@ -96,6 +99,7 @@ def _run(
             config.data.delimiter,
             unparsed if config.data.on_invalid == "quarantine" else None,
         )
+        empty_rows += df.attrs.get(EMPTY_ROWS, 0)
         for record in unparsed[held:]:
             record["_source"] = redact(f.url)
         extra = [str(c) for c in df.columns if str(c) not in known]
@@ -129,6 +133,11 @@ def _run(
             "zone's overlapping exports) and were left out of the snapshot; the files are "
             "unchanged"
         )
+    if empty_rows:
+        notes.append(
+            f"{empty_rows} CSV row(s) with every field empty (a spreadsheet export's padding) "
+            "were skipped; the files are unchanged"
+        )
     if ignored:
         notes.append(f"column(s) not used by {config.task.type}, left out: {', '.join(ignored)}")
     if unparsed:
@@ -160,6 +169,7 @@ def _run(
             label_counts=counts,
             notes=notes,
             unparsed_rows=len(unparsed),
+            empty_rows=empty_rows,
         )
         w.manifest = manifest.model_dump(mode="json")
         (w.path / "manifest.json").write_text(stable_json(w.manifest))

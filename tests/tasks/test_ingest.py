@@ -171,3 +171,70 @@ def test_real_bbc_news_from_its_package(tmp_path, make_config):
         for s in snap.sources
     }
     assert enc["sports/199.txt"] == "cp1252"  # the one article with a non-UTF-8 pound sign
+
+
+def test_compressed_exports_are_read_by_the_suffix_under_the_compression(
+    tmp_path, make_config, rows
+):
+    """``.csv.gz``, ``.jsonl.bz2``, ``.tsv.xz``, ``.csv.zst``: read through fsspec's codecs,
+    the format from the inner suffix; the compressed file is never modified."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    r = rows(4)
+    plain = write_csv(tmp_path / "plain.csv", r)
+    expected = pd.read_parquet(ingest(make_config(plain), Store(tmp_path / "s")).table)
+    tsv = pd.DataFrame(r).to_csv(sep="\t", index=False).encode()
+    jsonl = "".join(json.dumps(x) + "\n" for x in r).encode()
+    files = {
+        "a.csv.gz": gzip.compress(plain.read_bytes()),
+        "b.jsonl.bz2": bz2.compress(jsonl),
+        "c.tsv.xz": lzma.compress(tsv),
+        "d.csv.zst": zstandard.ZstdCompressor().compress(plain.read_bytes()),
+    }
+    for name, data in files.items():
+        path = tmp_path / "in" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        before = sha(path)
+        snap = ingest(make_config(path), Store(tmp_path / "s"))
+        got = pd.read_parquet(snap.table)
+        cols = ["text", "label", "_row"]
+        pd.testing.assert_frame_equal(got[cols], expected[cols], check_dtype=False, obj=name)
+        assert snap.sources[0].sha256 == before == sha(path)
+    damaged = tmp_path / "damaged.csv.gz"
+    damaged.write_bytes(files["a.csv.gz"][:40])
+    with pytest.raises(DataError, match=r"damaged\.csv\.gz: cannot be read as gzip: .*rule: a "):
+        ingest(make_config(damaged), Store(tmp_path / "s"))
+    with pytest.raises(ConfigError, match=r"cannot infer the format of .*data\.gz"):
+        (tmp_path / "data.gz").write_bytes(files["a.csv.gz"])
+        ingest(make_config(tmp_path / "data.gz"), Store(tmp_path / "s"))
+
+
+def test_csv_rows_with_every_field_empty_are_skipped_and_counted(tmp_path, make_config):
+    """A spreadsheet export padded with ``,`` lines: those rows are not examples with no
+    text; they are skipped and counted, and the other rows keep their record numbers."""
+    src = tmp_path / "padded.csv"
+    src.write_text(
+        "text,label\n"
+        "profits rose sharply,positive\n"
+        ",\n"
+        "sales were flat,neutral\n"
+        ",\n"
+        ",\n"
+        "the bank cut jobs,negative\n"
+    )
+    before = sha(src)
+    snap = ingest(make_config(src), Store(tmp_path / "s"))
+    df = pd.read_parquet(snap.table)
+    assert df["text"].tolist() == ["profits rose sharply", "sales were flat", "the bank cut jobs"]
+    assert df["_row"].tolist() == [1, 3, 6]
+    assert snap.rows == 3 and snap.empty_rows == 3 and sha(src) == before
+    assert any(n.startswith("3 CSV row(s) with every field empty") for n in snap.notes)
+    only = tmp_path / "only-padding.csv"
+    only.write_text("text,label\n,\n,\n")
+    with pytest.raises(DataError, match=r"only-padding\.csv: no data rows \(2 row\(s\) with"):
+        ingest(make_config(only), Store(tmp_path / "s"))
