@@ -301,7 +301,9 @@ def _run(
                 "p50": int(np.percentile(lengths, 50)),
                 "p95": int(np.percentile(lengths, 95)),
                 "max": int(lengths.max()),
-                "truncated_share": float((lengths >= config.training.max_length).mean()),
+                "truncated_share": float((lengths >= config.training.max_length).mean())
+                if task.cuts_long_texts
+                else 0.0,
             }
             splits[name] = SplitInfo(
                 path=str(entry / f"{name}.parquet"),

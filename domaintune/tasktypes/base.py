@@ -54,6 +54,10 @@ class TaskType(ABC):
     #: Whether the training-time validation metrics ignore example order (the worker may
     #: then sort the validation split by length to pad less).
     eval_order_free: bool = False
+    #: Whether tokenizing cuts a text longer than ``training.max_length`` (what the
+    #: preprocess stats' ``truncated_share`` counts). False where nothing is lost: long
+    #: texts become overlapping windows (NER, QA) or are packed into blocks (LM).
+    cuts_long_texts: bool = True
 
     # -- ingest ---------------------------------------------------------------
     @abstractmethod

@@ -30,6 +30,7 @@ class CausalLM(TaskType):
     name = "causal_lm"
     contract = "causal_lm"
     auto_model = "AutoModelForCausalLM"
+    cuts_long_texts = False  # packed into blocks
     raw_columns = ("text",)
     model_columns = ("input_ids", "attention_mask", "labels")
     target_column = "text"

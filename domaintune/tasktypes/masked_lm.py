@@ -152,6 +152,7 @@ class MaskedLM(CausalLM):
     name = "masked_lm"
     contract = "masked_lm"
     auto_model = "AutoModelForMaskedLM"
+    cuts_long_texts = False  # packed into blocks
     model_columns = ("input_ids", "attention_mask")
 
     def learning_settings(self, settings: Any) -> dict[str, Any]:

@@ -168,6 +168,7 @@ class QuestionAnswering(TaskType):
     name = "question_answering"
     contract = "question_answering"
     auto_model = "AutoModelForQuestionAnswering"
+    cuts_long_texts = False  # long contexts become overlapping windows
     raw_columns = ("context", "question", "answers", "text")
     model_columns = (
         "input_ids",

@@ -116,6 +116,7 @@ class TokenClassification(TaskType):
     name = "token_classification"
     contract = "token_classification"
     auto_model = "AutoModelForTokenClassification"
+    cuts_long_texts = False  # long sentences become overlapping windows
     labelled_head = True
     raw_columns = ("tokens", "tags", "text")
     model_columns = ("input_ids", "attention_mask", "token_type_ids", "labels")

@@ -51,6 +51,8 @@ def test_documents_are_packed_into_full_blocks_with_eos_between_them(
         packing = splits.stats[f"{name}_packing"]
         assert packing["packing_efficiency"] == pytest.approx(mask.mean(), abs=1e-4)
         assert 0.5 < packing["packing_efficiency"] <= 1.0
+        # every block is max_length long, yet no text was cut: nothing is truncated
+        assert splits.stats[f"{name}_tokens"]["truncated_share"] == 0.0
 
 
 def test_contract_rejects_blank_and_too_few_documents(

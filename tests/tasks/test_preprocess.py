@@ -88,3 +88,12 @@ def test_multiprocess_tokenization_gives_the_same_splits(tmp_path, make_config, 
     assert {n: s.fingerprint for n, s in two.splits.items()} == {
         n: s.fingerprint for n, s in one.splits.items()
     }
+
+
+def test_truncated_share_counts_cut_texts_only(tmp_path, make_config, rows):
+    """A classifier's text longer than max_length is cut: counted. (Packed LM blocks and
+    NER / QA windows lose nothing: 0, tests/tasks/test_causal_lm.py.)"""
+    _, short = _splits(tmp_path, make_config, rows, training={"max_length": 128})
+    _, cut = _splits(tmp_path, make_config, rows, training={"max_length": 8})
+    assert short.stats["train_tokens"]["truncated_share"] == 0.0
+    assert cut.stats["train_tokens"]["truncated_share"] == 1.0
