@@ -963,7 +963,3 @@ def _deepcopy(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_deepcopy(v) for v in obj]
     return obj
-
-
-def config_to_yaml(config: RetrainConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -56,10 +56,6 @@ def hash_obj(*parts: Any, length: int = 20) -> str:
     return h.hexdigest()[:length]
 
 
-def hash_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def hash_local_file(path: str | os.PathLike) -> str:
     """sha256 of a local file's bytes, memoised by (path, size, mtime)."""
     p = os.fspath(path)

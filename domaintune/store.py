@@ -289,12 +289,6 @@ class Store:
                 raise
             raise describe_remote_error(exc, f"store {redact(self.url)}") from exc
 
-    def remove(self, stage: str, key: str) -> None:
-        shutil.rmtree(self.entry_path(stage, key), ignore_errors=True)
-        if not self.local:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self._remote_entry(stage, key), recursive=True)
-
 
 def cache_root() -> Path:
     """This host's local cache of remote stores (and of converted models)."""

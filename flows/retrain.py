@@ -38,10 +38,6 @@ from domaintune.tasks.validate import validate
 from domaintune.tracking import finish_run
 
 
-def _artifact_key(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
-
-
 def _publish_validation(report: ValidationReport) -> None:
     with open(report.report_markdown) as f:
         create_markdown_artifact(redact(f.read()), description="Data contract validation")
