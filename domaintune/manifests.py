@@ -7,6 +7,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The figures of a metrics mapping (not its per-class tables, confusion matrices, texts
+    or flags): what is tracked, compared, charted and registered."""
+    return {
+        k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

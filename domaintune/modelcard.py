@@ -27,6 +27,7 @@ from domaintune.manifests import (
     RawSnapshot,
     Registration,
     SplitManifest,
+    scalar_metrics,
 )
 from domaintune.models import PACKAGED_MODELS
 from domaintune.redaction import redact, redact_obj
@@ -79,8 +80,7 @@ def write_model_card(
             metric_name=f"test {k}",
             metric_value=v,
         )
-        for k, v in doc["finetuned"].items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
+        for k, v in scalar_metrics(doc["finetuned"]).items()
     ]
     chain = lineage.get("stages") or []  # a multi-stage recipe starts from its first base
     origin = chain[0]["base_model"]["name"] if chain else model.base_model

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from domaintune.errors import ConfigError
+from domaintune.manifests import scalar_metrics
 from domaintune.redaction import redact
 
 if TYPE_CHECKING:
@@ -73,9 +74,7 @@ def metric_name(key: str) -> str:
 def step_metrics(event: dict[str, Any]) -> dict[str, float]:
     """The metrics of one ``log`` progress event of rank 0, by tracked name."""
     return {
-        metric_name(k): float(v)
-        for k, v in event.items()
-        if k not in _NOT_METRICS and isinstance(v, int | float) and not isinstance(v, bool)
+        metric_name(k): float(v) for k, v in scalar_metrics(event).items() if k not in _NOT_METRICS
     }
 
 
@@ -447,8 +446,7 @@ def _finish(
     metrics = [
         Metric(f"test/{which}/{k}", float(v), now, model.global_step)
         for which in ("finetuned", "base")
-        for k, v in summary.metrics.get(which, {}).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
+        for k, v in scalar_metrics(summary.metrics.get(which, {})).items()
     ]
     tags = {
         f"{TAG}cached": str(all(cached.values())).lower(),

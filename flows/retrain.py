@@ -25,6 +25,7 @@ from domaintune.manifests import (
     RunSummary,
     StageRecord,
     ValidationReport,
+    scalar_metrics,
 )
 from domaintune.orchestration import call_stage, stage_task, superseded_by
 from domaintune.recipes import Stage, from_previous, stage_configs, stage_record
@@ -161,8 +162,8 @@ def run_summary(
         metrics={
             "primary_metric": evaluation.primary_metric,
             "test_rows": evaluation.test_rows,
-            "finetuned": numeric(evaluation.finetuned),
-            "base": numeric(evaluation.base),
+            "finetuned": scalar_metrics(evaluation.finetuned),
+            "base": scalar_metrics(evaluation.base),
             "report": evaluation.report_markdown,
         },
         model_dir=registration.model_dir,
@@ -177,11 +178,6 @@ def run_summary(
         recipe=run.chain,
         seconds=round(time.perf_counter() - t0, 3),
     )
-
-
-def numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics of an evaluation (not its per-class tables)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
 @flow(name="retrain", flow_run_name="retrain-{config.name}", log_prints=False)

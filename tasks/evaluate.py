@@ -19,7 +19,7 @@ import pandas as pd
 
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj
-from domaintune.manifests import EvaluationReport, ModelArtifact, SplitManifest
+from domaintune.manifests import EvaluationReport, ModelArtifact, SplitManifest, scalar_metrics
 from domaintune.models import resolve_config_model
 from domaintune.redaction import redact, redact_obj
 from domaintune.store import Store
@@ -243,8 +243,7 @@ def _run(
     base = _base_metrics(config, splits, base_key, store)
     champion = _champion_metrics(config, splits, champion_info, store)
     finetuned, predictions = _score(config, model.model_dir, splits)
-    scalar = [k for k, v in finetuned.items() if isinstance(v, int | float)]
-    gain = {k: float(finetuned[k] - base[k]) for k in scalar}
+    gain = {k: float(v - base[k]) for k, v in scalar_metrics(finetuned).items()}
     primary = config.evaluation.primary_metric
     test_rows = splits.splits["test"].rows
     with store.writer(STAGE, key) as w:
@@ -335,17 +334,16 @@ def metric_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Scalar metrics as table rows: metric, base, fine-tuned, gain."""
     rows = []
     champ = (doc.get("champion") or {}).get("metrics") or {}
-    for k, v in doc["finetuned"].items():
-        if isinstance(v, int | float):
-            row = {
-                "metric": k,
-                "base": round(doc["base"][k], 4),
-                "fine-tuned": round(v, 4),
-                "gain": round(v - doc["base"][k], 4),
-            }
-            if champ:
-                row["champion"] = round(champ[k], 4) if k in champ else None
-            rows.append(row)
+    for k, v in scalar_metrics(doc["finetuned"]).items():
+        row = {
+            "metric": k,
+            "base": round(doc["base"][k], 4),
+            "fine-tuned": round(v, 4),
+            "gain": round(v - doc["base"][k], 4),
+        }
+        if champ:
+            row["champion"] = round(champ[k], 4) if k in champ else None
+        rows.append(row)
     return rows
 
 

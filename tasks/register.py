@@ -38,6 +38,7 @@ from domaintune.manifests import (
     RawSnapshot,
     Registration,
     SplitManifest,
+    scalar_metrics,
 )
 from domaintune.modelcard import write_model_card
 from domaintune.redaction import redact_obj
@@ -250,7 +251,7 @@ def register(
             promotion_reason=reason,
             registry_dir=registry.url,
             primary_metric=evaluation.primary_metric,
-            metrics={k: v for k, v in evaluation.finetuned.items() if isinstance(v, int | float)},
+            metrics=scalar_metrics(evaluation.finetuned),
         )
         staged = None
         try:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from domaintune.manifests import scalar_metrics
 from domaintune.tasktypes.base import TaskType, require_columns
 
 _WS = re.compile(r"\s+")
@@ -165,8 +166,7 @@ class TextClassification(TaskType):
     def trainer_metrics(self, eval_pred: Any, labels: list[str]) -> dict[str, float]:
         logits, refs = eval_pred
         logits = logits[0] if isinstance(logits, tuple) else logits
-        m = self.compute_metrics(np.argmax(logits, axis=-1), refs, labels)
-        return {k: v for k, v in m.items() if isinstance(v, int | float)}
+        return scalar_metrics(self.compute_metrics(np.argmax(logits, axis=-1), refs, labels))
 
     def score_split(
         self,

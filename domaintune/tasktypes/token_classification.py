@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from domaintune.manifests import scalar_metrics
 from domaintune.tasktypes.base import TaskType, require_columns
 
 _IOB = re.compile(r"^[BI]-.+$")
@@ -280,8 +281,7 @@ class TokenClassification(TaskType):
             keep = r_row != -100
             p_seqs.append([labels[i] for i in p_row[keep]])
             r_seqs.append([labels[i] for i in r_row[keep]])
-        m = self.compute_metrics(p_seqs, r_seqs, labels)
-        return {k: v for k, v in m.items() if isinstance(v, int | float)}
+        return scalar_metrics(self.compute_metrics(p_seqs, r_seqs, labels))
 
     def score_split(
         self,

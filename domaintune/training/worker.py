@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from domaintune.manifests import scalar_metrics
 from domaintune.training.checkpoints import CHECKPOINT_MARKER, wait_until_stored
 
 PROGRESS_PREFIX = "DOMAINTUNE "
@@ -113,7 +114,7 @@ def _callbacks(report: dict[str, Any], seen: dict[str, Any], to_store: bool = Fa
                 "epoch": state.epoch,
                 "elapsed": round(time.time() - self.t0, 2),
             }
-            fields.update({k: v for k, v in (logs or {}).items() if isinstance(v, int | float)})
+            fields.update(scalar_metrics(logs or {}))
             now, tokens = time.time(), state.num_input_tokens_seen or 0
             if self.last is not None and state.global_step > self.last[1] and now > self.last[0]:
                 dt = now - self.last[0]  # includes any evaluation since: a conservative rate
