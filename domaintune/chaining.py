@@ -166,13 +166,14 @@ def _merge(
     config = yaml.safe_load((folder / "config.yaml").read_text())
     training = TrainingConfig.model_validate(config["training"])
     log.info("%s: merging the LoRA adapter into its base model %s (once)", name, base.name)
+    trust = bool((config.get("model") or {}).get("trust_remote_code"))
     spec = {  # the base as the adapter's training prepared it (domaintune.training.worker)
         "task_type": config["task"]["type"],
         "labels": labels,
         "model_path": base.path,
-        "trust_remote_code": bool((config.get("model") or {}).get("trust_remote_code")),
+        "trust_remote_code": trust,
         "config_overrides": dropout_overrides(
-            training.dropout, AutoConfig.from_pretrained(base.path)
+            training.dropout, AutoConfig.from_pretrained(base.path, trust_remote_code=trust)
         ),
     }
     merged = merge_lora(prepare_model(spec, training), str(model_dir))

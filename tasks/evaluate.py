@@ -111,7 +111,9 @@ def load_for_scoring(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
-    tok = AutoTokenizer.from_pretrained(model_path, use_fast=True)
+    tok = AutoTokenizer.from_pretrained(
+        model_path, use_fast=True, trust_remote_code=trust_remote_code
+    )
     precision = inference_precision(training)[0]
     attention = attention_implementation(training.attention, precision, model_path)
     attention = attention if attention == CPU_ATTENTION else None

@@ -117,7 +117,13 @@ def _run(
     observer: Callable[[dict[str, Any]], None] | None = None,
 ) -> ModelArtifact:
     # a strategy that cannot apply to this model fails here, clearly, before any launch
-    checked = preflight(config.training, base.path, config.task.type, splits.labels)
+    checked = preflight(
+        config.training,
+        base.path,
+        config.task.type,
+        splits.labels,
+        config.model.trust_remote_code,
+    )
     if checked["head"]:  # a registered model of another task or label set (chaining)
         log.info("finetune: base model %s: %s", base.name, checked["head"])
     work = store.scratch_dir(STAGE, key)

@@ -130,13 +130,16 @@ class TaskType(ABC):
             model.config.pad_token_id = model.config.eos_token_id
         return restore_head(model, path)
 
-    def model_from_config(self, model_config: Any, labels: list[str]) -> Any:
+    def model_from_config(
+        self, model_config: Any, labels: list[str], trust_remote_code: bool = False
+    ) -> Any:
         """The task model's structure without weights (use under ``torch.device("meta")``)."""
         import transformers
 
         for key, value in self._label_kwargs(labels).items():
             setattr(model_config, key, value)
-        return getattr(transformers, self.auto_model).from_config(model_config)
+        auto = getattr(transformers, self.auto_model)
+        return auto.from_config(model_config, trust_remote_code=trust_remote_code)
 
     def _label_kwargs(self, labels: list[str]) -> dict[str, Any]:
         if not self.labelled_head:

@@ -240,7 +240,11 @@ def dropout_overrides(dropout: DropoutConfig, model_config: Any) -> dict[str, fl
 
 
 def preflight(
-    training: TrainingConfig, model_path: str, task_type: str, labels: list[str] | None = None
+    training: TrainingConfig,
+    model_path: str,
+    task_type: str,
+    labels: list[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Check a strategy against the base model before anything is launched (cheap: the
     model is built on the meta device). Returns what the worker needs (and, given the run's
@@ -252,11 +256,11 @@ def preflight(
     from domaintune.tasktypes import get_task_type
 
     s = training.strategy
-    cfg = AutoConfig.from_pretrained(model_path)
+    cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     overrides = dropout_overrides(training.dropout, cfg)
     task = get_task_type(task_type)
     with torch.device("meta"):
-        model = task.model_from_config(cfg, ["a", "b"])
+        model = task.model_from_config(cfg, ["a", "b"], trust_remote_code)
     pmap = parameter_map(model)
     n = pmap.num_layers
     if s.drop_top_layers and s.drop_top_layers >= n:

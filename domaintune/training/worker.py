@@ -292,7 +292,9 @@ def run(spec: dict[str, Any]) -> None:
     training = TrainingConfig.model_validate(t)
     task = get_task_type(spec["task_type"])
     labels = spec["labels"]
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"], use_fast=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec["model_path"], use_fast=True, trust_remote_code=spec.get("trust_remote_code", False)
+    )
     from domaintune.training.allocator import describe as describe_allocator
 
     cpu = spec.get("launch", {}).get("device") == "cpu"

@@ -106,3 +106,53 @@ def test_a_better_model_is_registered_once_and_promoted(tmp_path, make_config, r
     assert_registered_card(Path(reg.path))  # model/README.md: parses, metrics, plain loading
     again = register(cfg, raw, splits, model, evaluation, store, flow_run_id="run-2")
     assert again.reused and again.version == "v0001"
+
+
+CUSTOM_CODE = """
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+
+class CustomConfig(BertConfig):
+    model_type = "domaintune-custom-bert"
+
+
+class CustomForSequenceClassification(BertForSequenceClassification):
+    config_class = CustomConfig
+
+
+class CustomTokenizerFast(BertTokenizerFast):
+    slow_tokenizer_class = None
+"""
+
+
+def test_a_model_with_its_own_code_loads_the_same_way_in_every_stage(
+    tmp_path, make_config, rows, tiny_model
+):
+    """``model.trust_remote_code``: an architecture and tokenizer shipped as code in the
+    model folder (``auto_map``) load with the user's consent in preprocess, in the training
+    worker and in evaluation alike (the worker and evaluation loaded the tokenizer without
+    it, and failed)."""
+    import shutil
+
+    folder = tmp_path / "custom-model"
+    shutil.copytree(tiny_model, folder)
+    (folder / "custom.py").write_text(CUSTOM_CODE)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "domaintune-custom-bert"
+    cfg["auto_map"] = {
+        "AutoConfig": "custom.CustomConfig",
+        "AutoModelForSequenceClassification": "custom.CustomForSequenceClassification",
+    }
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_cfg.pop("tokenizer_class", None)
+    tok_cfg["auto_map"] = {"AutoTokenizer": [None, "custom.CustomTokenizerFast"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    src = write_csv(tmp_path / "d.csv", rows(20))
+    config = make_config(
+        src, model={"name_or_path": str(folder), "trust_remote_code": True}, training={"epochs": 1}
+    )
+    store, _, splits = _stages(config)
+    model = finetune(config, splits, store)
+    report = evaluate(config, splits, model, store)
+    assert 0.0 <= report.finetuned["accuracy"] <= 1.0 and report.base["accuracy"] is not None
