@@ -7,6 +7,7 @@ for exactly the stages that were skipped), logging into the run, and UI artifact
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +19,28 @@ from prefect.states import Completed
 
 from domaintune.errors import DomainTuneError
 from domaintune.manifests import Manifest, StageRecord
+
+
+class _OneLineForBadInput(logging.Filter):
+    """Bad input fails a run with one line that names the file, row or field and the rule:
+    Prefect's engine logs that exception with its Python traceback, which reads as a crash.
+    The message stays; the traceback goes (other exceptions keep theirs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], DomainTuneError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def one_line_for_bad_input() -> None:
+    """Install the filter on the loggers of Prefect's flow and task engines (idempotent)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OneLineForBadInput) for f in logger.filters):
+            logger.addFilter(_OneLineForBadInput())
+
+
+one_line_for_bad_input()  # every flow module imports this one, in the CLI and in workers
 
 
 def should_retry(task: Task, task_run: Any, state: Any) -> bool:

@@ -104,3 +104,7 @@ def test_validate_command_and_exit_codes(tmp_path, rows, make_config):
         typo.returncode == 2
         and "evaluation.primery_metric: unknown key; did you mean 'primary_metric'?" in typo.stderr
     )
+    # a run on bad data fails in its one-line error, not with Prefect's Python traceback
+    run = cli("run", str(tmp_path / "bad.yaml"))
+    assert run.returncode == 2 and "bad.csv row 3: 'sideways'" in run.stderr
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
