@@ -39,6 +39,9 @@ TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".swp")
 LEDGER = ".domaintune-announced.json"
 #: sizes seen by the previous scan, for file systems that report no modification time
 _LAST_SIZES: dict[str, int] = {}
+#: (file, size, modification time, ETag) -> sha256, for the files this process hashed: a
+#: settled file is read once, not on every pass (announced files are known from the ledger)
+_DIGESTS: dict[tuple[str, int, float | None, str | None], str] = {}
 
 
 def landing_root(root: str | os.PathLike | None = None) -> str:
@@ -152,6 +155,12 @@ def scan(domain_dir: str | os.PathLike, settle_seconds: float = 2.0) -> list[dic
     if not fs.isdir(d):
         return []
     seen = _ledger(fs, d)["announced"]
+    # announced files, by what a listing shows of them: unchanged ones are not read again
+    stamps = {
+        (a["path"], a["bytes"], a["mtime"]): sha
+        for sha, a in seen.items()
+        if a.get("mtime") is not None and "bytes" in a
+    }
     now = time.time()
     new = []
     for path, info in sorted(fs.find(d, detail=True, withdirs=False).items()):
@@ -167,9 +176,17 @@ def scan(domain_dir: str | os.PathLike, settle_seconds: float = 2.0) -> list[dic
         _LAST_SIZES[key] = size
         if not settled:
             continue  # still being written (or just landed): look again next time
-        digest = _sha256_fs(fs, path)
-        if digest in seen:
+        if (key, size, mtime) in stamps:
             continue
+        stamp = (key, size, mtime, info.get("ETag") or info.get("etag"))
+        known = mtime is not None or stamp[3] is not None
+        digest = _DIGESTS.get(stamp) if known else None
+        if digest is None:
+            digest = _sha256_fs(fs, path)
+            if known:
+                _DIGESTS[stamp] = digest
+        if digest in seen or digest in {f["sha256"] for f in new}:
+            continue  # announced before, or a copy of a file of this pass
         new.append({"path": key, "sha256": digest, "bytes": size, "mtime": mtime})
     return sorted(new, key=lambda f: f["mtime"] or 0)
 
@@ -178,7 +195,12 @@ def mark_announced(domain_dir: str | os.PathLike, files: list[dict[str, Any]]) -
     fs, d = _fs(str(domain_dir))
     ledger = _ledger(fs, d)
     for f in files:
-        ledger["announced"][f["sha256"]] = {"path": f["path"], "time": time.time()}
+        ledger["announced"][f["sha256"]] = {
+            "path": f["path"],
+            "bytes": f["bytes"],
+            "mtime": f["mtime"],
+            "time": time.time(),
+        }
     tmp = f"{d}/.{LEDGER}.{os.getpid()}.tmp"
     fs.pipe_file(tmp, json.dumps(ledger, indent=2).encode())
     fs.mv(tmp, f"{d}/{LEDGER}")

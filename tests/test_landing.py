@@ -135,3 +135,35 @@ def test_two_hosts_watching_one_s3_landing_zone_announce_each_file_once(tmp_path
     assert sorted(a.rsplit("/", 1)[-1] for a in announced) == ["b0.csv", "b1.csv", "b2.csv"]
     ledger = json.loads(fs.cat_file(f"{bucket}/landing/finance/.domaintune-announced.json"))
     assert len(ledger["announced"]) == 3
+
+
+def test_a_settled_file_is_read_once_not_on_every_pass(tmp_path, monkeypatch):
+    """The watcher's cost per pass must not grow with everything ever landed: announced
+    files are known from the ledger by name, size and time, other settled files (a copy of
+    announced content) from this process's memory; only new or changed files are read."""
+    d = tmp_path / "landing" / "retail"
+    d.mkdir(parents=True)
+    old = time.time() - 60
+    for i in range(5):
+        (d / f"batch-{i}.csv").write_text(f"text,label\nrow {i},a\n")
+        os.utime(d / f"batch-{i}.csv", (old, old))
+    (d / "copy-of-0.csv").write_text("text,label\nrow 0,a\n")
+    os.utime(d / "copy-of-0.csv", (old, old))
+    read = []
+    real = landing._sha256_fs
+    monkeypatch.setattr(landing, "_sha256_fs", lambda fs, p: read.append(p) or real(fs, p))
+    found = landing.scan(d, settle_seconds=5)
+    assert len(found) == 5 and len(read) == 6
+    landing.mark_announced(d, found)
+    read.clear()
+    for _ in range(3):
+        assert landing.scan(d, settle_seconds=5) == []
+    assert read == [], "nothing new, nothing read"
+    # a watcher started afresh (no memory) reads only what the ledger does not know
+    landing._DIGESTS.clear()
+    assert landing.scan(d, settle_seconds=5) == [] and read == [str(d / "copy-of-0.csv")]
+    # a file changed in place is read (and announced) again
+    (d / "batch-3.csv").write_text("text,label\nrow 3 corrected,a\n")
+    os.utime(d / "batch-3.csv", (old + 1, old + 1))
+    again = landing.scan(d, settle_seconds=5)
+    assert [f["path"] for f in again] == [str(d / "batch-3.csv")]
