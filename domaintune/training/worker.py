@@ -70,19 +70,6 @@ def _callbacks(report: dict[str, Any], seen: dict[str, Any], to_store: bool = Fa
                             seconds=round(time.time() - t0, 2),
                         )
                     emit("checkpoint", step=state.global_step, path=str(ckpt))
-            crash_at = os.environ.get("DOMAINTUNE_FAULT_EXIT_AFTER_STEP")
-            if crash_at and state.global_step >= int(crash_at):
-                # fault injection for tests and bench/faults.py, right after a checkpoint:
-                # every rank exits, or only DOMAINTUNE_FAULT_KILL_RANK dies by SIGKILL (a lost
-                # rank: the others are left waiting in a collective until the launcher ends them)
-                victim = os.environ.get("DOMAINTUNE_FAULT_KILL_RANK")
-                if victim is None:
-                    print(f"DOMAINTUNE_FAULT_EXIT_AFTER_STEP={crash_at}: exiting", flush=True)
-                    os._exit(3)
-                if int(victim) == _rank():
-                    print(f"DOMAINTUNE_FAULT_KILL_RANK={victim}: SIGKILL", flush=True)
-                    time.sleep(1.0)  # rank 0 marks the checkpoint it has just written
-                    os.kill(os.getpid(), signal.SIGKILL)
 
     class Progress(TrainerCallback):
         def __init__(self):
@@ -126,7 +113,29 @@ def _callbacks(report: dict[str, Any], seen: dict[str, Any], to_store: bool = Fa
                 self.last = (now, state.global_step, tokens)
             emit("log", **fields)
 
-    return [CheckpointMarker(), Progress()]
+    callbacks = [CheckpointMarker(), Progress()]
+    crash_at = os.environ.get("DOMAINTUNE_FAULT_EXIT_AFTER_STEP")
+    if crash_at:  # fault injection (tests, bench/faults.py), never in a normal run
+
+        class CrashAfterCheckpoint(TrainerCallback):
+            """Right after the checkpoint of step ``crash_at`` is marked: every rank exits,
+            or only rank DOMAINTUNE_FAULT_KILL_RANK dies by SIGKILL (a lost rank: the others
+            are left waiting in a collective until the launcher ends them)."""
+
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step < int(crash_at):
+                    return
+                victim = os.environ.get("DOMAINTUNE_FAULT_KILL_RANK")
+                if victim is None:
+                    print(f"DOMAINTUNE_FAULT_EXIT_AFTER_STEP={crash_at}: exiting", flush=True)
+                    os._exit(3)
+                if int(victim) == _rank():
+                    print(f"DOMAINTUNE_FAULT_KILL_RANK={victim}: SIGKILL", flush=True)
+                    time.sleep(1.0)  # rank 0 marks the checkpoint it has just written
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        callbacks.insert(1, CrashAfterCheckpoint())  # after CheckpointMarker's on_save
+    return callbacks
 
 
 def _early_stopper(trainer: Any) -> Any:
