@@ -20,7 +20,7 @@ import pandas as pd
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj
 from domaintune.manifests import EvaluationReport, ModelArtifact, SplitManifest, scalar_metrics
-from domaintune.models import resolve_config_model
+from domaintune.models import resolve_config_model, resolve_model
 from domaintune.redaction import redact, redact_obj
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
@@ -44,6 +44,16 @@ def current_champion(config: RetrainConfig, store: Store) -> dict[str, Any] | No
     return Registry(store, config.name).champion()
 
 
+def base_structure(config: RetrainConfig) -> dict[str, Any] | None:
+    """What the training strategy changes in the base model's architecture before training
+    (None: nothing), which the base model's scoring applies too."""
+    s = config.training.strategy
+    out = s.model_dump(mode="json", include={"drop_top_layers", "head", "init_embeddings_from"})
+    if s.init_embeddings_from:
+        out["init_embeddings_from"] = resolve_model(s.init_embeddings_from).fingerprint()
+    return out if any(out.values()) else None
+
+
 def plan(
     config: RetrainConfig,
     splits: SplitManifest,
@@ -51,6 +61,7 @@ def plan(
     champion: dict[str, Any] | None = None,
 ) -> tuple[str, str]:
     test = splits.splits["test"]
+    structure = base_structure(config)
     base_key = hash_obj(
         BASE_STAGE,
         VERSION,
@@ -61,6 +72,8 @@ def plan(
         config.training.seed,
         # scores in bf16 and in fp32 differ a little: each is its own measurement
         inference_precision(config.training)[0],
+        # no term without structure changes: those keys stay as they were
+        *([{"structure": structure}] if structure else []),
     )
     key = hash_obj(
         STAGE,
@@ -101,12 +114,15 @@ def load_for_scoring(
     labels: list[str],
     training: Any,
     trust_remote_code: bool = False,
+    structure: Any = None,
 ) -> tuple[Any, Any, str]:
     """(tokenizer, model in eval mode, precision): a model loaded to be scored, the one way
     every scoring does it (this stage, the base model, the champion, ``domaintune predict``):
     the task type's loader (a new head from ``training.seed``, a custom head restored), the
     CPU attention function (see domaintune.training.attention; on GPUs as before) and the
-    training's precision on this machine."""
+    training's precision on this machine. ``structure`` (a base model: the training
+    strategy): its changes to the architecture, applied as training applies them before
+    its first step (dropped blocks, custom head, borrowed embeddings)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -125,14 +141,19 @@ def load_for_scoring(
         trust_remote_code,
         **({"attn_implementation": attention} if attention else {}),
     )
+    if structure is not None:
+        from domaintune.training.strategies import prepare_structure
+
+        prepare_structure(model, structure, model_path)
     model.eval()
     return tok, model, precision
 
 
 def _score(
-    config: RetrainConfig, model_path: str, splits: SplitManifest
+    config: RetrainConfig, model_path: str, splits: SplitManifest, structure: Any = None
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """(metrics, per-example predictions) of one model on the test split."""
+    """(metrics, per-example predictions) of one model on the test split (``structure``:
+    see :func:`load_for_scoring`)."""
     import torch
     from datasets import disable_progress_bars
 
@@ -145,6 +166,7 @@ def _score(
         splits.labels,
         config.training,
         config.model.trust_remote_code,
+        structure,
     )
     with autocast_for(model, precision):
         return task.score_split(
@@ -165,7 +187,9 @@ def _base_metrics(
         if cached is not None:
             return cached["metrics"]
         base = resolve_config_model(config)
-        metrics, predictions = _score(config, base.path, splits)
+        # the base model exactly as training starts from it
+        strategy = config.training.strategy if base_structure(config) else None
+        metrics, predictions = _score(config, base.path, splits, strategy)
         with store.writer(BASE_STAGE, base_key) as w:
             (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
             predictions.to_parquet(w.path / "predictions.parquet", index=False)

@@ -579,3 +579,33 @@ def test_smaller_model_custom_head_and_borrowed_frozen_embeddings(
     assert model.strategy["num_layers"] == 1
     report = evaluate(cfg, splits, model, Store(cfg.store.root))
     assert 0 <= report.finetuned["accuracy"] <= 1
+    # the base model is scored exactly as training started from it: the worker's model
+    # (one block, the custom head, the donor's embeddings) gives the same predictions
+    import numpy as np
+    import pandas as pd
+
+    from domaintune.models import resolve_config_model
+    from domaintune.tasks.evaluate import autocast_for
+    from domaintune.training.launch import inference_precision
+    from domaintune.training.worker import prepare_model
+
+    precision = inference_precision(cfg.training)[0]
+    spec = {
+        "task_type": cfg.task.type,
+        "model_path": resolve_config_model(cfg).path,
+        "labels": splits.labels,
+        "bf16": precision == "bf16",
+    }
+    start = prepare_model(spec, cfg.training).eval()
+    with torch.no_grad(), autocast_for(start, precision):
+        _, expected = get_task_type(cfg.task.type).score_split(
+            start,
+            AutoTokenizer.from_pretrained(tiny_model),
+            splits.splits["test"].path,
+            splits.labels,
+            cfg.evaluation.batch_size,
+        )
+    (scored,) = (Path(cfg.store.root) / "evaluate_base").glob("*/predictions.parquet")
+    base = pd.read_parquet(scored)
+    assert base["predicted"].tolist() == expected["predicted"].tolist()
+    assert np.allclose(base["confidence"], expected["confidence"], atol=2e-3)
