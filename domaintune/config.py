@@ -18,38 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from domaintune.errors import ConfigError
 
-TaskType = Literal[
-    "text_classification",
-    "token_classification",
-    "question_answering",
-    "causal_lm",
-    "masked_lm",
-    "instruction_tuning",
-]
 
-#: Metrics a run can be judged by, per task type (evaluation.primary_metric); the first is
-#: the default.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "text_classification": ("accuracy", "macro_f1", "weighted_f1"),
-    "token_classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
-    "question_answering": ("f1", "exact_match"),
-    "causal_lm": ("perplexity",),
-    "masked_lm": ("perplexity", "masked_accuracy"),
-    "instruction_tuning": ("rougeL", "bleu"),
-}
-#: Task types whose classification head training.strategy.head can replace.
-HEAD_TASKS = ("text_classification", "token_classification")
-#: Metrics where lower is better (all others: higher is better).
-LOWER_IS_BETTER = frozenset({"perplexity"})
-#: Base model per task type when model.name_or_path is not given.
-DEFAULT_MODELS: dict[str, str] = {
-    "text_classification": "sentence-transformers/all-MiniLM-L6-v2",
-    "token_classification": "sentence-transformers/all-MiniLM-L6-v2",
-    "question_answering": "sentence-transformers/all-MiniLM-L6-v2",
-    "causal_lm": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "masked_lm": "sentence-transformers/all-MiniLM-L6-v2",
-    "instruction_tuning": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
+def _task_types_in_schema(schema: dict[str, Any]) -> None:
+    """The task type field's choices in the JSON schema (the Prefect UI's drop-down)."""
+    from domaintune.tasktypes import task_type_names
+
+    schema["enum"] = task_type_names()
 
 
 class _Section(BaseModel):
@@ -57,7 +31,11 @@ class _Section(BaseModel):
 
 
 class TaskConfig(_Section):
-    type: TaskType = Field("text_classification", description="What the model learns to do.")
+    type: str = Field(
+        "text_classification",
+        description="What the model learns to do (a task type: domaintune.tasktypes).",
+        json_schema_extra=_task_types_in_schema,
+    )
     labels: list[str] | None = Field(
         None,
         description="Declared label set, in id order. Integer labels in the data are mapped "
@@ -92,6 +70,15 @@ class TaskConfig(_Section):
         "the mask token) instead of single tokens (80% mask token, 10% a random token, 10% "
         "kept, as BERT and RoBERTa).",
     )
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        from domaintune.tasktypes import task_type_names
+
+        if v not in task_type_names():
+            raise ValueError(f"unknown task type {v!r}; allowed: {', '.join(task_type_names())}")
+        return v
 
     @field_validator("labels")
     @classmethod
@@ -800,9 +787,12 @@ class RetrainConfig(_Section):
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> RetrainConfig:
+        from domaintune.tasktypes import get_task_type
+
+        task = get_task_type(self.task.type)
         if self.model.name_or_path is None:
-            self.model.name_or_path = DEFAULT_MODELS[self.task.type]
-        allowed = TASK_METRICS[self.task.type]
+            self.model.name_or_path = task.default_model
+        allowed = task.metrics
         if self.evaluation.primary_metric is None:
             self.evaluation.primary_metric = allowed[0]
         if self.evaluation.primary_metric not in allowed:
@@ -810,10 +800,12 @@ class RetrainConfig(_Section):
                 f"evaluation.primary_metric {self.evaluation.primary_metric!r} is not a "
                 f"{self.task.type} metric; allowed: {', '.join(allowed)}"
             )
-        if self.training.strategy.head is not None and self.task.type not in HEAD_TASKS:
+        if self.training.strategy.head is not None and not task.custom_head:
+            from domaintune.tasktypes import task_type_names
+
+            able = [n for n in task_type_names() if get_task_type(n).custom_head]
             raise ValueError(
-                f"training.strategy.head applies to {' and '.join(HEAD_TASKS)}, not "
-                f"{self.task.type}"
+                f"training.strategy.head applies to {' and '.join(able)}, not {self.task.type}"
             )
         return self
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from domaintune.config import LOWER_IS_BETTER, RetrainConfig
+from domaintune.config import RetrainConfig
 from domaintune.manifests import (
     EvaluationReport,
     ModelArtifact,
@@ -31,6 +31,7 @@ from domaintune.manifests import (
 )
 from domaintune.models import PACKAGED_MODELS
 from domaintune.redaction import redact, redact_obj
+from domaintune.tasktypes import get_task_type
 
 CARD = "README.md"
 
@@ -59,7 +60,6 @@ def write_model_card(
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from domaintune.tasks.evaluate import metric_rows
-    from domaintune.tasktypes import get_task_type
 
     task = get_task_type(config.task.type)
     pipeline_tag = PIPELINE_TAGS.get(task.auto_model)
@@ -159,7 +159,11 @@ def _evaluation(
         f"## Evaluation on {doc['test_rows']} test rows",
         "",
         f"Primary metric: **{primary}**"
-        + (" (lower is better)" if primary in LOWER_IS_BETTER else "")
+        + (
+            " (lower is better)"
+            if primary in get_task_type(config.task.type).lower_is_better
+            else ""
+        )
         + ". Base: the pretrained model before fine-tuning, scored the same way on the same "
         "test split (a new task head starts from the training's seed; a registered model's "
         "fitting head, as registered)"

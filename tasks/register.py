@@ -44,6 +44,7 @@ from domaintune.modelcard import write_model_card
 from domaintune.redaction import redact_obj
 from domaintune.registry import MARKER, Registry
 from domaintune.store import Store, store_error
+from domaintune.tasktypes import get_task_type
 from domaintune.tracking import TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
@@ -162,11 +163,10 @@ def decide_promotion(
     absolute ``min_primary_metric`` (a ceiling for perplexity); beat the champion, re-scored
     on this run's test split, by ``margin_over_champion``; and no class or entity type F1
     below the champion's by more than ``max_class_regression``."""
-    from domaintune.config import LOWER_IS_BETTER
-
     rules = config.promotion
     m = evaluation.primary_metric
-    sign = -1.0 if m in LOWER_IS_BETTER else 1.0  # compare as "higher is better"
+    lower = m in get_task_type(config.task.type).lower_is_better
+    sign = -1.0 if lower else 1.0  # compare as "higher is better"
     new = evaluation.finetuned[m]
     base = evaluation.base[m]
     need = rules.min_gain_over_base

@@ -238,13 +238,10 @@ def test_no_champion_column_without_a_rescored_champion_and_adapter_loading(tmp_
 
 
 def test_every_task_type_has_a_pipeline_tag():
-    from typing import get_args
-
-    from domaintune.config import TaskType
     from domaintune.modelcard import PIPELINE_TAGS
-    from domaintune.tasktypes import get_task_type
+    from domaintune.tasktypes import get_task_type, task_type_names
 
-    tags = {t: PIPELINE_TAGS.get(get_task_type(t).auto_model) for t in get_args(TaskType)}
+    tags = {t: PIPELINE_TAGS.get(get_task_type(t).auto_model) for t in task_type_names()}
     assert tags == {
         "text_classification": "text-classification",
         "token_classification": "token-classification",

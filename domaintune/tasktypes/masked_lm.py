@@ -38,6 +38,8 @@ import numpy as np
 import pandas as pd
 
 from domaintune.errors import ModelError
+from domaintune.tasktypes import register_task_type
+from domaintune.tasktypes.base import MINILM
 from domaintune.tasktypes.causal_lm import CausalLM
 
 log = logging.getLogger(__name__)
@@ -145,11 +147,15 @@ def masking_collator(tokenizer: Any, settings: Any = None, seed: int | None = No
     return collate
 
 
+@register_task_type
 class MaskedLM(CausalLM):
     """Raw text as for causal_lm (columns, contract tables, cleaning, packing); what differs:
     special tokens per document, no stored labels (the collator masks), the MLM metrics."""
 
     name = "masked_lm"
+    metrics = ("perplexity", "masked_accuracy")
+    lower_is_better = frozenset({"perplexity"})
+    default_model = MINILM
     contract = "masked_lm"
     auto_model = "AutoModelForMaskedLM"
     cuts_long_texts = False  # packed into blocks

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domaintune.tasktypes.base import TaskType, require_columns
+from domaintune.tasktypes import register_task_type
+from domaintune.tasktypes.base import MINILM, TaskType, require_columns
 
 MAX_ANSWER_TOKENS = 30
 N_BEST = 20
@@ -164,8 +165,12 @@ def answer_error(context: Any, answers: dict | None, allow_unanswerable: bool) -
     return ""
 
 
+@register_task_type
 class QuestionAnswering(TaskType):
     name = "question_answering"
+    metrics = ("f1", "exact_match")
+    default_model = MINILM
+    new_head = True
     contract = "question_answering"
     auto_model = "AutoModelForQuestionAnswering"
     cuts_long_texts = False  # long contexts become overlapping windows

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from domaintune.manifests import scalar_metrics
-from domaintune.tasktypes.base import TaskType, require_columns
+from domaintune.tasktypes import register_task_type
+from domaintune.tasktypes.base import MINILM, TaskType, require_columns
 
 _WS = re.compile(r"\s+")
 
@@ -42,8 +43,13 @@ def _int_like(value: str) -> int | None:
     return int(f) if f.is_integer() else None
 
 
+@register_task_type
 class TextClassification(TaskType):
     name = "text_classification"
+    metrics = ("accuracy", "macro_f1", "weighted_f1")
+    default_model = MINILM
+    new_head = True
+    custom_head = True
     contract = "text_classification"
     auto_model = "AutoModelForSequenceClassification"
     labelled_head = True

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from domaintune.manifests import scalar_metrics
-from domaintune.tasktypes.base import TaskType, require_columns
+from domaintune.tasktypes import register_task_type
+from domaintune.tasktypes.base import MINILM, TaskType, require_columns
 
 _IOB = re.compile(r"^[BI]-.+$")
 
@@ -113,8 +114,13 @@ def tag_set(labels: list[str]) -> list[str]:
     return tags
 
 
+@register_task_type
 class TokenClassification(TaskType):
     name = "token_classification"
+    metrics = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
+    default_model = MINILM
+    new_head = True
+    custom_head = True
     contract = "token_classification"
     auto_model = "AutoModelForTokenClassification"
     cuts_long_texts = False  # long sentences become overlapping windows

@@ -27,14 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domaintune.config import DropoutConfig, HeadConfig, StrategyConfig, TrainingConfig
+from domaintune.config import DropoutConfig, StrategyConfig, TrainingConfig
 from domaintune.errors import ConfigError
+from domaintune.tasktypes import get_task_type, task_type_names
+from domaintune.training.heads import build_head
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("embeddings", "attention", "feed_forward", "layer_norm", "head")
-#: Task types whose head is a freshly initialised layer (LoRA trains it beside the adapters).
-NEW_HEAD_TASKS = ("text_classification", "token_classification", "question_answering")
+
+
+def _new_head_tasks() -> list[str]:
+    """Task types whose model adds a head of its own, created for the run (TaskType.new_head)."""
+    return [n for n in task_type_names() if get_task_type(n).new_head]
 
 
 @dataclass(frozen=True)
@@ -253,8 +258,6 @@ def preflight(
     import torch
     from transformers import AutoConfig
 
-    from domaintune.tasktypes import get_task_type
-
     s = training.strategy
     cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     overrides = dropout_overrides(training.dropout, cfg)
@@ -355,81 +358,8 @@ def drop_top_layers(model: Any, k: int) -> str:
     return f"dropped the top {k} of {keep + k} blocks"
 
 
-def _head_module(model: Any) -> tuple[str, Any]:
-    import torch.nn as nn
-
-    num_labels = model.config.num_labels
-    for name in ("classifier", "score"):
-        mod = getattr(model, name, None)
-        if isinstance(mod, nn.Linear) and mod.out_features == num_labels:
-            return name, mod
-    raise ConfigError(
-        f"training.strategy.head: cannot find the linear classification head of "
-        f"{type(model).__name__}"
-    )
-
-
-def _mlp(in_features: int, out_features: int, spec: dict[str, Any]) -> Any:
-    import torch.nn as nn
-
-    act = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}[spec["activation"]]
-    layers: list[nn.Module] = []
-    width = in_features
-    for h in spec["hidden_sizes"]:
-        layers += [nn.Linear(width, h), act(), nn.Dropout(spec["dropout"])]
-        width = h
-    layers.append(nn.Linear(width, out_features))
-    return nn.Sequential(*layers)
-
-
-def build_head(model: Any, head: HeadConfig) -> str:
-    name, linear = _head_module(model)
-    cfg = model.config
-    dropout = head.dropout
-    if dropout is None:
-        dropout = getattr(cfg, "classifier_dropout", None) or getattr(
-            cfg, "hidden_dropout_prob", 0.1
-        )
-    spec = {
-        "module": name,
-        "hidden_sizes": list(head.hidden_sizes),
-        "dropout": float(dropout),
-        "activation": head.activation,
-    }
-    setattr(model, name, _mlp(linear.in_features, linear.out_features, spec))
-    cfg.domaintune_head = spec  # saved in config.json; restore_head rebuilds it on load
-    return f"head {name}: {linear.in_features} -> {spec['hidden_sizes']} -> {linear.out_features}"
-
-
-def restore_head(model: Any, path: str) -> Any:
-    """Give a model loaded by transformers the custom head it was saved with."""
-    import torch
-    from safetensors.torch import load_file
-
-    spec = getattr(model.config, "domaintune_head", None)
-    if not spec:
-        return model
-    linear = getattr(model, spec["module"])
-    mlp = _mlp(linear.in_features, linear.out_features, spec)
-    state: dict[str, torch.Tensor] = {}
-    head_prefix = spec["module"] + "."
-    for f in sorted(Path(path).glob("*.safetensors")):
-        state.update(
-            {
-                k[len(head_prefix) :]: v
-                for k, v in load_file(str(f)).items()
-                if k.startswith(head_prefix)
-            }
-        )
-    mlp.load_state_dict(state)
-    setattr(model, spec["module"], mlp.to(linear.weight.device))
-    return model
-
-
 def _head_suffix(task_type: str) -> str:
     """The architecture suffix of a task's model class: ``ForSequenceClassification``."""
-    from domaintune.tasktypes import get_task_type
-
     return get_task_type(task_type).auto_model.removeprefix("AutoModel")
 
 
@@ -441,15 +371,13 @@ def head_change(model_path: str, task_type: str, labels: list[str]) -> str | Non
     run starts from the encoder with a fresh head initialised from the seed
     (:func:`load_task_model`), instead of a size-mismatch crash or, worse, a head of the
     same size that means other labels."""
-    from domaintune.tasktypes import get_task_type
-
-    if task_type not in NEW_HEAD_TASKS:
+    if not get_task_type(task_type).new_head:
         return None
     cfg = json.loads((Path(model_path) / "config.json").read_text())
     found = [
         (arch, task)
         for arch in cfg.get("architectures") or []
-        for task in NEW_HEAD_TASKS
+        for task in _new_head_tasks()
         if arch.endswith(_head_suffix(task))
     ]
     if not found:
@@ -481,8 +409,6 @@ def load_task_model(
     not fit the run (:func:`head_change`): training, the base model's evaluation and the
     merge of an adapter all load a base model through here, so the head they start from is
     the same one."""
-    from domaintune.tasktypes import get_task_type
-
     task = get_task_type(task_type)
     if head_change(path, task_type, labels) is None:
         return task.load_model(path, labels, seed, trust_remote_code, **config_overrides)
@@ -637,7 +563,7 @@ def _wrap_lora(
     assert cfg is not None
     targets = lora_targets(model, pmap, cfg.target_modules)
     save = []
-    if task_type in NEW_HEAD_TASKS:  # a new, untrained head must train with the adapters
+    if get_task_type(task_type).new_head:  # a new, untrained head trains with the adapters
         prefix = _base_prefix(model)
         save = [
             name
