@@ -42,6 +42,7 @@ import pandas as pd
 from domaintune.errors import ConfigError, DataError, DomainTuneError, ModelError
 from domaintune.inference import batched_logits, softmax
 from domaintune.registry import REFERENCE as _REFERENCE
+from domaintune.tasktypes import get_task_type
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +82,17 @@ class PredictModel:
         data = self.config.data if self.config is not None else None
         return getattr(data, name) if data is not None else DataConfig.model_fields[name].default
 
-    def settings(self) -> Any:
-        """The settings tokenizing for this model needs (``training``, ``task``)."""
-        if self.config is not None:
-            return self.config
-        from types import SimpleNamespace
+    def task_settings(self) -> Any:
+        """The model's ``task`` section (its defaults without a config)."""
+        from domaintune.config import TaskConfig
 
-        from domaintune.config import TaskConfig, TrainingConfig
+        return self.config.task if self.config is not None else TaskConfig(type=self.task_type)
 
-        training = TrainingConfig(max_length=self.max_length)
-        return SimpleNamespace(training=training, task=TaskConfig(type=self.task_type))
+    def tokenize_settings(self) -> Any:
+        """How the model's training tokenized (max_length, stride): the same here."""
+        from domaintune.tasktypes.base import TokenizeSettings
+
+        return TokenizeSettings(max_length=self.max_length, stride=self.task_settings().stride)
 
     def describe(self) -> str:
         where = f" = {self.version}" if self.version and self.version not in self.reference else ""
@@ -326,14 +328,13 @@ def _entities(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.
         words_of.append(words)
         offsets_of.append(offsets)
         texts.append(text)
-    stride = model.config.task.stride if model.config is not None else 32
     rows = [i for i, w in enumerate(words_of) if w]
-    enc = tokenizer(
+    enc = tokenizer(  # windowed as training windowed (TokenClassification.tokenize)
         [words_of[i] for i in rows],
         is_split_into_words=True,
         truncation=True,
         max_length=model.max_length,
-        stride=min(stride, model.max_length // 2),
+        stride=get_task_type(model.task_type).window_stride(model.tokenize_settings()),
         return_overflowing_tokens=True,
     )
     logits = _logits(model, net, tokenizer, precision, enc)
@@ -566,7 +567,7 @@ def _answers(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.D
     from domaintune.tasktypes.question_answering import NO_ANSWER, best_answers, span_logits
 
     tokenizer, net, precision = _load(model)
-    settings = model.settings()
+    settings = model.tokenize_settings()
 
     def texts(column: str) -> list[str]:
         return ["" if pd.isna(v) else str(v) for v in table[model.column(column)]]
@@ -583,7 +584,7 @@ def _answers(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.D
     }
     enc = get_task_type("question_answering").tokenize(batch, tokenizer, settings, [])
     logits = _logits(model, net, tokenizer, precision, enc, logits_of=span_logits)
-    allow = bool(getattr(settings.task, "allow_unanswerable", False))
+    allow = bool(model.task_settings().allow_unanswerable)
     found = best_answers(enc["_example"], enc["context"], enc["offsets"], logits, allow)
     answers = [found.get(i, NO_ANSWER) for i in range(len(table))]
     out = table.copy()

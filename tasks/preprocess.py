@@ -32,6 +32,7 @@ from domaintune.models import ResolvedModel, resolve_config_model
 from domaintune.sources import row_ids
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
+from domaintune.tasktypes.base import TokenizeSettings
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,7 @@ def plan(
         raw.labels,
         config.task.type,
         config.preprocess.model_dump(exclude={"num_proc"}),
-        {
-            "max_length": config.training.max_length,
-            "stride": config.task.stride,
-            **_split_settings(config),
-        },
+        {**TokenizeSettings.of(config).key(), **_split_settings(config)},
         tok_fp,
         library_versions("transformers", "tokenizers", "datasets"),
     )
@@ -275,6 +272,8 @@ def _run(
     labels = raw.labels
     parts, stats = split_parts(config, raw, validation, held_out)
     tokenizer = load_fast_tokenizer(model, config.model.trust_remote_code)
+    task.check_tokenizer(tokenizer, config.task)
+    settings = TokenizeSettings.of(config)
     splits: dict[str, SplitInfo] = {}
     with store.writer(STAGE, key) as w:
         entry = store.entry_path(STAGE, key)
@@ -287,10 +286,10 @@ def _run(
                 batch_size=1000,
                 remove_columns=ds.column_names,  # tokenize returns every column it keeps
                 num_proc=_num_proc(config.preprocess.num_proc, len(ds)) if len(ds) > 1 else None,
-                fn_kwargs={"tokenizer": tokenizer, "config": config, "labels": labels},
+                fn_kwargs={"tokenizer": tokenizer, "settings": settings, "labels": labels},
                 desc=f"tokenize {name}",
             )
-            ds, pack_stats = task.pack(ds, tokenizer, config)
+            ds, pack_stats = task.pack(ds, tokenizer, settings)
             if pack_stats:
                 stats[f"{name}_packing"] = pack_stats
             out = w.path / f"{name}.parquet"
@@ -301,7 +300,7 @@ def _run(
                 "p50": int(np.percentile(lengths, 50)),
                 "p95": int(np.percentile(lengths, 95)),
                 "max": int(lengths.max()),
-                "truncated_share": float((lengths >= config.training.max_length).mean())
+                "truncated_share": float((lengths >= settings.max_length).mean())
                 if task.cuts_long_texts
                 else 0.0,
             }

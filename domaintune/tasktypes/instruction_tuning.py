@@ -20,7 +20,7 @@ import pandas as pd
 
 from domaintune.errors import ModelError
 from domaintune.tasktypes import register_task_type
-from domaintune.tasktypes.base import SMOLLM2, TaskType, require_columns
+from domaintune.tasktypes.base import SMOLLM2, TaskType, TokenizeSettings, require_columns
 
 MAX_NEW_TOKENS = 128
 
@@ -186,14 +186,16 @@ class InstructionTuning(TaskType):
     def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame:
         return df
 
-    def tokenize(
-        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
-    ) -> dict[str, list]:
+    def check_tokenizer(self, tokenizer: Any, settings: Any) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ModelError(
                 "model.name_or_path: the tokenizer has no chat template; rule: instruction_tuning renders examples with it"
             )
-        max_length = config.training.max_length
+
+    def tokenize(
+        self, batch: dict[str, list], tokenizer: Any, settings: TokenizeSettings, labels: list[str]
+    ) -> dict[str, list]:
+        max_length = settings.max_length
         out: dict[str, list] = {
             k: [] for k in ("input_ids", "attention_mask", "labels", "prompt_ids", "length")
         }

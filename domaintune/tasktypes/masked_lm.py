@@ -39,7 +39,7 @@ import pandas as pd
 
 from domaintune.errors import ModelError
 from domaintune.tasktypes import register_task_type
-from domaintune.tasktypes.base import MINILM
+from domaintune.tasktypes.base import MINILM, TokenizeSettings
 from domaintune.tasktypes.causal_lm import CausalLM
 
 log = logging.getLogger(__name__)
@@ -168,20 +168,24 @@ class MaskedLM(CausalLM):
     scoring_settings = learning_settings
 
     # -- preprocess -----------------------------------------------------------
-    def tokenize(
-        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
-    ) -> dict[str, list]:
+    def check_tokenizer(self, tokenizer: Any, settings: Any) -> None:
         if tokenizer.mask_token_id is None:
             raise ModelError(
                 "model.name_or_path: the tokenizer has no mask token; rule: masked_lm needs one"
             )
-        if config.task.whole_word_masking:
+        if settings.whole_word_masking:
             word_start_table(tokenizer)  # a tokenizer without word boundaries fails here
+
+    def tokenize(
+        self, batch: dict[str, list], tokenizer: Any, settings: TokenizeSettings, labels: list[str]
+    ) -> dict[str, list]:
         ids = tokenizer(batch["text"])["input_ids"]  # [CLS] document [SEP]
         return {"input_ids": ids, "length": [len(x) for x in ids], "_example": batch["_example"]}
 
-    def pack(self, ds: Any, tokenizer: Any, config: Any) -> tuple[Any, dict[str, Any]]:
-        packed, stats = super().pack(ds, tokenizer, config)
+    def pack(
+        self, ds: Any, tokenizer: Any, settings: TokenizeSettings
+    ) -> tuple[Any, dict[str, Any]]:
+        packed, stats = super().pack(ds, tokenizer, settings)
         return packed.remove_columns("labels"), stats  # the collator draws the labels
 
     # -- train / evaluate ------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from domaintune.tasktypes import register_task_type
-from domaintune.tasktypes.base import MINILM, TaskType, require_columns
+from domaintune.tasktypes.base import MINILM, TaskType, TokenizeSettings, require_columns
 
 MAX_ANSWER_TOKENS = 30
 N_BEST = 20
@@ -258,16 +258,18 @@ class QuestionAnswering(TaskType):
         out["question"] = out["question"].map(lambda q: " ".join(q.split()))
         return out[out["question"].str.len() > 0]
 
+    def window_stride(self, settings: TokenizeSettings) -> int:
+        return min(settings.stride, settings.max_length // 4)  # the question takes room too
+
     def tokenize(
-        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
+        self, batch: dict[str, list], tokenizer: Any, settings: TokenizeSettings, labels: list[str]
     ) -> dict[str, list]:
-        max_length = config.training.max_length
         enc = tokenizer(
             batch["question"],
             batch["context"],
             truncation="only_second",
-            max_length=max_length,
-            stride=min(config.task.stride, max_length // 4),
+            max_length=settings.max_length,
+            stride=self.window_stride(settings),
             return_overflowing_tokens=True,
             return_offsets_mapping=True,
         )

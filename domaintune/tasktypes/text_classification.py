@@ -12,7 +12,7 @@ import pandas as pd
 
 from domaintune.manifests import scalar_metrics
 from domaintune.tasktypes import register_task_type
-from domaintune.tasktypes.base import MINILM, TaskType, require_columns
+from domaintune.tasktypes.base import MINILM, TaskType, TokenizeSettings, require_columns
 
 _WS = re.compile(r"\s+")
 
@@ -150,9 +150,9 @@ class TextClassification(TaskType):
         return "label"
 
     def tokenize(
-        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
+        self, batch: dict[str, list], tokenizer: Any, settings: TokenizeSettings, labels: list[str]
     ) -> dict[str, list]:
-        enc = tokenizer(batch["text"], truncation=True, max_length=config.training.max_length)
+        enc = tokenizer(batch["text"], truncation=True, max_length=settings.max_length)
         index = {lab: i for i, lab in enumerate(labels)}
         enc["labels"] = [index[lab] for lab in batch["label"]]
         enc["length"] = [len(ids) for ids in enc["input_ids"]]

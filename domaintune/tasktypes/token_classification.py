@@ -22,7 +22,7 @@ import pandas as pd
 
 from domaintune.manifests import scalar_metrics
 from domaintune.tasktypes import register_task_type
-from domaintune.tasktypes.base import MINILM, TaskType, require_columns
+from domaintune.tasktypes.base import MINILM, TaskType, TokenizeSettings, require_columns
 
 _IOB = re.compile(r"^[BI]-.+$")
 
@@ -208,16 +208,18 @@ class TokenClassification(TaskType):
     def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame:
         return df[df["tokens"].map(len) > 0]
 
+    def window_stride(self, settings: TokenizeSettings) -> int:
+        return min(settings.stride, settings.max_length // 2)
+
     def tokenize(
-        self, batch: dict[str, list], tokenizer: Any, config: Any, labels: list[str]
+        self, batch: dict[str, list], tokenizer: Any, settings: TokenizeSettings, labels: list[str]
     ) -> dict[str, list]:
-        max_length = config.training.max_length
         enc = tokenizer(
             [list(t) for t in batch["tokens"]],
             is_split_into_words=True,
             truncation=True,
-            max_length=max_length,
-            stride=min(config.task.stride, max_length // 2),
+            max_length=settings.max_length,
+            stride=self.window_stride(settings),
             return_overflowing_tokens=True,
         )
         index = {lab: i for i, lab in enumerate(labels)}
