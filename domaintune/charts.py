@@ -1,162 +1,204 @@
-"""Small self-contained SVG charts for reports: the loss curve, the confusion matrix, counts.
+"""Charts for reports, drawn with matplotlib as SVG: training curves, confusion matrix, bars.
 
-Plain SVG text (no plotting library); :func:`data_uri` embeds one in markdown, which the
-Prefect UI renders in a markdown artifact.
+:func:`data_uri` embeds one in markdown, which the Prefect UI renders in a markdown artifact.
+The SVG is deterministic (fixed ids, no date), keeps text as text (small, searchable), and is
+drawn with matplotlib's object API (``Figure`` + the SVG canvas), never pyplot's global figures.
+matplotlib is imported inside the functions: importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import math
-from html import escape
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+#: rcParams for every chart: deterministic ids, text as ``<text>``, a plain readable style.
+_STYLE = {
+    "svg.hashsalt": "domaintune",
+    "svg.fonttype": "none",
+    "font.family": "sans-serif",
+    # DejaVu Sans ships with matplotlib (it lays the text out); the others: a viewer's fallbacks
+    "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica"],
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "axes.axisbelow": True,
+    "grid.color": "#e6e6e6",
+    "legend.frameon": False,
+    "legend.fontsize": 8,
+}
+# rcParams are process-wide: one chart at a time sets (then restores) them
+_LOCK = threading.Lock()
 
 
 def data_uri(svg: str) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        return [lo]
-    step = (hi - lo) / (n - 1)
-    return [lo + i * step for i in range(n)]
+@contextmanager
+def _figure(width: float, height: float) -> Iterator[Any]:
+    """A figure (inches) in the chart style, without pyplot; the caller draws on it."""
+    import matplotlib as mpl
+    from matplotlib.figure import Figure
+
+    with _LOCK, mpl.rc_context(_STYLE):
+        yield Figure(figsize=(width, height), layout="constrained")
 
 
-def loss_curve_svg(log_history: list[dict[str, Any]], width: int = 640, height: int = 300) -> str:
-    """Training loss and validation loss against the optimizer step."""
-    series = {
-        "training loss": [
-            (h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h
-        ],
-        "validation loss": [
-            (h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h
-        ],
-    }
-    points = [p for s in series.values() for p in s if math.isfinite(p[1])]
-    left, right, top, bottom = 56, 16, 28, 40
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="11">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{left}" y="16" font-size="13">Loss by optimizer step</text>',
+def _svg(fig: Any) -> str:
+    from matplotlib.backends.backend_svg import FigureCanvasSVG
+
+    out = io.StringIO()
+    FigureCanvasSVG(fig).print_svg(out, metadata={"Date": None})
+    return out.getvalue()
+
+
+def _plain(text: Any) -> str:
+    """Text shown as written: a ``$`` would otherwise start matplotlib's math mode."""
+    return str(text).replace("$", r"\$")
+
+
+def _message(title: str, message: str) -> str:
+    with _figure(4.5, 0.8) as fig:
+        fig.suptitle(_plain(title), x=0.02, ha="left")
+        fig.text(0.02, 0.3, _plain(message), color="#555555")
+        return _svg(fig)
+
+
+def _points(log_history: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """``(step, value)`` of every history entry with a finite number under ``key``."""
+    return [
+        (h["step"], float(h[key]))
+        for h in log_history
+        if "step" in h
+        and isinstance(h.get(key), int | float)
+        and not isinstance(h[key], bool)
+        and math.isfinite(h[key])
     ]
-    if not points:
-        parts.append(f'<text x="{left}" y="{height // 2}">no losses were logged</text></svg>')
-        return "".join(parts)
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    if x1 == x0:
-        x1 = x0 + 1
-    if y1 == y0:
-        y1 = y0 + 1e-6
-    pw, ph = width - left - right, height - top - bottom
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * pw
-
-    def sy(y: float) -> float:
-        return top + (1 - (y - y0) / (y1 - y0)) * ph
-
-    parts.append(
-        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#444"/>'
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#444"/>'
-    )
-    for y in _ticks(y0, y1):
-        parts.append(
-            f'<line x1="{left}" y1="{sy(y):.1f}" x2="{left + pw}" y2="{sy(y):.1f}" stroke="#eee"/>'
-            f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>'
-        )
-    for x in _ticks(x0, x1):
-        parts.append(
-            f'<text x="{sx(x):.1f}" y="{top + ph + 16}" text-anchor="middle">{x:.0f}</text>'
-        )
-    parts.append(f'<text x="{left + pw / 2:.0f}" y="{height - 6}" text-anchor="middle">step</text>')
-    colours = {"training loss": "#1f77b4", "validation loss": "#d62728"}
-    for i, (name, pts) in enumerate(series.items()):
-        pts = [p for p in pts if math.isfinite(p[1])]
-        if not pts:
-            continue
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        parts.append(
-            f'<polyline points="{path}" fill="none" stroke="{colours[name]}" stroke-width="2"/>'
-        )
-        for x, y in pts if len(pts) < 40 else []:
-            parts.append(
-                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{colours[name]}"/>'
-            )
-        lx = left + pw - 150
-        ly = top + 14 + 16 * i
-        parts.append(
-            f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 20}" y2="{ly - 4}" stroke="{colours[name]}" '
-            f'stroke-width="2"/><text x="{lx + 26}" y="{ly}">{name}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
 
 
-def confusion_matrix_svg(labels: list[str], matrix: list[list[int]], cell: int = 0) -> str:
-    """Counts, rows = true label, columns = predicted; shaded by the row's share."""
+def training_curves_svg(log_history: list[dict[str, Any]], metric: str | None = None) -> str:
+    """The Trainer's ``log_history`` against the optimizer step, one panel per kind of value:
+    training and validation loss, the validation ``metric`` per evaluation (its
+    ``eval_<metric>`` entries) and the learning rate. A panel without data is left out."""
+    from matplotlib.ticker import MaxNLocator
+
+    panels = []  # (y label, [(series name, points, style)])
+    losses = [
+        ("training loss", _points(log_history, "loss"), {"color": "C0"}),
+        ("validation loss", _points(log_history, "eval_loss"), {"color": "C3", "marker": "o"}),
+    ]
+    panels.append(("loss", [s for s in losses if s[1]]))
+    if metric and metric != "loss":
+        name = f"validation {metric}"
+        style = {"color": "C2", "marker": "o"}
+        panels.append((metric, [(name, _points(log_history, f"eval_{metric}"), style)]))
+    panels.append(("learning rate", [("learning rate", _points(log_history, "learning_rate"), {})]))
+    panels = [(label, series) for label, series in panels if any(s[1] for s in series)]
+    title = "Training curves by optimizer step"
+    if not panels:
+        return _message(title, "no losses, metrics or learning rates were logged")
+
+    with _figure(6.4, 0.6 + 1.9 * len(panels)) as fig:
+        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+        for ax, (label, series) in zip(axes, panels, strict=True):
+            for name, points, style in series:
+                steps, values = zip(*points, strict=True)
+                kwargs = {"linewidth": 1.5, "markersize": 3.5, **style}
+                if len(points) == 1:  # a line through one point is invisible
+                    kwargs["marker"] = "o"
+                elif len(points) > 40:  # markers would hide the line
+                    kwargs.pop("marker", None)
+                ax.plot(steps, values, label=_plain(name), **kwargs)
+            ax.set_ylabel(_plain(label))
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+            ax.legend(loc="best")
+        axes[-1].xaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 5, 10], integer=True))
+        axes[-1].set_xlabel("optimizer step")
+        fig.suptitle(title, x=0.02, ha="left")
+        return _svg(fig)
+
+
+def _text_colour(rgba: tuple[float, ...]) -> str:
+    """Dark text on a light cell, white on a dark one (relative luminance of sRGB)."""
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in rgba[:3])
+    return "#1a1a1a" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.3 else "white"
+
+
+def confusion_matrix_svg(labels: list[str], matrix: list[list[int]]) -> str:
+    """A heat map of counts (rows: true label, columns: predicted), each cell's count on it."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
     n = len(labels)
-    cell = cell or max(18, min(48, 480 // max(n, 1)))
-    label_w = 8 + 7 * max((len(str(x)) for x in labels), default=4)
-    top = label_w + 24
-    width, height = label_w + n * cell + 20, top + n * cell + 12
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="{10 if n > 12 else 11}">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        '<text x="4" y="14" font-size="12">rows: true label, columns: predicted</text>',
-    ]
-    for j, lab in enumerate(labels):
-        x = label_w + j * cell + cell / 2
-        parts.append(
-            f'<text transform="translate({x:.1f},{top - 4}) rotate(-60)">{escape(str(lab))}</text>'
-        )
-    for i, (lab, row) in enumerate(zip(labels, matrix, strict=True)):
-        total = sum(row) or 1
-        y = top + i * cell
-        parts.append(
-            f'<text x="{label_w - 4}" y="{y + cell / 2 + 4:.1f}" text-anchor="end">'
-            f"{escape(str(lab))}</text>"
-        )
-        for j, count in enumerate(row):
-            share = count / total
-            shade = int(255 - 200 * share)
-            fill = f"rgb({shade},{shade},255)" if i != j else f"rgb({shade},255,{shade})"
-            x = label_w + j * cell
-            colour = "white" if share > 0.6 else "black"
-            parts.append(
-                f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{fill}" '
-                f'stroke="#ccc"/><text x="{x + cell / 2:.1f}" y="{y + cell / 2 + 4:.1f}" '
-                f'text-anchor="middle" fill="{colour}">{count}</text>'
-            )
-    parts.append("</svg>")
-    return "".join(parts)
+    if n == 0:
+        return _message("Confusion matrix", "no labels")
+    rows = [list(r) for r in matrix]
+    if len(rows) != n or any(len(r) != n for r in rows):
+        raise ValueError(f"confusion matrix: {n} labels need a {n} x {n} matrix of counts")
+    longest = max(len(str(x)) for x in labels)
+    cell = 0.42 if n <= 12 else max(0.18, 5.0 / n)
+    font = 9 if n <= 12 else max(5, int(60 / n))
+    margin = min(2.5, 0.3 + 0.065 * longest)  # room for the labels (rotated on the x axis)
+    side = n * cell
+    cmap = colormaps["Blues"]
+    norm = Normalize(vmin=0, vmax=max(max(max(r) for r in rows), 1))
+
+    with _figure(side + margin + 0.8, side + margin + 0.7) as fig:
+        ax = fig.add_subplot()
+        ax.pcolormesh(rows, cmap=cmap, norm=norm, edgecolors="white", linewidth=0.5)
+        ax.set_aspect("equal")
+        ax.invert_yaxis()  # row 0 at the top, as the matrix is written
+        ax.grid(False)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        centred = {"ha": "center", "va": "center", "fontsize": font}
+        for i, row in enumerate(rows):
+            for j, count in enumerate(row):
+                colour = _text_colour(cmap(norm(count)))
+                ax.text(j + 0.5, i + 0.5, str(count), color=colour, **centred)
+        ticks = [k + 0.5 for k in range(n)]
+        names = [_plain(x) for x in labels]
+        rotate = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if longest > 3 else {}
+        ax.set_xticks(ticks, names, fontsize=font, **rotate)
+        ax.set_yticks(ticks, names, fontsize=font)
+        ax.tick_params(length=0)
+        ax.set_xlabel("predicted label")
+        ax.set_ylabel("true label")
+        ax.set_title("Confusion matrix", loc="left")
+        return _svg(fig)
 
 
-def bar_chart_svg(counts: dict[str, int], title: str = "", bar: int = 18) -> str:
-    """Horizontal bars, one per key, longest first, each with its count."""
-    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    label_w = 8 + 7 * max((len(str(k)) for k, _ in items), default=4)
-    plot_w, top = 360, 24 if title else 8
-    width, height = label_w + plot_w + 60, top + len(items) * (bar + 6) + 8
-    most = max((v for _, v in items), default=0) or 1
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        'font-family="sans-serif" font-size="11">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-    ]
-    if title:
-        parts.append(f'<text x="4" y="15" font-size="12">{escape(title)}</text>')
-    for i, (key, value) in enumerate(items):
-        y = top + i * (bar + 6)
-        w = plot_w * value / most
-        parts.append(
-            f'<text x="{label_w - 4}" y="{y + bar / 2 + 4:.1f}" text-anchor="end">'
-            f"{escape(str(key))}</text>"
-            f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar}" fill="#4c78a8"/>'
-            f'<text x="{label_w + w + 4:.1f}" y="{y + bar / 2 + 4:.1f}">{value}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
+def bar_chart_svg(counts: dict[str, int | float], title: str = "") -> str:
+    """Horizontal bars, one per key, largest at the top, each with its value at its end."""
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    if not items:
+        return _message(title, "nothing to show")
+    longest = max(len(str(k)) for k, _ in items)
+
+    def shown(v: float) -> str:
+        return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
+
+    with _figure(min(9.0, 4.6 + 0.065 * longest), 0.7 + 0.26 * len(items)) as fig:
+        ax = fig.add_subplot()
+        keys = [_plain(k) for k, _ in items]
+        bars = ax.barh(keys, [v for _, v in items], color="#4c78a8", height=0.7)
+        ax.bar_label(bars, labels=[shown(v) for _, v in items], padding=3, fontsize=8)
+        ax.invert_yaxis()  # the largest first
+        ax.margins(x=0.15)
+        ax.grid(axis="y", visible=False)
+        ax.tick_params(axis="y", length=0)
+        if title:
+            ax.set_title(_plain(title), loc="left")
+        return _svg(fig)

@@ -293,7 +293,7 @@ def _run(
         samples = _samples(config, store, base_key, predictions)
         if samples is not None:
             samples.to_parquet(w.path / "samples.parquet", index=False)
-        charts = _charts(model, finetuned)
+        charts = _charts(model, finetuned, primary)
         for name, svg in charts.items():
             (w.path / f"{name}.svg").write_text(svg)
         (w.path / "report.md").write_text(redact(render_markdown(doc, samples, charts)))
@@ -323,14 +323,15 @@ def _run(
     return manifest
 
 
-def _charts(model: ModelArtifact, finetuned: dict[str, Any]) -> dict[str, str]:
-    """SVG charts for the report: the training / validation loss and the confusion matrix."""
-    from domaintune.charts import confusion_matrix_svg, loss_curve_svg
+def _charts(model: ModelArtifact, finetuned: dict[str, Any], primary: str) -> dict[str, str]:
+    """SVG charts for the report: the training curves (training / validation loss, validation
+    ``primary`` metric, learning rate) and the confusion matrix."""
+    from domaintune.charts import confusion_matrix_svg, training_curves_svg
 
     charts = {}
     history = Path(model.model_dir) / "log_history.json"
     if history.is_file():
-        charts["loss_curve"] = loss_curve_svg(json.loads(history.read_text()))
+        charts["loss_curve"] = training_curves_svg(json.loads(history.read_text()), primary)
     cm = finetuned.get("confusion_matrix")
     if cm and cm.get("labels"):
         charts["confusion_matrix"] = confusion_matrix_svg(cm["labels"], cm["matrix"])
@@ -343,7 +344,7 @@ def _samples(
     """Generation tasks: prompt, reference, base output and fine-tuned output side by side."""
     task = get_task_type(config.task.type)
     base_file = store.entry_path(BASE_STAGE, base_key) / "predictions.parquet"
-    if not getattr(task, "generative", False) or not base_file.is_file():
+    if not task.generative or not base_file.is_file():
         return None
     base = pd.read_parquet(base_file)
     return pd.DataFrame(
@@ -454,9 +455,9 @@ def render_markdown(
     if "loss_curve" in charts:
         lines += [
             "",
-            "## Training and validation loss",
+            "## Training curves: loss, validation metric, learning rate",
             "",
-            f"![loss curve]({data_uri(charts['loss_curve'])})",
+            f"![training curves]({data_uri(charts['loss_curve'])})",
         ]
     if samples is not None and len(samples):
         lines += [

@@ -46,6 +46,9 @@ def test_early_stopping_and_a_model_that_is_not_better_is_not_promoted(tmp_path,
     assert summary["allocator"].startswith(expected)
     assert model.launch["allocator"] == summary["allocator"]
     evaluation = evaluate(cfg, splits, model, store)
+    curves = (Path(evaluation.path) / "loss_curve.svg").read_text()  # the report's chart
+    for name in ("validation loss", f"validation {evaluation.primary_metric}", "learning rate"):
+        assert f">{name}</text>" in curves, f"the training curves show the {name}"
     assert set(evaluation.finetuned["per_class"]) == {"negative", "neutral", "positive"}
     assert sum(map(sum, evaluation.finetuned["confusion_matrix"]["matrix"])) == evaluation.test_rows
     reg = register(cfg, raw, splits, model, evaluation, store)
