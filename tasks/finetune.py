@@ -41,6 +41,7 @@ from domaintune.training.launch import (
     remove_shared_memory,
     write_deepspeed_env,
 )
+from domaintune.training.spec import WorkerSpec
 from domaintune.training.strategies import preflight
 from domaintune.training.worker import PROGRESS_PREFIX
 
@@ -160,19 +161,20 @@ def _run(
     }
     # tracking.report_to: TensorBoard events and the MLflow run (its id goes in the attempt)
     tracker = TrainingTracker.start(config, key, work, attempts, attempt)
-    spec = {
-        "task_type": config.task.type,
-        "task": config.task.model_dump(mode="json"),
-        "labels": splits.labels,
-        "model_path": base.path,
-        "trust_remote_code": config.model.trust_remote_code,
-        "splits": {name: s.path for name, s in splits.splits.items()},
-        "output_dir": str(ckpt_dir),
-        "final_dir": str(final_dir),
-        "training": config.training.model_dump(mode="json"),
-        "config_overrides": checked["config_overrides"],
-        "primary_metric": config.evaluation.primary_metric,
-        "deepspeed": build_deepspeed_config(
+    spec = WorkerSpec(
+        task=config.task,
+        training=config.training,
+        labels=splits.labels,
+        model_path=base.path,
+        trust_remote_code=config.model.trust_remote_code,
+        config_overrides=checked["config_overrides"],
+        bf16=launch.bf16,
+        fp16=launch.fp16,
+        splits={name: s.path for name, s in splits.splits.items()},
+        output_dir=str(ckpt_dir),
+        final_dir=str(final_dir),
+        primary_metric=config.evaluation.primary_metric,
+        deepspeed=build_deepspeed_config(
             config.training.deepspeed,
             bf16=launch.bf16,
             fp16=launch.fp16,
@@ -180,14 +182,12 @@ def _run(
         )
         if launch.uses_zero
         else None,
-        "bf16": launch.bf16,
-        "fp16": launch.fp16,
-        "launch": launch.summary(),
-        "resume_from": str(resume) if resume else None,
-        "checkpoints_to_store": mirror.enabled,
-    }
+        launch=launch.summary(),
+        resume_from=str(resume) if resume else None,
+        checkpoints_to_store=mirror.enabled,
+    )
     spec_path = work / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
+    spec.write(spec_path)
     if resume:
         log.info("finetune: attempt %d resumes from %s", attempt["attempt"], resume.name)
     env = child_env(launch)
