@@ -8,10 +8,10 @@ registry's event log commits it (``domaintune.registry``), which also moves ``la
 when promoted, ``production``. Registering the same model, metrics and config again returns
 the existing version instead of a copy.
 
-Promotion (``decide_promotion``): the fine-tuned model must beat the base model, clear an
-absolute floor, beat the champion re-scored on the same test split by a margin, and regress
-no class or entity type beyond a tolerance. A model that is not promoted is still registered,
-as a rejected candidate with the reason. A failed run never reaches this stage, and a
+Promotion (``domaintune.promotion.decide_promotion``): the fine-tuned model must beat the
+base model, clear an absolute floor, beat the champion re-scored on the same test split by a
+margin, and regress no class or entity type beyond a tolerance. A model that is not promoted
+is still registered, as a rejected candidate with the reason. A failed run never reaches this stage, and a
 registration that fails half-way leaves no version and moves no pointer.
 """
 
@@ -41,10 +41,10 @@ from domaintune.manifests import (
     scalar_metrics,
 )
 from domaintune.modelcard import write_model_card
+from domaintune.promotion import decide_promotion
 from domaintune.redaction import redact_obj
 from domaintune.registry import MARKER, Registry
 from domaintune.store import Store, store_error
-from domaintune.tasktypes import get_task_type
 from domaintune.tracking import TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
@@ -154,60 +154,6 @@ def _stage_model(
     if base:
         (dst / "base_model.json").write_text(json.dumps(base, indent=2))
     return server_copies
-
-
-def decide_promotion(
-    config: RetrainConfig, evaluation: EvaluationReport, champion: dict[str, Any] | None
-) -> tuple[bool, str]:
-    """(promote?, why). In order: beat the base model by ``min_gain_over_base``; clear the
-    absolute ``min_primary_metric`` (a ceiling for perplexity); beat the champion, re-scored
-    on this run's test split, by ``margin_over_champion``; and no class or entity type F1
-    below the champion's by more than ``max_class_regression``."""
-    rules = config.promotion
-    m = evaluation.primary_metric
-    lower = m in get_task_type(config.task.type).lower_is_better
-    sign = -1.0 if lower else 1.0  # compare as "higher is better"
-    new = evaluation.finetuned[m]
-    base = evaluation.base[m]
-    need = rules.min_gain_over_base
-    if sign * (new - base) < need or sign * (new - base) <= 0:
-        return False, f"{m} {new:.4f} does not beat the base model's {base:.4f} by {need}"
-    floor = rules.min_primary_metric
-    if floor is not None and sign * (new - floor) < 0:
-        bound = "above the ceiling" if sign < 0 else "below the floor"
-        return False, f"{m} {new:.4f} is {bound} of {floor} (promotion.min_primary_metric)"
-    if champion is None:
-        return True, f"first champion: {m} {new:.4f} (base {base:.4f})"
-    scored = evaluation.champion or {}
-    champ_metrics = scored.get("metrics")
-    if champ_metrics:
-        champ, where = champ_metrics[m], "on this test split"
-    else:
-        champ = champion.get("metrics", {}).get(m)
-        where = f"as recorded ({scored.get('note', 'not re-scored')})"
-    name = champion["version"]
-    margin = rules.margin_over_champion
-    if champ is not None and (sign * (new - champ) <= 0 or sign * (new - champ) < margin):
-        return (
-            False,
-            f"{m} {new:.4f} does not beat champion {name} ({champ:.4f} {where}) by {margin}",
-        )
-    for table, unit in (("per_class", "class"), ("per_type", "entity type")):
-        ours = evaluation.finetuned.get(table) or {}
-        theirs = (champ_metrics or {}).get(table) or {}
-        drops = [
-            (theirs[lab]["f1"] - ours.get(lab, {}).get("f1", 0.0), lab)
-            for lab in theirs
-            if theirs[lab].get("support", 1)
-        ]
-        if drops and max(drops)[0] > rules.max_class_regression:
-            drop, lab = max(drops)
-            return False, (
-                f"{unit} {lab!r} F1 falls from {theirs[lab]['f1']:.4f} (champion {name}) to "
-                f"{ours.get(lab, {}).get('f1', 0.0):.4f}, more than "
-                f"promotion.max_class_regression {rules.max_class_regression}"
-            )
-    return True, f"{m} {new:.4f} beats champion {name} ({champ:.4f} {where})"
 
 
 def register(

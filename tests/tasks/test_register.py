@@ -9,13 +9,14 @@ import pytest
 
 from domaintune.cli import main as cli
 from domaintune.manifests import EvaluationReport
+from domaintune.promotion import decide_promotion
 from domaintune.registry import Registry
 from domaintune.store import Store
 from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.finetune import finetune
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
-from domaintune.tasks.register import decide_promotion, register
+from domaintune.tasks.register import register
 from tests.conftest import write_csv
 
 
