@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from domaintune.config import RetriesConfig, StoreConfig, _Section
+from domaintune.config import RetriesConfig, Section, StoreConfig
 from domaintune.fingerprint import hash_obj
 from domaintune.manifests import ScoredFile
 from domaintune.redaction import redact
@@ -29,7 +29,7 @@ STAGE = "score"
 VERSION = "1"
 
 
-class ScoreConfig(_Section):
+class ScoreConfig(Section):
     """A scoring job: which model scores which files, and where the predictions go."""
 
     name: str = Field(

@@ -1,22 +1,11 @@
-"""The one configuration model of a retraining use case.
-
-Loaded from YAML by the CLI, from Prefect parameters by deployments, and from Python alike.
-Unknown keys are errors (with a did-you-mean), and every error names the key and the allowed
-values, so that a typo never silently falls back to a default.
-"""
+"""The sections of a config: what each can say, its defaults and its rules (one model each)."""
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from domaintune.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def _task_types_in_schema(schema: dict[str, Any]) -> None:
@@ -26,11 +15,13 @@ def _task_types_in_schema(schema: dict[str, Any]) -> None:
     schema["enum"] = task_type_names()
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class TaskConfig(_Section):
+class TaskConfig(Section):
     type: str = Field(
         "text_classification",
         description="What the model learns to do (a task type: domaintune.tasktypes).",
@@ -97,7 +88,7 @@ class TaskConfig(_Section):
 SplitName = Literal["train", "validation", "test"]
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: str | list[str] | None = Field(
         None,
         description="Path, glob, fsspec URL (s3://, gs://, ...) or pkg://<package>/<path> of "
@@ -179,7 +170,7 @@ class DataConfig(_Section):
         return {None: self.source} if self.splits is None else dict(self.splits)  # type: ignore[dict-item]
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name_or_path: str | None = Field(
         None,
         description="Hugging Face hub id, local folder, GGUF file, or pkg://<package>/<path>. "
@@ -207,7 +198,7 @@ class ModelConfig(_Section):
         return v
 
 
-class DeepSpeedConfig(_Section):
+class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2,
         description="ZeRO optimisation stage: 1 partitions optimizer state across ranks, 2 "
@@ -236,7 +227,7 @@ Component = Literal["attention", "feed_forward", "layer_norm", "embeddings", "he
 StrategyKind = Literal["full", "head_only", "last_n_layers", "components", "lora"]
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     r: int = Field(8, ge=1, description="Rank of the low-rank update.")
     alpha: float = Field(16, gt=0, description="Scale of the update is alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
@@ -253,7 +244,7 @@ class LoraConfig(_Section):
     )
 
 
-class HeadConfig(_Section):
+class HeadConfig(Section):
     hidden_sizes: list[int] = Field(
         default_factory=list,
         description="Hidden layers of the classification head (empty: one linear layer).",
@@ -274,7 +265,7 @@ class HeadConfig(_Section):
         return v
 
 
-class StrategyConfig(_Section):
+class StrategyConfig(Section):
     """What trains. YAML accepts the short forms ``strategy: head_only``,
     ``strategy: {last_n_layers: 2}``, ``strategy: {components: [attention, head]}`` and
     ``strategy: {lora: {r: 8}}`` besides the explicit ``kind:``."""
@@ -361,7 +352,7 @@ class StrategyConfig(_Section):
         return text + (f" + {', '.join(extras)}" if extras else "")
 
 
-class DropoutConfig(_Section):
+class DropoutConfig(Section):
     hidden: float | None = Field(
         None,
         ge=0,
@@ -377,7 +368,7 @@ class DropoutConfig(_Section):
     )
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     epochs: float = Field(3, gt=0, description="Passes over the training split.")
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
@@ -538,7 +529,7 @@ class TrainingConfig(_Section):
         return self.learning_rate * (self.head_lr_multiplier or 1.0)
 
 
-class PreprocessConfig(_Section):
+class PreprocessConfig(Section):
     unescape_html: bool = True
     normalize_whitespace: bool = True
     unicode_normalization: Literal["NFC", "NFKC", "none"] = "NFC"
@@ -548,7 +539,7 @@ class PreprocessConfig(_Section):
     )
 
 
-class EvaluationConfig(_Section):
+class EvaluationConfig(Section):
     test_size: float = Field(0.15, gt=0, lt=1, description="Share of rows held out for test.")
     val_size: float = Field(0.10, gt=0, lt=1, description="Share of rows for validation.")
     primary_metric: str | None = Field(
@@ -569,7 +560,7 @@ class EvaluationConfig(_Section):
         return self
 
 
-class ContractConfig(_Section):
+class ContractConfig(Section):
     path: str | None = Field(
         None, description="A contract YAML of your own (default: data_contracts/<task>.yaml)."
     )
@@ -579,7 +570,7 @@ class ContractConfig(_Section):
     )
 
 
-class PromotionConfig(_Section):
+class PromotionConfig(Section):
     min_gain_over_base: float = Field(
         0.0, description="The fine-tuned model must beat the base model by at least this."
     )
@@ -599,14 +590,14 @@ class PromotionConfig(_Section):
     )
 
 
-class RetriesConfig(_Section):
+class RetriesConfig(Section):
     count: int = Field(
         2, ge=0, description="Retries of a failed stage (bad input is never retried)."
     )
     delay_seconds: float = Field(5, ge=0)
 
 
-class StoreConfig(_Section):
+class StoreConfig(Section):
     root: str = Field(
         "./.domaintune", description="Local folder or fsspec URL of intermediates and registry."
     )
@@ -617,7 +608,7 @@ class StoreConfig(_Section):
     )
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     report_to: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"],
         description="Experiment tracking of each run: `tensorboard` event files (training and "
@@ -659,7 +650,7 @@ class TrackingConfig(_Section):
         return self
 
 
-class TuneParamConfig(_Section):
+class TuneParamConfig(Section):
     """One key of a hyperparameter search: a range (``low``, ``high``; ``log``, ``step``) or
     ``choices`` (any value the key takes: numbers, names, strategies)."""
 
@@ -684,7 +675,7 @@ class TuneParamConfig(_Section):
         return self
 
 
-class TuneConfig(_Section):
+class TuneConfig(Section):
     """Hyperparameter search with Optuna (``domaintune tune``, the ``tune`` flow): the keys of
     ``space`` are training settings, each trial is a fine-tuning judged on the validation
     split. Never part of a cache key: a trial's training is the finetune entry its settings
@@ -730,228 +721,3 @@ class TuneConfig(_Section):
 
         check_space_keys(self.space)
         return self
-
-
-class RetrainConfig(_Section):
-    """Everything a retraining run needs. Loaded from YAML; every key has a default but
-    `name` and `data.source`."""
-
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Use case name.")
-    domain: str = Field("general", description="Business domain (finance, healthcare, ...).")
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    contract: ContractConfig = Field(default_factory=ContractConfig)
-    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
-    retries: RetriesConfig = Field(default_factory=RetriesConfig)
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    tracking: TrackingConfig = Field(
-        default_factory=TrackingConfig,
-        description="Experiment tracking (TensorBoard, MLflow); never part of a cache key.",
-    )
-    stages: list[dict[str, Any]] | None = Field(
-        None,
-        description="A multi-stage recipe (domaintune.recipes): stages run in order, each "
-        "the config above with the stage's own sections merged on, each starting from the "
-        "previous stage's model; only the last is registered.",
-    )
-    tune: TuneConfig = Field(
-        default_factory=TuneConfig,
-        description="Hyperparameter search (domaintune tune); never part of a cache key.",
-    )
-
-    @model_validator(mode="after")
-    def _credentials_by_reference(self) -> RetrainConfig:
-        from domaintune.credentials import literal_secrets
-
-        written = literal_secrets(self.data.storage_options, "data.storage_options")
-        written += literal_secrets(self.store.storage_options, "store.storage_options")
-        if written:
-            raise ValueError(
-                f"{', '.join(written)}: a credential written into the config; rule: reference "
-                "it as ${env:NAME} (Prefect stores a run's parameters as given and shows them "
-                "in its UI)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _stages_run(self) -> RetrainConfig:
-        if self.stages is not None:
-            from domaintune.recipes import check_stages
-
-            check_stages(self)
-        return self
-
-    @model_validator(mode="after")
-    def _metric_fits_task(self) -> RetrainConfig:
-        from domaintune.tasktypes import get_task_type
-
-        task = get_task_type(self.task.type)
-        if self.model.name_or_path is None:
-            self.model.name_or_path = task.default_model
-        allowed = task.metrics
-        if self.evaluation.primary_metric is None:
-            self.evaluation.primary_metric = allowed[0]
-        if self.evaluation.primary_metric not in allowed:
-            raise ValueError(
-                f"evaluation.primary_metric {self.evaluation.primary_metric!r} is not a "
-                f"{self.task.type} metric; allowed: {', '.join(allowed)}"
-            )
-        if self.training.strategy.head is not None and not task.custom_head:
-            from domaintune.tasktypes import task_type_names
-
-            able = [n for n in task_type_names() if get_task_type(n).custom_head]
-            raise ValueError(
-                f"training.strategy.head applies to {' and '.join(able)}, not {self.task.type}"
-            )
-        return self
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def load_config(
-    path: str | os.PathLike | None = None,
-    overrides: list[str] | None = None,
-    data: dict[str, Any] | None = None,
-) -> RetrainConfig:
-    """Load a config from YAML (or a dict), apply ``key.path=value`` overrides, validate.
-
-    Relative local paths (``data.source``, ``store.root``, ``contract.path``) are resolved
-    against the working directory, as with other training CLIs; run from the project root.
-    """
-    origin = str(path) if path is not None else "<config>"
-    if data is None:
-        if path is None:
-            raise ConfigError("no config given")
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{origin}: config file not found") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: the config must be a mapping of keys to values")
-    data = _deepcopy(data)
-    for item in overrides or []:
-        apply_override(data, item)
-    _resolve_relative_paths(data, Path.cwd())
-    return validate_config(data, origin)
-
-
-def validate_config(data: dict[str, Any], origin: str = "<config>") -> RetrainConfig:
-    try:
-        return RetrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, origin)) from None
-
-
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (3, true, [a, b])."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key.path=value")
-    key, _, raw = item.partition("=")
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"--set {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
-    """Make local paths absolute (relative to ``base``) so that the config means the same
-    files wherever the flow later runs (a worker, a retry in another process)."""
-
-    def fix(p: str) -> str:
-        if "://" in p:
-            return p
-        p = os.path.expanduser(p)
-        return p if os.path.isabs(p) else os.path.normpath(str(base / p))
-
-    def fix_source(src: Any) -> Any:
-        if isinstance(src, str):
-            return fix(src)
-        if isinstance(src, list):
-            return [fix(s) if isinstance(s, str) else s for s in src]
-        return src
-
-    d = data.get("data")
-    if isinstance(d, dict):
-        if "source" in d:
-            d["source"] = fix_source(d["source"])
-        if isinstance(d.get("splits"), dict):
-            d["splits"] = {k: fix_source(v) for k, v in d["splits"].items()}
-    for section, key in (("store", "root"), ("contract", "path")):
-        sec = data.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get(key), str):
-            sec[key] = fix(sec[key])
-    training = data.get("training")
-    for key in ("hostfile", "ssh_config"):
-        if isinstance(training, dict) and isinstance(training.get(key), str):
-            training[key] = fix(training[key])
-    strategy = (data.get("training") or {}).get("strategy")
-    if isinstance(strategy, dict) and isinstance(strategy.get("init_embeddings_from"), str):
-        src = strategy["init_embeddings_from"]
-        if (base / src).exists():  # a local folder; otherwise a hub id or pkg:// URL
-            strategy["init_embeddings_from"] = fix(src)
-    for stage in data.get("stages") or []:  # a recipe's stages name files too
-        if isinstance(stage, dict):
-            _resolve_relative_paths(stage, base)
-
-
-def format_validation_error(exc: ValidationError, origin: str) -> str:
-    lines = [f"{origin}: invalid config ({exc.error_count()} problem(s))"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if not err["loc"] and err["type"] == "value_error":  # a rule across keys names its keys
-            lines.append(f"  {str(err['msg']).removeprefix('Value error, ')}")
-            continue
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key{_suggest(err['loc'])}")
-        elif err["type"] == "missing":
-            lines.append(f"  {loc}: required key is missing")
-        else:
-            got = err.get("input")
-            got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {loc}: {err['msg']}{got_txt}")
-    return "\n".join(lines)
-
-
-def _suggest(loc: tuple) -> str:
-    model: type[BaseModel] = RetrainConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
-            return ""
-    allowed = list(model.model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} allowed here: {', '.join(allowed)}"
-
-
-def _deepcopy(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _deepcopy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_deepcopy(v) for v in obj]
-    return obj
