@@ -59,7 +59,7 @@ def write_model_card(
     ``config.json`` and ``base_model.json`` say how it loads), and return its path."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from domaintune.tasks.evaluate import metric_rows
+    from domaintune.reports import metric_rows
 
     task = get_task_type(config.task.type)
     pipeline_tag = PIPELINE_TAGS.get(task.auto_model)

@@ -30,8 +30,9 @@ from domaintune.manifests import (
 from domaintune.orchestration import call_stage, stage_task, superseded_by
 from domaintune.recipes import Stage, from_previous, stage_configs, stage_record
 from domaintune.redaction import redact, redact_obj
-from domaintune.tasks.evaluate import evaluate, metric_rows
-from domaintune.tasks.finetune import finetune, training_markdown, training_summary
+from domaintune.reports import metric_rows, training_markdown
+from domaintune.tasks.evaluate import evaluate
+from domaintune.tasks.finetune import finetune, training_summary
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import HeldOut, preprocess
 from domaintune.tasks.register import register

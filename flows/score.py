@@ -16,43 +16,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from domaintune.manifests import ScoredFile, StageRecord
+from domaintune.manifests import StageRecord
 from domaintune.orchestration import call_stage, stage_task
 from domaintune.redaction import redact, redact_obj
+from domaintune.reports import counts_markdown, total_counts
 from domaintune.store import Store
 from domaintune.tasks.score import ScoreConfig, pin_model, score_file
 
 score_task = stage_task(score_file, "score")
-
-
-def _total(scored: list[ScoredFile]) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for s in scored:
-        for k, v in s.counts.items():
-            totals[k] = totals.get(k, 0) + v
-    return totals
-
-
-def counts_markdown(config: ScoreConfig, model: str, scored: list[ScoredFile]) -> str:
-    """The run in a few lines: the model version, the files, the counts (and a bar chart
-    of them where they are counts of predicted classes or entity types)."""
-    from domaintune.charts import bar_chart_svg, data_uri
-
-    totals = _total(scored)
-    rows = sum(s.rows for s in scored)
-    lines = [
-        f"# Scoring {config.name}",
-        "",
-        f"{len(scored)} file(s), {rows} row(s) scored by **{model}**.",
-        "",
-        "| | count |",
-        "|---|---:|",
-        *(f"| {k} | {v} |" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])),
-    ]
-    if scored and scored[0].task_type in ("text_classification", "token_classification"):
-        what = "predicted class" if scored[0].task_type == "text_classification" else "entity type"
-        lines += ["", f"![count per {what}]({data_uri(bar_chart_svg(totals, f'per {what}'))})"]
-    return "\n".join(lines)
 
 
 @flow(name="score", flow_run_name="score-{config.name}", log_prints=False)
@@ -92,7 +63,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
             description=f"Files scored by {model} and where their predictions are",
         )
     create_markdown_artifact(
-        redact(counts_markdown(config, model, scored)), description=f"Scoring {config.name}"
+        redact(counts_markdown(config.name, model, scored)), description=f"Scoring {config.name}"
     )
     return redact_obj(
         {
@@ -101,7 +72,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
             "model_fingerprint": fingerprint,
             "files": table,
             "rows": sum(s.rows for s in scored),
-            "counts": _total(scored),
+            "counts": total_counts(scored),
             "scored": sum(not r.cached for r in stages),
             "cached": sum(r.cached for r in stages),
             "seconds": round(time.perf_counter() - t0, 3),
