@@ -116,6 +116,15 @@ def test_perplexity_floor_is_a_ceiling(make_config, tmp_path):
 
 
 @pytest.mark.slow
+def _train_and_register(cfg, store):
+    """(evaluation, registration) of one run of the stages as plain functions."""
+    raw = ingest(cfg, store)
+    splits = preprocess(cfg, raw, store)
+    model = finetune(cfg, splits, store)
+    evaluation = evaluate(cfg, splits, model, store)
+    return evaluation, register(cfg, raw, splits, model, evaluation, store)
+
+
 def test_champion_is_rescored_and_the_registry_commands_promote_and_roll_back(
     tmp_path, make_config, rows, capsys
 ):
@@ -124,11 +133,7 @@ def test_champion_is_rescored_and_the_registry_commands_promote_and_roll_back(
     store = Store(first.store.root)
 
     def run(cfg):
-        raw = ingest(cfg, store)
-        splits = preprocess(cfg, raw, store)
-        model = finetune(cfg, splits, store)
-        evaluation = evaluate(cfg, splits, model, store)
-        return evaluation, register(cfg, raw, splits, model, evaluation, store)
+        return _train_and_register(cfg, store)
 
     ev1, v1 = run(first)
     assert v1.promoted and ev1.champion is None
@@ -170,11 +175,7 @@ def test_a_champion_with_another_tokenizer_is_not_scored_on_this_runs_token_ids(
     store = Store(first.store.root)
 
     def run(cfg):
-        raw = ingest(cfg, store)
-        splits = preprocess(cfg, raw, store)
-        model = finetune(cfg, splits, store)
-        evaluation = evaluate(cfg, splits, model, store)
-        return evaluation, register(cfg, raw, splits, model, evaluation, store)
+        return _train_and_register(cfg, store)
 
     _, v1 = run(first)
     ev2, v2 = run(make_config(src, model={"name_or_path": str(other_tokenizer_model)}))
