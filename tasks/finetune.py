@@ -108,6 +108,123 @@ def finetune(
 # -------------------------------------------------------------------------------- stage
 
 
+def _attempts(
+    attempts_path: Path, resume: Path | None, launch: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(the attempts on record, this one): an attempt on record that never finished lost its
+    process or host."""
+    attempts: list[dict[str, Any]] = (
+        json.loads(attempts_path.read_text()) if attempts_path.is_file() else []
+    )
+    for earlier in attempts:
+        if "exit_code" not in earlier:  # on record, never finished: its process or host died
+            earlier.update(exit_code=None, lost=True)
+    attempt = {
+        "attempt": len(attempts) + 1,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed_from": resume.name if resume else None,
+        "processes": launch.world_size,
+        "nodes": launch.num_nodes,
+        "device": "gpu" if launch.use_gpu else "cpu",
+    }
+    return attempts, attempt
+
+
+def _worker_spec(
+    config: RetrainConfig,
+    splits: SplitManifest,
+    base: ResolvedModel,
+    checked: dict[str, Any],
+    launch: Any,
+    ckpt_dir: Path,
+    final_dir: Path,
+    resume: Path | None,
+    to_store: bool,
+) -> WorkerSpec:
+    """What every rank is told (domaintune.training.spec)."""
+    return WorkerSpec(
+        task=config.task,
+        training=config.training,
+        labels=splits.labels,
+        model_path=base.path,
+        trust_remote_code=config.model.trust_remote_code,
+        config_overrides=checked["config_overrides"],
+        bf16=launch.bf16,
+        fp16=launch.fp16,
+        splits={name: s.path for name, s in splits.splits.items()},
+        output_dir=str(ckpt_dir),
+        final_dir=str(final_dir),
+        primary_metric=config.evaluation.primary_metric,
+        deepspeed=build_deepspeed_config(
+            config.training.deepspeed,
+            bf16=launch.bf16,
+            fp16=launch.fp16,
+            autocast=not launch.use_gpu,  # CPU: bf16 autocast, fp32 weights
+        )
+        if launch.uses_zero
+        else None,
+        launch=launch.summary(),
+        resume_from=str(resume) if resume else None,
+        checkpoints_to_store=to_store,
+    )
+
+
+def _model_artifact(
+    config: RetrainConfig,
+    splits: SplitManifest,
+    key: str,
+    entry: str,
+    base: ResolvedModel,
+    base_fp: str,
+    model_fp: str,
+    summary: dict[str, Any],
+    attempts: list[dict[str, Any]],
+    launch: Any,
+) -> ModelArtifact:
+    """The finetune entry's manifest, from the worker's training summary."""
+    return ModelArtifact(
+        key=key,
+        path=entry,
+        fingerprint=model_fp,
+        model_dir=entry,
+        base_model=base.name,
+        base_fingerprint=base_fp,
+        labels=splits.labels,
+        trainable_parameters=int(summary["trainable_parameters"]),
+        total_parameters=int(summary["total_parameters"]),
+        global_step=int(summary["global_step"]),
+        best_metric=summary.get("best_metric"),
+        train_seconds=float(summary["train_seconds"]),
+        attempts=attempts,
+        strategy=summary.get("strategy", {}),
+        optimizer_groups=summary.get("optimizer_groups", []),
+        seconds_per_epoch=summary.get("seconds_per_epoch"),
+        peak_rss_mb=summary.get("peak_rss_mb"),
+        peak_gpu_allocated_mb=summary.get("peak_gpu_allocated_mb"),
+        launch={
+            **summary.get("launch", {}),
+            "precision": summary.get("precision"),
+            "attention": summary.get("attention"),
+            "allocator": summary.get("allocator"),
+            "gradient_checkpointing": summary.get("gradient_checkpointing"),
+            "torch_compile": summary.get("torch_compile"),
+            "zero_stage": config.training.deepspeed.zero_stage if launch.uses_zero else None,
+        },
+        throughput={
+            k: summary[k]
+            for k in (
+                "trained_steps",
+                "train_samples",
+                "train_tokens",
+                "train_samples_per_second",
+                "train_tokens_per_second",
+            )
+            if k in summary
+        },
+        saved_model=summary["saved_model"],
+    )
+
+
 def _run(
     config: RetrainConfig,
     splits: SplitManifest,
@@ -145,46 +262,11 @@ def _run(
     mirror.restore()
     resume = latest_complete_checkpoint(ckpt_dir)
     attempts_path = work / "attempts.json"
-    attempts: list[dict[str, Any]] = (
-        json.loads(attempts_path.read_text()) if attempts_path.is_file() else []
-    )
-    for earlier in attempts:
-        if "exit_code" not in earlier:  # on record, never finished: its process or host died
-            earlier.update(exit_code=None, lost=True)
-    attempt = {
-        "attempt": len(attempts) + 1,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "resumed_from": resume.name if resume else None,
-        "processes": launch.world_size,
-        "nodes": launch.num_nodes,
-        "device": "gpu" if launch.use_gpu else "cpu",
-    }
+    attempts, attempt = _attempts(attempts_path, resume, launch)
     # tracking.report_to: TensorBoard events and the MLflow run (its id goes in the attempt)
     tracker = TrainingTracker.start(config, key, work, attempts, attempt)
-    spec = WorkerSpec(
-        task=config.task,
-        training=config.training,
-        labels=splits.labels,
-        model_path=base.path,
-        trust_remote_code=config.model.trust_remote_code,
-        config_overrides=checked["config_overrides"],
-        bf16=launch.bf16,
-        fp16=launch.fp16,
-        splits={name: s.path for name, s in splits.splits.items()},
-        output_dir=str(ckpt_dir),
-        final_dir=str(final_dir),
-        primary_metric=config.evaluation.primary_metric,
-        deepspeed=build_deepspeed_config(
-            config.training.deepspeed,
-            bf16=launch.bf16,
-            fp16=launch.fp16,
-            autocast=not launch.use_gpu,  # CPU: bf16 autocast, fp32 weights
-        )
-        if launch.uses_zero
-        else None,
-        launch=launch.summary(),
-        resume_from=str(resume) if resume else None,
-        checkpoints_to_store=mirror.enabled,
+    spec = _worker_spec(
+        config, splits, base, checked, launch, ckpt_dir, final_dir, resume, mirror.enabled
     )
     spec_path = work / "spec.json"
     spec.write(spec_path)
@@ -263,46 +345,8 @@ def _run(
         tracker.export(w.path)  # TensorBoard event files, beside the model
         (w.path / "attempts.json").write_text(json.dumps(attempts, indent=2))
         entry = store.entry_path(STAGE, key)
-        manifest = ModelArtifact(
-            key=key,
-            path=str(entry),
-            fingerprint=model_fp,
-            model_dir=str(entry),
-            base_model=base.name,
-            base_fingerprint=base_fp,
-            labels=splits.labels,
-            trainable_parameters=int(summary["trainable_parameters"]),
-            total_parameters=int(summary["total_parameters"]),
-            global_step=int(summary["global_step"]),
-            best_metric=summary.get("best_metric"),
-            train_seconds=float(summary["train_seconds"]),
-            attempts=attempts,
-            strategy=summary.get("strategy", {}),
-            optimizer_groups=summary.get("optimizer_groups", []),
-            seconds_per_epoch=summary.get("seconds_per_epoch"),
-            peak_rss_mb=summary.get("peak_rss_mb"),
-            peak_gpu_allocated_mb=summary.get("peak_gpu_allocated_mb"),
-            launch={
-                **summary.get("launch", {}),
-                "precision": summary.get("precision"),
-                "attention": summary.get("attention"),
-                "allocator": summary.get("allocator"),
-                "gradient_checkpointing": summary.get("gradient_checkpointing"),
-                "torch_compile": summary.get("torch_compile"),
-                "zero_stage": config.training.deepspeed.zero_stage if launch.uses_zero else None,
-            },
-            throughput={
-                k: summary[k]
-                for k in (
-                    "trained_steps",
-                    "train_samples",
-                    "train_tokens",
-                    "train_samples_per_second",
-                    "train_tokens_per_second",
-                )
-                if k in summary
-            },
-            saved_model=summary["saved_model"],
+        manifest = _model_artifact(
+            config, splits, key, str(entry), base, base_fp, model_fp, summary, attempts, launch
         )
         w.manifest = manifest.model_dump(mode="json")
     shutil.rmtree(work, ignore_errors=True)  # checkpoints (optimizer state) are no longer needed
