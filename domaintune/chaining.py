@@ -158,7 +158,8 @@ def _merge(
     import yaml
     from transformers import AutoConfig
 
-    from domaintune.config import TrainingConfig
+    from domaintune.config import TaskConfig, TrainingConfig
+    from domaintune.training.spec import WorkerSpec
     from domaintune.training.strategies import dropout_overrides, merge_lora
     from domaintune.training.worker import prepare_model
 
@@ -167,16 +168,17 @@ def _merge(
     training = TrainingConfig.model_validate(config["training"])
     log.info("%s: merging the LoRA adapter into its base model %s (once)", name, base.name)
     trust = bool((config.get("model") or {}).get("trust_remote_code"))
-    spec = {  # the base as the adapter's training prepared it (domaintune.training.worker)
-        "task_type": config["task"]["type"],
-        "labels": labels,
-        "model_path": base.path,
-        "trust_remote_code": trust,
-        "config_overrides": dropout_overrides(
+    spec = WorkerSpec(  # the base as the adapter's training prepared it (the worker's way)
+        task=TaskConfig.model_validate(config["task"]),
+        training=training,
+        labels=labels,
+        model_path=base.path,
+        trust_remote_code=trust,
+        config_overrides=dropout_overrides(
             training.dropout, AutoConfig.from_pretrained(base.path, trust_remote_code=trust)
         ),
-    }
-    merged = merge_lora(prepare_model(spec, training), str(model_dir))
+    )
+    merged = merge_lora(prepare_model(spec), str(model_dir))
     with store.writer(STAGE, key) as w:
         merged.save_pretrained(w.path)
         for f in TOKENIZER_FILES:

@@ -41,6 +41,7 @@ from domaintune.training.launch import (
     remove_shared_memory,
     write_deepspeed_env,
 )
+from domaintune.training.spec import WorkerSpec
 from domaintune.training.strategies import preflight
 from domaintune.training.worker import PROGRESS_PREFIX
 
@@ -139,21 +140,22 @@ def _worker_spec(
     final_dir: Path,
     resume: Path | None,
     to_store: bool,
-) -> dict[str, Any]:
-    """What every rank is told (``spec.json``, read by domaintune.training.worker)."""
-    return {
-        "task_type": config.task.type,
-        "task": config.task.model_dump(mode="json"),
-        "labels": splits.labels,
-        "model_path": base.path,
-        "trust_remote_code": config.model.trust_remote_code,
-        "splits": {name: s.path for name, s in splits.splits.items()},
-        "output_dir": str(ckpt_dir),
-        "final_dir": str(final_dir),
-        "training": config.training.model_dump(mode="json"),
-        "config_overrides": checked["config_overrides"],
-        "primary_metric": config.evaluation.primary_metric,
-        "deepspeed": build_deepspeed_config(
+) -> WorkerSpec:
+    """What every rank is told (domaintune.training.spec)."""
+    return WorkerSpec(
+        task=config.task,
+        training=config.training,
+        labels=splits.labels,
+        model_path=base.path,
+        trust_remote_code=config.model.trust_remote_code,
+        config_overrides=checked["config_overrides"],
+        bf16=launch.bf16,
+        fp16=launch.fp16,
+        splits={name: s.path for name, s in splits.splits.items()},
+        output_dir=str(ckpt_dir),
+        final_dir=str(final_dir),
+        primary_metric=config.evaluation.primary_metric,
+        deepspeed=build_deepspeed_config(
             config.training.deepspeed,
             bf16=launch.bf16,
             fp16=launch.fp16,
@@ -161,12 +163,10 @@ def _worker_spec(
         )
         if launch.uses_zero
         else None,
-        "bf16": launch.bf16,
-        "fp16": launch.fp16,
-        "launch": launch.summary(),
-        "resume_from": str(resume) if resume else None,
-        "checkpoints_to_store": to_store,
-    }
+        launch=launch.summary(),
+        resume_from=str(resume) if resume else None,
+        checkpoints_to_store=to_store,
+    )
 
 
 def _model_artifact(
@@ -269,7 +269,7 @@ def _run(
         config, splits, base, checked, launch, ckpt_dir, final_dir, resume, mirror.enabled
     )
     spec_path = work / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
+    spec.write(spec_path)
     if resume:
         log.info("finetune: attempt %d resumes from %s", attempt["attempt"], resume.name)
     env = child_env(launch)

@@ -23,10 +23,12 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from domaintune.manifests import scalar_metrics
 from domaintune.training.checkpoints import CHECKPOINT_MARKER, wait_until_stored
+
+if TYPE_CHECKING:
+    from domaintune.training.spec import WorkerSpec
 
 PROGRESS_PREFIX = "DOMAINTUNE "
 
@@ -43,6 +45,8 @@ def emit(event: str, **fields: Any) -> None:
 
 def _callbacks(report: dict[str, Any], seen: dict[str, Any], to_store: bool = False):
     from transformers import TrainerCallback
+
+    from domaintune.manifests import scalar_metrics
 
     class CheckpointMarker(TrainerCallback):
         """Mark a checkpoint complete only after every rank has written its part."""
@@ -158,26 +162,26 @@ def _stopped_early(trainer: Any) -> bool:
     )
 
 
-def prepare_model(spec: dict[str, Any], training: Any) -> Any:
+def prepare_model(spec: WorkerSpec) -> Any:
     """The base model as training starts from it: dropout overrides, then the strategy's
     architecture changes (dropped blocks, custom head, embeddings from a checkpoint)."""
     from domaintune.training.attention import attention_implementation
     from domaintune.training.strategies import load_task_model, prepare_structure
 
-    overrides = dict(spec.get("config_overrides", {}))
-    precision = "bf16" if spec.get("bf16") else "fp16" if spec.get("fp16") else "fp32"
-    attention = attention_implementation(training.attention, precision, spec["model_path"])
+    training = spec.training
+    overrides = dict(spec.config_overrides)
+    attention = attention_implementation(training.attention, spec.precision, spec.model_path)
     if attention:
         overrides["attn_implementation"] = attention
     model = load_task_model(  # a base model's own head that does not fit: a fresh one
-        spec["task_type"],
-        spec["model_path"],
-        spec["labels"],
+        spec.task_type,
+        spec.model_path,
+        spec.labels,
         training.seed,
-        spec.get("trust_remote_code", False),
+        spec.trust_remote_code,
         **overrides,
     )
-    for note in prepare_structure(model, training.strategy, spec["model_path"]):
+    for note in prepare_structure(model, training.strategy, spec.model_path):
         logging.getLogger(__name__).info("strategy: %s", note)
     import torch
 
@@ -285,38 +289,36 @@ def _peak_memory_mb() -> dict[str, float]:
     return out
 
 
-def run(spec: dict[str, Any]) -> None:
+def run(spec: WorkerSpec) -> None:
     import torch
     from datasets import Dataset, disable_progress_bars
     from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from domaintune.config import TaskConfig, TrainingConfig
     from domaintune.tasktypes import get_task_type
     from domaintune.training import strategies
 
     disable_progress_bars()
     hf_logging.set_verbosity_warning() if _rank() == 0 else hf_logging.set_verbosity_error()
-    t = spec["training"]
-    training = TrainingConfig.model_validate(t)
-    task = get_task_type(spec["task_type"])
-    labels = spec["labels"]
+    training = spec.training
+    task = get_task_type(spec.task_type)
+    labels = spec.labels
     tokenizer = AutoTokenizer.from_pretrained(
-        spec["model_path"], use_fast=True, trust_remote_code=spec.get("trust_remote_code", False)
+        spec.model_path, use_fast=True, trust_remote_code=spec.trust_remote_code
     )
     from domaintune.training.allocator import describe as describe_allocator
 
-    cpu = spec.get("launch", {}).get("device") == "cpu"
+    cpu = spec.launch.get("device") == "cpu"
     allocator = describe_allocator(training.cpu_allocator) if cpu else None
     if allocator and _rank() == 0:
         logging.getLogger(__name__).info("memory allocator: %s", allocator)
-    model = prepare_model(spec, training)
+    model = prepare_model(spec)
     # before DeepSpeed initialises: what trains is decided here, once
-    model, report = strategies.apply_strategy(model, training.strategy, spec["task_type"])
+    model, report = strategies.apply_strategy(model, training.strategy, spec.task_type)
     emit("strategy", **{k: v for k, v in report.items() if k != "components"})
 
     def load(split: str) -> Dataset:
-        ds = Dataset.from_parquet(spec["splits"][split])
+        ds = Dataset.from_parquet(spec.splits[split])
         keep = [c for c in (*task.model_columns, "length") if c in ds.column_names]
         return ds.select_columns(keep)
 
@@ -324,7 +326,7 @@ def run(spec: dict[str, Any]) -> None:
     if task.eval_order_free and "length" in eval_ds.column_names:
         # validation batches of similar length: less padding, same metrics
         eval_ds = eval_ds.sort("length")
-    primary = spec["primary_metric"]
+    primary = spec.primary_metric
     metric_name, greater = task.metric_for_best_model(primary)
 
     def compute_metrics(eval_pred) -> dict[str, float]:
@@ -333,40 +335,40 @@ def run(spec: dict[str, Any]) -> None:
     # judged by the validation loss alone (causal LM): never gather full-vocabulary logits
     loss_only = metric_name == "loss"
 
-    launch = spec.get("launch") or {
-        "gradient_accumulation_steps": t["gradient_accumulation_steps"],
-        "global_batch_size": t["batch_size"] * t["gradient_accumulation_steps"],
+    launch = spec.launch or {
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "global_batch_size": training.batch_size * training.gradient_accumulation_steps,
     }
     report["global_batch_size"] = launch["global_batch_size"]
-    every = t.get("checkpoint_every_steps")
+    every = training.checkpoint_every_steps
     strategy = "steps" if every else "epoch"
     use_cpu = not torch.cuda.is_available()
-    if not spec["deepspeed"] and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not spec.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # one rank without a ZeRO engine: a plain process. Under the launcher's variables the
         # Trainer wraps the model in DDP at world size 1, which copies every gradient into
         # buckets and walks the autograd graph for unused parameters each step, for nothing
         for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
             os.environ.pop(var, None)
     args = TrainingArguments(
-        output_dir=spec["output_dir"],
-        num_train_epochs=t["epochs"],
-        max_steps=t["max_steps"] or -1,
-        learning_rate=t["learning_rate"],
-        per_device_train_batch_size=t["batch_size"],
-        per_device_eval_batch_size=t["eval_batch_size"],
+        output_dir=spec.output_dir,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        learning_rate=training.learning_rate,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.eval_batch_size,
         # derived by the launch plan so that the global batch is the same at any world size
         gradient_accumulation_steps=launch["gradient_accumulation_steps"],
-        weight_decay=t["weight_decay"],
-        warmup_steps=t["warmup_ratio"],  # a float < 1 is a share of the total steps
-        lr_scheduler_type=t["lr_scheduler"],
-        max_grad_norm=t["max_grad_norm"],
-        seed=t["seed"],
-        data_seed=t["seed"],
+        weight_decay=training.weight_decay,
+        warmup_steps=training.warmup_ratio,  # a float < 1 is a share of the total steps
+        lr_scheduler_type=training.lr_scheduler,
+        max_grad_norm=training.max_grad_norm,
+        seed=training.seed,
+        data_seed=training.seed,
         eval_strategy=strategy,
         save_strategy=strategy,
         eval_steps=every,
         save_steps=every,
-        logging_steps=t["logging_steps"],
+        logging_steps=training.logging_steps,
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model=metric_name,
@@ -379,9 +381,9 @@ def run(spec: dict[str, Any]) -> None:
         use_cpu=use_cpu,
         # on CPU under the ZeRO engine, bf16 is DeepSpeed's torch_autocast (see
         # build_deepspeed_config); the Trainer's flag would switch on DeepSpeed's bf16 mode
-        bf16=spec["bf16"] and not (use_cpu and spec["deepspeed"]),
-        fp16=spec["fp16"],
-        deepspeed=spec["deepspeed"],  # None: one rank, nothing to partition
+        bf16=spec.bf16 and not (use_cpu and spec.deepspeed),
+        fp16=spec.fp16,
+        deepspeed=spec.deepspeed,  # None: one rank, nothing to partition
         dataloader_num_workers=0,
         average_tokens_across_devices=False,
         save_only_model=False,
@@ -397,10 +399,10 @@ def run(spec: dict[str, Any]) -> None:
         torch_compile=training.torch_compile,
     )
     seen: dict[str, Any] = {}
-    callbacks = _callbacks(report, seen, to_store=bool(spec.get("checkpoints_to_store")))
-    if t.get("early_stopping_patience"):
+    callbacks = _callbacks(report, seen, to_store=spec.checkpoints_to_store)
+    if training.early_stopping_patience:
         callbacks.append(
-            EarlyStoppingCallback(early_stopping_patience=t["early_stopping_patience"])
+            EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience)
         )
     trainer_cls = _strategy_trainer()
     trainer_cls.training_config = training
@@ -409,12 +411,12 @@ def run(spec: dict[str, Any]) -> None:
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=task.collator(tokenizer, TaskConfig.model_validate(spec["task"])),
+        data_collator=task.collator(tokenizer, spec.task),
         compute_metrics=None if loss_only else compute_metrics,
         callbacks=callbacks,
     )
     seen["trainer"] = trainer
-    resume = spec.get("resume_from")
+    resume = spec.resume_from
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - t0
@@ -425,7 +427,7 @@ def run(spec: dict[str, Any]) -> None:
     counts = [r["optimizer_state_elements"] for r in ranks]
     state_elements = None if None in counts else sum(counts)
     stopper = _early_stopper(trainer)
-    final = Path(spec["final_dir"])
+    final = Path(spec.final_dir)
     lora = training.strategy.kind == "lora"
     # every rank: ZeRO-3 gathers the full weights here (for LoRA: the adapter and new head)
     trainer.save_model(str(final / "adapter" if lora else final))
@@ -435,7 +437,7 @@ def run(spec: dict[str, Any]) -> None:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
-        merged = strategies.merge_lora(prepare_model(spec, training), str(final / "adapter"))
+        merged = strategies.merge_lora(prepare_model(spec), str(final / "adapter"))
         merged.save_pretrained(str(final))
         (final / "adapter" / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():
@@ -463,7 +465,7 @@ def run(spec: dict[str, Any]) -> None:
             **_peak_memory_mb(),
             "resumed_from": resume,
             "launch": launch,
-            "precision": "bf16" if spec["bf16"] else "fp16" if spec["fp16"] else "fp32",
+            "precision": spec.precision,
             "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
             "allocator": allocator,
             "gradient_checkpointing": training.gradient_checkpointing,
@@ -550,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     # a rank that dies by a signal (abort, segfault) prints where each of its threads was
     faulthandler.enable(all_threads=True)
-    spec = json.loads(Path(args.spec).read_text())
+    from domaintune.training.spec import WorkerSpec
+
+    spec = WorkerSpec.read(args.spec)
     stop_watch = watch_task_process()
     try:
         run(spec)
@@ -582,7 +586,7 @@ def _restart_with_allocator(argv: list[str]) -> None:
     domaintune.training.allocator), before it imports anything heavy."""
     from domaintune.training.allocator import restart_with_tcmalloc
 
-    try:
+    try:  # the raw JSON: this runs before anything heavy is imported (pydantic included)
         spec = json.loads(Path(argv[argv.index("--spec") + 1]).read_text())
     except (ValueError, IndexError, OSError):  # main() reports a bad command line
         return

@@ -587,16 +587,18 @@ def test_smaller_model_custom_head_and_borrowed_frozen_embeddings(
     from domaintune.models import resolve_config_model
     from domaintune.tasks.evaluate import autocast_for
     from domaintune.training.launch import inference_precision
+    from domaintune.training.spec import WorkerSpec
     from domaintune.training.worker import prepare_model
 
     precision = inference_precision(cfg.training)[0]
-    spec = {
-        "task_type": cfg.task.type,
-        "model_path": resolve_config_model(cfg).path,
-        "labels": splits.labels,
-        "bf16": precision == "bf16",
-    }
-    start = prepare_model(spec, cfg.training).eval()
+    spec = WorkerSpec(
+        task=cfg.task,
+        training=cfg.training,
+        labels=splits.labels,
+        model_path=resolve_config_model(cfg).path,
+        bf16=precision == "bf16",
+    )
+    start = prepare_model(spec).eval()
     with torch.no_grad(), autocast_for(start, precision):
         _, expected = get_task_type(cfg.task.type).score_split(
             start,
