@@ -12,6 +12,7 @@ import json
 import os
 import random
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -92,22 +93,40 @@ def rows():
 # --------------------------------------------------------------------------- models
 
 
+_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _wordpiece_vocab(words: Counter, vocab_size: int) -> dict[str, int]:
+    """The same vocabulary in every process: special tokens, every character alone and as a
+    word-inner piece, then whole words by frequency (ties alphabetical), up to vocab_size.
+
+    `tokenizers`' WordPiece trainer breaks ties between equally frequent merges in hash order,
+    which differs from process to process; the tiny model's embeddings then meet different
+    ids in each test session, and marginal results came and went with it."""
+    chars = sorted({c for w in words for c in w})
+    pieces = [*_SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    whole = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    return {t: i for i, t in enumerate([*pieces, *whole][:vocab_size])}
+
+
 def build_tiny_model(
     out: Path, vocab_size: int = 300, seed: int = 0, extra_words: str = ""
 ) -> Path:
     """A tiny BERT encoder plus a WordPiece tokenizer trained here, saved like a hub model."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     corpus = [r["text"] for r in make_rows(40, seed=99)] + [extra_words]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = Counter(
+        word
+        for text in corpus
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
     )
-    tok.train_from_iterator(corpus, trainer)
+    tok = Tokenizer(models.WordPiece(_wordpiece_vocab(words, vocab_size), unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -146,7 +165,7 @@ def tiny_model() -> Path:
 
 @pytest.fixture(scope="session")
 def other_tokenizer_model() -> Path:
-    """Same architecture, a tokenizer trained with a different vocabulary size."""
+    """Same architecture, a tokenizer whose vocabulary has two more words (other ids)."""
     return build_tiny_model(
         _SESSION_TMP / "tiny-bert-other", vocab_size=200, extra_words="zebra quasar"
     )
