@@ -275,7 +275,7 @@ def _run(
     env = child_env(launch)
     if launch.multi_node:  # ranks on other hosts get these variables from the launcher
         write_deepspeed_env(work, env, config.training.forward_env)
-    cmd = launch.command(spec_path)
+    cmd = launch.command(spec_path, config.training.cpu_allocator)
     for note in launch.notes:
         log.info("finetune: %s", note)
     # emulated bf16 (asked for on a CPU without it) is right but slow: say so louder

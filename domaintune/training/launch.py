@@ -96,8 +96,12 @@ class LaunchPlan:
     def precision(self) -> str:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
-    def command(self, spec_path: Path | str) -> list[str]:
+    def command(self, spec_path: Path | str, cpu_allocator: str = "auto") -> list[str]:
+        """The launch command; a CPU rank is told which allocator to restart itself with
+        (``training.cpu_allocator``) on its command line, read before anything heavy loads."""
         worker = ["domaintune.training.worker", "--spec", str(spec_path)]
+        if not self.use_gpu:
+            worker += ["--cpu-allocator", cpu_allocator]
         if not (self.hostfile and (self.multi_node or not _is_local(self.hosts[0][0]))):
             # one local host: DeepSpeed's per-node launcher directly, with the world its
             # runner would compute ({"localhost": [0 .. ranks-1]}); the runner's only work on

@@ -289,7 +289,8 @@ def _peak_memory_mb() -> dict[str, float]:
     return out
 
 
-def run(spec: WorkerSpec) -> None:
+def run(spec: WorkerSpec, allocator: str | None = None) -> None:
+    """Train as the spec says. ``allocator``: what this CPU rank allocates with (None on GPU)."""
     import torch
     from datasets import Dataset, disable_progress_bars
     from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments
@@ -306,10 +307,6 @@ def run(spec: WorkerSpec) -> None:
     tokenizer = AutoTokenizer.from_pretrained(
         spec.model_path, use_fast=True, trust_remote_code=spec.trust_remote_code
     )
-    from domaintune.training.allocator import describe as describe_allocator
-
-    cpu = spec.launch.get("device") == "cpu"
-    allocator = describe_allocator(training.cpu_allocator) if cpu else None
     if allocator and _rank() == 0:
         logging.getLogger(__name__).info("memory allocator: %s", allocator)
     model = prepare_model(spec)
@@ -544,6 +541,8 @@ def end_distributed() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="domaintune.training.worker")
     parser.add_argument("--spec", required=True)
+    #: a CPU rank only (training.cpu_allocator): _restart_with_allocator acted on it already
+    parser.add_argument("--cpu-allocator", choices=["auto", "system"])
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if _rank() == 0 else logging.WARNING,
@@ -552,12 +551,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     # a rank that dies by a signal (abort, segfault) prints where each of its threads was
     faulthandler.enable(all_threads=True)
+    from domaintune.training.allocator import describe as describe_allocator
     from domaintune.training.spec import WorkerSpec
 
     spec = WorkerSpec.read(args.spec)
     stop_watch = watch_task_process()
     try:
-        run(spec)
+        run(spec, describe_allocator(args.cpu_allocator) if args.cpu_allocator else None)
         end_distributed()  # only after success: a failed rank's peers are ended by the launcher
     finally:
         stop_watch()
@@ -586,13 +586,11 @@ def _restart_with_allocator(argv: list[str]) -> None:
     domaintune.training.allocator), before it imports anything heavy."""
     from domaintune.training.allocator import restart_with_tcmalloc
 
-    try:  # the raw JSON: this runs before anything heavy is imported (pydantic included)
-        spec = json.loads(Path(argv[argv.index("--spec") + 1]).read_text())
-    except (ValueError, IndexError, OSError):  # main() reports a bad command line
+    try:  # from the command line: this runs before anything heavy is imported
+        choice = argv[argv.index("--cpu-allocator") + 1]
+    except (ValueError, IndexError):  # a GPU rank; main() reports a bad command line
         return
-    if spec.get("launch", {}).get("device") == "cpu":
-        choice = spec.get("training", {}).get("cpu_allocator", "auto")
-        restart_with_tcmalloc(choice, "domaintune.training.worker", argv)
+    restart_with_tcmalloc(choice, "domaintune.training.worker", argv)
 
 
 def entry(argv: list[str] | None = None) -> NoReturn:

@@ -54,7 +54,11 @@ def test_cpu_defaults_to_one_rank_on_localhost_in_fp32_without_bf16_hardware():
     assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]
     assert _world_info(cmd) == {"localhost": [0]}
     assert "--master_addr=127.0.0.1" in cmd
-    assert "--hostfile" not in cmd and cmd[-2:] == ["--spec", "/x/spec.json"]
+    assert "--hostfile" not in cmd
+    # a CPU rank learns its allocator from the command line (it restarts itself with it
+    # before anything heavy loads); the spec is read once, typed
+    assert cmd[-4:] == ["--spec", "/x/spec.json", "--cpu-allocator", "auto"]
+    assert plan.command("/x/spec.json", "system")[-1] == "system"
 
 
 def _world_info(cmd: list[str]) -> dict:
@@ -184,6 +188,7 @@ def test_multi_node_plan_from_a_hostfile(tmp_path):
     assert plan.hosts == [("node-a", 8), ("node-b", 8)] and plan.world_size == 16
     assert plan.gradient_accumulation_steps == 2 and plan.multi_node
     cmd = plan.command("/shared/spec.json")
+    assert cmd[-2:] == ["--spec", "/shared/spec.json"]  # GPU ranks: no allocator restart
     assert cmd[cmd.index("--hostfile") + 1] == str(hostfile)
     assert cmd[cmd.index("--num_nodes") + 1] == "2"
     assert cmd[cmd.index("--launcher") + 1] == "pdsh"
