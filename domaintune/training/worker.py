@@ -289,64 +289,18 @@ def _peak_memory_mb() -> dict[str, float]:
     return out
 
 
-def run(spec: WorkerSpec, allocator: str | None = None) -> None:
-    """Train as the spec says. ``allocator``: what this CPU rank allocates with (None on GPU)."""
+def training_arguments(
+    spec: WorkerSpec, launch: dict[str, Any], metric_name: str, greater: bool
+) -> Any:
+    """The Trainer's arguments: every one from the spec's typed settings or the launch plan."""
     import torch
-    from datasets import Dataset, disable_progress_bars
-    from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments
-    from transformers.utils import logging as hf_logging
+    from transformers import TrainingArguments
 
-    from domaintune.tasktypes import get_task_type
-    from domaintune.training import strategies
-
-    disable_progress_bars()
-    hf_logging.set_verbosity_warning() if _rank() == 0 else hf_logging.set_verbosity_error()
     training = spec.training
-    task = get_task_type(spec.task_type)
-    labels = spec.labels
-    tokenizer = AutoTokenizer.from_pretrained(
-        spec.model_path, use_fast=True, trust_remote_code=spec.trust_remote_code
-    )
-    if allocator and _rank() == 0:
-        logging.getLogger(__name__).info("memory allocator: %s", allocator)
-    model = prepare_model(spec)
-    # before DeepSpeed initialises: what trains is decided here, once
-    model, report = strategies.apply_strategy(model, training.strategy, spec.task_type)
-    emit("strategy", **{k: v for k, v in report.items() if k != "components"})
-
-    def load(split: str) -> Dataset:
-        ds = Dataset.from_parquet(spec.splits[split])
-        keep = [c for c in (*task.model_columns, "length") if c in ds.column_names]
-        return ds.select_columns(keep)
-
-    train_ds, eval_ds = load("train"), load("validation")
-    if task.eval_order_free and "length" in eval_ds.column_names:
-        # validation batches of similar length: less padding, same metrics
-        eval_ds = eval_ds.sort("length")
-    primary = spec.primary_metric
-    metric_name, greater = task.metric_for_best_model(primary)
-
-    def compute_metrics(eval_pred) -> dict[str, float]:
-        return task.trainer_metrics(eval_pred, labels)
-
-    # judged by the validation loss alone (causal LM): never gather full-vocabulary logits
-    loss_only = metric_name == "loss"
-
-    launch = spec.launch or {
-        "gradient_accumulation_steps": training.gradient_accumulation_steps,
-        "global_batch_size": training.batch_size * training.gradient_accumulation_steps,
-    }
-    report["global_batch_size"] = launch["global_batch_size"]
     every = training.checkpoint_every_steps
     strategy = "steps" if every else "epoch"
     use_cpu = not torch.cuda.is_available()
-    if not spec.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # one rank without a ZeRO engine: a plain process. Under the launcher's variables the
-        # Trainer wraps the model in DDP at world size 1, which copies every gradient into
-        # buckets and walks the autograd graph for unused parameters each step, for nothing
-        for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-            os.environ.pop(var, None)
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=spec.output_dir,
         num_train_epochs=training.epochs,
         max_steps=training.max_steps or -1,
@@ -369,7 +323,8 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model=metric_name,
-        prediction_loss_only=loss_only,
+        # judged by the validation loss alone (causal LM): never gather full-vocabulary logits
+        prediction_loss_only=metric_name == "loss",
         greater_is_better=greater,
         train_sampling_strategy="group_by_length",  # less padding per batch
         length_column_name="length",
@@ -395,6 +350,149 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
         else None,
         torch_compile=training.torch_compile,
     )
+
+
+def _datasets(spec: WorkerSpec, task: Any) -> tuple[Any, Any]:
+    """The tokenized train and validation splits, with only the columns the model takes."""
+    from datasets import Dataset
+
+    def load(split: str) -> Dataset:
+        ds = Dataset.from_parquet(spec.splits[split])
+        keep = [c for c in (*task.model_columns, "length") if c in ds.column_names]
+        return ds.select_columns(keep)
+
+    train_ds, eval_ds = load("train"), load("validation")
+    if task.eval_order_free and "length" in eval_ds.column_names:
+        # validation batches of similar length: less padding, same metrics
+        eval_ds = eval_ds.sort("length")
+    return train_ds, eval_ds
+
+
+def _single_process_without_ddp(spec: WorkerSpec) -> None:
+    """One rank without a ZeRO engine: a plain process. Under the launcher's variables the
+    Trainer wraps the model in DDP at world size 1, which copies every gradient into
+    buckets and walks the autograd graph for unused parameters each step, for nothing."""
+    if not spec.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(var, None)
+
+
+def _save_final(trainer: Any, spec: WorkerSpec, tokenizer: Any) -> None:
+    """The trained model in ``spec.final_dir``, loadable by plain transformers."""
+    from domaintune.training import strategies
+
+    final = Path(spec.final_dir)
+    lora = spec.training.strategy.kind == "lora"
+    # every rank: ZeRO-3 gathers the full weights here (for LoRA: the adapter and new head)
+    trainer.save_model(str(final / "adapter" if lora else final))
+    if not trainer.is_world_process_zero():
+        return
+    if lora:
+        # the plain model: the base as prepared for training + the adapter, merged; loaded
+        # whole on this rank (not partitioned as ZeRO-3 would while its config is active)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        merged = strategies.merge_lora(prepare_model(spec), str(final / "adapter"))
+        merged.save_pretrained(str(final))
+        (final / "adapter" / "training_args.bin").unlink(missing_ok=True)
+    tokenizer.save_pretrained(str(final))
+    (final / "training_args.bin").unlink(missing_ok=True)  # a pickle; the summary has the args
+
+
+def _training_summary(
+    trainer: Any,
+    result: Any,
+    spec: WorkerSpec,
+    *,
+    report: dict[str, Any],
+    seen: dict[str, Any],
+    launch: dict[str, Any],
+    seconds: float,
+    metric_name: str,
+    allocator: str | None,
+    ranks: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """What the run did, for the finetune task: steps, best metric, throughput, memory,
+    what trained and what the saved model must hold (``training_summary.json``)."""
+    state, training, resume = trainer.state, spec.training, spec.resume_from
+    trained_steps = state.global_step - seen.get("start_step", 0)
+    tokens = state.num_input_tokens_seen - seen.get("tokens_at_start", 0)
+    counts = [r["optimizer_state_elements"] for r in ranks]
+    stopper = _early_stopper(trainer)
+    return {
+        "global_step": state.global_step,
+        "best_metric": state.best_metric,
+        "best_checkpoint": state.best_model_checkpoint,
+        "metric_for_best_model": metric_name,
+        "train_seconds": seconds,
+        "train_loss": result.training_loss,
+        "trainable_parameters": report["trainable_parameters"],
+        "total_parameters": report["total_parameters"],
+        "strategy": report,
+        "optimizer_groups": trainer.group_report,
+        "optimizer_parameters": sum(g["parameters"] for g in trainer.group_report),
+        "optimizer_state_elements": None if None in counts else sum(counts),
+        "early_stopping_counter": getattr(stopper, "early_stopping_patience_counter", None),
+        "early_stopping_counter_at_start": seen.get("early_stopping_counter_at_start"),
+        "epochs_completed": state.epoch,
+        "seconds_per_epoch": seconds / max(state.epoch or 1.0, 1e-9) if not resume else None,
+        **_peak_memory_mb(),
+        "resumed_from": resume,
+        "launch": launch,
+        "precision": spec.precision,
+        "attention": getattr(getattr(trainer.model, "config", None), "_attn_implementation", None),
+        "allocator": allocator,
+        "gradient_checkpointing": training.gradient_checkpointing,
+        "torch_compile": training.torch_compile,
+        # what the saved model must hold: the parent checks the files against it
+        "exported_parameters": report["total_parameters"],
+        "trained_steps": trained_steps,
+        "train_samples": trained_steps * launch["global_batch_size"],
+        "train_tokens": tokens,
+        "train_samples_per_second": trained_steps * launch["global_batch_size"] / seconds,
+        "train_tokens_per_second": tokens / seconds,
+        "start_step": seen.get("start_step", 0),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "ranks": ranks,
+        "log_history": state.log_history,
+    }
+
+
+def run(spec: WorkerSpec, allocator: str | None = None) -> None:
+    """Train as the spec says: the model as training starts from it, the strategy's choice
+    of what trains, the Trainer, the saved model and its summary. ``allocator``: what this
+    CPU rank allocates with (None on GPU)."""
+    from datasets import disable_progress_bars
+    from transformers import AutoTokenizer, EarlyStoppingCallback
+    from transformers.utils import logging as hf_logging
+
+    from domaintune.tasktypes import get_task_type
+    from domaintune.training import strategies
+
+    disable_progress_bars()
+    hf_logging.set_verbosity_warning() if _rank() == 0 else hf_logging.set_verbosity_error()
+    training = spec.training
+    task = get_task_type(spec.task_type)
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.model_path, use_fast=True, trust_remote_code=spec.trust_remote_code
+    )
+    if allocator and _rank() == 0:
+        logging.getLogger(__name__).info("memory allocator: %s", allocator)
+    model = prepare_model(spec)
+    # before DeepSpeed initialises: what trains is decided here, once
+    model, report = strategies.apply_strategy(model, training.strategy, spec.task_type)
+    emit("strategy", **{k: v for k, v in report.items() if k != "components"})
+    train_ds, eval_ds = _datasets(spec, task)
+    metric_name, greater = task.metric_for_best_model(spec.primary_metric)
+    launch = spec.launch or {  # a plain call without a launch plan (one process)
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "global_batch_size": training.batch_size * training.gradient_accumulation_steps,
+    }
+    report["global_batch_size"] = launch["global_batch_size"]
+    _single_process_without_ddp(spec)
+    args = training_arguments(spec, launch, metric_name, greater)
+
     seen: dict[str, Any] = {}
     callbacks = _callbacks(report, seen, to_store=spec.checkpoints_to_store)
     if training.early_stopping_patience:
@@ -409,77 +507,27 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=task.collator(tokenizer, spec.task),
-        compute_metrics=None if loss_only else compute_metrics,
+        compute_metrics=None
+        if args.prediction_loss_only
+        else (lambda eval_pred: task.trainer_metrics(eval_pred, spec.labels)),
         callbacks=callbacks,
     )
     seen["trainer"] = trainer
-    resume = spec.resume_from
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=spec.resume_from)
     seconds = time.time() - t0
-    trained_steps = trainer.state.global_step - seen.get("start_step", 0)
-    tokens = trainer.state.num_input_tokens_seen - seen.get("tokens_at_start", 0)
-    optimizer_params = sum(g["parameters"] for g in trainer.group_report)
+    # every rank (a collective), before the model is saved: what each held and where it ran
     ranks = _per_rank(_rank_info(trainer.model, trainer.optimizer, allocator))
-    counts = [r["optimizer_state_elements"] for r in ranks]
-    state_elements = None if None in counts else sum(counts)
-    stopper = _early_stopper(trainer)
-    final = Path(spec.final_dir)
-    lora = training.strategy.kind == "lora"
-    # every rank: ZeRO-3 gathers the full weights here (for LoRA: the adapter and new head)
-    trainer.save_model(str(final / "adapter" if lora else final))
-    if lora and trainer.is_world_process_zero():
-        # the plain model: the base as prepared for training + the adapter, merged; loaded
-        # whole on this rank (not partitioned as ZeRO-3 would while its config is active)
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        unset_hf_deepspeed_config()
-        merged = strategies.merge_lora(prepare_model(spec), str(final / "adapter"))
-        merged.save_pretrained(str(final))
-        (final / "adapter" / "training_args.bin").unlink(missing_ok=True)
+    _save_final(trainer, spec, tokenizer)
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(final))
-        (final / "training_args.bin").unlink(missing_ok=True)  # a pickle; the summary has the args
-        summary = {
-            "global_step": trainer.state.global_step,
-            "best_metric": trainer.state.best_metric,
-            "best_checkpoint": trainer.state.best_model_checkpoint,
-            "metric_for_best_model": metric_name,
-            "train_seconds": seconds,
-            "train_loss": result.training_loss,
-            "trainable_parameters": report["trainable_parameters"],
-            "total_parameters": report["total_parameters"],
-            "strategy": report,
-            "optimizer_groups": trainer.group_report,
-            "optimizer_parameters": optimizer_params,
-            "optimizer_state_elements": state_elements,
-            "early_stopping_counter": getattr(stopper, "early_stopping_patience_counter", None),
-            "early_stopping_counter_at_start": seen.get("early_stopping_counter_at_start"),
-            "epochs_completed": trainer.state.epoch,
-            "seconds_per_epoch": seconds / max(trainer.state.epoch or 1.0, 1e-9)
-            if not resume
-            else None,
-            **_peak_memory_mb(),
-            "resumed_from": resume,
-            "launch": launch,
-            "precision": spec.precision,
-            "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
-            "allocator": allocator,
-            "gradient_checkpointing": training.gradient_checkpointing,
-            "torch_compile": training.torch_compile,
-            # what the saved model must hold: the parent checks the files against it
-            "exported_parameters": report["total_parameters"],
-            "trained_steps": trained_steps,
-            "train_samples": trained_steps * launch["global_batch_size"],
-            "train_tokens": tokens,
-            "train_samples_per_second": trained_steps * launch["global_batch_size"] / seconds,
-            "train_tokens_per_second": tokens / seconds,
-            "start_step": seen.get("start_step", 0),
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-            "ranks": ranks,
-            "log_history": trainer.state.log_history,
-        }
-        (final / "training_summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        summary = _training_summary(
+            trainer, result, spec, report=report, seen=seen, launch=launch, seconds=seconds,
+            metric_name=metric_name, allocator=allocator, ranks=ranks,
+        )  # fmt: skip
+        (Path(spec.final_dir) / "training_summary.json").write_text(
+            json.dumps(summary, indent=2, default=float)
+        )
         emit(
             "done",
             global_step=trainer.state.global_step,
