@@ -35,6 +35,7 @@ from domaintune.training.checkpoints import CheckpointMirror, latest_complete_ch
 from domaintune.training.checks import verify_saved_model
 from domaintune.training.deepspeed_config import build_deepspeed_config
 from domaintune.training.launch import (
+    LaunchPlan,
     check_hosts,
     child_env,
     plan_launch,
@@ -276,17 +277,7 @@ def _run(
     if launch.multi_node:  # ranks on other hosts get these variables from the launcher
         write_deepspeed_env(work, env, config.training.forward_env)
     cmd = launch.command(spec_path, config.training.cpu_allocator)
-    for note in launch.notes:
-        log.info("finetune: %s", note)
-    # emulated bf16 (asked for on a CPU without it) is right but slow: say so louder
-    (log.warning if "emulated" in launch.precision_reason else log.info)(
-        "finetune: precision: %s", launch.precision_reason
-    )
-    log.info(
-        "finetune: launching %s through the DeepSpeed launcher, %s",
-        launch.describe(),
-        f"ZeRO-{config.training.deepspeed.zero_stage}" if launch.uses_zero else "no ZeRO engine",
-    )
+    _say_how_it_launches(launch, config)
     # the attempt is on record before it runs: a host lost mid-training still counts
     atomic_write_text(attempts_path, json.dumps([*attempts, attempt], indent=2))
     mirror.save_file("attempts.json")
@@ -304,36 +295,8 @@ def _run(
     mirror.save_file("attempts.json")
     if rc != 0 or not (final_dir / "training_summary.json").is_file():
         mirror.sync_once(include_final=True)  # the retry, wherever it runs, starts from here
-        last = "\n".join(tail)
-        cause = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), "")
-        if first:  # which rank went first says more than the errors of those it took along
-            said = cause or _last_rank_words(tail)  # an abort says "Assertion ... failed"
-            said = f"{said.strip()} ({fault})" if said and fault else said or fault
-            cause = f"{first}; last error: {said.strip()}" if said else first
-        raise TrainingFailed(
-            f"finetune: training exited with code {rc} (attempt {attempt['attempt']}): "
-            f"{cause.strip()[:400]}; a retry resumes from the newest checkpoint; full log: "
-            f"{work / 'train.log'}",
-            log_tail=last,
-        )
-    summary = json.loads((final_dir / "training_summary.json").read_text())
-    # a "successful" run that saved empty ZeRO-3 partitions must not get any further
-    summary["saved_model"] = verify_saved_model(
-        final_dir,
-        config.task.type,
-        splits.labels,
-        expected_parameters=summary.get("exported_parameters"),
-        seed=config.training.seed,
-        trust_remote_code=config.model.trust_remote_code,
-    )
-    atomic_write_text(final_dir / "training_summary.json", json.dumps(summary, indent=2))
-    log.info(
-        "finetune: saved model checked: %s parameters in %d tensors (%.1f MB) load in plain "
-        "transformers",
-        f"{summary['saved_model']['parameters']:,}",
-        summary["saved_model"]["tensors"],
-        summary["saved_model"]["bytes"] / 2**20,
-    )
+        raise _training_failed(rc, attempt["attempt"], tail, first, fault, work / "train.log")
+    summary = _checked_summary(final_dir, config, splits)
     model_fp = ResolvedModel(name="finetuned", path=str(final_dir)).fingerprint()
     with store.writer(STAGE, key) as w:
         for item in final_dir.iterdir():
@@ -351,6 +314,25 @@ def _run(
         w.manifest = manifest.model_dump(mode="json")
     shutil.rmtree(work, ignore_errors=True)  # checkpoints (optimizer state) are no longer needed
     mirror.clear()
+    _say_what_it_trained(manifest, summary)
+    return manifest
+
+
+def _say_how_it_launches(launch: LaunchPlan, config: RetrainConfig) -> None:
+    for note in launch.notes:
+        log.info("finetune: %s", note)
+    # emulated bf16 (asked for on a CPU without it) is right but slow: say so louder
+    (log.warning if "emulated" in launch.precision_reason else log.info)(
+        "finetune: precision: %s", launch.precision_reason
+    )
+    log.info(
+        "finetune: launching %s through the DeepSpeed launcher, %s",
+        launch.describe(),
+        f"ZeRO-{config.training.deepspeed.zero_stage}" if launch.uses_zero else "no ZeRO engine",
+    )
+
+
+def _say_what_it_trained(manifest: ModelArtifact, summary: dict[str, Any]) -> None:
     log.info(
         "finetune: strategy %s trained %s of %s parameters",
         manifest.strategy.get("strategy", "full"),
@@ -365,7 +347,54 @@ def _run(
         manifest.best_metric or float("nan"),
         manifest.model_dir,
     )
-    return manifest
+
+
+def _training_failed(
+    rc: int | None,
+    attempt: int,
+    tail: list[str],
+    first: str | None,
+    fault: str,
+    train_log: Path,
+) -> TrainingFailed:
+    """The one-line error for a failed launch: the exit code, which rank failed first and the
+    last error a rank wrote; the log's tail travels with it."""
+    cause = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), "")
+    if first:  # which rank went first says more than the errors of those it took along
+        said = cause or _last_rank_words(tail)  # an abort says "Assertion ... failed"
+        said = f"{said.strip()} ({fault})" if said and fault else said or fault
+        cause = f"{first}; last error: {said.strip()}" if said else first
+    return TrainingFailed(
+        f"finetune: training exited with code {rc} (attempt {attempt}): "
+        f"{cause.strip()[:400]}; a retry resumes from the newest checkpoint; full log: "
+        f"{train_log}",
+        log_tail="\n".join(tail),
+    )
+
+
+def _checked_summary(
+    final_dir: Path, config: RetrainConfig, splits: SplitManifest
+) -> dict[str, Any]:
+    """The ranks' training summary, with proof that the saved model loads in plain
+    transformers: a "successful" run that saved empty ZeRO-3 partitions gets no further."""
+    summary = json.loads((final_dir / "training_summary.json").read_text())
+    summary["saved_model"] = verify_saved_model(
+        final_dir,
+        config.task.type,
+        splits.labels,
+        expected_parameters=summary.get("exported_parameters"),
+        seed=config.training.seed,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    atomic_write_text(final_dir / "training_summary.json", json.dumps(summary, indent=2))
+    log.info(
+        "finetune: saved model checked: %s parameters in %d tensors (%.1f MB) load in plain "
+        "transformers",
+        f"{summary['saved_model']['parameters']:,}",
+        summary["saved_model"]["tensors"],
+        summary["saved_model"]["bytes"] / 2**20,
+    )
+    return summary
 
 
 def _launch(
