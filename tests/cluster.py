@@ -222,6 +222,6 @@ def production_cluster(
         yield c
     finally:
         if c is not None:
-            for h in c.hosts.values():
-                stop(h.worker, timeout=WORKER_GRACE)
+            for name in c.hosts:
+                c.stop(name)
         stop(server)
