@@ -22,6 +22,9 @@ import fsspec
 import pandas as pd
 
 from domaintune.errors import ConfigError, DataError
+from domaintune.squad import LAYOUT_COLUMNS as SQUAD_COLUMNS
+from domaintune.squad import is_squad, squad_records
+from domaintune.tmx import read_tmx
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ FORMAT_BY_SUFFIX = {
     ".conll": "conll",
     ".iob": "conll",
     ".bio": "conll",
+    ".tmx": "tmx",
 }
 #: compressed exports (``data.csv.gz``): read through fsspec's codecs, named by the inner suffix
 COMPRESSION_BY_SUFFIX = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
@@ -45,6 +49,9 @@ ROW = "_row"
 SOURCE = "_source"
 #: ``read_file``'s table attribute: CSV rows skipped because every field was empty
 EMPTY_ROWS = "empty_rows"
+#: ``read_file``'s table attribute: columns a reader made from a file's structure (SQuAD's
+#: id, title, is_impossible), which are never reported as unused
+LAYOUT_COLUMNS = "layout_columns"
 
 
 def row_ids(df: pd.DataFrame) -> pd.Series:
@@ -233,7 +240,7 @@ def infer_format(files: list[SourceFile], declared: str | None) -> str:
         odd = next(f.url for f in files if not _known_suffix(f.path))
         raise ConfigError(
             f"data.format: cannot infer the format of {odd}; set data.format to one of "
-            "csv, jsonl, parquet, text, conll"
+            "csv, jsonl, parquet, text, conll, tmx"
         )
     if len(formats) > 1:
         raise ConfigError(
@@ -391,6 +398,10 @@ def read_file(
     empty = 0
     if fmt == "parquet":
         df, enc = _read_parquet(data, src.url), None
+    elif fmt == "tmx":  # XML: its own declaration names the encoding
+        check_not_binary(data[:64], src.url, fmt)
+        declared = None if encoding.lower() == "auto" else encoding
+        df, enc = read_tmx(data, src.url, declared), None
     else:
         if not data.strip():
             raise DataError(f"{src.url}: file is empty")
@@ -404,7 +415,7 @@ def read_file(
         if fmt == "csv":
             df, empty = _read_csv(text, src.url, delimiter or _sniff_delimiter(text, src.path))
         elif fmt == "jsonl":
-            df = _read_jsonl(text, src.url, unparsed)
+            df = _read_jsonl(text, src.url, unparsed, data_suffix(src.path) == ".json")
         elif fmt == "conll":
             df = _read_conll(text, src.url, unparsed)
         elif fmt == "text":
@@ -486,13 +497,20 @@ def _held_detail(unparsed: list[dict[str, Any]] | None, since: int, what: str) -
 
 
 def _read_jsonl(
-    text: str, where: str, unparsed: list[dict[str, Any]] | None = None
+    text: str, where: str, unparsed: list[dict[str, Any]] | None = None, json_file: bool = False
 ) -> pd.DataFrame:
+    """JSON Lines, a JSON array of objects, or (``json_file``: a ``.json`` file) one JSON
+    document: SQuAD (one record per question) or a single record."""
     held_before = len(unparsed) if unparsed is not None else 0
     stripped = text.lstrip()
     records: list[dict] = []
     lines: list[int] = []
-    if stripped.startswith("["):  # a .json array of objects
+    layout: tuple[str, ...] = ()
+    document = _one_document(text, where) if json_file and stripped.startswith("{") else None
+    if document is not None:
+        first_line = text[: len(text) - len(stripped)].count("\n") + 1
+        records, lines, layout = _document_records(document, where, unparsed, first_line)
+    elif stripped.startswith("["):  # a .json array of objects
         try:
             arr = json.loads(stripped)
         except json.JSONDecodeError as exc:
@@ -523,10 +541,76 @@ def _read_jsonl(
             records.append(obj)
             lines.append(n)
     if not records:
-        raise DataError(f"{where}: no records{_held_detail(unparsed, held_before, 'line')}")
+        what = "question" if layout else "line"
+        raise DataError(f"{where}: no records{_held_detail(unparsed, held_before, what)}")
     df = pd.DataFrame.from_records(records)
-    df[ROW] = lines  # JSONL rows are named by their line number
+    df[ROW] = lines  # JSONL rows are named by their line number (SQuAD: question number)
+    if layout:
+        df.attrs[LAYOUT_COLUMNS] = layout
     return df
+
+
+_JSON_RULE = (
+    "a .json file holds JSON Lines (one object per line), an array of objects, one object "
+    '(one record) or SQuAD\'s {"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}'
+)
+
+
+def _one_document(text: str, where: str) -> Any | None:
+    """The one JSON document a ``.json`` file holds (pretty-printed or not), or None where
+    the file is JSON Lines. A broken document fails here, naming its line and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" or _next_line_is_an_object(text):
+            return None  # JSON Lines: its first record is complete, or broken on its own
+        truncated = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+        hint = " (the text ends inside a value: truncated?)" if truncated else ""
+        raise DataError(
+            f"{where}: line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})"
+            f"{hint}; rule: {_JSON_RULE}"
+        ) from None
+
+
+def _next_line_is_an_object(text: str) -> bool:
+    """Whether the second non-blank line is a JSON object on its own (JSON Lines)."""
+    rest = [line for line in text.lstrip().splitlines()[1:] if line.strip()]
+    try:
+        return bool(rest) and isinstance(json.loads(rest[0]), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _document_records(
+    doc: Any, where: str, unparsed: list[dict[str, Any]] | None, first_line: int
+) -> tuple[list[dict], list[int], tuple[str, ...]]:
+    """(records, their row numbers, the layout's own columns) of a one-document file."""
+    if is_squad(doc):
+        records, rows = squad_records(
+            doc, where, lambda row, record, reason: _unparsed(unparsed, row, record, reason)
+        )
+        return records, rows, SQUAD_COLUMNS
+    key = _records_key(doc)
+    if key is not None:
+        raise DataError(
+            f"{where}: a JSON object holding a list of objects under {key!r}: neither SQuAD "
+            f"(its items have no 'paragraphs') nor one record; rule: {_JSON_RULE}"
+        )
+    return [doc], [first_line], ()
+
+
+def _records_key(doc: dict) -> str | None:
+    """The key of a list of objects that makes ``doc`` a container of records, not a record
+    (a conversation's turns, objects with role or from, belong to a record)."""
+    for key, value in doc.items():
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, dict) for v in value)
+            and not any({"role", "from"} & set(v) for v in value)
+        ):
+            return str(key)
+    return None
 
 
 def _read_conll(

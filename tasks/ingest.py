@@ -1,6 +1,7 @@
 """ingest: input files -> immutable raw snapshot (Parquet) with a content fingerprint.
 
-Reads CSV / JSONL / Parquet / text files from paths, globs, fsspec URLs or pkg:// package data,
+Reads CSV / JSONL (and JSON arrays, SQuAD's nested JSON) / Parquet / text / CoNLL / TMX files
+from paths, globs, fsspec URLs or pkg:// package data,
 maps the user's columns to the task's, normalises labels, and writes ``raw.parquet`` with the
 source file and row of every example. Source files are only ever read.
 """
@@ -17,7 +18,14 @@ from domaintune.errors import DataError
 from domaintune.fingerprint import hash_dataframe, hash_local_file, hash_obj, stable_json
 from domaintune.manifests import RawSnapshot, SourceFile
 from domaintune.redaction import redact
-from domaintune.sources import EMPTY_ROWS, SOURCE, infer_format, read_file, resolve_sources
+from domaintune.sources import (
+    EMPTY_ROWS,
+    LAYOUT_COLUMNS,
+    SOURCE,
+    infer_format,
+    read_file,
+    resolve_sources,
+)
 from domaintune.sources import SourceFile as InputFile
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
@@ -53,7 +61,12 @@ def plan(
     key = hash_obj(
         STAGE,
         VERSION,
-        config.task.model_dump(include={"type", "labels", "iob_repair"}),
+        {  # translation's languages write its prompts; unset (other tasks) they change no key
+            **config.task.model_dump(include={"type", "labels", "iob_repair"}),
+            **config.task.model_dump(
+                include={"source_language", "target_language"}, exclude_none=True
+            ),
+        },
         config.data.model_dump(exclude={"source", "splits", "max_invalid_share"}),
         fmt,
         sorted(hashes.items()),
@@ -102,7 +115,10 @@ def _run(
         empty_rows += df.attrs.get(EMPTY_ROWS, 0)
         for record in unparsed[held:]:
             record["_source"] = redact(f.url)
-        extra = [str(c) for c in df.columns if str(c) not in known]
+        # besides the configured columns: the reader's own (SQuAD's id, title) and those the
+        # task type reads in this file (translation's language columns, ShareGPT's)
+        used = known | set(df.attrs.get(LAYOUT_COLUMNS, ())) | task.columns_read(df, config, f.url)
+        extra = [str(c) for c in df.columns if str(c) not in used]
         if extra and config.data.extra_columns == "error":
             raise DataError(
                 f"{f.url}: unexpected column(s) {', '.join(repr(c) for c in extra)}; rule: "
@@ -123,7 +139,7 @@ def _run(
         )
     raw = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
     repeats = 0
-    if config.data.splits is None and len(tables) > 1 and fmt in ("csv", "jsonl", "parquet"):
+    if config.data.splits is None and len(tables) > 1 and fmt in ("csv", "jsonl", "parquet", "tmx"):
         # tables of records (not one document per file): later exports may repeat earlier ones
         raw, repeats = drop_repeats_of_earlier_files(raw, task.raw_columns)
     raw, labels, notes = task.normalize_labels(raw, config)

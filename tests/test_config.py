@@ -117,4 +117,5 @@ def test_config_is_a_json_schema_for_the_prefect_form():
         "parquet",
         "text",
         "conll",
+        "tmx",
     ]

@@ -99,3 +99,11 @@ class RetrainConfig(Section):
                 f"training.strategy.head applies to {' and '.join(able)}, not {self.task.type}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _task_settings(self) -> RetrainConfig:
+        """The settings the task type needs (translation: its languages)."""
+        from domaintune.tasktypes import get_task_type
+
+        get_task_type(self.task.type).check_config(self)
+        return self

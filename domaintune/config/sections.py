@@ -21,6 +21,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+#: a BCP 47 language tag as data files write it (en, fr-CA, pt_BR, zh-Hant-TW)
+_LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*")
+
+
 class TaskConfig(Section):
     type: str = Field(
         "text_classification",
@@ -61,6 +65,27 @@ class TaskConfig(Section):
         "the mask token) instead of single tokens (80% mask token, 10% a random token, 10% "
         "kept, as BERT and RoBERTa).",
     )
+    source_language: str | None = Field(
+        None,
+        description="translation (required): the language translated from, a language code "
+        "(en, fr, de, es, pt-BR); also names the source column unless "
+        "data.source_text_column is set.",
+    )
+    target_language: str | None = Field(
+        None,
+        description="translation (required): the language translated into, a language code; "
+        "also names the target column unless data.target_text_column is set.",
+    )
+
+    @field_validator("source_language", "target_language")
+    @classmethod
+    def _language_code(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip()
+        if not _LANGUAGE_CODE.fullmatch(v):
+            raise ValueError("not a language code; rule: a code such as en, fr, de, pt-BR (BCP 47)")
+        return v
 
     @field_validator("type")
     @classmethod
@@ -99,11 +124,13 @@ class DataConfig(Section):
         description="Instead of `source`: predefined splits, e.g. a benchmark's official "
         "train / validation / test files. `validation` is carved from train when absent.",
     )
-    format: Literal["csv", "jsonl", "parquet", "text", "conll"] | None = Field(
+    format: Literal["csv", "jsonl", "parquet", "text", "conll", "tmx"] | None = Field(
         None,
-        description="File format; inferred from the extension when absent. `text`: one "
-        "document per file, with its `directory` and `filename` as columns. `conll`: "
-        "`token TAG` lines, blank line between sentences.",
+        description="File format; inferred from the extension when absent. `jsonl` also "
+        "reads a .json array of objects and SQuAD's nested .json (one row per question). "
+        "`text`: one document per file, with its `directory` and `filename` as columns. "
+        "`conll`: `token TAG` lines, blank line between sentences. `tmx`: Translation Memory "
+        "eXchange (.tmx), one row per <tu>, a column per language code (<tuv xml:lang>).",
     )
     encoding: str = Field(
         "auto",
@@ -120,6 +147,17 @@ class DataConfig(Section):
     instruction_column: str = Field("instruction", description="instruction_tuning (no messages).")
     input_column: str = Field("input", description="instruction_tuning: optional extra input.")
     output_column: str = Field("output", description="instruction_tuning: the reference answer.")
+    source_text_column: str | None = Field(
+        None,
+        description="translation: the text to translate. Default: the column named by "
+        "task.source_language (what TMX gives, or a CSV/TSV header `en<TAB>fr`), matched "
+        "ignoring case; `en` also matches a single `en-US` column.",
+    )
+    target_text_column: str | None = Field(
+        None,
+        description="translation: its reference translation. Default: the column named by "
+        "task.target_language.",
+    )
     answers_column: str = Field(
         "answers",
         description="question_answering: {text: [...], answer_start: [...]} (SQuAD layout); "

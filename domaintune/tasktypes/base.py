@@ -105,10 +105,20 @@ class TaskType(ABC):
     #: texts become overlapping windows (NER, QA) or are packed into blocks (LM).
     cuts_long_texts: bool = True
 
+    def check_config(self, config: Any) -> None:
+        """Raise ValueError naming the key when ``config`` (a RetrainConfig being validated)
+        lacks a setting this task type needs. Default: nothing more is needed."""
+        return None
+
     # -- ingest ---------------------------------------------------------------
     @abstractmethod
     def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
         """Rename the user's columns to the raw snapshot's; errors name ``where`` (the file)."""
+
+    def columns_read(self, df: pd.DataFrame, config: Any, where: str) -> set[str]:
+        """The columns of a file that ``map_columns`` reads besides the ``data.*_column``
+        ones (ingest reports the others as unused). Default: none."""
+        return set()
 
     def normalize_labels(
         self, df: pd.DataFrame, config: Any
