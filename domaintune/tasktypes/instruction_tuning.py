@@ -1,13 +1,14 @@
 """Instruction tuning for generation tasks: summaries, translation, product descriptions,
 customer-support answers.
 
-Rows are chat ``messages`` ([{role, content}, ...], the last one the assistant's answer) or
-``instruction`` / ``input`` / ``output`` columns (turned into a user turn and an assistant
-turn). Examples are rendered with the model's own chat template; the loss covers the
-response tokens only (the prompt's labels are -100). After training, the base and the
-fine-tuned model generate an answer for every test prompt (greedy), scored against the
-reference with BLEU (sacrebleu) and ROUGE-L F1 (rouge-score); the generations are kept so
-that the report can show them side by side.
+Rows are chat ``messages`` ([{role, content}, ...], the last one the assistant's answer),
+ShareGPT ``conversations`` ([{from, value}, ...]: human -> user, gpt -> assistant; with an
+optional ``system`` column) or ``instruction`` / ``input`` / ``output`` columns (turned into
+a user turn and an assistant turn, the Alpaca layout). Examples are rendered with the
+model's own chat template; the loss covers the response tokens only (the prompt's labels
+are -100). After training, the base and the fine-tuned model generate an answer for every
+test prompt (greedy), scored against the reference with BLEU (sacrebleu) and ROUGE-L F1
+(rouge-score); the generations are kept so that the report can show them side by side.
 """
 
 from __future__ import annotations
@@ -23,11 +24,52 @@ from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import SMOLLM2, TaskType, TokenizeSettings, require_columns
 
 MAX_NEW_TOKENS = 128
+#: ShareGPT's column of turns, read when data.messages_column is absent, and LLaMA-Factory's
+#: column of a conversation's system prompt beside it
+CONVERSATIONS = "conversations"
+SYSTEM = "system"
+#: a turn's speaker (ShareGPT's ``from``, or ``role``), lower-cased -> its chat role; other
+#: speakers (function_call, observation, tool) keep their name for the contract to report
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "system": "system",
+}
+
+
+def turns_column(columns: Any, messages_column: str) -> str | None:
+    """The column holding conversations: data.messages_column, else ShareGPT's
+    ``conversations``; None when neither is there."""
+    if messages_column in columns:
+        return messages_column
+    return CONVERSATIONS if CONVERSATIONS in columns else None
+
+
+def chat_turn(turn: Any) -> Any:
+    """A turn as ``{role, content}``: OpenAI's ``{role, content}`` or ShareGPT's
+    ``{from, value}``, mixed freely; a speaker name becomes its chat role (``ROLES``)."""
+    if not isinstance(turn, dict):
+        return turn
+    role = turn.get("role", turn.get("from"))
+    if isinstance(role, str):
+        role = ROLES.get(role.strip().lower(), role)
+    out = {k: v for k, v in turn.items() if k not in ("from", "value")}
+    out["role"] = role
+    out["content"] = turn["content"] if "content" in turn else turn.get("value")
+    return out
 
 
 def messages_from_row(
     row: dict[str, Any], has_messages: bool, cols: dict[str, str]
 ) -> list[dict] | None:
+    """A row's conversation: its turns (``cols["messages"]``; with ``cols["system"]``, that
+    column's system prompt first), or an instruction (+ input) and its output."""
     if has_messages:
         value = row[cols["messages"]]
         if isinstance(value, str):
@@ -37,7 +79,11 @@ def messages_from_row(
                 return None
         if value is None or not isinstance(value, list | tuple | np.ndarray):
             return None
-        return [dict(m) if isinstance(m, dict) else m for m in value]
+        turns = [chat_turn(m) for m in value]
+        system = row.get(cols.get("system", ""))
+        if isinstance(system, str) and system.strip():
+            turns.insert(0, {"role": "system", "content": system})
+        return turns
     instruction, extra, output = (row.get(cols[k]) for k in ("instruction", "input", "output"))
     if instruction is None or (isinstance(instruction, float) and np.isnan(instruction)):
         return None
@@ -106,8 +152,10 @@ def messages_error(messages: list[dict] | None) -> str:
     if not messages:
         return "no messages"
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            return f"message {i + 1}: role must be system, user or assistant"
+        if not isinstance(m, dict):
+            return f"message {i + 1}: not a {{role, content}} object"
+        if m.get("role") not in ("system", "user", "assistant"):
+            return f"message {i + 1}: unknown role {m.get('role')!r}"  # the rule lists the roles
         if not isinstance(m.get("content"), str) or not m["content"].strip():
             return f"message {i + 1} ({m.get('role')}): empty content"
     if messages[-1]["role"] != "assistant":
@@ -138,10 +186,14 @@ class InstructionTuning(TaskType):
             "input": d.input_column,
             "output": d.output_column,
         }
-        has_messages = cols["messages"] in df.columns
-        if not has_messages:
+        turns = turns_column(df.columns, cols["messages"])
+        if turns == CONVERSATIONS:  # ShareGPT (LLaMA-Factory: a system column beside it)
+            cols.update(messages=CONVERSATIONS, system=SYSTEM)
+        if turns is None:
             required = {role: cols[role] for role in ("instruction", "output")}
-            require_columns(df, required, where, what=f"no {cols['messages']!r} column and no ")
+            what = f"no {cols['messages']!r} or {CONVERSATIONS!r} column and no "
+            require_columns(df, required, where, what=what)
+        has_messages = turns is not None
         messages = [messages_from_row(r, has_messages, cols) for r in df.to_dict("records")]
         return pd.DataFrame(
             {
@@ -162,6 +214,11 @@ class InstructionTuning(TaskType):
                 "_source": df["_source"],
             }
         )
+
+    def columns_read(self, df: pd.DataFrame, config: Any, where: str) -> set[str]:
+        if turns_column(df.columns, config.data.messages_column) == CONVERSATIONS:
+            return {CONVERSATIONS, SYSTEM}
+        return set()
 
     def label_counts(self, df: pd.DataFrame) -> dict[str, int]:
         return {"conversations": int(df["messages"].notna().sum())}
