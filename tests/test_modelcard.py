@@ -249,6 +249,7 @@ def test_every_task_type_has_a_pipeline_tag():
         "causal_lm": "text-generation",
         "masked_lm": "fill-mask",
         "instruction_tuning": "text-generation",
+        "translation": "text-generation",
     }
 
 
