@@ -1,0 +1,99 @@
+"""domaintune.generation: greedy answers identical to model.generate's, finished rows leave
+the batch, answers stop at the chat template's end of turn, max_new_tokens from the data."""
+
+from __future__ import annotations
+
+import pytest
+
+from domaintune.chat import render
+from domaintune.generation import (
+    GenerationSettings,
+    auto_max_new_tokens,
+    generate_ids,
+    generate_texts,
+    stop_token_ids,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_causal_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domaintune.training.attention import CPU_ATTENTION, register
+
+    register()
+    tok = AutoTokenizer.from_pretrained(tiny_causal_model)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_causal_model, attn_implementation=CPU_ATTENTION
+    )
+    return tok, model.eval()
+
+
+def prompts(tok, sizes=(1, 7, 3, 12, 5)):
+    return [
+        render(tok, [{"role": "user", "content": "the bank reported " * k}], generation_prompt=True)
+        for k in sizes
+    ]
+
+
+def reference(model, tok, prompt, max_new_tokens):
+    """One prompt alone through model.generate (no padding): the greedy answer."""
+    import torch
+
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )[0, len(prompt) :].tolist()
+    return out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_greedy_answers_are_model_generates_in_any_batch(tiny, batch_size):
+    tok, model = tiny
+    ps = prompts(tok)
+    got = generate_ids(
+        model, ps, pad_id=tok.pad_token_id, stop_ids=stop_token_ids(tok),
+        max_new_tokens=24, batch_size=batch_size,
+    )  # fmt: skip
+    assert got == [reference(model, tok, p, 24) for p in ps]
+    assert all(len(a) <= 24 for a in got)
+
+
+def test_rows_that_end_leave_the_batch_and_are_reported(tiny):
+    tok, model = tiny
+    ps = prompts(tok)
+    # stop at the token the first prompt's answer starts with: that row ends at once, the
+    # others go on without it
+    first = reference(model, tok, ps[0], 1)[0]
+    seen = []
+    got = generate_ids(
+        model, ps, pad_id=tok.pad_token_id, stop_ids=[first], max_new_tokens=10,
+        batch_size=len(ps), on_batch=lambda rows, tokens: seen.append((rows, tokens)),
+    )  # fmt: skip
+    assert got[0] == []
+    assert seen == [(len(ps), sum(len(a) + 1 for a in got))]
+    texts = generate_texts(model, tok, ps, GenerationSettings(max_new_tokens=10, batch_size=2))
+    assert texts == [tok.decode(reference(model, tok, p, 10)).strip() for p in ps]
+
+
+def test_answers_stop_at_the_templates_end_of_turn(tmp_path, tiny):
+    """A ChatML-style template closes an assistant turn with its own token, not with the
+    end-of-sequence token: generation stops there too."""
+    tok, _ = tiny
+    tok = type(tok).from_pretrained(tok.name_or_path)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert stop_token_ids(tok) == sorted({tok.eos_token_id, end})
+
+
+def test_max_new_tokens_auto_leaves_room_for_the_training_answers():
+    assert auto_max_new_tokens({"p99": 20}, 256) == 32  # 1.25 x 20, rounded up to 8
+    assert auto_max_new_tokens({"p99": 400}, 384) == 384  # never more than max_length
+    assert auto_max_new_tokens(None, 512) == 128  # lengths unknown
