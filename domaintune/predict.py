@@ -41,6 +41,7 @@ import pandas as pd
 
 from domaintune.errors import ConfigError, DataError, DomainTuneError, ModelError
 from domaintune.inference import batched_logits, softmax
+from domaintune.progress import Progress
 from domaintune.registry import REFERENCE as _REFERENCE
 from domaintune.tasktypes import get_task_type
 
@@ -276,7 +277,7 @@ def _logits(
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     feats = [{k: enc[k][i] for k in keys} for i in range(len(enc["input_ids"]))]
     collate = get_task_type(model.task_type).collator(tokenizer)
-    progress = _Progress(len(feats))
+    progress = Progress(len(feats), "predict", logger=log)
     with autocast_for(net, precision):
         out = batched_logits(net, collate, feats, model.batch_size, progress.advance, logits_of)
     progress.close()
@@ -373,38 +374,6 @@ def _entities(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.
     out["entities"] = found
     out["entity_count"] = [len(e) for e in found]
     return out
-
-
-class _Progress:
-    """A progress bar on a terminal, a plain line every 10% (and at the end) otherwise."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.time()
-        self.bar = None
-        self.next_line = 0.1
-        if sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="rows", desc="predict", file=sys.stderr)
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.total and self.done / self.total >= self.next_line:
-            log.info(
-                "predict: %d of %d rows (%.0f%%), %.1f s",
-                self.done,
-                self.total,
-                100 * self.done / self.total,
-                time.time() - self.t0,
-            )
-            while self.next_line <= self.done / self.total:
-                self.next_line += 0.1
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ---------------------------------------------------------------------------- output
@@ -531,7 +500,7 @@ def _perplexities(model: PredictModel, table: pd.DataFrame, text_column: str) ->
     scored = np.zeros(len(texts), dtype=np.int64)
     order = np.argsort([len(b) for _, b in blocks], kind="stable")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-    progress = _Progress(len(blocks))
+    progress = Progress(len(blocks), "predict", unit="blocks", logger=log)
     with torch.inference_mode(), autocast_for(net, precision):
         for start in range(0, len(order), model.batch_size):
             chosen = [blocks[i] for i in order[start : start + model.batch_size]]
@@ -585,7 +554,8 @@ def _answers(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.D
     enc = get_task_type("question_answering").tokenize(batch, tokenizer, settings, [])
     logits = _logits(model, net, tokenizer, precision, enc, logits_of=span_logits)
     allow = bool(model.task_settings().allow_unanswerable)
-    found = best_answers(enc["_example"], enc["context"], enc["offsets"], logits, allow)
+    longest = int(model.task_settings().max_answer_tokens)
+    found = best_answers(enc["_example"], enc["context"], enc["offsets"], logits, allow, longest)
     answers = [found.get(i, NO_ANSWER) for i in range(len(table))]
     out = table.copy()
     out["answer"] = [a.text for a in answers]
@@ -596,27 +566,40 @@ def _answers(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.D
     return out
 
 
-def _generations(model: PredictModel, table: pd.DataFrame, text_column: str) -> pd.DataFrame:
-    """Per prompt: ``generated``, the model's greedy answer (as evaluation generates). A row
-    is a chat conversation (``data.messages_column``; a closing assistant message is the
-    reference, not part of the prompt), an instruction (+ input), or a prompt in the text
-    column; rendered with the model's chat template."""
-    from domaintune.tasks.evaluate import autocast_for
-    from domaintune.tasktypes.instruction_tuning import generate, messages_from_row, prompt_ids
+def generation_settings(model: PredictModel) -> Any:
+    """How ``model`` generates: its run's ``evaluation.max_new_tokens`` (auto: the value
+    derived from its training answers, in its ``generation_config.json``) and prompts cut to
+    the room its training left them, in batches of ``--batch-size``: as its evaluation."""
+    from domaintune.chat import prompt_budget
+    from domaintune.generation import GenerationSettings
 
-    tokenizer, net, precision = _load(model)
-    if not getattr(tokenizer, "chat_template", None):
-        raise PredictError(
-            f"{model.reference}: the model's tokenizer has no chat template; rule: "
-            "instruction_tuning prompts are rendered with it"
-        )
+    wanted = model.config.evaluation.max_new_tokens if model.config is not None else "auto"
+    if wanted == "auto":
+        saved = model.model_dir / "generation_config.json"
+        doc = json.loads(saved.read_text()) if saved.is_file() else {}
+        wanted = doc.get("max_new_tokens") or 128
+    return GenerationSettings(
+        max_new_tokens=int(wanted),
+        batch_size=model.batch_size,
+        max_prompt_tokens=prompt_budget(model.max_length, int(wanted)),
+    )
+
+
+def _conversations(model: PredictModel, table: pd.DataFrame, text_column: str) -> list[list]:
+    """Each row's conversation up to the answer: its chat turns (``data.messages_column`` or
+    ShareGPT ``conversations``; a closing assistant message is the reference, left out), an
+    instruction (+ input), or a prompt in the text column."""
+    from domaintune.tasktypes.instruction_tuning import messages_from_row, turns_column
+
     names = {k: model.column(f"{k}_column") for k in ("messages", "instruction", "input", "output")}
-    has_messages = names["messages"] in table.columns
+    turns = turns_column(table.columns, names["messages"])
+    if turns is not None:
+        names.update(messages=turns, system="system")
     has_instruction = names["instruction"] in table.columns
-    prompts, empty = [], []
-    for i, row in enumerate(table.to_dict("records")):
-        if has_messages or has_instruction:
-            messages = messages_from_row(row, has_messages, names) or []
+    out = []
+    for row in table.to_dict("records"):
+        if turns is not None or has_instruction:
+            messages = messages_from_row(row, turns is not None, names) or []
         else:
             text = row.get(text_column)
             messages = (
@@ -625,13 +608,54 @@ def _generations(model: PredictModel, table: pd.DataFrame, text_column: str) -> 
         messages = [m for m in messages if isinstance(m, dict)]
         if messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]
+        out.append(messages)
+    return out
+
+
+def _translation_requests(model: PredictModel, table: pd.DataFrame, text_column: str) -> list:
+    """Each row's source text (``data.source_text_column``, or the column named by
+    ``task.source_language``) as the request training asked."""
+    from domaintune.tasktypes.translation import Translation, language_column, language_name
+
+    task, data = model.task_settings(), model.config.data if model.config is not None else None
+    column = (data.source_text_column if data is not None else None) or language_column(
+        list(table.columns), task.source_language, "task.source_language", "INPUT"
+    )
+    names = (language_name(task.source_language), language_name(task.target_language))
+    return [
+        []
+        if text is None or pd.isna(text) or not str(text).strip()
+        else Translation.conversation(str(text), "", names)[:1]
+        for text in table[column]
+    ]
+
+
+def _generate_answers(
+    model: PredictModel, table: pd.DataFrame, conversations: list[list]
+) -> pd.DataFrame:
+    """``table`` with ``generated``: the model's greedy answer to each conversation, rendered
+    with its chat template and cut to fit as training cut prompts (domaintune.chat), generated
+    as its evaluation generated."""
+    from domaintune.generation import generate_texts
+    from domaintune.tasks.evaluate import autocast_for
+    from domaintune.tasktypes.instruction_tuning import prompt_ids
+
+    tokenizer, net, precision = _load(model)
+    if not getattr(tokenizer, "chat_template", None):
+        raise PredictError(
+            f"{model.reference}: the model's tokenizer has no chat template; rule: "
+            f"{model.task_type} prompts are rendered with it"
+        )
+    settings = generation_settings(model)
+    prompts, empty = [], []
+    for i, messages in enumerate(conversations):
         if not any(m.get("role") == "user" for m in messages):
             empty.append(i)
             messages = [{"role": "user", "content": ""}]
-        prompts.append(prompt_ids(tokenizer, messages)[-model.max_length :])
-    progress = _Progress(len(prompts))
+        prompts.append(prompt_ids(tokenizer, messages, settings.max_prompt_tokens))
+    progress = Progress(len(prompts), "predict", unit="answers", logger=log)
     with autocast_for(net, precision):
-        generated = generate(net, tokenizer, prompts, model.batch_size, progress.advance)
+        generated = generate_texts(net, tokenizer, prompts, settings, progress.advance)
     progress.close()
     for i in empty:
         generated[i] = ""
@@ -652,6 +676,10 @@ class Served:
     inputs: Callable[[PredictModel, str], list[tuple[str, tuple[str, ...]]]] = lambda model, text: [
         ("text", (text,))
     ]
+
+
+def _generated_counts(r: pd.DataFrame) -> dict[str, int]:
+    return {"prompts": len(r), "empty": int((r["generated"] == "").sum())}
 
 
 def _value_counts(values: Any) -> dict[str, int]:
@@ -679,13 +707,27 @@ SUPPORTED = {
         ],
     ),
     "instruction_tuning": Served(
-        _generations,
-        lambda r: {"prompts": len(r), "empty": int((r["generated"] == "").sum())},
+        lambda model, table, text: _generate_answers(
+            model, table, _conversations(model, table, text)
+        ),
+        _generated_counts,
         lambda model, text: [
             (
                 "prompt",
-                (model.column("messages_column"), model.column("instruction_column"), text),
+                (
+                    model.column("messages_column"),
+                    "conversations",
+                    model.column("instruction_column"),
+                    text,
+                ),
             )
         ],
+    ),
+    "translation": Served(
+        lambda model, table, text: _generate_answers(
+            model, table, _translation_requests(model, table, text)
+        ),
+        _generated_counts,
+        lambda model, text: [],  # the source column is found by its language code
     ),
 }

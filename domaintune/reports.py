@@ -114,6 +114,7 @@ def render_markdown(
             "",
             f"![training curves]({data_uri(charts['loss_curve'])})",
         ]
+    lines += _generation_lines(doc)
     if samples is not None and len(samples):
         lines += [
             "",
@@ -125,6 +126,25 @@ def render_markdown(
         for r in samples.head(10).itertuples(index=False):
             lines.append(f"| {_cell(r[0])} | {_cell(r[1])} | {_cell(r[2])} | {_cell(r[3])} |")
     return "\n".join(lines) + "\n"
+
+
+def _generation_lines(doc: dict[str, Any]) -> list[str]:
+    """How the answers were generated (generative task types): the limits, the share of
+    prompts cut to fit, and the speed of each model."""
+    tuned = doc["finetuned"].get("generation")
+    if not tuned:
+        return []
+    line = (
+        f"Generation: greedy, at most {tuned.get('max_new_tokens')} new tokens, prompts of at "
+        f"most {tuned.get('max_prompt_tokens')} tokens ({100 * tuned.get('prompts_cut', 0):.1f}% "
+        "of them cut to fit, as training cuts them)"
+    )
+    speeds = [
+        f"{who} {g['tokens']:,} tokens in {g['seconds']:.1f} s ({g['tokens_per_second']:,.1f} tokens/s)"
+        for who, g in (("base", doc["base"].get("generation")), ("fine-tuned", tuned))
+        if g and g.get("tokens_per_second") is not None
+    ]
+    return ["", line + (": " + "; ".join(speeds) if speeds else "") + "."]
 
 
 def training_markdown(model: ModelArtifact) -> str:

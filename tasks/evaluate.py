@@ -19,6 +19,7 @@ import pandas as pd
 
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj
+from domaintune.generation import GenerationSettings
 from domaintune.manifests import EvaluationReport, ModelArtifact, SplitManifest, scalar_metrics
 from domaintune.models import resolve_config_model, resolve_model
 from domaintune.redaction import redact, redact_obj
@@ -69,7 +70,7 @@ def plan(
         test.fingerprint,
         model.base_fingerprint,
         splits.labels,
-        scored_as(config),
+        scored_as(config, splits),
         config.training.seed,
         # scores in bf16 and in fp32 differ a little: each is its own measurement
         inference_precision(config.training)[0],
@@ -88,10 +89,14 @@ def plan(
     return key, base_key
 
 
-def scored_as(config: RetrainConfig) -> Any:
-    """What decides how a model is scored besides the data and the model: the task type and
-    the task settings its scoring reads (``TaskType.scoring_settings``: none for most)."""
-    extra = get_task_type(config.task.type).scoring_settings(config.task)
+def scored_as(config: RetrainConfig, splits: SplitManifest) -> Any:
+    """What decides how a model is scored besides the data and the model: the task type, the
+    task settings its scoring reads (``TaskType.scoring_settings``: none for most) and, for a
+    generative task type, how it generates (``GenerationSettings.of_run``)."""
+    task = get_task_type(config.task.type)
+    extra = task.scoring_settings(config.task)
+    if task.generative:
+        extra = {**(extra or {}), "generation": GenerationSettings.of_run(config, splits).key()}
     return config.task.type if extra is None else [config.task.type, extra]
 
 
@@ -151,10 +156,16 @@ def load_for_scoring(
 
 
 def _score(
-    config: RetrainConfig, model_path: str, splits: SplitManifest, structure: Any = None
+    config: RetrainConfig,
+    model_path: str,
+    splits: SplitManifest,
+    structure: Any = None,
+    who: str = "fine-tuned model",
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """(metrics, per-example predictions) of one model on the test split (``structure``:
-    see :func:`load_for_scoring`)."""
+    see :func:`load_for_scoring`; ``who``: the model's name in progress lines). A
+    generative task type reports its progress (a bar on a terminal, a log line every 10% or
+    30 s, a Prefect progress artifact) and its tokens/s."""
     import torch
     from datasets import disable_progress_bars
 
@@ -169,15 +180,40 @@ def _score(
         config.model.trust_remote_code,
         structure,
     )
+    test = splits.splits["test"]
+    extra: dict[str, Any] = {}
+    progress = None
+    if task.generative:
+        from domaintune.progress import Progress
+
+        what = f"evaluate: {who} generates"
+        progress = Progress(test.rows, what, unit="answers", logger=log)
+        extra = {
+            "generation": GenerationSettings.of_run(config, splits),
+            "on_batch": progress.advance,
+        }
     with autocast_for(model, precision):
-        return task.score_split(
+        metrics, predictions = task.score_split(
             model,
             tok,
-            splits.splits["test"].path,
+            test.path,
             splits.labels,
             config.evaluation.batch_size,
             settings=config.task,
+            **extra,
         )
+    if progress is not None:
+        progress.close()
+        log.info("%s", progress.describe())
+        metrics["generation"] = {
+            **metrics.get("generation", {}),
+            **extra["generation"].key(),
+            "answers": progress.done,
+            "tokens": progress.tokens,
+            "seconds": round(progress.seconds, 1),
+            "tokens_per_second": round(progress.tokens / max(progress.seconds, 1e-9), 1),
+        }
+    return metrics, predictions
 
 
 def _base_metrics(
@@ -190,7 +226,7 @@ def _base_metrics(
         base = resolve_config_model(config)
         # the base model exactly as training starts from it
         strategy = config.training.strategy if base_structure(config) else None
-        metrics, predictions = _score(config, base.path, splits, strategy)
+        metrics, predictions = _score(config, base.path, splits, strategy, who="base model")
         with store.writer(BASE_STAGE, base_key) as w:
             (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
             predictions.to_parquet(w.path / "predictions.parquet", index=False)
@@ -243,13 +279,15 @@ def _champion_metrics(
         splits.splits["test"].fingerprint,
         champion["fingerprint"],
         splits.labels,
-        scored_as(config),
+        scored_as(config, splits),
         inference_precision(config.training)[0],
     )
     with store.lock(CHAMPION_STAGE, key):
         cached = store.cached_manifest(CHAMPION_STAGE, key)
         if cached is None:
-            metrics, _ = _score(config, str(model_dir), splits)
+            metrics, _ = _score(
+                config, str(model_dir), splits, who=f"champion {champion['version']}"
+            )
             with store.writer(CHAMPION_STAGE, key) as w:
                 (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
                 w.manifest = {"metrics": metrics, "version": champion["version"]}

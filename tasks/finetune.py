@@ -297,6 +297,7 @@ def _run(
         mirror.sync_once(include_final=True)  # the retry, wherever it runs, starts from here
         raise _training_failed(rc, attempt["attempt"], tail, first, fault, work / "train.log")
     summary = _checked_summary(final_dir, config, splits)
+    _write_generation_config(final_dir, config, splits)
     model_fp = ResolvedModel(name="finetuned", path=str(final_dir)).fingerprint()
     with store.writer(STAGE, key) as w:
         for item in final_dir.iterdir():
@@ -316,6 +317,29 @@ def _run(
     mirror.clear()
     _say_what_it_trained(manifest, summary)
     return manifest
+
+
+def _write_generation_config(final_dir: Path, config: RetrainConfig, splits: SplitManifest) -> None:
+    """A generative model's ``generation_config.json``: greedy, at most the run's
+    ``max_new_tokens`` (auto: from the training answers' lengths), stopping at the chat
+    template's end of turn as well as at end-of-sequence; predict, the model server and
+    plain ``model.generate`` then generate as evaluation does."""
+    if not get_task_type(config.task.type).generative:
+        return
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from domaintune.generation import GenerationSettings, stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    GenerationConfig(
+        do_sample=False,
+        max_new_tokens=GenerationSettings.of_run(config, splits).max_new_tokens,
+        eos_token_id=stops if len(stops) > 1 else stops[0],
+        pad_token_id=pad,
+        bos_token_id=tokenizer.bos_token_id,
+    ).save_pretrained(final_dir)
 
 
 def _say_how_it_launches(launch: LaunchPlan, config: RetrainConfig) -> None:

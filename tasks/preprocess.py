@@ -37,7 +37,8 @@ from domaintune.tasktypes.base import TokenizeSettings
 log = logging.getLogger(__name__)
 
 STAGE = "preprocess"
-VERSION = "2"  # 2: splits keep _example ids (windows of long examples)
+VERSION = "3"  # 2: splits keep _example ids (windows of long examples); 3: duplicates by the
+# task type's key, its own split stats (chat examples fitted by domaintune.chat)
 SPLITS = ("train", "validation", "test")
 
 
@@ -211,10 +212,11 @@ def split_parts(
     stats["dropped_blank_after_cleaning"] = before - len(df)
     predefined = "_split" in df.columns
     if config.preprocess.drop_duplicates:
+        key = list(task.duplicate_key)  # the text, or the whole example (prompt and answer)
         if predefined:  # within a split, and never in an official test set: it stays as published
-            dup = df.duplicated(["_split", "text"], keep="first") & (df["_split"] != "test")
+            dup = df.duplicated(["_split", *key], keep="first") & (df["_split"] != "test")
         else:
-            dup = df.duplicated("text", keep="first")
+            dup = df.duplicated(key, keep="first")
         targets = df[task.target_column].astype(str)
         conflicting = targets[df["text"].isin(df.loc[dup, "text"])].groupby(df["text"]).nunique()
         stats["dropped_duplicates"] = int(dup.sum())
@@ -303,6 +305,7 @@ def _run(
                 "truncated_share": float((lengths >= settings.max_length).mean())
                 if task.cuts_long_texts
                 else 0.0,
+                **task.split_stats(ds),
             }
             splits[name] = SplitInfo(
                 path=str(entry / f"{name}.parquet"),

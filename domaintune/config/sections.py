@@ -52,6 +52,14 @@ class TaskConfig(Section):
         False,
         description="question_answering: questions without an answer in the context are valid.",
     )
+    max_answer_tokens: int = Field(
+        30,
+        ge=1,
+        le=512,
+        description="question_answering: the longest span, in tokens, that evaluation and "
+        "predict may answer (SQuAD's 30 by default); raise it where gold answers are clauses "
+        "or sentences. Training is unchanged; a setting of the scoring, in its cache key.",
+    )
     mlm_probability: float = Field(
         0.15,
         gt=0,
@@ -466,6 +474,13 @@ class TrainingConfig(Section):
         "in hardware (AMX, AVX512-BF16, Arm BF16), else fp32. bf16 on a CPU without it is "
         "emulated (slower; a warning). Evaluation scores models in the same precision.",
     )
+    padding_free: bool = Field(
+        True,
+        description="Generative task types (instruction_tuning, translation): each batch's "
+        "examples end to end in one row without padding, positions restarting at each example "
+        "and no attention across examples (transformers' DataCollatorWithFlattening); false: "
+        "padded batches of similar length.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~20% slower."
     )
@@ -586,7 +601,25 @@ class EvaluationConfig(Section):
         "the task's first. text_classification: accuracy, macro_f1, weighted_f1; "
         "token_classification: entity_f1, entity_precision, entity_recall, token_accuracy.",
     )
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Rows scored together (generative task types: prompts generated together).",
+    )
+    max_new_tokens: int | Literal["auto"] = Field(
+        "auto",
+        description="Generative task types: the most tokens an answer may have at evaluation, "
+        "in predict and in the model server (written into the model's generation_config.json). "
+        "auto: the training answers' 99th percentile in tokens plus a quarter, at most "
+        "training.max_length.",
+    )
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive_new_tokens(cls, v: int | str) -> int | str:
+        if v != "auto" and int(v) < 1:
+            raise ValueError("max_new_tokens must be a positive number of tokens or auto")
+        return v
 
     @model_validator(mode="after")
     def _sizes(self) -> EvaluationConfig:

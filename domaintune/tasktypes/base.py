@@ -104,6 +104,8 @@ class TaskType(ABC):
     #: preprocess stats' ``truncated_share`` counts). False where nothing is lost: long
     #: texts become overlapping windows (NER, QA) or are packed into blocks (LM).
     cuts_long_texts: bool = True
+    #: The raw columns that make two examples the same (preprocess drops the later one).
+    duplicate_key: tuple[str, ...] = ("text",)
 
     def check_config(self, config: Any) -> None:
         """Raise ValueError naming the key when ``config`` (a RetrainConfig being validated)
@@ -251,9 +253,25 @@ class TaskType(ABC):
         labels: list[str],
         batch_size: int,
         settings: Any = None,
+        generation: Any = None,
+        on_batch: Any = None,
     ) -> tuple[dict[str, Any], pd.DataFrame]:
         """(metrics, per-example predictions) of ``model`` on a tokenized split;
-        ``settings``: the run's ``task`` section."""
+        ``settings``: the run's ``task`` section; ``generation``: how a generative task type
+        generates (domaintune.generation.GenerationSettings); ``on_batch(rows, tokens)``:
+        progress, where the task type reports it."""
+
+    def split_stats(self, ds: Any) -> dict[str, Any]:
+        """A tokenized split's figures of the task type's own for the preprocess stats (what
+        fitting examples into ``max_length`` cut, say); ``truncated_share`` here replaces
+        the generic count. Default: none."""
+        return {}
+
+    def padding_free_collator(self, tokenizer: Any) -> Any:
+        """A collator that packs a batch's examples into one row without padding, each
+        with its own positions (``training.padding_free``), or None where the task type
+        trains on padded batches."""
+        return None
 
     def pack(
         self, ds: Any, tokenizer: Any, settings: TokenizeSettings

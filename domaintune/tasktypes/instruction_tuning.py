@@ -19,13 +19,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from domaintune.chat import encode_conversation, fit_prompt
 from domaintune.errors import ModelError
+from domaintune.generation import GenerationSettings, generate_texts
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import SMOLLM2, TaskType, TokenizeSettings, require_columns
 
-MAX_NEW_TOKENS = 128
 #: ShareGPT's column of turns, read when data.messages_column is absent, and LLaMA-Factory's
 #: column of a conversation's system prompt beside it
+#: the columns tokenize adds about fitting an example into training.max_length
+_CUT_COLUMNS = ("prompt_cut", "answer_cut", "answer_tokens")
 CONVERSATIONS = "conversations"
 SYSTEM = "system"
 #: a turn's speaker (ShareGPT's ``from``, or ``role``), lower-cased -> its chat role; other
@@ -96,55 +99,11 @@ def messages_from_row(
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+def prompt_ids(tokenizer: Any, messages: list[dict], budget: int) -> list[int]:
     """The token ids of a conversation up to the assistant's next turn (the model's chat
-    template with its generation header): what the model answers."""
-    return list(
-        tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    )
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    batch_size: int,
-    on_batch: Any = None,
-) -> list[str]:
-    """Greedy answers (at most ``MAX_NEW_TOKENS``) to prompts of token ids, in their order;
-    batches of similar length, left-padded. ``on_batch(rows)`` after each batch."""
-    import torch
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.eval()
-    device = next(model.parameters()).device
-    order = np.argsort([len(p) for p in prompts], kind="stable")
-    outputs: list[str] = [""] * len(prompts)
-    with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            chunk = [prompts[i] for i in idx]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-            mask = torch.tensor(
-                [[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device
-            )
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=MAX_NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-            for i, text in zip(idx, texts, strict=True):
-                outputs[i] = text.strip()
-            if on_batch is not None:
-                on_batch(len(idx))
-    return outputs
+    template with its generation header), cut to at most ``budget`` tokens as training cuts
+    prompts (domaintune.chat): what the model answers."""
+    return fit_prompt(tokenizer, messages, budget)[0]
 
 
 def messages_error(messages: list[dict] | None) -> str:
@@ -176,6 +135,8 @@ class InstructionTuning(TaskType):
     model_columns = ("input_ids", "attention_mask", "labels")
     target_column = "reference"
     generative = True
+    #: the whole conversation: two answers to one prompt are two examples
+    duplicate_key = ("messages",)
 
     # -- ingest ---------------------------------------------------------------
     def map_columns(self, df: pd.DataFrame, config: Any, where: str) -> pd.DataFrame:
@@ -252,26 +213,39 @@ class InstructionTuning(TaskType):
     def tokenize(
         self, batch: dict[str, list], tokenizer: Any, settings: TokenizeSettings, labels: list[str]
     ) -> dict[str, list]:
-        max_length = settings.max_length
-        out: dict[str, list] = {
-            k: [] for k in ("input_ids", "attention_mask", "labels", "prompt_ids", "length")
-        }
+        """Each conversation fitted into ``max_length`` by domaintune.chat's rule (the
+        answer never cut to nothing, the prompt cut where it loses least), labels on the
+        assistant turns; which examples were cut and each answer's length in tokens (what
+        ``evaluation.max_new_tokens: auto`` is derived from) are kept beside them."""
+        keys = ("input_ids", "attention_mask", "labels", "length")
+        out: dict[str, list] = {k: [] for k in (*keys, *_CUT_COLUMNS)}
         for raw in batch["messages"]:
-            messages = json.loads(raw)
-            prompt = prompt_ids(tokenizer, messages[:-1])
-            full = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-            # the loss covers what follows the prompt (with its generation header): the answer
-            prompt_len = len(prompt)
-            ids = full[:max_length]
-            lab = [-100] * min(prompt_len, len(ids)) + ids[prompt_len:]
-            out["input_ids"].append(ids)
-            out["attention_mask"].append([1] * len(ids))
-            out["labels"].append(lab[: len(ids)])
-            out["prompt_ids"].append(prompt[-max_length:])
-            out["length"].append(len(ids))
+            enc = encode_conversation(tokenizer, json.loads(raw), settings.max_length)
+            out["input_ids"].append(enc.input_ids)
+            out["attention_mask"].append([1] * len(enc.input_ids))
+            out["labels"].append(enc.labels)
+            out["length"].append(len(enc.input_ids))
+            out["prompt_cut"].append(enc.prompt_cut)
+            out["answer_cut"].append(enc.answer_cut)
+            out["answer_tokens"].append(enc.answer_tokens)
         for k in ("messages", "text", "reference", "_row", "_source", "_example"):
             out[k] = batch[k]
         return out
+
+    def split_stats(self, ds: Any) -> dict[str, Any]:
+        """What fitting into ``max_length`` cut, and the answers' lengths in tokens."""
+        answers = np.asarray(ds["answer_tokens"], dtype=float)
+        prompt_cut = np.asarray(ds["prompt_cut"], dtype=bool)
+        answer_cut = np.asarray(ds["answer_cut"], dtype=bool)
+        return {
+            "truncated_share": float((prompt_cut | answer_cut).mean()),
+            "prompt_cut_share": float(prompt_cut.mean()),
+            "answer_cut_share": float(answer_cut.mean()),
+            "answer_tokens": {
+                q: int(np.percentile(answers, p))
+                for q, p in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))
+            },
+        }
 
     # -- train / evaluate ------------------------------------------------------
     def collator(self, tokenizer: Any, settings: Any = None) -> Any:
@@ -282,6 +256,16 @@ class InstructionTuning(TaskType):
         return DataCollatorForSeq2Seq(
             tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8
         )
+
+    def padding_free_collator(self, tokenizer: Any) -> Any:
+        """A batch's examples end to end in one row, positions restarting at each, with the
+        sequence boundaries for the attention kernels (no attention crosses examples:
+        domaintune.training.attention on CPU, FlashAttention-2 or a block-diagonal mask
+        elsewhere); an example's first label is -100, so no example learns the next one's
+        first token."""
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_flash_attn_kwargs=True)
 
     def metric_for_best_model(self, primary: str) -> tuple[str, bool]:
         return "loss", False  # generation metrics are computed after training, on the test split
@@ -310,13 +294,26 @@ class InstructionTuning(TaskType):
         labels: list[str],
         batch_size: int,
         settings: Any = None,
+        generation: GenerationSettings | None = None,
+        on_batch: Any = None,
     ) -> tuple[dict[str, Any], pd.DataFrame]:
+        """Greedy answers to the split's prompts (cut to ``generation.max_prompt_tokens`` by
+        training's rule), scored against the references; ``generation.prompts_cut``: the share
+        of prompts that were cut."""
         table = pd.read_parquet(
-            split_path, columns=["prompt_ids", "text", "reference", "_row", "_source"]
+            split_path, columns=["messages", "text", "reference", "_row", "_source"]
         )
-        prompts = [p.tolist() for p in table["prompt_ids"]]
-        outputs = generate(model, tokenizer, prompts, batch_size)
+        generation = generation or GenerationSettings(batch_size=batch_size)
+        prompts, cut = [], []
+        for raw in table["messages"]:
+            ids, was_cut, _ = fit_prompt(
+                tokenizer, json.loads(raw)[:-1], generation.max_prompt_tokens
+            )
+            prompts.append(ids)
+            cut.append(was_cut)
+        outputs = generate_texts(model, tokenizer, prompts, generation, on_batch)
         metrics = self.compute_metrics(outputs, table["reference"].tolist(), labels)
-        result = table.drop(columns=["prompt_ids"]).rename(columns={"text": "prompt"})
+        metrics["generation"] = {"prompts_cut": float(np.mean(cut)) if cut else 0.0}
+        result = table.drop(columns=["messages"]).rename(columns={"text": "prompt"})
         result["predicted"] = outputs
         return metrics, result.reset_index(drop=True)

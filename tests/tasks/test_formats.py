@@ -384,7 +384,7 @@ def test_tmx_pairs_become_translation_conversations(tmp_path, make_config, tiny_
     splits = preprocess(cfg, snap, store)  # instruction_tuning's tokenizing, inherited
     assert sum(s.label_counts["pairs"] for s in splits.splits.values()) == 12
     test = pd.read_parquet(splits.splits["test"].path)
-    assert {"prompt_ids", "labels", "reference"} <= set(test.columns)
+    assert {"messages", "labels", "reference", "answer_tokens"} <= set(test.columns)
 
 
 def test_language_columns_match_ignoring_case_and_region(tmp_path, make_config):

@@ -44,16 +44,42 @@ def test_prompt_tokens_are_masked_and_answers_learned(
     raw = ingest(cfg, store)
     assert raw.label_counts == {"conversations": 60}
     splits = preprocess(cfg, raw, store)
+    from domaintune.chat import render
+
     tok = AutoTokenizer.from_pretrained(tiny_causal_model)
     train = pd.read_parquet(splits.splits["train"].path)
     for _, r in train.head(5).iterrows():
-        ids, labels, prompt = list(r["input_ids"]), list(r["labels"]), list(r["prompt_ids"])
+        ids, labels = list(r["input_ids"]), list(r["labels"])
+        prompt = render(tok, json.loads(r["messages"])[:-1], generation_prompt=True)
         assert ids[: len(prompt)] == prompt, "the chat-template prompt starts the example"
         assert all(lab == -100 for lab in labels[: len(prompt)]), "no loss on the prompt"
         answer = tok.decode(
             [i for i, lab in zip(ids, labels, strict=True) if lab != -100], skip_special_tokens=True
         )
         assert answer.strip() == r["reference"]
+
+
+def test_two_answers_to_one_prompt_are_two_examples(tmp_path, make_config, rows, tiny_causal_model):
+    """Duplicates are whole examples (prompt and answer): a second answer to the same
+    prompt is kept, a repeated example is dropped; the split keeps one prompt's answers
+    together."""
+    base = examples(rows, 10)
+    again = dict(base[0])  # the same example twice
+    other = {**base[1], "output": "a different answer"}  # the same prompt, another answer
+    src = write_jsonl(tmp_path / "it.jsonl", [*base, again, other])
+    cfg = it_config(make_config, src, tiny_causal_model)
+    store = Store(cfg.store.root)
+    splits = preprocess(cfg, ingest(cfg, store), store)
+    assert splits.stats["dropped_duplicates"] == 1
+    parts = {n: pd.read_parquet(s.path) for n, s in splits.splits.items()}
+    with_prompt = [n for n, p in parts.items() for t in p["text"] if t == other_prompt(other)]
+    assert len(with_prompt) == 2 and len(set(with_prompt)) == 1
+    tokens = splits.stats["train_tokens"]
+    assert tokens["truncated_share"] == 0.0 and tokens["answer_tokens"]["max"] >= 2
+
+
+def other_prompt(example: dict) -> str:
+    return f"{example['instruction']}\n\n{example['input']}"
 
 
 def test_malformed_conversations_break_the_contract(tmp_path, make_config, rows, tiny_causal_model):
