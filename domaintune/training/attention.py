@@ -17,6 +17,7 @@ Saved model configs do not name the kernel: they load anywhere.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -36,6 +37,8 @@ def _cpu_attention(
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if kwargs.get("cu_seq_lens_q") is not None and query.device.type == "cpu":
+        return _packed_attention(module, query, key, value, dropout, **kwargs), None
     plain = (
         query.device.type != "cpu"
         or kwargs.get("position_bias") is not None
@@ -56,6 +59,48 @@ def _cpu_attention(
             module, query.float(), key.float(), value.float(), attention_mask, dropout, **kwargs
         )
     return out.to(dtype), weights
+
+
+def _packed_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: Any = None,
+    cu_seq_lens_k: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """Causal attention within each example of a padding-free batch (one row, examples end to
+    end, ``cu_seq_lens`` their boundaries): the fused SDPA kernel per example, in fp32, so no
+    token attends across examples and no (tokens x tokens) mask is computed. Returns
+    (batch, tokens, heads, head_dim) as attention functions do."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    dtype = query.dtype
+    q_bounds = [int(b) for b in cu_seq_lens_q.tolist()]
+    kv = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
+    kv_bounds = [int(b) for b in kv.tolist()]
+    groups = getattr(module, "num_key_value_groups", 1)
+    parts = []
+    with torch.autocast("cpu", enabled=False):
+        for (a, b), (c, d) in zip(
+            itertools.pairwise(q_bounds), itertools.pairwise(kv_bounds), strict=True
+        ):
+            q, k, v = (x.float() for x in (query[:, :, a:b], key[:, :, c:d], value[:, :, c:d]))
+            if dropout > 0:  # the math path, with the cheap CPU masks (it repeats k/v itself)
+                parts.append(
+                    _math_attention_with_cpu_dropout(module, q, k, v, None, dropout, scaling, True)
+                )
+                continue
+            if groups > 1:
+                k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+            parts.append(out.transpose(1, 2))
+    return torch.cat(parts, dim=1).to(dtype).contiguous()
 
 
 def _math_attention_with_cpu_dropout(

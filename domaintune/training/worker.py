@@ -205,6 +205,16 @@ def _strategy_trainer():
 
         training_config: Any = None
         group_report: list[dict[str, Any]] = []
+        #: a generative task: the output layer computes only the positions whose next
+        #: token is learned (the answers), not the prompts' (``answer_only_loss``)
+        answer_only_logits: bool = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.answer_only_logits or "labels" not in inputs or self.label_smoother:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs, scaled = answer_only_loss(model, inputs, num_items_in_batch)
+            self.loss_is_scaled_for_ga = scaled
+            return (loss, outputs) if return_outputs else loss
 
         def _run_epoch(self, *args, **kwargs):
             # Resumed from the checkpoint where training had already ended (the task was
@@ -238,6 +248,36 @@ def _strategy_trainer():
             return self.optimizer
 
     return StrategyTrainer
+
+
+def answer_only_loss(
+    model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+) -> tuple[Any, Any, bool]:
+    """(loss, outputs, whether the loss is already divided over the accumulated batch) of a
+    causal LM whose output layer runs only where a label is learned: the model's
+    ``logits_to_keep`` picks those positions (an SFT prompt's ~90% of the tokens skip the
+    vocabulary-sized matrix product, forward and backward). The loss is the same
+    token-mean cross-entropy as the model's own: summed, then divided by
+    ``num_items_in_batch`` (the learned tokens of the accumulated batch, as transformers
+    counts them) or, without it, by this batch's."""
+    import torch.nn.functional as F
+
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    keep = (targets != -100).any(0).nonzero().squeeze(-1)
+    outputs = model(**inputs, logits_to_keep=keep)
+    logits = outputs.logits
+    picked = targets[:, keep]
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)),
+        picked.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    if num_items_in_batch is None:
+        return loss / (picked != -100).sum().clamp(min=1), outputs, False
+    return loss / num_items_in_batch, outputs, True
 
 
 def _per_rank(info: dict[str, Any]) -> list[dict[str, Any]]:
@@ -290,9 +330,14 @@ def _peak_memory_mb() -> dict[str, float]:
 
 
 def training_arguments(
-    spec: WorkerSpec, launch: dict[str, Any], metric_name: str, greater: bool
+    spec: WorkerSpec,
+    launch: dict[str, Any],
+    metric_name: str,
+    greater: bool,
+    padding_free: bool = False,
 ) -> Any:
-    """The Trainer's arguments: every one from the spec's typed settings or the launch plan."""
+    """The Trainer's arguments: every one from the spec's typed settings or the launch plan
+    (``padding_free``: the batches are packed without padding)."""
     import torch
     from transformers import TrainingArguments
 
@@ -326,7 +371,8 @@ def training_arguments(
         # judged by the validation loss alone (causal LM): never gather full-vocabulary logits
         prediction_loss_only=metric_name == "loss",
         greater_is_better=greater,
-        train_sampling_strategy="group_by_length",  # less padding per batch
+        # padded batches: of similar length (less padding); padding-free ones: random
+        train_sampling_strategy="random" if padding_free else "group_by_length",
         length_column_name="length",
         report_to=[],
         disable_tqdm=True,
@@ -342,7 +388,8 @@ def training_arguments(
         label_smoothing_factor=training.label_smoothing,
         # the early-stopping counter (and other callback state) survives a resume
         restore_callback_states_from_checkpoint=True,
-        include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens only
+        # tokens/s counts real tokens only (a padding-free batch has no other kind)
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",
         activation_checkpointing=training.gradient_checkpointing,
         # non-reentrant: gradients also flow when the embeddings are frozen
         activation_checkpointing_kwargs={"use_reentrant": False}
@@ -480,6 +527,15 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
     if allocator and _rank() == 0:
         logging.getLogger(__name__).info("memory allocator: %s", allocator)
     model = prepare_model(spec)
+    answer_only = task.generative and _accepts_logits_to_keep(model)
+    if getattr(model.config, "use_cache", None):
+        # no key/value cache in training: it is never read, and a model that holds one
+        # builds no per-example attention mask for padding-free batches (transformers'
+        # packed-sequence detection); the saved model gets it back (_save_final)
+        model.config.use_cache = False
+        had_cache = True
+    else:
+        had_cache = False
     # before DeepSpeed initialises: what trains is decided here, once
     model, report = strategies.apply_strategy(model, training.strategy, spec.task_type)
     emit("strategy", **{k: v for k, v in report.items() if k != "components"})
@@ -491,7 +547,14 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
     }
     report["global_batch_size"] = launch["global_batch_size"]
     _single_process_without_ddp(spec)
-    args = training_arguments(spec, launch, metric_name, greater)
+    flat = task.padding_free_collator(tokenizer) if training.padding_free else None
+    args = training_arguments(spec, launch, metric_name, greater, padding_free=flat is not None)
+    if _rank() == 0:
+        logging.getLogger(__name__).info(
+            "batches: %s%s",
+            "padding-free (examples end to end, positions per example)" if flat else "padded",
+            "; output layer on answer positions only" if answer_only else "",
+        )
 
     seen: dict[str, Any] = {}
     callbacks = _callbacks(report, seen, to_store=spec.checkpoints_to_store)
@@ -501,12 +564,13 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
         )
     trainer_cls = _strategy_trainer()
     trainer_cls.training_config = training
+    trainer_cls.answer_only_logits = answer_only
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=task.collator(tokenizer, spec.task),
+        data_collator=flat or task.collator(tokenizer, spec.task),
         compute_metrics=None
         if args.prediction_loss_only
         else (lambda eval_pred: task.trainer_metrics(eval_pred, spec.labels)),
@@ -519,6 +583,8 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
     # every rank (a collective), before the model is saved: what each held and where it ran
     ranks = _per_rank(_rank_info(trainer.model, trainer.optimizer, allocator))
 
+    if had_cache:
+        trainer.model.config.use_cache = True
     _save_final(trainer, spec, tokenizer)
     if trainer.is_world_process_zero():
         summary = _training_summary(
@@ -534,6 +600,16 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
             best_metric=trainer.state.best_metric,
             train_seconds=round(seconds, 2),
         )
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the model's forward can compute its output layer on chosen positions."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def watch_task_process(interval: float = 1.0) -> Callable[[], None]:
