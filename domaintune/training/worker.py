@@ -459,6 +459,7 @@ def _training_summary(
     metric_name: str,
     allocator: str | None,
     ranks: list[dict[str, Any]],
+    batches: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
     """What the run did, for the finetune task: steps, best metric, throughput, memory,
     what trained and what the saved model must hold (``training_summary.json``)."""
@@ -491,6 +492,8 @@ def _training_summary(
         "attention": getattr(getattr(trainer.model, "config", None), "_attn_implementation", None),
         "allocator": allocator,
         "gradient_checkpointing": training.gradient_checkpointing,
+        # padding-free batches; the output layer on answer positions only
+        **(batches or {}),
         "torch_compile": training.torch_compile,
         # what the saved model must hold: the parent checks the files against it
         "exported_parameters": report["total_parameters"],
@@ -590,6 +593,7 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
         summary = _training_summary(
             trainer, result, spec, report=report, seen=seen, launch=launch, seconds=seconds,
             metric_name=metric_name, allocator=allocator, ranks=ranks,
+            batches={"padding_free": flat is not None, "answer_only_logits": answer_only},
         )  # fmt: skip
         (Path(spec.final_dir) / "training_summary.json").write_text(
             json.dumps(summary, indent=2, default=float)
