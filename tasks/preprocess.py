@@ -70,10 +70,12 @@ class HeldOut(NamedTuple):
 
 
 def _split_settings(config: RetrainConfig) -> dict[str, Any]:
+    limit = config.evaluation.max_test_rows
     return {
         "seed": config.training.seed,
         "test_size": config.evaluation.test_size,
         "val_size": config.evaluation.val_size,
+        **({"max_test_rows": limit} if limit else {}),
     }
 
 
@@ -122,6 +124,16 @@ def split_frame(
         s: pd.concat(p).sort_values("_order").drop(columns="_order").reset_index(drop=True)
         for s, p in parts.items()
     }
+
+
+def sample_rows(part: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
+    """``limit`` rows of a split, the same ones every run: those whose seeded text hash
+    comes first (as the split orders them), so adding data changes the sample little."""
+    order = part["text"].map(
+        lambda t: hashlib.sha256(f"{seed}\x1ftest\x1f{t}".encode()).hexdigest()
+    )
+    keep = order.sort_values(kind="stable").index[:limit]
+    return part.loc[sorted(keep)].reset_index(drop=True)
 
 
 def _num_proc(setting: int | str, rows: int) -> int:
@@ -247,6 +259,10 @@ def split_parts(
             config.evaluation.val_size,
             config.training.seed,
         )
+    limit = config.evaluation.max_test_rows
+    if limit and len(parts["test"]) > limit:
+        stats["test_rows_before_sampling"] = len(parts["test"])
+        parts["test"] = sample_rows(parts["test"], limit, config.training.seed)
     for name, part in parts.items():
         if part.empty:
             raise DataError(

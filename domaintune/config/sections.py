@@ -606,6 +606,14 @@ class EvaluationConfig(Section):
         ge=1,
         description="Rows scored together (generative task types: prompts generated together).",
     )
+    max_test_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Score on at most this many test rows: a seeded sample, the same rows every "
+        "run (for generative task types, whose evaluation generates every answer of the base "
+        "and the fine-tuned model: hours for thousands of long answers on a CPU). The rows left "
+        "out are not trained on. null: the whole test split.",
+    )
     max_new_tokens: int | Literal["auto"] = Field(
         "auto",
         description="Generative task types: the most tokens an answer may have at evaluation, "
