@@ -7,10 +7,11 @@ Contexts longer than ``training.max_length`` are cut into overlapping windows
 the answer is trained to point at the first token (no answer here), as is an unanswerable
 question (``task.allow_unanswerable``). At evaluation and in ``domaintune predict`` the best
 valid span over all windows wins (start and end inside the context, end not before start, at
-most ``MAX_ANSWER_TOKENS`` long; ``best_answers``); a model trained with unanswerable
-questions answers "no answer" when the first token's score beats the best span (SQuAD 2.0's
-rule). Metrics are SQuAD's exact match and token F1, implemented
-here (``evaluate.load`` needs a hub), taking the best over the gold answers.
+most ``task.max_answer_tokens`` long, SQuAD's ``MAX_ANSWER_TOKENS`` = 30 by default;
+``best_answers``); a model trained with unanswerable questions answers "no answer" when the
+first token's score beats the best span (SQuAD 2.0's rule). Metrics are SQuAD's exact match
+and token F1, implemented here (``evaluate.load`` needs a hub), taking the best over the gold
+answers.
 """
 
 from __future__ import annotations
@@ -98,12 +99,14 @@ def best_answers(
     offsets: Iterable[Any],
     logits: Iterable[np.ndarray],
     allow_unanswerable: bool = False,
+    max_answer_tokens: int = MAX_ANSWER_TOKENS,
 ) -> dict[int, Answer]:
     """The answer to each example from its windows (``logits``: tokens x (start, end) per
     window; ``offsets``: character offsets, negative outside the context). The span with the
     highest start + end logit wins; with ``allow_unanswerable`` the first token's (what
     training points unanswerable questions at; its lowest score over the example's windows)
-    wins over a lower span: "no answer". An example with no valid span answers nothing."""
+    wins over a lower span: "no answer". A span is at most ``max_answer_tokens`` long. An
+    example with no valid span answers nothing."""
     best: dict[int, tuple[float, Answer]] = {}
     null: dict[int, tuple[float, float]] = {}
     for example, context, offs, lg in zip(examples, contexts, offsets, logits, strict=True):
@@ -117,7 +120,7 @@ def best_answers(
                 null[example] = (score, float(np.exp(log_start[0] + log_end[0])))
         for a in np.argsort(st)[::-1][:N_BEST]:
             for b in np.argsort(en)[::-1][:N_BEST]:
-                if offs[a][0] < 0 or offs[b][0] < 0 or b < a or b - a + 1 > MAX_ANSWER_TOKENS:
+                if offs[a][0] < 0 or offs[b][0] < 0 or b < a or b - a + 1 > max_answer_tokens:
                     continue
                 score = float(st[a] + en[b])
                 if example not in best or score > best[example][0]:
@@ -307,8 +310,14 @@ class QuestionAnswering(TaskType):
 
     # -- train / evaluate ------------------------------------------------------
     def scoring_settings(self, settings: Any) -> dict[str, Any] | None:
-        """Whether "no answer" may win (``best_answers``); None for the default rule."""
-        return {"allow_unanswerable": True} if settings.allow_unanswerable else None
+        """Whether "no answer" may win and the longest span (``best_answers``); None for the
+        defaults (so evaluation keys made before ``max_answer_tokens`` existed still hold)."""
+        out: dict[str, Any] = {}
+        if settings.allow_unanswerable:
+            out["allow_unanswerable"] = True
+        if settings.max_answer_tokens != MAX_ANSWER_TOKENS:
+            out["max_answer_tokens"] = settings.max_answer_tokens
+        return out or None
 
     def collator(self, tokenizer: Any, settings: Any = None) -> Any:
         from transformers import DataCollatorWithPadding
@@ -357,6 +366,7 @@ class QuestionAnswering(TaskType):
             windows["offsets"],
             logits,
             bool(getattr(settings, "allow_unanswerable", False)),
+            int(getattr(settings, "max_answer_tokens", MAX_ANSWER_TOKENS)),
         )
         examples = windows.drop_duplicates("_example").sort_values("_example")
         preds, refs = [], []

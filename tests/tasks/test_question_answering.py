@@ -132,3 +132,30 @@ def test_no_answer_wins_only_where_the_model_was_trained_for_it():
     assert found[0].text == "Anna Berg" and 0 < found[0].score <= 1
     # a question no window can answer
     assert best_answers([3], [""], [[[-1, -1]] * 5], [span], False) == {}
+
+
+def test_max_answer_tokens_caps_the_span_and_keys_the_scoring():
+    """A long gold span is out of reach at SQuAD's 30-token cap and found with a higher
+    task.max_answer_tokens; the setting is in the evaluation key only when it is not 30."""
+    from domaintune.config import TaskConfig
+    from domaintune.tasktypes import get_task_type
+
+    words = [f"w{i}" for i in range(40)]
+    context = " ".join(words)
+    offsets, at = [[-1, -1]], 0
+    for w in words:
+        offsets.append([at, at + len(w)])
+        at += len(w) + 1
+    logits = np.full((41, 2), -5.0)
+    logits[1, 0], logits[40, 1] = 6.0, 6.0  # the whole 40-word context: 12
+    logits[1, 1] = 1.0  # the best span of at most 30 tokens: "w0" (7)
+    assert best_answers([0], [context], [offsets], [logits])[0].text == "w0"
+    found = best_answers([0], [context], [offsets], [logits], max_answer_tokens=40)
+    assert found[0].text == context and (found[0].start, found[0].end) == (0, len(context))
+
+    qa = get_task_type("question_answering")
+    assert qa.scoring_settings(TaskConfig(type="question_answering")) is None
+    longer = TaskConfig(type="question_answering", max_answer_tokens=64)
+    assert qa.scoring_settings(longer) == {"max_answer_tokens": 64}
+    with pytest.raises(ValueError, match="max_answer_tokens"):
+        TaskConfig(type="question_answering", max_answer_tokens=0)
