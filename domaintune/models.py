@@ -80,8 +80,12 @@ TOKENIZER_FILES = [
     "sentencepiece.bpe.model",
     "tokenizer.model",
     "added_tokens.json",
+    # transformers 5 saves a tokenizer's chat template here, not in tokenizer_config.json:
+    # for chat task types it decides the tokens as much as the vocabulary does
+    "chat_template.jinja",
+    "chat_template.json",
 ]
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".gguf", ".jinja")
 #: files that say how a folder was made, not what the model is: the store's completion
 #: marker (its time differs per write) and the records of a GGUF conversion or an unpacking
 NOT_MODEL_FILES = frozenset({"README.md", MARKER, "conversion.json", "unpacked.json"})

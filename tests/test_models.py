@@ -14,6 +14,14 @@ def test_local_folder_resolves_and_fingerprints_by_content(tiny_model, tmp_path)
     (copy / "config.json").write_text((copy / "config.json").read_text().replace("0.1", "0.2"))
     assert resolve_model(str(copy)).fingerprint() != m.fingerprint()
     assert resolve_model(str(copy)).tokenizer_fingerprint() == m.tokenizer_fingerprint()
+    # the chat template (transformers 5 saves it as chat_template.jinja) decides the tokens
+    (copy / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    templated = resolve_model(str(copy))
+    tok_fp, model_fp = templated.tokenizer_fingerprint(), templated.fingerprint()
+    assert tok_fp != m.tokenizer_fingerprint()
+    (copy / "chat_template.jinja").write_text("{{ messages[-1]['content'] }}")
+    assert resolve_model(str(copy)).tokenizer_fingerprint() != tok_fp
+    assert resolve_model(str(copy)).fingerprint() != model_fp
 
 
 def test_packaged_hub_id_resolves_to_the_installed_package():
