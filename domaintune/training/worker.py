@@ -541,6 +541,10 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
         had_cache = False
     # before DeepSpeed initialises: what trains is decided here, once
     model, report = strategies.apply_strategy(model, training.strategy, spec.task_type)
+    if not _on_gpu():  # the adapters' own dropout too (LoRA adds one per adapted layer)
+        from domaintune.training.dropout import use_cpu_dropout
+
+        use_cpu_dropout(model)
     emit("strategy", **{k: v for k, v in report.items() if k != "components"})
     train_ds, eval_ds = _datasets(spec, task)
     metric_name, greater = task.metric_for_best_model(spec.primary_metric)
@@ -604,6 +608,12 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
             best_metric=trainer.state.best_metric,
             train_seconds=round(seconds, 2),
         )
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
