@@ -97,3 +97,18 @@ def test_truncated_share_counts_cut_texts_only(tmp_path, make_config, rows):
     _, cut = _splits(tmp_path, make_config, rows, training={"max_length": 8})
     assert short.stats["train_tokens"]["truncated_share"] == 0.0
     assert cut.stats["train_tokens"]["truncated_share"] == 1.0
+
+
+def test_max_test_rows_scores_the_same_sample_every_run(tmp_path, make_config, rows):
+    """evaluation.max_test_rows: a seeded sample of the test split, stable when data grows;
+    the rows left out are trained on nowhere."""
+    cfg, full = _splits(tmp_path, make_config, rows)
+    everything = {n: set(pd.read_parquet(s.path)["text"]) for n, s in full.splits.items()}
+    _, sampled = _splits(tmp_path, make_config, rows, evaluation={"max_test_rows": 4})
+    test = set(pd.read_parquet(sampled.splits["test"].path)["text"])
+    assert len(test) == 4 and test <= everything["test"]
+    assert sampled.stats["test_rows_before_sampling"] == len(everything["test"])
+    assert set(pd.read_parquet(sampled.splits["train"].path)["text"]) == everything["train"]
+    _, again = _splits(tmp_path, make_config, rows, evaluation={"max_test_rows": 4})
+    assert set(pd.read_parquet(again.splits["test"].path)["text"]) == test
+    assert again.key == sampled.key != full.key
