@@ -12,6 +12,7 @@ ends). The answers are identical to ``model.generate``'s greedy ones (tested).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -99,6 +100,31 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def cast_for_generation(model: Any, precision: str) -> Any:
+    """Under bf16 autocast on a CPU: the linear layers' weights cast to bf16 once, not on every
+    decoding step. Autocast rounds them to bf16 for each product anyway (the same rounding), so
+    the answers are identical (tested) and SmolLM2-135M generates 1.2x faster (416 vs 348
+    tokens/s, 64 answers in batches of 64). A tied output layer gets a bf16 copy of its own, so
+    the input embeddings stay fp32 as autocast keeps them. In place; returns ``model``."""
+    import torch
+
+    if precision != "bf16" or next(model.parameters()).device.type != "cpu":
+        return model
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            module.to(torch.bfloat16)
+    if head is not None and isinstance(head, torch.nn.Linear):
+        head.weight = torch.nn.Parameter(
+            head.weight.detach().to(torch.bfloat16), requires_grad=False
+        )
+        if head.bias is not None:
+            head.bias = torch.nn.Parameter(
+                head.bias.detach().to(torch.bfloat16), requires_grad=False
+            )
+    return model
+
+
 def _accepts(model: Any, name: str) -> bool:
     try:
         params = inspect.signature(model.forward).parameters
@@ -139,13 +165,73 @@ def generate_ids(
     return out
 
 
+def preallocated_cache(model: Any, capacity: int) -> Any:
+    """transformers' dynamic key/value cache whose full-attention layers keep their keys and
+    values in buffers of ``capacity`` positions, written in place. The dynamic layer appends
+    with ``torch.cat``, copying the whole cache of every layer at every step: half the time
+    of a decoding step (64 rows, SmolLM2-135M). Sliding-window layers stay as they are."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    layer_class = _preallocated_layer_class()
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = layer_class
+            layer.capacity = capacity
+    return cache
+
+
+@functools.cache
+def _preallocated_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A DynamicLayer over preallocated buffers (see :func:`preallocated_cache`); keys
+        and values keep the dtypes they come in."""
+
+        capacity = 0
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self._length = 0
+                self._buffers = tuple(
+                    x.new_empty(*x.shape[:2], max(self.capacity, x.shape[2]), x.shape[3])
+                    for x in (key_states, value_states)
+                )
+            end = self._length + key_states.shape[-2]
+            if end > self._buffers[0].shape[2]:  # more than planned: grow by doubling
+                self._buffers = tuple(self._grown(b, 2 * end) for b in self._buffers)
+            self._buffers[0][:, :, self._length : end] = key_states
+            self._buffers[1][:, :, self._length : end] = value_states
+            self._length = end
+            self.keys, self.values = (b[:, :, :end] for b in self._buffers)
+            return self.keys, self.values
+
+        def _grown(self, buffer: Any, size: int) -> Any:
+            grown = buffer.new_empty(*buffer.shape[:2], size, buffer.shape[3])
+            grown[:, :, : self._length] = buffer[:, :, : self._length]
+            return grown
+
+        def reorder_cache(self, beam_idx: Any) -> None:
+            self.batch_select_indices(beam_idx)
+
+        def batch_select_indices(self, indices: Any) -> None:
+            if not self.is_initialized:
+                return
+            self._buffers = tuple(b.index_select(0, indices.to(b.device)) for b in self._buffers)
+            self.keys, self.values = (b[:, :, : self._length] for b in self._buffers)
+
+    return PreallocatedLayer
+
+
 def _generate_batch(
     model: Any, chunk: list[list[int]], pad_id: int, stops: Any, max_new_tokens: int, device: Any
 ) -> list[list[int]]:
     """One batch: prefill, then one token per step; finished rows leave the batch and the
     cache."""
     import torch
-    from transformers import DynamicCache
 
     width = max(len(p) for p in chunk)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
@@ -156,7 +242,7 @@ def _generate_batch(
         extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     if _accepts(model, "logits_to_keep"):
         extra["logits_to_keep"] = 1  # the prompt's last position only
-    cache = DynamicCache(config=model.config)
+    cache = preallocated_cache(model, width + max_new_tokens)
     logits = model(
         input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **extra
     ).logits

@@ -636,7 +636,7 @@ def _generate_answers(
     """``table`` with ``generated``: the model's greedy answer to each conversation, rendered
     with its chat template and cut to fit as training cut prompts (domaintune.chat), generated
     as its evaluation generated."""
-    from domaintune.generation import generate_texts
+    from domaintune.generation import cast_for_generation, generate_texts
     from domaintune.tasks.evaluate import autocast_for
     from domaintune.tasktypes.instruction_tuning import prompt_ids
 
@@ -646,6 +646,7 @@ def _generate_answers(
             f"{model.reference}: the model's tokenizer has no chat template; rule: "
             f"{model.task_type} prompts are rendered with it"
         )
+    cast_for_generation(net, precision)  # as evaluation generates
     settings = generation_settings(model)
     prompts, empty = [], []
     for i, messages in enumerate(conversations):

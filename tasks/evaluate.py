@@ -19,7 +19,7 @@ import pandas as pd
 
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj
-from domaintune.generation import GenerationSettings
+from domaintune.generation import GenerationSettings, cast_for_generation
 from domaintune.manifests import EvaluationReport, ModelArtifact, SplitManifest, scalar_metrics
 from domaintune.models import resolve_config_model, resolve_model
 from domaintune.redaction import redact, redact_obj
@@ -186,6 +186,7 @@ def _score(
     if task.generative:
         from domaintune.progress import Progress
 
+        cast_for_generation(model, precision)  # the same answers, fewer casts per step
         what = f"evaluate: {who} generates"
         progress = Progress(test.rows, what, unit="answers", logger=log)
         extra = {

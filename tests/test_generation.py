@@ -97,3 +97,28 @@ def test_max_new_tokens_auto_leaves_room_for_the_training_answers():
     assert auto_max_new_tokens({"p99": 20}, 256) == 32  # 1.25 x 20, rounded up to 8
     assert auto_max_new_tokens({"p99": 400}, 384) == 384  # never more than max_length
     assert auto_max_new_tokens(None, 512) == 128  # lengths unknown
+
+
+def test_bf16_weights_cast_once_give_autocasts_answers(tiny_causal_model):
+    """Generation under bf16 autocast with the linear weights cast to bf16 beforehand (not on
+    every step): the same answers; the input embeddings stay fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domaintune.generation import cast_for_generation
+
+    tok = AutoTokenizer.from_pretrained(tiny_causal_model)
+    ps = prompts(tok)
+    answers = []
+    for cast in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_causal_model).eval()
+        if cast:
+            cast_for_generation(model, "bf16")
+            assert model.get_input_embeddings().weight.dtype == torch.float32
+            assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            answers.append(
+                generate_ids(model, ps, pad_id=tok.pad_token_id, stop_ids=stop_token_ids(tok),
+                             max_new_tokens=16, batch_size=3)  # fmt: skip
+            )
+    assert answers[0] == answers[1]

@@ -222,3 +222,27 @@ def test_a_dropped_nan_stays_nan_as_with_torchs_dropout():
     x = torch.full((64, 64), float("nan"))
     y = dropout(x, 0.5)
     assert torch.isnan(y).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_against_a_cache_is_sdpa_without_repeating_the_cache(dtype):
+    """Generation's decode step: query heads grouped by their shared key/value head (GQA),
+    left padding masked, the result of SDPA on the repeated cache."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, cached, dim = 5, 6, 2, 17, 8
+    q = torch.randn(batch, heads, 1, dim).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, cached, dim).to(dtype) for _ in range(2))
+    mask = torch.ones(batch, 1, 1, cached, dtype=torch.bool)
+    mask[1, ..., :4] = mask[3, ..., :9] = False  # left padding
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    out, _ = _cpu_attention(module, q, k, v, mask, scaling=dim**-0.5)
+    repeat = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(),
+        k.float().repeat_interleave(repeat, dim=1),
+        v.float().repeat_interleave(repeat, dim=1),
+        attn_mask=mask,
+        scale=dim**-0.5,
+    ).transpose(1, 2)
+    assert out.shape == (batch, 1, heads, dim) and out.dtype == dtype
+    assert torch.allclose(out.float(), expected, atol=1e-6 if dtype == torch.float32 else 1e-2)
