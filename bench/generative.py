@@ -79,13 +79,27 @@ def run_case(name: str, work: Path, overrides: list[str]) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - t0
     (work / f"{name}.log").write_text(proc.stdout + "\n" + proc.stderr)
-    try:
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
+    out = parse_run(proc.stdout)
+    if out is None:
         return {
             "case": name,
             "error": f"no JSON result (exit {proc.returncode}); {work / name}.log",
         }
+    return summarize(name, out, seconds)
+
+
+def parse_run(stdout: str) -> dict[str, Any] | None:
+    """The JSON object ``domaintune run --json`` printed (indented, on stdout)."""
+    start = stdout.find("{")
+    try:
+        return json.loads(stdout[start:]) if start >= 0 else None
+    except ValueError:
+        return None
+
+
+def summarize(name: str, out: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One row of the table from a run's JSON result."""
+    config, metric, floor, gain_goal, note = CASES[name]
     if out.get("status") != "completed":
         return {"case": name, "error": out.get("error", "failed"), "seconds": seconds}
     m = out["metrics"]
