@@ -24,7 +24,8 @@ class Progress:
         self.log = logger or log
         self.done = self.tokens = 0
         self.t0 = self.last_line = time.time()
-        self.next_share = 0.1
+        self.next_tenth = 1  # the next line at this many tenths done
+        self.logged = -1  # ``done`` at the last log line
         self.bar = None
         self.artifact_id: Any = None
         if sys.stderr.isatty():
@@ -61,18 +62,22 @@ class Progress:
             if tokens:
                 self.bar.set_postfix(tokens_per_s=f"{self.tokens / max(self.seconds, 1e-9):.1f}")
         share = self.done / self.total if self.total else 1.0
+        tenths = 10 * self.done // self.total if self.total else 10
         now = time.time()
-        if share >= self.next_share or now - self.last_line >= LINE_EVERY_SECONDS:
+        if tenths >= self.next_tenth or now - self.last_line >= LINE_EVERY_SECONDS:
             if self.bar is None:
                 self.log.info("%s", self.describe())
+                self.logged = self.done
             self.last_line = now
-            while self.next_share <= share:
-                self.next_share += 0.1
+            self.next_tenth = max(self.next_tenth, tenths + 1)
             self._artifact(share)
 
     def close(self) -> None:
+        """The bar closed; the final line logged unless the last line was final."""
         if self.bar is not None:
             self.bar.close()
+        if self.logged != self.done:
+            self.log.info("%s", self.describe())
         self._artifact(1.0)
 
     def _artifact(self, share: float) -> None:

@@ -205,7 +205,6 @@ def _score(
         )
     if progress is not None:
         progress.close()
-        log.info("%s", progress.describe())
         metrics["generation"] = {
             **metrics.get("generation", {}),
             **extra["generation"].key(),
