@@ -122,20 +122,31 @@ def _packed_attention(
     kv = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
     kv_bounds = [int(b) for b in kv.tolist()]
     groups = getattr(module, "num_key_value_groups", 1)
+    window = kwargs.get("sliding_window")  # a local layer (Gemma 3: 512) sees that far back
     parts = []
     with torch.autocast("cpu", enabled=False):
         for (a, b), (c, d) in zip(
             itertools.pairwise(q_bounds), itertools.pairwise(kv_bounds), strict=True
         ):
             q, k, v = (x.float() for x in (query[:, :, a:b], key[:, :, c:d], value[:, :, c:d]))
+            band = None
+            if window and d - c > window:  # causal and within the window, as transformers masks
+                pos_q = torch.arange(d - c - (b - a), d - c, device=q.device)[:, None]
+                pos_k = torch.arange(d - c, device=q.device)[None, :]
+                band = (pos_k <= pos_q) & (pos_k > pos_q - window)
             if dropout > 0:  # the math path, with the cheap CPU masks (it repeats k/v itself)
                 parts.append(
-                    _math_attention_with_cpu_dropout(module, q, k, v, None, dropout, scaling, True)
+                    _math_attention_with_cpu_dropout(
+                        module, q, k, v, band, dropout, scaling, band is None
+                    )
                 )
                 continue
             if groups > 1:
                 k, v = repeat_kv(k, groups), repeat_kv(v, groups)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+            if band is not None:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=scaling)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
             parts.append(out.transpose(1, 2))
     return torch.cat(parts, dim=1).to(dtype).contiguous()
 

@@ -97,3 +97,36 @@ def test_the_answer_only_output_layer_gives_the_models_loss_and_gradients(tiny):
     # over an accumulated batch: divided by its learned tokens, as transformers does
     loss, _, scaled = answer_only_loss(model, batch, num_items_in_batch=2 * learned)
     assert scaled and torch.allclose(loss, full / 2, atol=1e-6)
+
+
+def test_a_sliding_window_layer_sees_as_far_back_packed_as_alone(tiny):
+    """Gemma 3's local layers attend to the last ``sliding_window`` tokens only: packed, an
+    example longer than the window gets the banded mask transformers gives it alone."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from domaintune.training.attention import CPU_ATTENTION
+
+    tok = tiny[0]
+    config = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=tok.pad_token_id or 0,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=CPU_ATTENTION).eval()
+    encoded = examples(tok)
+    assert max(len(e.input_ids) for e in encoded) > 4 * config.sliding_window
+    batch = packed_batch(tok, encoded)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"],
+                       max_length_q=batch["max_length_q"], max_length_k=batch["max_length_k"],
+                       use_cache=False).logits[0]  # fmt: skip
+        assert torch.allclose(packed, alone(model, encoded), atol=1e-5)
