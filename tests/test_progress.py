@@ -14,7 +14,9 @@ def test_lines_every_tenth_and_final_once(caplog):
         progress.close()
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 10, lines
-    assert lines[-1].startswith("evaluate: base model generates: 20 of 20 answers (100%), 70 tokens")
+    assert lines[-1].startswith(
+        "evaluate: base model generates: 20 of 20 answers (100%), 70 tokens"
+    )
     assert sum("20 of 20" in line for line in lines) == 1
 
 
