@@ -29,7 +29,7 @@ from domaintune.manifests import (
     SplitManifest,
     scalar_metrics,
 )
-from domaintune.models import PACKAGED_MODELS
+from domaintune.models import MODEL_TERMS, PACKAGED_MODELS
 from domaintune.redaction import redact, redact_obj
 from domaintune.tasktypes import get_task_type
 
@@ -84,8 +84,10 @@ def write_model_card(
     ]
     chain = lineage.get("stages") or []  # a multi-stage recipe starts from its first base
     origin = chain[0]["base_model"]["name"] if chain else model.base_model
+    terms = MODEL_TERMS.get(hub_name(origin))
     data = ModelCardData(
         base_model=hub_name(origin),
+        license=terms.license if terms else None,
         pipeline_tag=pipeline_tag,
         library_name="transformers",
         datasets=data_ids,
@@ -101,12 +103,17 @@ def write_model_card(
         *_lineage(lineage),
         _loading(Path(folder), task, model, registration).rstrip(),
         *_limitations(config, splits, doc),
+        *(["", "## Licence", "", terms.duties] if terms else []),
     ]
     body = "\n".join(lines) + "\n"
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     path = Path(folder) / CARD
     path.unlink(missing_ok=True)  # a file there may be a hard link into the finetune entry
     path.write_text(redact(str(card)))
+    if terms:  # the base model's terms ask for this file beside every copy
+        notice = Path(folder) / "NOTICE"
+        notice.unlink(missing_ok=True)
+        notice.write_text(terms.notice + "\n")
     return path
 
 

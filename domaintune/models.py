@@ -66,6 +66,31 @@ PACKAGED_MODELS: dict[str, str | SplitZip | SplitFile] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
+
+
+@dataclass(frozen=True)
+class ModelTerms:
+    """Terms a base model's licence passes on to its fine-tuned copies: the card's
+    ``license`` id, the ``NOTICE`` file's text, and what the card tells its reader."""
+
+    license: str
+    notice: str
+    duties: str
+
+
+#: Base models whose terms follow every fine-tuned copy (hub id as the card names it).
+MODEL_TERMS: dict[str, ModelTerms] = {
+    "google/gemma-3-270m": ModelTerms(
+        license="gemma",
+        notice="Gemma is provided under and subject to the Gemma Terms of Use found at "
+        "ai.google.dev/gemma/terms",
+        duties="This model is a Model Derivative of Gemma. Whoever distributes it, or offers "
+        "it as a hosted service, must make the use restrictions of Gemma's Prohibited Use "
+        "Policy enforceable in their own terms and tell recipients of them, give recipients "
+        "a copy of the Gemma Terms of Use, mark modified files, and ship the `NOTICE` file "
+        "beside this card (ai.google.dev/gemma/terms).",
+    ),
+}
 #: Context length given to converted GGUF tokenizers that do not declare one.
 GGUF_MAX_LENGTH = 8192
 

@@ -283,3 +283,22 @@ def assert_registered_card(
     assert card.data.library_name == "transformers"
     getattr(transformers, auto_model).from_pretrained(version_dir / "model")
     transformers.AutoTokenizer.from_pretrained(version_dir / "model")
+
+
+def test_a_gemma_derivative_carries_the_terms_and_the_notice(tmp_path):
+    """Gemma's Terms of Use follow a fine-tuned copy: the card says so (``license: gemma``
+    and what a distributor must do) and a ``NOTICE`` file ships beside it."""
+    config, raw, splits, model, evaluation, registration, lineage = _manifests(tmp_path, None)
+    model = model.model_copy(update={"base_model": "google/gemma-3-270m"})
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    card = ModelCard.load(
+        write_model_card(folder, config, raw, splits, model, evaluation, registration, lineage)
+    )
+    assert card.data.license == "gemma" and card.data.base_model == "google/gemma-3-270m"
+    assert "## Licence" in card.text and "Model Derivative of Gemma" in card.text
+    assert (folder / "NOTICE").read_text() == (
+        "Gemma is provided under and subject to the Gemma Terms of Use found at "
+        "ai.google.dev/gemma/terms\n"
+    )
