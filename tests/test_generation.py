@@ -118,7 +118,13 @@ def test_bf16_weights_cast_once_give_autocasts_answers(tiny_causal_model):
             assert model.get_output_embeddings().weight.dtype == torch.bfloat16
         with torch.autocast("cpu", dtype=torch.bfloat16):
             answers.append(
-                generate_ids(model, ps, pad_id=tok.pad_token_id, stop_ids=stop_token_ids(tok),
-                             max_new_tokens=16, batch_size=3)  # fmt: skip
+                generate_ids(
+                    model,
+                    ps,
+                    pad_id=tok.pad_token_id,
+                    stop_ids=stop_token_ids(tok),
+                    max_new_tokens=16,
+                    batch_size=3,
+                )  # fmt: skip
             )
     assert answers[0] == answers[1]
