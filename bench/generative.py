@@ -12,13 +12,16 @@ gain, the goal of issue 29 for that kind and whether it is met, and the wall tim
     python bench/generative.py --set training.max_steps=20 --cases support   # a quick look
 
 Before the cases it measures generation speed on the base model (SmolLM2-135M-Instruct) as
-evaluation loads it, on the support-answer prompts, all in the run's precision (bf16 autocast
-where the CPU has bf16): plain ``model.generate`` on the model as transformers loads it
-(its default SDPA attention; batched, left padded) with the evaluate stage's settings before
-issue 29 (batches of 16, a fixed 128 new tokens) and with this run's settings, and
-``domaintune.generation`` as the evaluate stage now runs it (finished rows leave the batch,
-one-token attention against the cache without repeating it per head, linear weights cast to
-bf16 once). Generated tokens / second of wall time, same prompts, same process.
+evaluation loads it, on two workloads: the issue's own (200 BBC news paragraphs -> a
+headline, at most 128 new tokens: the base model often runs to the cap) and the support
+config's 120 test requests (answers up to 256 tokens), all in the run's precision (bf16
+autocast where the CPU has bf16): plain ``model.generate`` on the model as transformers loads
+it (its default SDPA attention; batched, left padded) with the evaluate stage's settings
+before issue 29 (batches of 16, a fixed 128 new tokens) and with this run's settings, and
+``domaintune.generation`` as the evaluate stage now runs it (continuous batching: finished
+rows leave, waiting prompts join; one-token attention against the cache without repeating
+it per head; linear weights cast to bf16 once). Generated tokens / second of wall time, same
+prompts, same process (``--workloads headlines`` for one).
 """
 
 from __future__ import annotations
@@ -131,7 +134,19 @@ def summarize(name: str, out: dict[str, Any], seconds: float) -> dict[str, Any]:
     }
 
 
-def generation_speed(rows: int = 64) -> dict[str, Any]:
+#: workloads of the generation figure: (config whose data and max_length are used, prompts,
+#: new tokens of the run's settings, what the prompts are). SmolLM2-135M-Instruct answers
+#: both (the support config's model), as in the issue's report.
+GENERATION_WORKLOADS: dict[str, tuple[str, int, int, str]] = {
+    # the issue's own measurement: the base model writing 200 headlines for news paragraphs
+    # at most 128 new tokens each
+    "headlines": ("configs/headlines_bbc.yaml", 200, 128, "BBC news paragraphs -> headline"),
+    # the support config's test rows (evaluation.max_test_rows: 120), answers up to 256 tokens
+    "support": ("configs/support_answers_bitext.yaml", 120, 256, "support requests -> answer"),
+}
+
+
+def generation_speed(workload: str = "support") -> dict[str, Any]:
     """Tokens/s of three ways to generate the same answers with the base model."""
     import torch
 
@@ -144,14 +159,17 @@ def generation_speed(rows: int = 64) -> dict[str, Any]:
         stop_token_ids,
     )
     from domaintune.models import resolve_config_model
-    from domaintune.sources import read_file, resolve_sources
+    from domaintune.sources import infer_format, read_file, resolve_sources
     from domaintune.tasks.evaluate import autocast_for, load_for_scoring
-    from domaintune.tasktypes.instruction_tuning import prompt_ids
+    from domaintune.tasktypes.instruction_tuning import messages_from_row, prompt_ids
 
-    cfg = load_config(str(ROOT / CASES["support"][0]))
-    table, _ = read_file(resolve_sources(cfg.data.source)[0], "csv", "auto", None)
+    config, rows, new_tokens, what = GENERATION_WORKLOADS[workload]
+    cfg = load_config(str(ROOT / config))
+    source = resolve_sources(cfg.data.source)[0]
+    table, _ = read_file(source, infer_format([source], cfg.data.format), "auto", None)
     table = table.sample(rows, random_state=0)
-    path = resolve_config_model(cfg).path
+    model_cfg = load_config(str(ROOT / CASES["support"][0]))
+    path = resolve_config_model(model_cfg).path
     tok, model, precision = load_for_scoring(path, "instruction_tuning", [], cfg.training)
     cast_for_generation(model, precision)  # as the evaluate stage generates
     from transformers import AutoModelForCausalLM
@@ -159,13 +177,15 @@ def generation_speed(rows: int = 64) -> dict[str, Any]:
     # what a user has: the model as transformers loads it (its default attention, SDPA)
     plain_model = AutoModelForCausalLM.from_pretrained(path).eval()
     settings = GenerationSettings(
-        max_new_tokens=256,
+        max_new_tokens=new_tokens,
         batch_size=cfg.evaluation.batch_size,
-        max_prompt_tokens=prompt_budget(cfg.training.max_length, 256),
+        max_prompt_tokens=prompt_budget(cfg.training.max_length, new_tokens),
     )
+    d = cfg.data
+    cols = {"instruction": d.instruction_column, "input": d.input_column, "output": d.output_column}
     prompts = [
-        prompt_ids(tok, [{"role": "user", "content": q}], settings.max_prompt_tokens)
-        for q in table["instruction"]
+        prompt_ids(tok, messages_from_row(row, False, cols)[:-1], settings.max_prompt_tokens)
+        for row in table.to_dict("records")
     ]
     pad, stops = tok.pad_token_id, stop_token_ids(tok)
 
@@ -217,12 +237,20 @@ def generation_speed(rows: int = 64) -> dict[str, Any]:
                 "seconds": seconds,
                 "tokens_per_second": tokens / seconds,
             }
-    return {"precision": precision, "prompts": rows, "runs": results}
+    return {
+        "workload": workload,
+        "what": what,
+        "precision": precision,
+        "prompts": rows,
+        "prompt_tokens": sum(map(len, prompts)) / len(prompts),
+        "runs": results,
+    }
 
 
 def print_generation(speed: dict[str, Any]) -> None:
     print(
-        f"\nGeneration speed: SmolLM2-135M-Instruct base model, {speed['prompts']} support requests, {speed['precision']}"
+        f"\nGeneration speed: SmolLM2-135M-Instruct base model, {speed['prompts']} prompts "
+        f"({speed['what']}, {speed['prompt_tokens']:.0f} prompt tokens on average), {speed['precision']}"
     )
     runs = list(speed["runs"].items())
     for label, r in runs:
@@ -271,6 +299,11 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--generation-only", action="store_true")
     parser.add_argument("--no-generation", action="store_true")
+    parser.add_argument(
+        "--workloads",
+        default=",".join(GENERATION_WORKLOADS),
+        help="workloads of the generation figure: " + ", ".join(GENERATION_WORKLOADS),
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-generative-"))
@@ -284,8 +317,11 @@ def main() -> None:
     )
     out: dict[str, Any] = {}
     if not args.no_generation:
-        out["generation_speed"] = generation_speed()
-        print_generation(out["generation_speed"])
+        ensure_data()
+        out["generation_speed"] = []
+        for workload in args.workloads.split(","):
+            out["generation_speed"].append(generation_speed(workload))
+            print_generation(out["generation_speed"][-1])
     if not args.generation_only:
         ensure_data()
         out["cases"] = []

@@ -2,12 +2,16 @@
 fine-tuned and the champion model, ``domaintune predict``, the model server).
 
 Prompts are token ids (rendered with the model's chat template and cut to fit by the task
-type). They are generated in batches of similar length, left-padded, with a key/value cache:
-one forward pass over the prompts, then one token per step. A sequence leaves the batch as
-soon as it ends (an end-of-turn or end-of-sequence token, or ``max_new_tokens``), and its
-rows leave the cache with it, so a batch costs what its live sequences cost, not what its
-longest answer costs (``model.generate`` keeps computing finished rows until the last one
-ends). The answers are identical to ``model.generate``'s greedy ones (tested).
+type). They are generated shortest first, left-padded, with a key/value cache: one forward
+pass over the prompts, then one token per step. A sequence leaves the batch as soon as it
+ends (an end-of-turn or end-of-sequence token, or ``max_new_tokens``), and its rows leave the
+cache with it; when a quarter of the batch's places are free, waiting prompts are run
+through the model and join the batch that is decoding (continuous batching: their caches
+and the running ones right-aligned in new buffers). So the batch stays full and costs what
+its live sequences cost, not what its longest answer costs (``model.generate`` keeps
+computing finished rows until the last one ends, and the next batch waits for it). Models
+with sliding-window layers (Gemma 3) generate batch after batch. The answers are identical
+to ``model.generate``'s greedy ones (tested, fp32).
 """
 
 from __future__ import annotations
@@ -144,17 +148,25 @@ def generate_ids(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (token ids), in their order, without the stop
-    token. ``on_batch(rows, new_tokens)`` after each batch."""
+    token. At most ``batch_size`` sequences decode together; when a quarter of the places
+    are free, waiting prompts join the running batch (continuous batching), for models whose
+    layers all attend to the whole sequence; models with sliding-window layers (Gemma 3)
+    generate batch after batch. ``on_batch(rows, new_tokens)`` as answers finish."""
     import torch
 
     model.eval()
     device = next(model.parameters()).device
-    order = np.argsort([len(p) for p in prompts], kind="stable")
+    order = [int(i) for i in np.argsort([len(p) for p in prompts], kind="stable")]
     out: list[list[int]] = [[] for _ in prompts]
     stops = torch.tensor(sorted(set(stop_ids)), device=device)
     with torch.inference_mode():
+        if _joinable(model):
+            _generate_continuous(
+                model, prompts, order, out, pad_id, stops, max_new_tokens, batch_size, on_batch
+            )
+            return out
         for s in range(0, len(order), batch_size):
-            idx = [int(i) for i in order[s : s + batch_size]]
+            idx = order[s : s + batch_size]
             answers = _generate_batch(
                 model, [prompts[i] for i in idx], pad_id, stops, max_new_tokens, device
             )
@@ -163,6 +175,141 @@ def generate_ids(
             if on_batch is not None:
                 on_batch(len(idx), sum(len(a) + 1 for a in answers))
     return out
+
+
+def _joinable(model: Any) -> bool:
+    """Whether prompts may join a running batch: every layer's cache is a full one (the
+    preallocated layer), none a sliding window."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a model transformers' cache does not describe: batch after batch
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+class _Running:
+    """The sequences decoding together: their prompt indices, attention mask over the cache,
+    the token each produced last (not yet in the cache) and the cache."""
+
+    def __init__(self, rows: list[int], mask: Any, token: Any, cache: Any) -> None:
+        self.rows, self.mask, self.token, self.cache = rows, mask, token, cache
+
+    def keep(self, keep: list[int]) -> None:
+        import torch
+
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.reorder_cache(index)
+        self.rows = [self.rows[k] for k in keep]
+        self.mask, self.token = self.mask[index], self.token[index]
+
+    def join(self, other: _Running, room: int) -> None:
+        """``other``'s sequences join these: both caches right-aligned in new buffers of
+        ``room`` more positions than the longer needs; the columns no live row attends to
+        are dropped."""
+        import torch
+
+        start = int(self.mask.any(0).to(torch.int8).argmax())
+        mine, theirs = self.mask.shape[1] - start, other.mask.shape[1]
+        width = max(mine, theirs)
+        n = len(self.rows)
+        mask = self.mask.new_zeros(n + len(other.rows), width)
+        mask[:n, width - mine :] = self.mask[:, start:]
+        mask[n:, width - theirs :] = other.mask
+        for layer, new in zip(self.cache.layers, other.cache.layers, strict=True):
+            merged = []
+            for old, add in zip(layer._buffers, new._buffers, strict=True):
+                buf = old.new_zeros(n + len(other.rows), old.shape[1], width + room, old.shape[3])
+                buf[:n, :, width - mine : width] = old[:, :, start : start + mine]
+                buf[n:, :, width - theirs : width] = add[:, :, :theirs]
+                merged.append(buf)
+            layer._buffers, layer._length = tuple(merged), width
+            layer.keys, layer.values = (b[:, :, :width] for b in layer._buffers)
+        self.rows = self.rows + other.rows
+        self.mask, self.token = mask, torch.cat([self.token, other.token])
+
+
+def _prefill(
+    model: Any, chunk: list[list[int]], pad_id: int, room: int, with_positions: bool
+) -> tuple[Any, Any, Any]:
+    """The prompts left-padded through the model once: (mask, first tokens, cache with
+    ``room`` positions to grow)."""
+    import torch
+
+    device = next(model.parameters()).device
+    width = max(len(p) for p in chunk)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+    extra: dict[str, Any] = {}
+    if with_positions:
+        extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if _accepts(model, "logits_to_keep"):
+        extra["logits_to_keep"] = 1  # the prompt's last position only
+    cache = preallocated_cache(model, width + room)
+    logits = model(
+        input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **extra
+    ).logits
+    return mask, logits[:, -1].argmax(-1), cache
+
+
+def _generate_continuous(
+    model: Any,
+    prompts: list[list[int]],
+    order: list[int],
+    out: list[list[int]],
+    pad_id: int,
+    stops: Any,
+    max_new_tokens: int,
+    batch_size: int,
+    on_batch: Callable[[int, int], None] | None,
+) -> None:
+    """Continuous batching: sequences leave as they end, waiting prompts (shortest first)
+    join when a quarter of ``batch_size`` is free; answers written into ``out``."""
+    import torch
+
+    with_positions = _accepts(model, "position_ids")
+    stop_set = set(stops.tolist())
+    waiting = list(reversed(order))  # popped from the end: shortest first
+    running: _Running | None = None
+    least = max(1, batch_size // 4)
+    while waiting or running is not None:
+        free = batch_size - (len(running.rows) if running else 0)
+        if waiting and (running is None or free >= min(least, len(waiting))):
+            rows = [waiting.pop() for _ in range(min(free, len(waiting)))]
+            joining = _Running(
+                rows, *_prefill(model, [prompts[i] for i in rows], pad_id, max_new_tokens, with_positions)
+            )  # fmt: skip
+            if running is None:
+                running = joining
+            else:
+                running.join(joining, max_new_tokens)
+        keep, ended = [], []
+        for k, (row, t) in enumerate(zip(running.rows, running.token.tolist(), strict=True)):
+            if t not in stop_set:
+                out[row].append(int(t))
+                if len(out[row]) < max_new_tokens:
+                    keep.append(k)
+                    continue
+            ended.append(row)
+        if ended and on_batch is not None:
+            on_batch(len(ended), sum(len(out[r]) + 1 for r in ended))
+        if not keep:
+            running = None
+            continue
+        if ended:
+            running.keep(keep)
+        running.mask = torch.cat([running.mask, running.mask.new_ones(len(keep), 1)], dim=1)
+        extra = {"position_ids": running.mask.sum(-1, keepdim=True) - 1} if with_positions else {}
+        logits = model(
+            input_ids=running.token[:, None],
+            attention_mask=running.mask,
+            past_key_values=running.cache,
+            use_cache=True,
+            **extra,
+        ).logits
+        running.token = logits[:, -1].argmax(-1)
 
 
 def preallocated_cache(model: Any, capacity: int) -> Any:

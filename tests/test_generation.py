@@ -74,9 +74,64 @@ def test_rows_that_end_leave_the_batch_and_are_reported(tiny):
         batch_size=len(ps), on_batch=lambda rows, tokens: seen.append((rows, tokens)),
     )  # fmt: skip
     assert got[0] == []
-    assert seen == [(len(ps), sum(len(a) + 1 for a in got))]
+    # reported as they end, not when the batch ends: the first report at the first step
+    assert len(seen) > 1 and seen[0][0] >= 1
+    assert sum(r for r, _ in seen) == len(ps)
+    assert sum(t for _, t in seen) == sum(len(a) + 1 for a in got)
     texts = generate_texts(model, tok, ps, GenerationSettings(max_new_tokens=10, batch_size=2))
     assert texts == [tok.decode(reference(model, tok, p, 10)).strip() for p in ps]
+
+
+def test_waiting_prompts_join_the_running_batch(tiny, monkeypatch):
+    """Continuous batching: with two places and five prompts of different lengths, prompts
+    join a batch that is already decoding (their caches right-aligned beside the running
+    rows', shorter or longer) and every answer is still model.generate's."""
+    from domaintune import generation
+
+    tok, model = tiny
+    ps = prompts(tok, sizes=(1, 9, 2, 14, 4, 6, 3))
+    joins = []
+    real = generation._Running.join
+    monkeypatch.setattr(
+        generation._Running, "join",
+        lambda self, other, room: (joins.append((self.mask.shape[1], other.mask.shape[1])),
+                                   real(self, other, room)),
+    )  # fmt: skip
+    got = generate_ids(
+        model, ps, pad_id=tok.pad_token_id, stop_ids=stop_token_ids(tok),
+        max_new_tokens=20, batch_size=2,
+    )  # fmt: skip
+    assert got == [reference(model, tok, p, 20) for p in ps]
+    assert joins, "no prompt joined a running batch"
+    assert any(theirs > mine for mine, theirs in joins)  # the running rows shift right
+    assert any(theirs < mine for mine, theirs in joins)  # the joining rows do
+
+
+def test_sliding_window_models_generate_batch_after_batch(tiny):
+    """A model with sliding-window layers (Gemma 3) cannot take new rows into its windowed
+    caches: it generates batch after batch, with the same answers as model.generate."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from domaintune import generation
+
+    tok, llama = tiny
+    assert generation._joinable(llama)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=tok.pad_token_id or 0, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert not generation._joinable(model)
+    ps = prompts(tok)
+    got = generate_ids(
+        model, ps, pad_id=tok.pad_token_id, stop_ids=stop_token_ids(tok),
+        max_new_tokens=12, batch_size=2,
+    )  # fmt: skip
+    assert got == [reference(model, tok, p, 12) for p in ps]
 
 
 def test_answers_stop_at_the_templates_end_of_turn(tmp_path, tiny):
