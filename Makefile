@@ -59,6 +59,8 @@ test: install
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	# no import cycle (function-level imports counted) and every import within its layers
+	$(BIN)/python tools/check_imports.py
 
 bench-overhead: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/overhead.py

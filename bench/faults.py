@@ -35,7 +35,7 @@ _STEP = re.compile(r'^DOMAINTUNE \{"event": "log", "step": (\d+)')
 
 
 def _config(work: Path, label: str, steps: int, every: int):
-    from domaintune.config import load_config
+    from domaintune.runconfig import load_config
 
     return load_config(
         str(ROOT / "configs" / "bbc_news.yaml"),

@@ -150,17 +150,17 @@ def generation_speed(workload: str = "support") -> dict[str, Any]:
     """Tokens/s of three ways to generate the same answers with the base model."""
     import torch
 
+    from domaintune.chaining import resolve_config_model
     from domaintune.chat import prompt_budget
-    from domaintune.config import load_config
     from domaintune.generation import (
         GenerationSettings,
         cast_for_generation,
         generate_ids,
         stop_token_ids,
     )
-    from domaintune.models import resolve_config_model
+    from domaintune.loading import autocast_for, load_for_scoring
+    from domaintune.runconfig import load_config
     from domaintune.sources import infer_format, read_file, resolve_sources
-    from domaintune.tasks.evaluate import autocast_for, load_for_scoring
     from domaintune.tasktypes.instruction_tuning import messages_from_row, prompt_ids
 
     config, rows, new_tokens, what = GENERATION_WORKLOADS[workload]

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 def _config(store: Path, steps: int, every: int, zero: int, hosts=None, hostfile=None):
     import yaml
 
-    from domaintune.config import validate_config
+    from domaintune.runconfig import validate_config
 
     doc = yaml.safe_load((ROOT / "configs" / "bbc_news.yaml").read_text())
     where = (
@@ -81,7 +81,7 @@ def _learned(model) -> float:
     from transformers import AutoModelForSequenceClassification
 
     trained = AutoModelForSequenceClassification.from_pretrained(model.model_dir).state_dict()
-    from domaintune.models import resolve_model
+    from domaintune.chaining import resolve_model
 
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model(model.base_model).path, num_labels=len(model.labels)

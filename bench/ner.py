@@ -72,8 +72,8 @@ def main() -> int:
     from domaintune.environment import configure_environment
 
     configure_environment()
-    from domaintune.config import load_config
     from domaintune.flows.retrain import retrain
+    from domaintune.runconfig import load_config
 
     store = args.store or tempfile.mkdtemp(prefix=f"bench-{args.dataset}-")
     cfg = load_config(data=config_for(args.dataset, args.epochs, store))

@@ -37,7 +37,7 @@ def main() -> int:
 
     configure_environment()
     logging.basicConfig(level=logging.WARNING)
-    from domaintune.config import load_config
+    from domaintune.runconfig import load_config
     from domaintune.store import Store
     from domaintune.tasks.evaluate import evaluate
     from domaintune.tasks.finetune import finetune

@@ -32,8 +32,8 @@ def main() -> int:
     from domaintune.environment import configure_environment
 
     configure_environment()
-    from domaintune.config import load_config
     from domaintune.flows.retrain import retrain
+    from domaintune.runconfig import load_config
 
     overrides = [f"store.root={args.store or tempfile.mkdtemp(prefix='bench-ppl-')}"]
     if args.max_steps:

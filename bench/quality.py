@@ -225,7 +225,7 @@ def cases() -> dict[str, Case]:
 
 
 def _prepare(cfg: dict, store: str, sets: list[str]) -> Any:
-    from domaintune.config import load_config
+    from domaintune.runconfig import load_config
 
     return load_config(data=_merge(cfg, {"store": {"root": store}}), overrides=sets)
 

@@ -361,7 +361,7 @@ def main() -> None:
         ours, splits, tokens = run_domaintune(cfg, args.examples, mwork)
         if "domaintune" in systems:
             results["domaintune"] = ours
-        from domaintune.models import resolve_config_model
+        from domaintune.chaining import resolve_config_model
 
         job = {
             "method": method,

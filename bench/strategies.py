@@ -50,7 +50,7 @@ def main() -> int:
     from domaintune.environment import configure_environment
 
     configure_environment()
-    from domaintune.config import load_config
+    from domaintune.runconfig import load_config
     from domaintune.store import Store
     from domaintune.tasks.evaluate import evaluate
     from domaintune.tasks.finetune import finetune

@@ -258,7 +258,7 @@ def compare(
     import pandas as pd
     import torch
 
-    from domaintune.config import load_config
+    from domaintune.runconfig import load_config
     from domaintune.store import Store
     from domaintune.tasks.finetune import finetune
     from domaintune.tasks.ingest import ingest
@@ -280,7 +280,7 @@ def compare(
     raw = ingest(cfg, store)
     validate(cfg, raw, store)
     splits = preprocess(cfg, raw, store)
-    from domaintune.models import resolve_config_model
+    from domaintune.chaining import resolve_config_model
 
     model_path = resolve_config_model(cfg).path
     t = cfg.training
@@ -442,7 +442,7 @@ def llama_1b(out: Path, tokenizer_from: str, smoke: bool) -> Path:
 
 
 def gpu_suite(work: Path, smoke: bool) -> list[dict[str, Any]]:
-    from domaintune.models import resolve_model
+    from domaintune.chaining import resolve_model
 
     config = str(ROOT / "configs" / "causal_lm_bbc_business.yaml")
     common = [

@@ -32,7 +32,8 @@ from typing import Any
 
 from domaintune.errors import ModelError
 from domaintune.fingerprint import hash_obj
-from domaintune.models import TOKENIZER_FILES, ResolvedModel, resolve_model
+from domaintune.loading import LoadSpec, load_model
+from domaintune.models import TOKENIZER_FILES, ResolvedModel, resolve_pretrained
 from domaintune.registry import REFERENCE, REFERENCE_RULE, SCHEME, resolve_reference
 from domaintune.store import Store
 
@@ -73,6 +74,22 @@ def pin(config: Any, store: Store | None = None) -> Any:
     log.info("model.name_or_path %s is %s for this run", named["reference"], pinned)
     model = config.model.model_copy(update={"name_or_path": pinned})
     return config.model_copy(update={"model": model})
+
+
+def resolve_model(
+    name_or_path: str, revision: str | None = None, store: Store | None = None
+) -> ResolvedModel:
+    """Any ``model.name_or_path`` as a local Hugging Face folder: a registry reference
+    resolves in ``store`` (:func:`resolve_registered`), every other name is a pretrained
+    model (``domaintune.models.resolve_pretrained``: hub id, folder, GGUF, packaged)."""
+    if name_or_path.startswith(SCHEME):
+        return resolve_registered(name_or_path, store)
+    return resolve_pretrained(name_or_path, revision, store)
+
+
+def resolve_config_model(config: Any) -> ResolvedModel:
+    """The base model of a run (GGUF conversions go into the run's store)."""
+    return resolve_model(config.model.name_or_path, config.model.revision, Store.of(config))
 
 
 def resolve_registered(reference: str, store: Store | None) -> ResolvedModel:
@@ -159,26 +176,27 @@ def _merge(
     from transformers import AutoConfig
 
     from domaintune.config import TaskConfig, TrainingConfig
-    from domaintune.training.spec import WorkerSpec
     from domaintune.training.strategies import dropout_overrides, merge_lora
-    from domaintune.training.worker import prepare_model
 
     model_dir = folder / "model"
     config = yaml.safe_load((folder / "config.yaml").read_text())
     training = TrainingConfig.model_validate(config["training"])
     log.info("%s: merging the LoRA adapter into its base model %s (once)", name, base.name)
     trust = bool((config.get("model") or {}).get("trust_remote_code"))
-    spec = WorkerSpec(  # the base as the adapter's training prepared it (the worker's way)
-        task=TaskConfig.model_validate(config["task"]),
-        training=training,
-        labels=labels,
-        model_path=base.path,
-        trust_remote_code=trust,
-        config_overrides=dropout_overrides(
-            training.dropout, AutoConfig.from_pretrained(base.path, trust_remote_code=trust)
-        ),
+    base_model = load_model(  # the base as the adapter's training prepared it
+        LoadSpec(
+            path=base.path,
+            task_type=TaskConfig.model_validate(config["task"]).type,
+            labels=tuple(labels),
+            seed=training.seed,
+            trust_remote_code=trust,
+            structure=training.strategy,
+            config_overrides=dropout_overrides(
+                training.dropout, AutoConfig.from_pretrained(base.path, trust_remote_code=trust)
+            ),
+        )
     )
-    merged = merge_lora(prepare_model(spec), str(model_dir))
+    merged = merge_lora(base_model, str(model_dir))
     with store.writer(STAGE, key) as w:
         merged.save_pretrained(w.path)
         for f in TOKENIZER_FILES:

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         from domaintune.serve import serve
 
         return serve(args)
-    from domaintune.config import load_config
+    from domaintune.runconfig import load_config
 
     try:
         config = load_config(args.config, args.overrides)
@@ -348,7 +348,7 @@ def _predict(args: argparse.Namespace) -> int:
         return _fail(args, DomainTuneError("--json needs --out (stdout carries the summary)"), 2)
     try:
         if args.config:
-            from domaintune.config import load_config
+            from domaintune.runconfig import load_config
 
             store = Store.of(load_config(args.config))
         else:
@@ -390,7 +390,7 @@ def _score(args: argparse.Namespace) -> int:
 
     try:
         if args.config:
-            from domaintune.config import load_config
+            from domaintune.runconfig import load_config
 
             store = load_config(args.config).store
         else:
@@ -437,7 +437,7 @@ def _models(args: argparse.Namespace) -> int:
 
     try:
         if args.config:
-            from domaintune.config import load_config
+            from domaintune.runconfig import load_config
 
             store = Store.of(load_config(args.config))
         else:

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from domaintune.errors import StoreError
+from domaintune.errors import StoreError, store_error
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +253,6 @@ def file_lock(path: Path, timeout: float = -1) -> Iterator[None]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        from domaintune.store import store_error
-
         raise store_error(exc, path.parent) from exc
     with FileLock(str(path), timeout=timeout):
         yield

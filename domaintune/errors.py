@@ -7,6 +7,9 @@ deterministic: retrying the task cannot fix them, so the Prefect wrappers never 
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class DomainTuneError(Exception):
     """Base class of errors caused by the user's input, not by the machine."""
@@ -48,6 +51,16 @@ class TrainingFailed(Exception):
 
 class StoreError(Exception):
     """The store cannot be written (full disk, permissions). Not retried blindly."""
+
+
+def store_error(exc: OSError, where: str | os.PathLike) -> StoreError:
+    """An OSError met while writing ``where`` as a one-line StoreError: a full disk and
+    refused permissions named as such."""
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"store: no space left on device while writing {where}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoreError(f"store: cannot write {where}: {exc.strerror} (check store.root)")
+    return StoreError(f"store: cannot write {where}: {exc}")
 
 
 class StoreAccessError(DomainTuneError):

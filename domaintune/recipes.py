@@ -43,6 +43,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from domaintune.config import RetrainConfig, format_validation_error
+from domaintune.tasktypes.rules import apply_task_rules
+
 #: Sections a stage may not set: one run has one name, one store, one recipe.
 _NOT_PER_STAGE = ("store", "stages", "tune")
 _STAGE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
@@ -96,8 +99,6 @@ def _stage_dict(base: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
 def stage_configs(config: Any) -> list[Stage]:
     """The stages of a run, in order; a config without ``stages`` is one stage. A stage that
     is not a valid config raises ValueError naming the stage and the key."""
-    from domaintune.config import RetrainConfig, format_validation_error
-
     if not config.stages:
         return [Stage(name=None, config=config)]
     base = config.model_dump(mode="python", exclude={"stages"})
@@ -116,11 +117,14 @@ def stage_configs(config: Any) -> list[Stage]:
             }
         try:
             staged = RetrainConfig.model_validate(data)
+            apply_task_rules(staged)
         except ValidationError as exc:
             said = format_validation_error(exc, "").splitlines()[1:]
             raise ValueError(
                 f"stages[{i}] ({name}): {'; '.join(s.strip() for s in said)}"
             ) from None
+        except ValueError as exc:  # a task type's rule
+            raise ValueError(f"stages[{i}] ({name}): {exc}") from None
         out.append(Stage(name=name, config=staged, index=i, final=final))
     return out
 

@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -38,9 +37,14 @@ from typing import Any
 
 import yaml
 
+from domaintune.config.sections import (
+    REGISTRY_REFERENCE,
+    REGISTRY_REFERENCE_RULE,
+    REGISTRY_SCHEME,
+)
 from domaintune.coordination import check_leases, create_exclusive, numbered_objects
-from domaintune.errors import DomainTuneError, ModelError, StoreError
-from domaintune.store import Store, atomic_write_text, describe_remote_error, store_error
+from domaintune.errors import DomainTuneError, ModelError, StoreError, store_error
+from domaintune.store import Store, atomic_write_text, describe_remote_error
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +53,8 @@ LOG = "log"
 _LEGACY_HISTORY = "history.jsonl"
 #: ``NAME@production``, ``NAME@latest`` or ``NAME@vNNNN``, with or without the ``registry://``
 #: scheme that ``model.name_or_path`` uses for it (``domaintune predict`` takes both)
-SCHEME = "registry://"
-REFERENCE = re.compile(
-    r"^(?:registry://)?(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)@(?P<version>[A-Za-z0-9._-]+)$"
-)
-REFERENCE_RULE = "registry://NAME@production, registry://NAME@latest or registry://NAME@vNNNN"
+#: the reference syntax is the config's (a field of model.name_or_path); resolving it is ours
+SCHEME, REFERENCE, REFERENCE_RULE = REGISTRY_SCHEME, REGISTRY_REFERENCE, REGISTRY_REFERENCE_RULE
 
 
 @dataclass

@@ -16,7 +16,6 @@ store itself (``domaintune.coordination``), so runs on several hosts compute an 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from typing import Any, TypeVar
 import fsspec
 
 from domaintune.coordination import check_leases, file_lock, lease
-from domaintune.errors import StoreAccessError, StoreError
+from domaintune.errors import StoreAccessError, StoreError, store_error
 from domaintune.fingerprint import hash_obj, stable_json
 from domaintune.redaction import redact
 
@@ -246,7 +245,7 @@ class Store:
             stage_dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=stage_dir))
         except OSError as exc:
-            raise _store_error(exc, stage_dir) from exc
+            raise store_error(exc, stage_dir) from exc
         w = EntryWriter(tmp)
         try:
             yield w
@@ -283,7 +282,7 @@ class Store:
         except OSError as exc:
             if not self.local:
                 raise describe_remote_error(exc, f"store {redact(self.url)}") from exc
-            raise _store_error(exc, final) from exc
+            raise store_error(exc, final) from exc
         except Exception as exc:  # an object store's client errors are not all OSErrors
             if self.local:
                 raise
@@ -375,16 +374,4 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(p, text)
     except OSError as exc:
-        raise _store_error(exc, p) from exc
-
-
-def _store_error(exc: OSError, where: Path) -> StoreError:
-    if exc.errno == errno.ENOSPC:
-        return StoreError(f"store: no space left on device while writing {where}")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return StoreError(f"store: cannot write {where}: {exc.strerror} (check store.root)")
-    return StoreError(f"store: cannot write {where}: {exc}")
-
-
-#: For stages that write outside ``Store.writer`` (the registry): an OSError as a StoreError.
-store_error = _store_error
+        raise store_error(exc, p) from exc

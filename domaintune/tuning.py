@@ -22,7 +22,6 @@ Optuna is imported inside functions only: loading a config never imports it.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import json
 import logging
@@ -35,15 +34,15 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
-
+from domaintune.config import RetrainConfig
+from domaintune.config.space import candidates, leaf_annotation, numeric
 from domaintune.errors import ConfigError, ModelError, StoreError, TrainingFailed
 from domaintune.fingerprint import hash_obj
 
 if TYPE_CHECKING:
-    from domaintune.config import RetrainConfig, TuneConfig, TuneParamConfig
+    from domaintune.config import TuneConfig, TuneParamConfig
     from domaintune.manifests import SplitManifest
     from domaintune.store import Store
 
@@ -52,114 +51,10 @@ log = logging.getLogger(__name__)
 STAGE = "tune"
 VERSION = "1"
 
-#: Training keys a search may not vary: they decide how the data are tokenized and split,
-#: and every trial must be judged on the same validation split.
-PREPARED_KEYS = {
-    "training.max_length": "decides how the texts are tokenized",
-    "training.seed": "seeds the train / validation / test split",
-}
-
 _SCALARS = (str, int, float, bool, type(None))
 
 
 # ----------------------------------------------------------------------------- the space
-
-
-def check_space_keys(space: dict[str, TuneParamConfig]) -> None:
-    """Each key of ``tune.space`` is a training key that takes every value it lists
-    (checked per key, when the config loads); else ValueError naming ``tune.space.<key>``."""
-    for path, spec in space.items():
-        where = f"tune.space.{path}"
-        annotation = _leaf_annotation(path)
-        kind = _numeric(annotation)
-        if spec.choices is None and kind is None:
-            raise ValueError(f"{where}: a range needs a numeric key; give choices: [...]")
-        if spec.choices is None and kind is int:
-            if any(v is not None and v != int(v) for v in (spec.low, spec.high, spec.step)):
-                raise ValueError(f"{where}: {path} is an integer: give whole low, high, step")
-            if spec.log and spec.low is not None and spec.low < 1:
-                raise ValueError(f"{where}: a log range of an integer needs low >= 1")
-        for value in _candidates(spec, kind):
-            try:
-                _adapter(path).validate_python(value)
-            except ValidationError as exc:
-                msg = exc.errors()[0]["msg"]
-                raise ValueError(f"{where}: {value!r} is refused: {msg}") from None
-
-
-def _leaf_annotation(path: str) -> Any:
-    """The annotation of ``path`` in RetrainConfig (ValueError naming it when it is not a
-    key the search may vary)."""
-    from domaintune.config import RetrainConfig
-
-    where = f"tune.space.{path}"
-    parts = path.split(".")
-    if parts[0] != "training" or len(parts) < 2:
-        raise ValueError(
-            f"{where}: tune searches training settings (training.<key>): the data are "
-            "ingested, validated and prepared once for every trial"
-        )
-    if path in PREPARED_KEYS:
-        raise ValueError(
-            f"{where}: {path} {PREPARED_KEYS[path]}, and every trial must be judged on the "
-            "same validation split; set it outside the space"
-        )
-    model: type[BaseModel] = RetrainConfig
-    for i, part in enumerate(parts):
-        fields = model.model_fields
-        if part not in fields:
-            close = difflib.get_close_matches(part, list(fields), n=1)
-            hint = f"; did you mean {'.'.join([*parts[:i], close[0]])!r}?" if close else ""
-            raise ValueError(f"{where}: not a config key{hint}")
-        annotation = fields[part].annotation
-        if i == len(parts) - 1:
-            return annotation
-        section = _section_model(annotation)
-        if section is None:
-            raise ValueError(f"{where}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        model = section
-    raise AssertionError("unreachable")
-
-
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    options = get_args(annotation) if get_origin(annotation) in (Union, type(int | None)) else ()
-    for a in (annotation, *options):
-        if isinstance(a, type) and issubclass(a, BaseModel):
-            return a
-    return None
-
-
-def _numeric(annotation: Any) -> type | None:
-    """int or float for a numeric key (``int | None``, ``int | Literal["auto"]`` too)."""
-    options = get_args(annotation) if get_origin(annotation) in (Union, type(int | None)) else ()
-    for a in (annotation, *options):
-        if a is float:
-            return float
-        if a is int:
-            return int
-    return None
-
-
-@functools.cache
-def _adapter(path: str) -> TypeAdapter:
-    """Validates one value of ``path`` by the key's own type and bounds."""
-    from domaintune.config import RetrainConfig
-
-    model: Any = RetrainConfig
-    parts = path.split(".")
-    for part in parts[:-1]:
-        model = _section_model(model.model_fields[part].annotation)
-    info = model.model_fields[parts[-1]]
-    if not info.metadata:
-        return TypeAdapter(info.annotation)
-    return TypeAdapter(Annotated[info.annotation, *info.metadata])
-
-
-def _candidates(spec: TuneParamConfig, kind: type | None) -> list[Any]:
-    if spec.choices is not None:
-        return list(spec.choices)
-    cast = int if kind is int else float
-    return [cast(spec.low), cast(spec.high)]
 
 
 def _label(choice: Any) -> Any:
@@ -175,7 +70,7 @@ def suggest(trial: Any, space: dict[str, TuneParamConfig]) -> dict[str, Any]:
             labels = [_label(c) for c in spec.choices]
             got = trial.suggest_categorical(path, labels)
             values[path] = spec.choices[labels.index(got)]
-        elif _numeric(_leaf_annotation(path)) is int:
+        elif numeric(leaf_annotation(path, RetrainConfig)) is int:
             step = int(spec.step or 1)
             values[path] = trial.suggest_int(
                 path, int(spec.low), int(spec.high), step=step, log=spec.log
@@ -201,7 +96,7 @@ def decode(params: dict[str, Any], space: dict[str, TuneParamConfig]) -> dict[st
 
 def with_values(config: RetrainConfig, values: dict[str, Any]) -> RetrainConfig:
     """A copy of ``config`` with dotted keys set, validated again (ConfigError: one line)."""
-    from domaintune.config import validate_config
+    from domaintune.runconfig import validate_config
 
     data = config.model_dump(mode="json")
     for path, value in values.items():
@@ -232,7 +127,7 @@ def check_space(config: RetrainConfig) -> None:
     if not space:
         raise ConfigError(f"{config.name}: tune.space is empty: nothing to search")
     for path, spec in space.items():
-        for value in _candidates(spec, _numeric(_leaf_annotation(path))):
+        for value in candidates(spec, numeric(leaf_annotation(path, RetrainConfig))):
             try:
                 with_values(config, {path: value})
             except ConfigError as exc:
@@ -254,7 +149,7 @@ def _probe(config: RetrainConfig) -> RetrainConfig:
     space = config.tune.space
     return with_values(
         config,
-        {p: _candidates(s, _numeric(_leaf_annotation(p)))[0] for p, s in space.items()},
+        {p: candidates(s, numeric(leaf_annotation(p, RetrainConfig)))[0] for p, s in space.items()},
     )
 
 

@@ -31,6 +31,7 @@ from domaintune.orchestration import call_stage, stage_task, superseded_by
 from domaintune.recipes import Stage, from_previous, stage_configs, stage_record
 from domaintune.redaction import redact, redact_obj
 from domaintune.reports import metric_rows, training_markdown
+from domaintune.runconfig import complete
 from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.finetune import finetune, training_summary
 from domaintune.tasks.ingest import ingest
@@ -185,6 +186,7 @@ def run_summary(
 def retrain(config: RetrainConfig) -> dict[str, Any]:
     """Retrain one use case's model from its data and promote it if it is better."""
     t0 = time.perf_counter()
+    config = complete(config)  # the task type's rules and defaults (the schema knows none)
     newer = superseded_by()
     if newer:  # a newer queued run of this deployment will do the same, with newer data
         message = (

@@ -31,6 +31,7 @@ from domaintune.flows.retrain import (
 from domaintune.manifests import StageRecord
 from domaintune.orchestration import call_stage, should_retry
 from domaintune.redaction import redact, redact_obj
+from domaintune.runconfig import complete
 from domaintune.store import Store
 from domaintune.tracking import finish_run
 from domaintune.tuning import TrialRun, Tuner, check_space, decode, set_options, state_counts
@@ -63,6 +64,7 @@ def tune(config: RetrainConfig, trials: int | None = None) -> dict[str, Any]:
     to finish, default ``tune.trials``), then test and register the best model."""
     t0 = time.perf_counter()
     logger = get_run_logger()
+    config = complete(config)  # the task type's rules and defaults (the schema knows none)
     config = pin(config)  # a registry://NAME@production base is one version for the search
     check_space(config)
     wanted = trials or config.tune.trials

@@ -8,27 +8,24 @@ split and the seed), so trying new hyperparameters does not re-run them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from domaintune.chaining import resolve_config_model, resolve_model
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj
 from domaintune.generation import GenerationSettings, cast_for_generation
+from domaintune.loading import autocast_for, load_for_scoring
 from domaintune.manifests import EvaluationReport, ModelArtifact, SplitManifest, scalar_metrics
-from domaintune.models import resolve_config_model, resolve_model
 from domaintune.redaction import redact, redact_obj
 from domaintune.reports import render_markdown
 from domaintune.store import Store
 from domaintune.tasktypes import get_task_type
-from domaintune.training.attention import CPU_ATTENTION, attention_implementation
 from domaintune.training.launch import inference_precision
-from domaintune.training.strategies import load_task_model
 
 log = logging.getLogger(__name__)
 
@@ -100,61 +97,6 @@ def scored_as(config: RetrainConfig, splits: SplitManifest) -> Any:
     return config.task.type if extra is None else [config.task.type, extra]
 
 
-@contextlib.contextmanager
-def autocast_for(model: Any, precision: str) -> Iterator[None]:
-    """Score ``model`` in ``precision`` (bf16/fp16 autocast on its device; fp32: as is)."""
-    import torch
-
-    if precision == "fp32":
-        yield
-        return
-    device = next(model.parameters()).device.type
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    with torch.autocast(device_type=device, dtype=dtype):
-        yield
-
-
-def load_for_scoring(
-    model_path: str,
-    task_type: str,
-    labels: list[str],
-    training: Any,
-    trust_remote_code: bool = False,
-    structure: Any = None,
-) -> tuple[Any, Any, str]:
-    """(tokenizer, model in eval mode, precision): a model loaded to be scored, the one way
-    every scoring does it (this stage, the base model, the champion, ``domaintune predict``):
-    the task type's loader (a new head from ``training.seed``, a custom head restored), the
-    CPU attention function (see domaintune.training.attention; on GPUs as before) and the
-    training's precision on this machine. ``structure`` (a base model: the training
-    strategy): its changes to the architecture, applied as training applies them before
-    its first step (dropped blocks, custom head, borrowed embeddings)."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
-    tok = AutoTokenizer.from_pretrained(
-        model_path, use_fast=True, trust_remote_code=trust_remote_code
-    )
-    precision = inference_precision(training)[0]
-    attention = attention_implementation(training.attention, precision, model_path)
-    attention = attention if attention == CPU_ATTENTION else None
-    model = load_task_model(  # a base model's head that does not fit the run: a fresh one
-        task_type,
-        model_path,
-        labels,
-        training.seed,
-        trust_remote_code,
-        **({"attn_implementation": attention} if attention else {}),
-    )
-    if structure is not None:
-        from domaintune.training.strategies import prepare_structure
-
-        prepare_structure(model, structure, model_path)
-    model.eval()
-    return tok, model, precision
-
-
 def _score(
     config: RetrainConfig,
     model_path: str,
@@ -163,7 +105,7 @@ def _score(
     who: str = "fine-tuned model",
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """(metrics, per-example predictions) of one model on the test split (``structure``:
-    see :func:`load_for_scoring`; ``who``: the model's name in progress lines). A
+    see ``domaintune.loading.load_for_scoring``; ``who``: the model's name in progress lines). A
     generative task type reports its progress (a bar on a terminal, a log line every 10% or
     30 s, a Prefect progress artifact) and its tokens/s."""
     import torch

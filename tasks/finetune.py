@@ -22,11 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from domaintune.chaining import resolve_config_model, resolve_model
 from domaintune.config import RetrainConfig
 from domaintune.errors import TrainingFailed
 from domaintune.fingerprint import hash_obj, library_versions
 from domaintune.manifests import ModelArtifact, SplitManifest
-from domaintune.models import ResolvedModel, resolve_config_model, resolve_model
+from domaintune.models import ResolvedModel
 from domaintune.redaction import redact
 from domaintune.store import Store, atomic_write_text
 from domaintune.tasktypes import get_task_type

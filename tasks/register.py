@@ -30,7 +30,7 @@ import yaml
 
 from domaintune import __version__
 from domaintune.config import RetrainConfig
-from domaintune.errors import StoreError
+from domaintune.errors import StoreError, store_error
 from domaintune.fingerprint import hash_obj
 from domaintune.manifests import (
     EvaluationReport,
@@ -44,7 +44,7 @@ from domaintune.modelcard import write_model_card
 from domaintune.promotion import decide_promotion
 from domaintune.redaction import redact_obj
 from domaintune.registry import MARKER, Registry
-from domaintune.store import Store, store_error
+from domaintune.store import Store
 from domaintune.tracking import TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)

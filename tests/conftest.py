@@ -196,7 +196,7 @@ TINY_EVALUATION = {"test_size": 0.2, "val_size": 0.15}
 @pytest.fixture
 def make_config(tmp_path, tiny_model):
     """Build a validated RetrainConfig for the tiny model on a given data source."""
-    from domaintune.config import load_config
+    from domaintune.runconfig import load_config
 
     def _make(source, **sections):
         data = {

@@ -17,11 +17,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from domaintune.config import load_config
+from domaintune.chaining import resolve_config_model, resolve_model
 from domaintune.errors import ConfigError, ModelError
-from domaintune.models import ResolvedModel, resolve_config_model, resolve_model
+from domaintune.models import ResolvedModel
 from domaintune.predict import resolve as predict_resolve
 from domaintune.registry import Registry
+from domaintune.runconfig import load_config
 from domaintune.store import Store
 from domaintune.tasks import finetune as finetune_stage
 from domaintune.tasks.evaluate import evaluate
@@ -266,7 +267,8 @@ def test_a_head_that_does_not_fit_is_fresh_even_when_its_size_would(tmp_path, ti
     from transformers import AutoModelForTokenClassification
 
     from domaintune.config import TrainingConfig
-    from domaintune.training.strategies import head_change, load_task_model, preflight
+    from domaintune.loading import load_task_model
+    from domaintune.training.strategies import head_change, preflight
 
     tags = ["O", "B-ORG", "I-ORG"]
     parent = AutoModelForTokenClassification.from_pretrained(

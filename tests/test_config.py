@@ -1,7 +1,8 @@
 import pytest
 
-from domaintune.config import RetrainConfig, load_config
+from domaintune.config import RetrainConfig
 from domaintune.errors import ConfigError
+from domaintune.runconfig import load_config
 
 MINIMAL = {"name": "uc", "data": {"source": "data.csv"}}
 

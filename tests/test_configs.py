@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from domaintune.config import load_config
+from domaintune.runconfig import load_config
 from domaintune.tasktypes import get_task_type
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))

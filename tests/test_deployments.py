@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from domaintune.config import validate_config
+from domaintune.runconfig import validate_config
 from domaintune.tasks.score import ScoreConfig
 
 ROOT = Path(__file__).resolve().parent.parent

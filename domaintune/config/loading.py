@@ -15,12 +15,25 @@ from domaintune.config.retrain import RetrainConfig
 from domaintune.errors import ConfigError
 
 
-def load_config(
+def parse_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
     data: dict[str, Any] | None = None,
 ) -> RetrainConfig:
-    """Load a config from YAML (or a dict), apply ``key.path=value`` overrides, validate.
+    """Parse a config from YAML (or a dict), apply ``key.path=value`` overrides, validate it
+    by the schema. A run's config is this completed by the rules that need the task types
+    and recipes: ``domaintune.runconfig.load_config``."""
+    origin = str(path) if path is not None else "<config>"
+    return validate_schema(read_config(path, overrides, data), origin)
+
+
+def read_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A config's YAML (or a copy of ``data``) with the overrides applied, not yet
+    validated.
 
     Relative local paths (``data.source``, ``store.root``, ``contract.path``) are resolved
     against the working directory, as with other training CLIs; run from the project root.
@@ -43,10 +56,10 @@ def load_config(
     for item in overrides or []:
         apply_override(data, item)
     _resolve_relative_paths(data, Path.cwd())
-    return validate_config(data, origin)
+    return data
 
 
-def validate_config(data: dict[str, Any], origin: str = "<config>") -> RetrainConfig:
+def validate_schema(data: dict[str, Any], origin: str = "<config>") -> RetrainConfig:
     try:
         return RetrainConfig.model_validate(data)
     except ValidationError as exc:

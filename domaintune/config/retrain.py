@@ -21,6 +21,8 @@ from domaintune.config.sections import (
     TrainingConfig,
     TuneConfig,
 )
+from domaintune.config.space import check_space_keys
+from domaintune.credentials import literal_secrets
 
 
 class RetrainConfig(Section):
@@ -56,8 +58,6 @@ class RetrainConfig(Section):
 
     @model_validator(mode="after")
     def _credentials_by_reference(self) -> RetrainConfig:
-        from domaintune.credentials import literal_secrets
-
         written = literal_secrets(self.data.storage_options, "data.storage_options")
         written += literal_secrets(self.store.storage_options, "store.storage_options")
         if written:
@@ -69,41 +69,7 @@ class RetrainConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _stages_run(self) -> RetrainConfig:
-        if self.stages is not None:
-            from domaintune.recipes import check_stages
-
-            check_stages(self)
-        return self
-
-    @model_validator(mode="after")
-    def _metric_fits_task(self) -> RetrainConfig:
-        from domaintune.tasktypes import get_task_type
-
-        task = get_task_type(self.task.type)
-        if self.model.name_or_path is None:
-            self.model.name_or_path = task.default_model
-        allowed = task.metrics
-        if self.evaluation.primary_metric is None:
-            self.evaluation.primary_metric = allowed[0]
-        if self.evaluation.primary_metric not in allowed:
-            raise ValueError(
-                f"evaluation.primary_metric {self.evaluation.primary_metric!r} is not a "
-                f"{self.task.type} metric; allowed: {', '.join(allowed)}"
-            )
-        if self.training.strategy.head is not None and not task.custom_head:
-            from domaintune.tasktypes import task_type_names
-
-            able = [n for n in task_type_names() if get_task_type(n).custom_head]
-            raise ValueError(
-                f"training.strategy.head applies to {' and '.join(able)}, not {self.task.type}"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _task_settings(self) -> RetrainConfig:
-        """The settings the task type needs (translation: its languages)."""
-        from domaintune.tasktypes import get_task_type
-
-        get_task_type(self.task.type).check_config(self)
+    def _tune_space(self) -> RetrainConfig:
+        """Each key of ``tune.space`` is a training key that takes every value it lists."""
+        check_space_keys(self.tune.space, type(self))
         return self

@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+#: how a registered model is named where a model is expected (``model.name_or_path``,
+#: ``predict``): the registry resolves it (domaintune.registry, domaintune.chaining)
+REGISTRY_SCHEME = "registry://"
+REGISTRY_REFERENCE = re.compile(
+    r"^(?:registry://)?(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)@(?P<version>[A-Za-z0-9._-]+)$"
+)
+REGISTRY_REFERENCE_RULE = (
+    "registry://NAME@production, registry://NAME@latest or registry://NAME@vNNNN"
+)
+
+
+#: Lists the task types a config may name, for the JSON schema (the Prefect form's
+#: drop-down). The config knows no task type: the task-type registry
+#: (``domaintune.tasktypes``) installs its lister here when it is imported, as every flow
+#: and stage does. Whether a config's task type exists is checked after parsing
+#: (``domaintune.runconfig``).
+task_type_choices: Callable[[], list[str]] | None = None
+
 
 def _task_types_in_schema(schema: dict[str, Any]) -> None:
-    """The task type field's choices in the JSON schema (the Prefect UI's drop-down)."""
-    from domaintune.tasktypes import task_type_names
-
-    schema["enum"] = task_type_names()
+    if task_type_choices is not None:
+        schema["enum"] = task_type_choices()
 
 
 class Section(BaseModel):
@@ -93,15 +110,6 @@ class TaskConfig(Section):
         v = v.strip()
         if not _LANGUAGE_CODE.fullmatch(v):
             raise ValueError("not a language code; rule: a code such as en, fr, de, pt-BR (BCP 47)")
-        return v
-
-    @field_validator("type")
-    @classmethod
-    def _known_type(cls, v: str) -> str:
-        from domaintune.tasktypes import task_type_names
-
-        if v not in task_type_names():
-            raise ValueError(f"unknown task type {v!r}; allowed: {', '.join(task_type_names())}")
         return v
 
     @field_validator("labels")
@@ -237,10 +245,8 @@ class ModelConfig(Section):
     def _registry_reference(cls, v: str | None) -> str | None:
         """The syntax of a registry reference (whether it exists is the store's to say,
         when the run resolves it)."""
-        from domaintune.registry import REFERENCE, REFERENCE_RULE
-
-        if v is not None and v.startswith("registry://") and not REFERENCE.match(v):
-            raise ValueError(f"malformed registry reference; rule: {REFERENCE_RULE}")
+        if v is not None and v.startswith(REGISTRY_SCHEME) and not REGISTRY_REFERENCE.match(v):
+            raise ValueError(f"malformed registry reference; rule: {REGISTRY_REFERENCE_RULE}")
         return v
 
 
@@ -793,10 +799,3 @@ class TuneConfig(Section):
         "training.learning_rate: {low: 1.0e-5, high: 3.0e-4, log: true}, "
         "training.batch_size: {choices: [16, 32]}.",
     )
-
-    @model_validator(mode="after")
-    def _space_keys(self) -> TuneConfig:
-        from domaintune.tuning import check_space_keys
-
-        check_space_keys(self.space)
-        return self

@@ -14,13 +14,14 @@ import importlib
 import pkgutil
 from importlib.metadata import entry_points
 
+from domaintune.config import sections as _config_sections
 from domaintune.errors import ConfigError
 from domaintune.tasktypes.base import TaskType
 
 #: name -> class, for every task type imported so far
 _REGISTRY: dict[str, type[TaskType]] = {}
 _GROUP = "domaintune.task_types"
-_NOT_TASK_TYPES = {"base"}
+_NOT_TASK_TYPES = {"base", "heads", "rules"}
 
 
 def register_task_type(cls: type[TaskType]) -> type[TaskType]:
@@ -61,5 +62,8 @@ def get_task_type(name: str) -> TaskType:
         )
     return _REGISTRY[name]()
 
+
+# the config's JSON schema offers these names (the Prefect form's drop-down)
+_config_sections.task_type_choices = task_type_names
 
 __all__ = ["TaskType", "get_task_type", "register_task_type", "task_type_names"]

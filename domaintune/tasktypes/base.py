@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from domaintune.errors import DataError
-from domaintune.training.heads import restore_head
+from domaintune.tasktypes.heads import restore_head
 
 
 def require_columns(df: pd.DataFrame, wanted: dict[str, str], where: str, what: str = "") -> None:

@@ -30,7 +30,7 @@ from typing import Any
 from domaintune.config import DropoutConfig, StrategyConfig, TrainingConfig
 from domaintune.errors import ConfigError
 from domaintune.tasktypes import get_task_type, task_type_names
-from domaintune.training.heads import build_head
+from domaintune.tasktypes.heads import build_head
 
 log = logging.getLogger(__name__)
 
@@ -294,9 +294,9 @@ def check_embeddings_source(base_path: str, source: str) -> str:
     width equal the base model's."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from domaintune.models import resolve_model
+    from domaintune.models import resolve_pretrained
 
-    src = resolve_model(source).path
+    src = resolve_pretrained(source).path
     where = f"training.strategy.init_embeddings_from {source!r}"
     try:
         theirs = AutoTokenizer.from_pretrained(src).get_vocab()
@@ -369,7 +369,7 @@ def head_change(model_path: str, task_type: str, labels: list[str]) -> str | Non
     set keep the head (training continues it), and a folder without such a head (an encoder,
     a language model) gets a new one anyway. A head that does not fit is not loaded: the
     run starts from the encoder with a fresh head initialised from the seed
-    (:func:`load_task_model`), instead of a size-mismatch crash or, worse, a head of the
+    (``domaintune.loading.load_task_model``), instead of a size-mismatch crash or, worse, a head of the
     same size that means other labels."""
     if not get_task_type(task_type).new_head:
         return None
@@ -395,31 +395,6 @@ def head_change(model_path: str, task_type: str, labels: list[str]) -> str | Non
         f"fit this {task_type} run: dropped, and a fresh {_head_suffix(task_type)} head "
         f"({now}) is initialised from training.seed on its encoder"
     )
-
-
-def load_task_model(
-    task_type: str,
-    path: str,
-    labels: list[str],
-    seed: int,
-    trust_remote_code: bool = False,
-    **config_overrides: Any,
-) -> Any:
-    """The task type's ``load_model``, with a fresh head where the folder's own head does
-    not fit the run (:func:`head_change`): training, the base model's evaluation and the
-    merge of an adapter all load a base model through here, so the head they start from is
-    the same one."""
-    task = get_task_type(task_type)
-    if head_change(path, task_type, labels) is None:
-        return task.load_model(path, labels, seed, trust_remote_code, **config_overrides)
-    saved = json.loads((Path(path) / "config.json").read_text())
-    if saved.get("domaintune_head"):  # a custom head of the other task: not rebuilt
-        config_overrides["domaintune_head"] = None
-    model = task.load_model(
-        path, labels, seed, trust_remote_code, ignore_mismatched_sizes=True, **config_overrides
-    )
-    fresh_head(model, seed)
-    return model
 
 
 def fresh_head(model: Any, seed: int) -> None:

@@ -163,28 +163,27 @@ def _stopped_early(trainer: Any) -> bool:
 
 
 def prepare_model(spec: WorkerSpec) -> Any:
-    """The base model as training starts from it: dropout overrides, then the strategy's
-    architecture changes (dropped blocks, custom head, embeddings from a checkpoint)."""
-    from domaintune.training.attention import attention_implementation
-    from domaintune.training.strategies import load_task_model, prepare_structure
-
-    training = spec.training
-    overrides = dict(spec.config_overrides)
-    attention = attention_implementation(training.attention, spec.precision, spec.model_path)
-    if attention:
-        overrides["attn_implementation"] = attention
-    model = load_task_model(  # a base model's own head that does not fit: a fresh one
-        spec.task_type,
-        spec.model_path,
-        spec.labels,
-        training.seed,
-        spec.trust_remote_code,
-        **overrides,
-    )
-    for note in prepare_structure(model, training.strategy, spec.model_path):
-        logging.getLogger(__name__).info("strategy: %s", note)
+    """The base model as training starts from it (``domaintune.loading``: dropout overrides,
+    the attention function, then the strategy's architecture changes: dropped blocks,
+    custom head, embeddings from a checkpoint), with cheaper dropout masks on a CPU."""
     import torch
 
+    from domaintune.loading import LoadSpec, load_model
+    from domaintune.training.attention import attention_implementation
+
+    training = spec.training
+    model = load_model(
+        LoadSpec(
+            path=spec.model_path,
+            task_type=spec.task_type,
+            labels=tuple(spec.labels),
+            seed=training.seed,
+            trust_remote_code=spec.trust_remote_code,
+            structure=training.strategy,
+            config_overrides=spec.config_overrides,
+            attention=attention_implementation(training.attention, spec.precision, spec.model_path),
+        )
+    )
     if not torch.cuda.is_available():
         from domaintune.training.dropout import use_cpu_dropout
 

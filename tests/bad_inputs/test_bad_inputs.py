@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from domaintune import errors
-from domaintune.config import load_config
+from domaintune.runconfig import load_config
 from domaintune.store import Store
 from domaintune.tasks.finetune import plan as finetune_plan
 from domaintune.tasks.ingest import ingest

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from domaintune import errors
-from domaintune.config import load_config
+from domaintune.runconfig import load_config
 from domaintune.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.validate import validate

@@ -101,7 +101,7 @@ def test_a_recipe_that_cannot_run_fails_at_load_naming_the_stage(
 
 
 def test_stage_paths_are_resolved_like_the_config_s(tmp_path, monkeypatch):
-    from domaintune.config import load_config
+    from domaintune.runconfig import load_config
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from domaintune.config import load_config
 from domaintune.errors import ConfigError
+from domaintune.runconfig import load_config
 from domaintune.tasktypes import get_task_type, task_type_names
 from tests.conftest import write_csv
 

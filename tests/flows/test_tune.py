@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from domaintune.config import load_config
 from domaintune.errors import ConfigError
+from domaintune.runconfig import load_config
 from domaintune.training.checkpoints import CHECKPOINT_MARKER
 from tests.conftest import write_csv
 

@@ -87,8 +87,8 @@ def test_causal_lm_flow_lowers_perplexity_and_promotes(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from domaintune.loading import autocast_for
     from domaintune.predict import predict
-    from domaintune.tasks.evaluate import autocast_for
     from domaintune.training.launch import inference_precision
 
     cfg = lm_config(make_config, src, tiny_causal_model)

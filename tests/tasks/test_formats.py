@@ -11,8 +11,8 @@ import re
 import pandas as pd
 import pytest
 
-from domaintune.config import load_config
 from domaintune.errors import ConfigError, ContractViolation, DataError
+from domaintune.runconfig import load_config
 from domaintune.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess

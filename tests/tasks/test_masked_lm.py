@@ -28,7 +28,7 @@ def docs(rows, n=20):
 def test_blocks_keep_special_tokens_and_test_masks_are_fixed(
     tmp_path, make_config, rows, tiny_model
 ):
-    from domaintune.tasks.evaluate import load_for_scoring
+    from domaintune.loading import load_for_scoring
     from domaintune.tasktypes import get_task_type
     from domaintune.tasktypes.masked_lm import masking_collator
 

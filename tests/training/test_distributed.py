@@ -127,7 +127,7 @@ def test_bf16_instructions_are_read_from_the_processor_flags():
 
 
 def test_models_are_scored_in_the_precision_they_trained_in():
-    from domaintune.tasks.evaluate import autocast_for
+    from domaintune.loading import autocast_for
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 5))
@@ -488,7 +488,7 @@ def test_a_killed_rank_is_resumed_from_its_checkpoint_on_retry(tmp_path, make_co
 
 _TASK_SCRIPT = """
 import json, sys
-from domaintune.config import validate_config
+from domaintune.runconfig import validate_config
 from domaintune.manifests import SplitManifest
 from domaintune.store import Store
 from domaintune.tasks.finetune import finetune

@@ -584,8 +584,8 @@ def test_smaller_model_custom_head_and_borrowed_frozen_embeddings(
     import numpy as np
     import pandas as pd
 
-    from domaintune.models import resolve_config_model
-    from domaintune.tasks.evaluate import autocast_for
+    from domaintune.chaining import resolve_config_model
+    from domaintune.loading import autocast_for
     from domaintune.training.launch import inference_precision
     from domaintune.training.spec import WorkerSpec
     from domaintune.training.worker import prepare_model
