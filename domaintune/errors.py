@@ -39,6 +39,11 @@ class ModelError(DomainTuneError):
     """The model or tokenizer cannot be found or does not fit the task."""
 
 
+class PredictError(DomainTuneError):
+    """A model reference, input or output that ``domaintune predict`` cannot use (one line,
+    exit 2)."""
+
+
 class TrainingFailed(Exception):
     """The training process(es) exited with an error. Retryable: the retry resumes."""
 

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def autocast_for(model: Any, precision: str) -> Iterator[None]:
+    """Score ``model`` in ``precision`` (bf16/fp16 autocast on its device; fp32: as is)."""
+    import torch
+
+    if precision == "fp32":
+        yield
+        return
+    device = next(model.parameters()).device.type
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    with torch.autocast(device_type=device, dtype=dtype):
+        yield
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

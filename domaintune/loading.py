@@ -9,21 +9,20 @@ folder's own head does not fit the run (another task or label set:
 ``strategies.head_change``), then the training strategy's changes to the architecture
 (dropped blocks, a custom head, embeddings from another model: ``strategies.prepare_structure``)
 for a base model that training starts from. Scoring adds the tokenizer, the precision the
-training used on this machine and eval mode (:func:`load_for_scoring`), and runs under
-:func:`autocast_for`.
+training used on this machine and eval mode (:func:`load_for_scoring`), and runs under ``autocast_for`` (``domaintune.inference``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from domaintune.config import StrategyConfig, TrainingConfig
+from domaintune.inference import autocast_for
 from domaintune.tasktypes import get_task_type
 from domaintune.training.attention import CPU_ATTENTION, attention_implementation
 from domaintune.training.launch import inference_precision
@@ -135,15 +134,4 @@ def load_for_scoring(
     return tok, model, precision
 
 
-@contextlib.contextmanager
-def autocast_for(model: Any, precision: str) -> Iterator[None]:
-    """Score ``model`` in ``precision`` (bf16/fp16 autocast on its device; fp32: as is)."""
-    import torch
-
-    if precision == "fp32":
-        yield
-        return
-    device = next(model.parameters()).device.type
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    with torch.autocast(device_type=device, dtype=dtype):
-        yield
+__all__ = ["LoadSpec", "autocast_for", "load_for_scoring", "load_model", "load_task_model"]

@@ -279,7 +279,9 @@ def _training(config: RetrainConfig, model: ModelArtifact, doc: dict[str, Any]) 
 
 def _data(config: RetrainConfig, raw: RawSnapshot, splits: SplitManifest) -> list[str]:
     stats = splits.stats
-    contract = config.contract.path or f"data_contracts/{config.task.type}.yaml (built-in)"
+    contract = (
+        config.contract.path or f"{get_task_type(config.task.type).contract_source()[0]} (built-in)"
+    )
     counts = [
         ["rows ingested", raw.rows],
         ["records that did not parse (quarantined)", raw.unparsed_rows],

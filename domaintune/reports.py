@@ -231,7 +231,7 @@ def counts_markdown(name: str, model: str, scored: list[ScoredFile]) -> str:
         "|---|---:|",
         *(f"| {k} | {v} |" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])),
     ]
-    if scored and get_task_type(scored[0].task_type).labelled_head:  # counts per label
-        what = "predicted class" if scored[0].task_type == "text_classification" else "entity type"
+    what = get_task_type(scored[0].task_type).counted if scored else None
+    if what:  # counts per label
         lines += ["", f"![count per {what}]({data_uri(bar_chart_svg(totals, f'per {what}'))})"]
     return "\n".join(lines)

@@ -9,7 +9,6 @@ flow stops before any training. The raw snapshot stays in the store either way.
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import logging
 import os
@@ -53,11 +52,7 @@ def load_contract(config: RetrainConfig) -> dict[str, Any]:
             raise ConfigError(f"contract.path: {path} not found") from None
         origin = str(path)
     else:
-        res = importlib.resources.files("domaintune.data_contracts").joinpath(
-            f"{task.contract}.yaml"
-        )
-        text = res.read_text(encoding="utf-8")
-        origin = f"data_contracts/{task.contract}.yaml"
+        origin, text = task.contract_source()
     try:
         contract = yaml.safe_load(text)
     except yaml.YAMLError as exc:

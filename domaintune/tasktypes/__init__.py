@@ -21,7 +21,7 @@ from domaintune.tasktypes.base import TaskType
 #: name -> class, for every task type imported so far
 _REGISTRY: dict[str, type[TaskType]] = {}
 _GROUP = "domaintune.task_types"
-_NOT_TASK_TYPES = {"base", "heads", "rules"}
+_NOT_TASK_TYPES = {"base", "heads", "predicting", "rules"}  # helper modules
 
 
 def register_task_type(cls: type[TaskType]) -> type[TaskType]:

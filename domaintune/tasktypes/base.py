@@ -9,8 +9,10 @@ how predictions are scored.
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -85,7 +87,9 @@ class TaskType(ABC):
     custom_head: bool = False
     #: Whether the model's output is generated text (evaluation keeps sample generations).
     generative: bool = False
-    #: File name (without .yaml) of the default contract in ``data_contracts/``.
+    #: The default contract: a file name (without .yaml) in ``data_contracts/``, or the path of
+    #: a contract YAML a plug-in ships beside its module
+    #: (``str(Path(__file__).with_name("my_task.yaml"))``).
     contract: str
     #: Columns of the raw snapshot besides ``_row`` and ``_source``.
     raw_columns: tuple[str, ...]
@@ -104,8 +108,45 @@ class TaskType(ABC):
     #: preprocess stats' ``truncated_share`` counts). False where nothing is lost: long
     #: texts become overlapping windows (NER, QA) or are packed into blocks (LM).
     cuts_long_texts: bool = True
+    #: What ``prediction_counts`` counts per label, where it does ("predicted class"): the
+    #: scoring report charts those counts. None: its counts are not per label.
+    counted: str | None = None
     #: The raw columns that make two examples the same (preprocess drops the later one).
     duplicate_key: tuple[str, ...] = ("text",)
+
+    def contract_source(self) -> tuple[str, str]:
+        """(where the default contract is, its YAML text): ``data_contracts/<contract>.yaml``,
+        or the file a plug-in ships (``contract`` a path ending in .yaml)."""
+        if str(self.contract).endswith((".yaml", ".yml")):
+            path = Path(self.contract)
+            return str(path), path.read_text(encoding="utf-8")
+        res = importlib.resources.files("domaintune.data_contracts").joinpath(
+            f"{self.contract}.yaml"
+        )
+        return f"data_contracts/{self.contract}.yaml", res.read_text(encoding="utf-8")
+
+    # -- predict (``domaintune predict``, the score stage) ----------------------
+    @property
+    def predicts(self) -> bool:
+        """Whether ``domaintune predict`` serves this task type (it implements
+        :meth:`predict`)."""
+        return type(self).predict is not TaskType.predict
+
+    def predict_inputs(self, model: Any, text_column: str) -> list[tuple[str, tuple[str, ...]]]:
+        """What each input file of ``predict`` must hold: (role, column names one of which
+        is there), checked before anything loads. Default: the text column."""
+        return [("text", (text_column,))]
+
+    def predict(self, model: Any, table: pd.DataFrame, text_column: str, load: Any) -> pd.DataFrame:
+        """``table`` (raw input rows, columns as read) with this task's predictions added,
+        rows in their input order. ``model``: a ``predicting.PredictModel``; ``load()``:
+        (tokenizer, model, precision) loaded as the model's evaluation loaded it. Not
+        implemented: predict says it does not serve the task type."""
+        raise NotImplementedError
+
+    def prediction_counts(self, result: pd.DataFrame) -> dict[str, int]:
+        """What predict's summary counts in its output (labels, entity types, answers)."""
+        return {}
 
     def check_config(self, config: Any) -> None:
         """Raise ValueError naming the key when ``config`` (a RetrainConfig being validated)

@@ -191,3 +191,61 @@ class CausalLM(TaskType):
                     total_nll += block_nll
                     total_tokens += n
         return self.compute_metrics(total_nll, total_tokens, labels), pd.DataFrame(rows)
+
+    # -- predict ---------------------------------------------------------------
+    def predict(self, model: Any, table: pd.DataFrame, text_column: str, load: Any) -> pd.DataFrame:
+        """Per document: ``perplexity_tokens`` scored and ``perplexity`` = exp(mean negative log-likelihood).
+        A document (its tokens and end-of-sequence token, as training packs it) is cut into
+        blocks of ``training.max_length``; each block's first token has no context and is not
+        scored, as in the evaluation's packed blocks."""
+        import torch
+        import torch.nn.functional as F
+
+        from domaintune.inference import autocast_for
+        from domaintune.progress import Progress
+        from domaintune.tasktypes.predicting import log
+
+        tokenizer, net, precision = load()
+        texts = table[text_column].fillna("").astype(str).tolist()
+        eos = tokenizer.eos_token_id
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        blocks: list[tuple[int, list[int]]] = []  # (document, token ids)
+        for doc, doc_ids in enumerate(ids):
+            doc_ids = [*doc_ids, eos] if eos is not None else list(doc_ids)
+            for start in range(0, len(doc_ids), model.max_length):
+                block = doc_ids[start : start + model.max_length]
+                if len(block) > 1:
+                    blocks.append((doc, block))
+        nll = np.zeros(len(texts))
+        scored = np.zeros(len(texts), dtype=np.int64)
+        order = np.argsort([len(b) for _, b in blocks], kind="stable")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+        progress = Progress(len(blocks), "predict", unit="blocks", logger=log)
+        with torch.inference_mode(), autocast_for(net, precision):
+            for start in range(0, len(order), model.batch_size):
+                chosen = [blocks[i] for i in order[start : start + model.batch_size]]
+                width = max(len(b) for _, b in chosen)
+                input_ids = torch.full((len(chosen), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chosen), width), dtype=torch.long)
+                for j, (_, b) in enumerate(chosen):
+                    input_ids[j, : len(b)] = torch.tensor(b)
+                    mask[j, : len(b)] = 1
+                logits = net(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+                target = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+                losses = F.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none"
+                ).view(target.shape)
+                for j, (doc, _) in enumerate(chosen):
+                    nll[doc] += float(losses[j].sum())
+                    scored[doc] += int((target[j] != -100).sum())
+                progress.advance(len(chosen))
+        progress.close()
+        out = table.copy()
+        out["perplexity_tokens"] = scored
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["perplexity"] = np.where(scored > 0, np.exp(nll / np.maximum(scored, 1)), np.nan)
+        return out
+
+    def prediction_counts(self, result: pd.DataFrame) -> dict[str, int]:
+        """The corpus as a whole."""
+        return {"documents": len(result), "tokens": int(result["perplexity_tokens"].sum())}

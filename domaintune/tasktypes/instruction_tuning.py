@@ -317,3 +317,107 @@ class InstructionTuning(TaskType):
         result = table.drop(columns=["messages"]).rename(columns={"text": "prompt"})
         result["predicted"] = outputs
         return metrics, result.reset_index(drop=True)
+
+    # -- predict ---------------------------------------------------------------
+    def predict_inputs(self, model: Any, text_column: str) -> list[tuple[str, tuple[str, ...]]]:
+        """A column of chat messages (or ShareGPT ``conversations``), of instructions, or
+        of prompts (the text column)."""
+        names = (
+            model.column("messages_column"),
+            "conversations",
+            model.column("instruction_column"),
+            text_column,
+        )
+        return [("prompt", names)]
+
+    def predict(self, model: Any, table: pd.DataFrame, text_column: str, load: Any) -> pd.DataFrame:
+        """``generated``: the model's greedy answer to each row's conversation."""
+        return generate_answers(model, table, self._conversations(model, table, text_column), load)
+
+    def prediction_counts(self, result: pd.DataFrame) -> dict[str, int]:
+        return {"prompts": len(result), "empty": int((result["generated"] == "").sum())}
+
+    def _conversations(self, model: Any, table: pd.DataFrame, text_column: str) -> list[list]:
+        """Each row's conversation up to the answer: its chat turns (``data.messages_column`` or
+        ShareGPT ``conversations``; a closing assistant message is the reference, left out), an
+        instruction (+ input), or a prompt in the text column."""
+        names = {
+            k: model.column(f"{k}_column") for k in ("messages", "instruction", "input", "output")
+        }
+        turns = turns_column(table.columns, names["messages"])
+        if turns is not None:
+            names.update(messages=turns, system="system")
+        has_instruction = names["instruction"] in table.columns
+        out = []
+        for row in table.to_dict("records"):
+            if turns is not None or has_instruction:
+                messages = messages_from_row(row, turns is not None, names) or []
+            else:
+                text = row.get(text_column)
+                messages = (
+                    []
+                    if text is None or pd.isna(text)
+                    else [{"role": "user", "content": str(text)}]
+                )
+            messages = [m for m in messages if isinstance(m, dict)]
+            if messages and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+            out.append(messages)
+        return out
+
+
+def predict_generation_settings(model: Any) -> GenerationSettings:
+    """How ``model`` generates: its run's ``evaluation.max_new_tokens`` (auto: the value
+    derived from its training answers, in its ``generation_config.json``) and prompts cut to
+    the room its training left them, in batches of ``--batch-size``: as its evaluation."""
+    from domaintune.chat import prompt_budget
+
+    wanted = model.config.evaluation.max_new_tokens if model.config is not None else "auto"
+    if wanted == "auto":
+        saved = model.model_dir / "generation_config.json"
+        doc = json.loads(saved.read_text()) if saved.is_file() else {}
+        wanted = doc.get("max_new_tokens") or 128
+    return GenerationSettings(
+        max_new_tokens=int(wanted),
+        batch_size=model.batch_size,
+        max_prompt_tokens=prompt_budget(model.max_length, int(wanted)),
+    )
+
+
+def generate_answers(
+    model: Any, table: pd.DataFrame, conversations: list[list], load: Any
+) -> pd.DataFrame:
+    """``table`` with ``generated``: the model's greedy answer to each conversation, rendered
+    with its chat template and cut to fit as training cut prompts (domaintune.chat), generated
+    as its evaluation generated."""
+    from domaintune.errors import PredictError
+    from domaintune.generation import cast_for_generation
+    from domaintune.inference import autocast_for
+    from domaintune.progress import Progress
+    from domaintune.tasktypes.predicting import log
+
+    tokenizer, net, precision = load()
+    if not getattr(tokenizer, "chat_template", None):
+        raise PredictError(
+            f"{model.reference}: the model's tokenizer has no chat template; rule: "
+            f"{model.task_type} prompts are rendered with it"
+        )
+    cast_for_generation(net, precision)  # as evaluation generates
+    settings = predict_generation_settings(model)
+    prompts, empty = [], []
+    for i, messages in enumerate(conversations):
+        if not any(m.get("role") == "user" for m in messages):
+            empty.append(i)
+            messages = [{"role": "user", "content": ""}]
+        prompts.append(prompt_ids(tokenizer, messages, settings.max_prompt_tokens))
+    progress = Progress(len(prompts), "predict", unit="answers", logger=log)
+    with autocast_for(net, precision):
+        generated = generate_texts(net, tokenizer, prompts, settings, progress.advance)
+    progress.close()
+    for i in empty:
+        generated[i] = ""
+    if empty:
+        model.notes.append(f"{len(empty)} row(s) had no prompt: nothing generated")
+    out = table.copy()
+    out["generated"] = generated
+    return out

@@ -39,7 +39,7 @@ import pandas as pd
 
 from domaintune.errors import ModelError
 from domaintune.tasktypes import register_task_type
-from domaintune.tasktypes.base import MINILM, TokenizeSettings
+from domaintune.tasktypes.base import MINILM, TaskType, TokenizeSettings
 from domaintune.tasktypes.causal_lm import CausalLM
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,10 @@ class MaskedLM(CausalLM):
     auto_model = "AutoModelForMaskedLM"
     cuts_long_texts = False  # packed into blocks
     model_columns = ("input_ids", "attention_mask")
+    # an encoder to fine-tune further, not a model to serve: predict says so in one line
+    # (causal_lm's perplexities would be wrong for it)
+    predict = TaskType.predict
+    prediction_counts = TaskType.prediction_counts
 
     def learning_settings(self, settings: Any) -> dict[str, Any]:
         """How the collator masks is part of what is learned, and of what is scored."""

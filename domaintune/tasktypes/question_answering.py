@@ -378,3 +378,52 @@ class QuestionAnswering(TaskType):
         table["answers"] = [" | ".join(r) for r in refs]
         table["predicted"] = preds
         return metrics, table.reset_index(drop=True)
+
+    # -- predict ---------------------------------------------------------------
+    def predict_inputs(self, model: Any, text_column: str) -> list[tuple[str, tuple[str, ...]]]:
+        return [(role, (model.column(f"{role}_column"),)) for role in ("question", "context")]
+
+    def predict(self, model: Any, table: pd.DataFrame, text_column: str, load: Any) -> pd.DataFrame:
+        """Per question: ``answer`` (a span of the context), its character ``answer_start`` /
+        ``answer_end`` in the context, ``answer_score`` (its probability) and ``no_answer``
+        (where a model trained with unanswerable questions finds none). Long contexts are read in
+        the training's overlapping windows, the best span over them wins (as in evaluation)."""
+        from domaintune.tasktypes.predicting import encoded_logits
+
+        tokenizer, net, precision = load()
+        settings = model.tokenize_settings()
+
+        def texts(column: str) -> list[str]:
+            return ["" if pd.isna(v) else str(v) for v in table[model.column(column)]]
+
+        questions = [" ".join(q.split()) for q in texts("question_column")]
+        contexts = texts("context_column")
+        rows = [i for i in range(len(table)) if questions[i] and contexts[i].strip()]
+        batch = {
+            "question": [questions[i] for i in rows],
+            "context": [contexts[i] for i in rows],
+            "answers": [None] * len(rows),
+            "text": [None] * len(rows),
+            **{k: rows for k in ("_row", "_source", "_example")},
+        }
+        enc = self.tokenize(batch, tokenizer, settings, [])
+        logits = encoded_logits(model, net, tokenizer, precision, enc, logits_of=span_logits)
+        allow = bool(model.task_settings().allow_unanswerable)
+        longest = int(model.task_settings().max_answer_tokens)
+        found = best_answers(
+            enc["_example"], enc["context"], enc["offsets"], logits, allow, longest
+        )
+        answers = [found.get(i, NO_ANSWER) for i in range(len(table))]
+        out = table.copy()
+        out["answer"] = [a.text for a in answers]
+        out["answer_start"] = [a.start for a in answers]
+        out["answer_end"] = [a.end for a in answers]
+        out["answer_score"] = [a.score for a in answers]
+        out["no_answer"] = [a.no_answer for a in answers]
+        return out
+
+    def prediction_counts(self, result: pd.DataFrame) -> dict[str, int]:
+        return {
+            "answered": int((~result["no_answer"]).sum()),
+            "no_answer": int(result["no_answer"].sum()),
+        }

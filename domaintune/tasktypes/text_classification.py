@@ -46,6 +46,7 @@ def _int_like(value: str) -> int | None:
 @register_task_type
 class TextClassification(TaskType):
     name = "text_classification"
+    counted = "predicted class"
     metrics = ("accuracy", "macro_f1", "weighted_f1")
     default_model = MINILM
     new_head = True
@@ -192,6 +193,29 @@ class TextClassification(TaskType):
         table["predicted"] = [labels[i] for i in logits.argmax(-1)]
         table["confidence"] = probs.max(-1)
         return metrics, table
+
+    # -- predict ---------------------------------------------------------------
+    def predict(self, model: Any, table: pd.DataFrame, text_column: str, load: Any) -> pd.DataFrame:
+        """``predicted``, ``confidence`` and ``prob_<label>`` per class."""
+        from domaintune.inference import softmax
+        from domaintune.tasktypes.predicting import encoded_logits
+
+        tokenizer, net, precision = load()
+        texts = table[text_column].fillna("").astype(str).tolist()
+        enc = tokenizer(texts, truncation=True, max_length=model.max_length)
+        probs = softmax(np.stack(encoded_logits(model, net, tokenizer, precision, enc)))
+        labels = model.labels or [str(i) for i in range(probs.shape[1])]
+        out = table.copy()
+        out["predicted"] = [labels[i] for i in probs.argmax(-1)]
+        out["confidence"] = probs.max(-1)
+        for i, label in enumerate(labels):
+            out[f"prob_{label}"] = probs[:, i]
+        return out
+
+    def prediction_counts(self, result: pd.DataFrame) -> dict[str, int]:
+        from domaintune.tasktypes.predicting import value_counts
+
+        return value_counts(result["predicted"])
 
 
 def classification_metrics(references: Any, predictions: Any, labels: list[str]) -> dict[str, Any]:

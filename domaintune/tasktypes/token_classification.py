@@ -83,6 +83,16 @@ def word_logits(
     return {e: {w: row for w, (_, row) in words.items()} for e, words in best.items()}
 
 
+def pretokenized_words(tokenizer: Any, text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """The words of raw text as the tokenizer's own pre-tokenizer splits it (whitespace and
+    punctuation for BERT-like models: the CoNLL convention), with character offsets."""
+    pre = tokenizer.backend_tokenizer.pre_tokenizer
+    pieces = pre.pre_tokenize_str(text) if pre is not None else []
+    if not pieces:  # no pre-tokenizer: whitespace
+        pieces = [(m.group(), m.span()) for m in re.finditer(r"\S+", text)]
+    return [w for w, _ in pieces], [(int(a), int(b)) for _, (a, b) in pieces]
+
+
 def iob2_error(tags: list[str]) -> str:
     """'' when the tags are valid IOB2, else the first violation."""
     prev = "O"
@@ -117,6 +127,7 @@ def tag_set(labels: list[str]) -> list[str]:
 @register_task_type
 class TokenClassification(TaskType):
     name = "token_classification"
+    counted = "entity type"
     metrics = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy")
     default_model = MINILM
     new_head = True
@@ -321,3 +332,79 @@ class TokenClassification(TaskType):
         table["tags"] = [" ".join(r) for r in refs]
         table["predicted"] = [" ".join(p) for p in preds]
         return metrics, table.reset_index(drop=True)
+
+    # -- predict ---------------------------------------------------------------
+    def predict(self, model: Any, table: pd.DataFrame, text_column: str, load: Any) -> pd.DataFrame:
+        """Entities with character spans (``start``/``end`` into the text), type and score (the
+        mean probability of the words' tags); CoNLL input (``tokens``) is scored as its words,
+        its text being the words joined by spaces."""
+        from domaintune.inference import softmax
+        from domaintune.tasktypes.predicting import encoded_logits
+
+        tokenizer, net, precision = load()
+        words_of, offsets_of, texts = [], [], []
+        conll = "tokens" in table.columns
+        for i in range(len(table)):
+            if conll:
+                words = [str(w) for w in table["tokens"].iloc[i]]
+                starts = np.cumsum([0] + [len(w) + 1 for w in words[:-1]]).tolist()
+                offsets = [(s, s + len(w)) for s, w in zip(starts, words, strict=True)]
+                text = " ".join(words)
+            else:
+                text = (
+                    "" if pd.isna(table[text_column].iloc[i]) else str(table[text_column].iloc[i])
+                )
+                words, offsets = pretokenized_words(tokenizer, text)
+            words_of.append(words)
+            offsets_of.append(offsets)
+            texts.append(text)
+        rows = [i for i, w in enumerate(words_of) if w]
+        enc = tokenizer(  # windowed as training windowed (TokenClassification.tokenize)
+            [words_of[i] for i in rows],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=model.max_length,
+            stride=self.window_stride(model.tokenize_settings()),
+            return_overflowing_tokens=True,
+        )
+        logits = encoded_logits(model, net, tokenizer, precision, enc)
+        examples = [rows[s] for s in enc["overflow_to_sample_mapping"]]
+        word_ids = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(examples))]
+        best = word_logits(examples, word_ids, logits)
+        labels = model.labels
+        found: list[list[dict[str, Any]]] = []
+        for i, words in enumerate(words_of):
+            rows_logits = best.get(i, {})
+            tags, scores = [], []
+            for w in range(len(words)):
+                if w not in rows_logits:
+                    tags.append("O")
+                    scores.append(1.0)
+                    continue
+                p = softmax(rows_logits[w])
+                tags.append(labels[int(p.argmax())])
+                scores.append(float(p.max()))
+            entities = []
+            for etype, first, last in spans(tags):
+                start, end = offsets_of[i][first][0], offsets_of[i][last][1]
+                entities.append(
+                    {
+                        "type": etype,
+                        "start": int(start),
+                        "end": int(end),
+                        "text": texts[i][start:end],
+                        "score": float(np.mean(scores[first : last + 1])),
+                    }
+                )
+            found.append(entities)
+        out = table.copy()
+        if conll:
+            out["text"] = texts
+        out["entities"] = found
+        out["entity_count"] = [len(e) for e in found]
+        return out
+
+    def prediction_counts(self, result: pd.DataFrame) -> dict[str, int]:
+        from domaintune.tasktypes.predicting import value_counts
+
+        return value_counts([e["type"] for row in result["entities"] for e in row])

@@ -21,7 +21,11 @@ import pandas as pd
 from domaintune.errors import DataError
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import require_columns
-from domaintune.tasktypes.instruction_tuning import InstructionTuning, messages_error
+from domaintune.tasktypes.instruction_tuning import (
+    InstructionTuning,
+    generate_answers,
+    messages_error,
+)
 
 PROMPT = "Translate the following text from {source} to {target}.\n\n{text}"
 #: names of common language codes (lower case) in prompts; other codes are named by their
@@ -240,3 +244,26 @@ class Translation(InstructionTuning):
         chrf = sacrebleu.corpus_chrf(preds, [refs]).score / 100.0 if preds else 0.0
         scores = {"chrf": float(chrf), **super().compute_metrics(predictions, references, labels)}
         return {m: scores[m] for m in self.metrics}
+
+    # -- predict ---------------------------------------------------------------
+    def predict_inputs(self, model: Any, text_column: str) -> list[tuple[str, tuple[str, ...]]]:
+        return []  # the source column is found by its language code
+
+    def predict(self, model: Any, table: pd.DataFrame, text_column: str, load: Any) -> pd.DataFrame:
+        """``generated``: the model's translation of each row's source text."""
+        return generate_answers(model, table, self._requests(model, table, text_column), load)
+
+    def _requests(self, model: Any, table: pd.DataFrame, text_column: str) -> list:
+        """Each row's source text (``data.source_text_column``, or the column named by
+        ``task.source_language``) as the request training asked."""
+        task, data = model.task_settings(), model.config.data if model.config is not None else None
+        column = (data.source_text_column if data is not None else None) or language_column(
+            list(table.columns), task.source_language, "task.source_language", "INPUT"
+        )
+        names = (language_name(task.source_language), language_name(task.target_language))
+        return [
+            []
+            if text is None or pd.isna(text) or not str(text).strip()
+            else self.conversation(str(text), "", names)[:1]
+            for text in table[column]
+        ]

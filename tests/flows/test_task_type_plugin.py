@@ -6,6 +6,7 @@ flow, training worker included."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 
 TOY = """
+from pathlib import Path
+
 from domaintune.tasktypes.text_classification import TextClassification
 
 
@@ -29,7 +32,16 @@ class ToyTopics(TextClassification):
     metrics = ("macro_f1", "accuracy")
     default_model = {model!r}
     custom_head = False
-    contract = "text_classification"
+    contract = str(Path(__file__).with_name("toy_topics.yaml"))  # shipped beside it
+
+    def predict(self, model, table, text_column, load):
+        \"\"\"The topic, and whether the model is sure of it (its own column and counts).\"\"\"
+        out = super().predict(model, table, text_column, load)
+        out["sure"] = out["confidence"] >= 0.5
+        return out
+
+    def prediction_counts(self, result):
+        return {{"sure": int(result["sure"].sum()), "unsure": int((~result["sure"]).sum())}}
 """
 
 
@@ -46,6 +58,9 @@ def toy(tiny_model, tmp_path, monkeypatch):
     site = tmp_path / "site"
     (site / "toy_tasks").mkdir(parents=True)
     (site / "toy_tasks" / "__init__.py").write_text(TOY.format(model=str(tiny_model)))
+    # its own contract, shipped beside the module (here: the text-classification one)
+    contract = Path(__file__).resolve().parents[2] / "data_contracts/text_classification.yaml"
+    (site / "toy_tasks" / "toy_topics.yaml").write_text(contract.read_text())
     info = site / "toy_tasks-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-tasks\nVersion: 0.1\n")
@@ -87,6 +102,23 @@ def test_a_registered_task_type_is_known_everywhere_and_runs_the_flow(toy, tmp_p
     assert summary["version"] == "v0001"  # registered (promotion: the usual rules)
     assert summary["metrics"]["primary_metric"] == "macro_f1"
     assert {"macro_f1", "accuracy"} <= set(summary["metrics"]["finetuned"])
+    # domaintune predict serves it through its own predict, no other file touched
+    import pandas as pd
+
+    from domaintune.predict import predict
+    from domaintune.store import Store
+
+    out = tmp_path / "predictions.parquet"
+    said = predict("toy@v0001", [str(src)], str(out), Store(tmp_path / "store"))
+    table = pd.read_parquet(out)
+    assert len(table) == len(pd.read_csv(src)) and {"predicted", "sure"} <= set(table.columns)
+    assert said["task_type"] == "toy_topics"
+    card = (tmp_path / "store/registry/toy/v0001/model/README.md").read_text()
+    assert "toy_tasks/toy_topics.yaml (built-in)" in card  # the contract it shipped
+    assert said["counts"] == {
+        "sure": int(table["sure"].sum()),
+        "unsure": int((~table["sure"]).sum()),
+    }
 
 
 def test_an_unknown_task_type_is_one_line_naming_the_known_ones(tmp_path):

@@ -20,6 +20,7 @@ from domaintune.store import Store
 from domaintune.tasks import finetune as finetune_stage
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
+from domaintune.training import supervisor
 from domaintune.training.checks import max_weight_difference, saved_tensors, verify_saved_model
 from domaintune.training.deepspeed_config import build_deepspeed_config
 from domaintune.training.launch import (
@@ -283,26 +284,26 @@ def test_a_rank_that_went_first_is_named_with_its_last_words():
     """DeepSpeed's launcher lines become words; a rank that aborts without an error line
     (a C assertion, a glibc abort) is still explained by the last thing it printed."""
     line = "[2026-11-24 10:00:00,000] [INFO] [launch.py:319:sigkill_handler] exits with return code = -6"
-    assert finetune_stage.rank_failure(line) == "a rank was killed by SIGABRT"
-    assert finetune_stage.rank_failure("10.0.0.2: " + line.replace("-6", "3")) == (
+    assert supervisor.rank_failure(line) == "a rank was killed by SIGABRT"
+    assert supervisor.rank_failure("10.0.0.2: " + line.replace("-6", "3")) == (
         "the rank on host 10.0.0.2 exited with code 3"
     )
-    assert finetune_stage.rank_failure(line.replace("-6", "0")) is None
-    assert finetune_stage.rank_failure("exits with return code = -9") is None  # not the launcher
+    assert supervisor.rank_failure(line.replace("-6", "0")) is None
+    assert supervisor.rank_failure("exits with return code = -9") is None  # not the launcher
     # the rank killed on the second host went first, whatever order the reports arrive in
     lost = "the rank on host 127.0.0.1 exited with code 1"
     killed = "the rank on host 127.0.0.2 was killed by SIGKILL"
     stopped = "the rank on host 127.0.0.3 was killed by SIGTERM"
-    assert finetune_stage.root_failure([stopped, lost, killed]) == killed
-    assert finetune_stage.root_failure([stopped, lost]) == lost
-    assert finetune_stage.root_failure([]) is None
+    assert supervisor.root_failure([stopped, lost, killed]) == killed
+    assert supervisor.root_failure([stopped, lost]) == lost
+    assert supervisor.root_failure([]) is None
     tail = [
         'DOMAINTUNE {"event": "log", "step": 3}',
         "10.0.0.2: python: shm.cpp:144: reduce_all_buffers: Assertion `!0' failed.",
         "10.0.0.2: " + line,
         "[2026-11-24 10:00:00,001] [INFO] [launch.py:328:sigkill_handler] Killing subprocess 7",
     ]
-    words = finetune_stage._last_rank_words(tail)
+    words = supervisor._last_rank_words(tail)
     assert words == "python: shm.cpp:144: reduce_all_buffers: Assertion `!0' failed."
 
 
@@ -322,13 +323,13 @@ def test_a_rank_killed_by_a_signal_is_named_with_where_it_was(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert run.returncode == -signal.SIGABRT
     lines = ["10.0.0.2: " + ln for ln in run.stderr.splitlines()]  # as pdsh forwards them
-    dumps = finetune_stage.FaultDumps()
+    dumps = supervisor.FaultDumps()
     tail = [ln for ln in lines if not dumps.feed(ln)]
     assert tail == ["10.0.0.2: terminate called without an active exception"]
     assert dumps.summary == (
         "Fatal Python error: Aborted, current thread in end_distributed (rank.py:6)"
     )
-    assert finetune_stage._last_rank_words(tail) == "terminate called without an active exception"
+    assert supervisor._last_rank_words(tail) == "terminate called without an active exception"
 
 
 def test_a_rank_ends_with_its_exit_code_and_error_printed():
@@ -345,7 +346,7 @@ def test_a_rank_ends_with_its_exit_code_and_error_printed():
 
 
 def test_progress_description_shows_loss_and_throughput():
-    text = finetune_stage.progress_description(
+    text = supervisor.progress_description(
         40, 80, loss=0.53125, tokens_per_second=1234.5, samples_per_second=12.25
     )
     assert text == "Training: step 40 of 80 · loss 0.5312 · 1,234 tokens/s · 12.2 samples/s"
