@@ -311,12 +311,12 @@ def compare(
         "steps": steps,
         "batch_size": t.batch_size,
         "eval_batch_size": t.eval_batch_size,
-        "gradient_accumulation_steps": artifact.launch["gradient_accumulation_steps"],
+        "gradient_accumulation_steps": artifact.launch.gradient_accumulation_steps,
         "learning_rate": t.learning_rate,
         "weight_decay": t.weight_decay,
         "warmup_ratio": t.warmup_ratio,
         "seed": t.seed,
-        "bf16": artifact.launch.get("precision") == "bf16",
+        "bf16": artifact.launch.precision == "bf16",
     }
     if cfg.task.type == "causal_lm":  # the baselines get whole documents, unpacked
         texts = pd.read_parquet(Path(raw.path) / "raw.parquet")["text"].astype(str).tolist()
@@ -343,7 +343,7 @@ def compare(
         "parameters": params,
         "non_embedding_parameters": non_embedding_parameters(artifact.model_dir),
         "steps": steps,
-        "global_batch": artifact.launch["global_batch_size"],
+        "global_batch": artifact.launch.global_batch_size,
         "max_length": t.max_length,
         "gpus": gpus,
         "results": results,

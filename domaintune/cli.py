@@ -287,6 +287,7 @@ def _validate(args: argparse.Namespace, config: Any) -> int:
 
 def _run(args: argparse.Namespace, config: Any) -> int:
     from domaintune.flows.retrain import retrain
+    from domaintune.orchestration import failed_run_stages
 
     t0 = time.perf_counter()
     # keep stdout for the summary alone: libraries that print go to stderr
@@ -302,8 +303,8 @@ def _run(args: argparse.Namespace, config: Any) -> int:
             print(render_summary(summary))
         return 0
     exc = state.result(raise_on_failure=False)
-    stages = [s.model_dump() for s in getattr(exc, "domaintune_stages", [])]
     run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
+    stages = [s.model_dump() for s in failed_run_stages(run_id)]
     code = 2 if isinstance(exc, DomainTuneError) else 1
     if not isinstance(exc, BaseException):
         exc = RuntimeError(f"flow ended in state {state.name}: {state.message}")

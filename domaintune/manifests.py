@@ -88,6 +88,91 @@ class SplitManifest(Manifest):
     stats: dict[str, Any] = Field(default_factory=dict)
 
 
+class Part(BaseModel):
+    """A typed part of a manifest. Entries written by older code still read: a field they
+    lack takes its default, a key they had that is gone is ignored (a cached model is not
+    retrained for a change in what its record says)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ComponentCount(Part):
+    trainable: int = 0
+    total: int = 0
+
+
+class StrategyReport(Part):
+    """What trained (``training.strategy`` as applied to this model, by
+    ``training.strategies.apply_strategy``)."""
+
+    #: the strategy as the config's ``describe()`` says it ("full", "lora(r=16, ...)", ...)
+    strategy: str = "full"
+    #: full / frozen / components / top_layers / lora ...
+    kind: str = "full"
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    trainable_share: float = 0.0
+    #: embeddings / attention / feed_forward / layer_norm / head / other -> counts
+    components: dict[str, ComponentCount] = Field(default_factory=dict)
+    num_layers: int = 0
+    trained_blocks: list[int] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    #: LoRA: the adapters' own parameters
+    adapter_parameters: int | None = None
+    global_batch_size: int | None = None
+
+
+class OptimizerGroup(Part):
+    """One optimizer parameter group: its learning rate and weight decay, what it holds."""
+
+    lr: float
+    weight_decay: float
+    parameters: int
+    tensors: int = 0
+    #: embeddings / body / block N / top / head
+    parts: list[str] = Field(default_factory=list)
+
+
+class LaunchRecord(Part):
+    """Where and how it ran: the launch plan's summary and what the ranks reported."""
+
+    world_size: int = 1
+    num_nodes: int = 1
+    hosts: list[list[Any]] = Field(default_factory=list)
+    device: str = "cpu"
+    precision: str | None = None
+    precision_reason: str | None = None
+    micro_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = None
+    zero_engine: bool = False
+    zero_stage: int | None = None
+    attention: str | None = None
+    allocator: str | None = None
+    gradient_checkpointing: bool | None = None
+    torch_compile: bool | None = None
+
+
+class Throughput(Part):
+    """Training throughput of the last attempt: samples and real (non-padding) tokens."""
+
+    trained_steps: int | None = None
+    train_samples: int | None = None
+    train_tokens: int | None = None
+    train_samples_per_second: float | None = None
+    train_tokens_per_second: float | None = None
+
+
+class SavedModelCheck(Part):
+    """What the saved-model check found (``training.checks.verify_saved_model``)."""
+
+    files: list[str] = Field(default_factory=list)
+    tensors: int = 0
+    parameters: int = 0
+    bytes: int = 0
+    loads_in_transformers: bool = False
+
+
 class ModelArtifact(Manifest):
     stage: str = "finetune"
     model_dir: str
@@ -99,20 +184,16 @@ class ModelArtifact(Manifest):
     global_step: int
     best_metric: float | None = None
     train_seconds: float
+    #: One record per launch of the ranks (the attempts log, ``attempts.json``).
     attempts: list[dict[str, Any]] = Field(default_factory=list)
-    #: What trained: strategy, trainable / total parameters per component, trained blocks.
-    strategy: dict[str, Any] = Field(default_factory=dict)
-    #: Optimizer groups: learning rate, weight decay, parameters, model parts.
-    optimizer_groups: list[dict[str, Any]] = Field(default_factory=list)
+    strategy: StrategyReport = Field(default_factory=StrategyReport)
+    optimizer_groups: list[OptimizerGroup] = Field(default_factory=list)
     seconds_per_epoch: float | None = None
     peak_rss_mb: float | None = None
     peak_gpu_allocated_mb: float | None = None
-    #: Where it ran: world size, nodes, precision, micro / accumulation / global batch.
-    launch: dict[str, Any] = Field(default_factory=dict)
-    #: Training throughput of the last attempt: samples/s and real (non-padding) tokens/s.
-    throughput: dict[str, Any] = Field(default_factory=dict)
-    #: What the saved-model check found: files, tensors, parameters, bytes.
-    saved_model: dict[str, Any] = Field(default_factory=dict)
+    launch: LaunchRecord = Field(default_factory=LaunchRecord)
+    throughput: Throughput = Field(default_factory=Throughput)
+    saved_model: SavedModelCheck = Field(default_factory=SavedModelCheck)
 
 
 class EvaluationReport(Manifest):

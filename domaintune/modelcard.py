@@ -251,12 +251,12 @@ def _training(config: RetrainConfig, model: ModelArtifact, doc: dict[str, Any]) 
         ["optimizer steps", model.global_step],
         ["learning rate, scheduler", f"{t.learning_rate:g}, {t.lr_scheduler}"],
         ["batch per rank x accumulation x ranks", (
-            f"{launch['micro_batch_size']} x {launch['gradient_accumulation_steps']} x "
-            f"{launch['world_size']}" if "micro_batch_size" in launch else t.batch_size)],
+            f"{launch.micro_batch_size} x {launch.gradient_accumulation_steps} x "
+            f"{launch.world_size}" if launch.micro_batch_size else t.batch_size)],
         ["max length (tokens)", t.max_length],
         ["seed", t.seed],
         ["precision (training / evaluation)", (
-            f"{launch.get('precision') or t.precision} / "
+            f"{launch.precision or t.precision} / "
             f"{(doc.get('precision') or {}).get('precision', '-')}")],
         ["training seconds", f"{model.train_seconds:.1f}"],
     ]  # fmt: skip

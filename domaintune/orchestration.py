@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -103,9 +105,9 @@ def call_stage(
     seconds = round(time.perf_counter() - t0, 3)
     if not state.is_completed():
         records.append(StageRecord(name=t.name, cached=False, seconds=seconds))
+        _keep_failed_run_stages(records)
         exc = state.result(raise_on_failure=False)
         if isinstance(exc, BaseException):
-            exc.domaintune_stages = list(records)  # type: ignore[attr-defined]
             raise exc
         raise RuntimeError(f"stage {t.name} ended in state {state.name}")
     manifest = state.result()
@@ -113,6 +115,31 @@ def call_stage(
         StageRecord(name=t.name, cached=state.name == "Cached", seconds=seconds, key=manifest.key)
     )
     return manifest
+
+
+#: flow run id -> the stages of that failed run, up to the one that failed (the last few runs
+#: of this process: whoever started the run reads them with failed_run_stages)
+_FAILED_RUN_STAGES: OrderedDict[str, list[StageRecord]] = OrderedDict()
+_FAILED_RUN_STAGES_LOCK = threading.Lock()
+
+
+def _keep_failed_run_stages(records: list[StageRecord]) -> None:
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+    with _FAILED_RUN_STAGES_LOCK:
+        _FAILED_RUN_STAGES[str(run_id)] = list(records)
+        while len(_FAILED_RUN_STAGES) > 64:
+            _FAILED_RUN_STAGES.popitem(last=False)
+
+
+def failed_run_stages(flow_run_id: str | None) -> list[StageRecord]:
+    """The stages a failed flow run of this process went through, the failed one last (what
+    the CLI prints beside the error); empty when none is known."""
+    with _FAILED_RUN_STAGES_LOCK:
+        return _FAILED_RUN_STAGES.pop(str(flow_run_id), []) if flow_run_id else []
 
 
 def superseded_by() -> str | None:

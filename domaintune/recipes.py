@@ -183,7 +183,7 @@ def stage_record(stage: Stage, config: Any, raw: Any, splits: Any, model: Any, e
             "key": model.key,
             "fingerprint": model.fingerprint,
             "global_step": model.global_step,
-            "strategy": (model.strategy or {}).get("strategy"),
+            "strategy": model.strategy.strategy,
         },
         "evaluation": {
             "key": evaluation.key,

@@ -151,20 +151,20 @@ def training_markdown(model: ModelArtifact) -> str:
     """What trained, for the Prefect UI: strategy, parameters per component, learning rates."""
     s = model.strategy
     lines = [
-        f"## Training: {s.get('strategy', 'full')}",
+        f"## Training: {s.strategy}",
         "",
         f"Trainable parameters: **{model.trainable_parameters:,}** of "
         f"{model.total_parameters:,} ({100 * model.trainable_parameters / max(model.total_parameters, 1):.2f}%); "
         f"{model.global_step} steps in {model.train_seconds:.1f} s",
         "",
     ]
-    if s.get("num_layers"):
-        blocks = s.get("trained_blocks") or []
-        lines += [f"Transformer blocks trained: {blocks or 'none'} of 1..{s['num_layers']}", ""]
-    if s.get("components"):
+    if s.num_layers:
+        blocks = s.trained_blocks
+        lines += [f"Transformer blocks trained: {blocks or 'none'} of 1..{s.num_layers}", ""]
+    if s.components:
         lines += ["| component | trainable | total |", "|---|---:|---:|"]
-        for comp, row in s["components"].items():
-            lines.append(f"| {comp} | {row['trainable']:,} | {row['total']:,} |")
+        for comp, row in s.components.items():
+            lines.append(f"| {comp} | {row.trainable:,} | {row.total:,} |")
         lines.append("")
     if model.optimizer_groups:
         lines += [
@@ -173,26 +173,23 @@ def training_markdown(model: ModelArtifact) -> str:
         ]
         for g in model.optimizer_groups:
             lines.append(
-                f"| {g['lr']:.3g} | {g['weight_decay']:g} | {g['parameters']:,} | "
-                f"{', '.join(g['parts'])} |"
+                f"| {g.lr:.3g} | {g.weight_decay:g} | {g.parameters:,} | {', '.join(g.parts)} |"
             )
         lines.append("")
-    if model.launch:
-        la = model.launch
-        zero = f"ZeRO-{la['zero_stage']}" if la.get("zero_stage") is not None else "no ZeRO engine"
+    la = model.launch
+    if la.global_batch_size:
+        zero = f"ZeRO-{la.zero_stage}" if la.zero_stage is not None else "no ZeRO engine"
         lines.append(
-            f"Ran on {la.get('world_size')} {la.get('device', '').upper()} rank(s) on "
-            f"{la.get('num_nodes', 1)} node(s), {la.get('precision')}, "
-            f"{zero}; "
-            f"global batch {la.get('global_batch_size')} = {la.get('micro_batch_size')} per rank x "
-            f"{la.get('gradient_accumulation_steps')} accumulation"
+            f"Ran on {la.world_size} {la.device.upper()} rank(s) on {la.num_nodes} node(s), "
+            f"{la.precision}, {zero}; global batch {la.global_batch_size} = "
+            f"{la.micro_batch_size} per rank x {la.gradient_accumulation_steps} accumulation"
         )
         lines.append("")
     tp = model.throughput
-    if tp.get("train_samples_per_second"):
+    if tp.train_samples_per_second:
         lines.append(
-            f"Throughput: {tp['train_samples_per_second']:,.1f} samples/s, "
-            f"{tp.get('train_tokens_per_second', 0):,.0f} tokens/s (non-padding)"
+            f"Throughput: {tp.train_samples_per_second:,.1f} samples/s, "
+            f"{tp.train_tokens_per_second or 0:,.0f} tokens/s (non-padding)"
         )
         lines.append("")
     mem = model.peak_gpu_allocated_mb or model.peak_rss_mb

@@ -23,7 +23,7 @@ from typing import Any
 from domaintune.chaining import resolve_config_model, resolve_model
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj, library_versions
-from domaintune.manifests import ModelArtifact, SplitManifest
+from domaintune.manifests import ModelArtifact, SavedModelCheck, SplitManifest
 from domaintune.models import ResolvedModel
 from domaintune.store import Store, atomic_write_text
 from domaintune.tasktypes import get_task_type
@@ -39,7 +39,7 @@ from domaintune.training.launch import (
     remove_shared_memory,
     write_deepspeed_env,
 )
-from domaintune.training.spec import WorkerSpec
+from domaintune.training.spec import RESULT_FILE, WorkerResult, WorkerSpec
 from domaintune.training.strategies import preflight
 from domaintune.training.supervisor import run_launcher, training_failed
 
@@ -160,25 +160,24 @@ def _worker_spec(
         )
         if launch.uses_zero
         else None,
-        launch=launch.summary(),
+        launch=launch.summary(config.training.deepspeed.zero_stage),
         resume_from=str(resume) if resume else None,
         checkpoints_to_store=to_store,
     )
 
 
 def _model_artifact(
-    config: RetrainConfig,
     splits: SplitManifest,
     key: str,
     entry: str,
     base: ResolvedModel,
     base_fp: str,
     model_fp: str,
-    summary: dict[str, Any],
+    result: WorkerResult,
     attempts: list[dict[str, Any]],
-    launch: Any,
 ) -> ModelArtifact:
-    """The finetune entry's manifest, from the worker's training summary."""
+    """The finetune entry's manifest, from what the ranks handed back."""
+    assert result.saved_model is not None  # _checked_result set it
     return ModelArtifact(
         key=key,
         path=entry,
@@ -187,38 +186,29 @@ def _model_artifact(
         base_model=base.name,
         base_fingerprint=base_fp,
         labels=splits.labels,
-        trainable_parameters=int(summary["trainable_parameters"]),
-        total_parameters=int(summary["total_parameters"]),
-        global_step=int(summary["global_step"]),
-        best_metric=summary.get("best_metric"),
-        train_seconds=float(summary["train_seconds"]),
+        trainable_parameters=result.trainable_parameters,
+        total_parameters=result.total_parameters,
+        global_step=result.global_step,
+        best_metric=result.best_metric,
+        train_seconds=result.train_seconds,
         attempts=attempts,
-        strategy=summary.get("strategy", {}),
-        optimizer_groups=summary.get("optimizer_groups", []),
-        seconds_per_epoch=summary.get("seconds_per_epoch"),
-        peak_rss_mb=summary.get("peak_rss_mb"),
-        peak_gpu_allocated_mb=summary.get("peak_gpu_allocated_mb"),
-        launch={
-            **summary.get("launch", {}),
-            "precision": summary.get("precision"),
-            "attention": summary.get("attention"),
-            "allocator": summary.get("allocator"),
-            "gradient_checkpointing": summary.get("gradient_checkpointing"),
-            "torch_compile": summary.get("torch_compile"),
-            "zero_stage": config.training.deepspeed.zero_stage if launch.uses_zero else None,
-        },
-        throughput={
-            k: summary[k]
-            for k in (
-                "trained_steps",
-                "train_samples",
-                "train_tokens",
-                "train_samples_per_second",
-                "train_tokens_per_second",
-            )
-            if k in summary
-        },
-        saved_model=summary["saved_model"],
+        strategy=result.strategy,
+        optimizer_groups=result.optimizer_groups,
+        seconds_per_epoch=result.seconds_per_epoch,
+        peak_rss_mb=result.peak_rss_mb,
+        peak_gpu_allocated_mb=result.peak_gpu_allocated_mb,
+        # the plan the ranks ran, and what they ran with
+        launch=result.launch.model_copy(
+            update={
+                "precision": result.precision,
+                "attention": result.attention,
+                "allocator": result.allocator,
+                "gradient_checkpointing": result.gradient_checkpointing,
+                "torch_compile": result.torch_compile,
+            }
+        ),
+        throughput=result.throughput,
+        saved_model=result.saved_model,
     )
 
 
@@ -286,34 +276,34 @@ def _run(
             )
     finally:
         remove_shared_memory(launch)
-        tracker.close(succeeded=rc == 0 and (final_dir / "training_summary.json").is_file())
+        tracker.close(succeeded=rc == 0 and (final_dir / RESULT_FILE).is_file())
     attempt.update(exit_code=rc, seconds=round(time.time() - t0, 2))
     attempts.append(attempt)
     atomic_write_text(attempts_path, json.dumps(attempts, indent=2))
     mirror.save_file("attempts.json")
-    if rc != 0 or not (final_dir / "training_summary.json").is_file():
+    if rc != 0 or not (final_dir / RESULT_FILE).is_file():
         mirror.sync_once(include_final=True)  # the retry, wherever it runs, starts from here
         raise training_failed(rc, attempt["attempt"], tail, first, fault, work / "train.log")
-    summary = _checked_summary(final_dir, config, splits)
+    result = _checked_result(final_dir, config, splits)
     _write_generation_config(final_dir, config, splits)
     model_fp = ResolvedModel(name="finetuned", path=str(final_dir)).fingerprint()
     with store.writer(STAGE, key) as w:
         for item in final_dir.iterdir():
             os.replace(item, w.path / item.name)
         (w.path / "log_history.json").write_text(
-            json.dumps(summary.get("log_history", []), indent=2, default=float)
+            json.dumps(result.log_history, indent=2, default=float)
         )
         shutil.copy2(work / "train.log", w.path / "train.log")
         tracker.export(w.path)  # TensorBoard event files, beside the model
         (w.path / "attempts.json").write_text(json.dumps(attempts, indent=2))
         entry = store.entry_path(STAGE, key)
         manifest = _model_artifact(
-            config, splits, key, str(entry), base, base_fp, model_fp, summary, attempts, launch
+            splits, key, str(entry), base, base_fp, model_fp, result, attempts
         )
         w.manifest = manifest.model_dump(mode="json")
     shutil.rmtree(work, ignore_errors=True)  # checkpoints (optimizer state) are no longer needed
     mirror.clear()
-    _say_what_it_trained(manifest, summary)
+    _say_what_it_trained(manifest, result)
     return manifest
 
 
@@ -354,10 +344,10 @@ def _say_how_it_launches(launch: LaunchPlan, config: RetrainConfig) -> None:
     )
 
 
-def _say_what_it_trained(manifest: ModelArtifact, summary: dict[str, Any]) -> None:
+def _say_what_it_trained(manifest: ModelArtifact, result: WorkerResult) -> None:
     log.info(
         "finetune: strategy %s trained %s of %s parameters",
-        manifest.strategy.get("strategy", "full"),
+        manifest.strategy.strategy,
         f"{manifest.trainable_parameters:,}",
         f"{manifest.total_parameters:,}",
     )
@@ -365,55 +355,55 @@ def _say_what_it_trained(manifest: ModelArtifact, summary: dict[str, Any]) -> No
         "finetune: %d steps in %.1f s, best %s %.4f -> %s",
         manifest.global_step,
         manifest.train_seconds,
-        summary.get("metric_for_best_model"),
+        result.metric_for_best_model,
         manifest.best_metric or float("nan"),
         manifest.model_dir,
     )
 
 
-def _checked_summary(
-    final_dir: Path, config: RetrainConfig, splits: SplitManifest
-) -> dict[str, Any]:
-    """The ranks' training summary, with proof that the saved model loads in plain
+def _checked_result(final_dir: Path, config: RetrainConfig, splits: SplitManifest) -> WorkerResult:
+    """What the ranks handed back, with proof that the saved model loads in plain
     transformers: a "successful" run that saved empty ZeRO-3 partitions gets no further."""
-    summary = json.loads((final_dir / "training_summary.json").read_text())
-    summary["saved_model"] = verify_saved_model(
-        final_dir,
-        config.task.type,
-        splits.labels,
-        expected_parameters=summary.get("exported_parameters"),
-        seed=config.training.seed,
-        trust_remote_code=config.model.trust_remote_code,
+    result = WorkerResult.read(final_dir / RESULT_FILE)
+    result.saved_model = SavedModelCheck(
+        **verify_saved_model(
+            final_dir,
+            config.task.type,
+            splits.labels,
+            expected_parameters=result.exported_parameters,
+            seed=config.training.seed,
+            trust_remote_code=config.model.trust_remote_code,
+        )
     )
-    atomic_write_text(final_dir / "training_summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(final_dir / RESULT_FILE, result.model_dump_json(indent=2))
     log.info(
         "finetune: saved model checked: %s parameters in %d tensors (%.1f MB) load in plain "
         "transformers",
-        f"{summary['saved_model']['parameters']:,}",
-        summary["saved_model"]["tensors"],
-        summary["saved_model"]["bytes"] / 2**20,
+        f"{result.saved_model.parameters:,}",
+        result.saved_model.tensors,
+        result.saved_model.bytes / 2**20,
     )
-    return summary
+    return result
 
 
 def training_summary(model: ModelArtifact) -> dict[str, Any]:
     """The run summary's view of what trained."""
     return {
-        "strategy": model.strategy.get("strategy", "full"),
+        "strategy": model.strategy.strategy,
         "trainable_parameters": model.trainable_parameters,
         "total_parameters": model.total_parameters,
         "trainable_share": round(model.trainable_parameters / max(model.total_parameters, 1), 6),
-        "trained_blocks": model.strategy.get("trained_blocks"),
+        "trained_blocks": model.strategy.trained_blocks,
         "global_step": model.global_step,
         "train_seconds": round(model.train_seconds, 2),
         "seconds_per_epoch": model.seconds_per_epoch,
         "peak_rss_mb": model.peak_rss_mb,
         "peak_gpu_allocated_mb": model.peak_gpu_allocated_mb,
-        "world_size": model.launch.get("world_size"),
-        "precision": model.launch.get("precision"),
-        "global_batch_size": model.launch.get("global_batch_size"),
-        "samples_per_second": _rounded(model.throughput.get("train_samples_per_second")),
-        "tokens_per_second": _rounded(model.throughput.get("train_tokens_per_second")),
+        "world_size": model.launch.world_size,
+        "precision": model.launch.precision,
+        "global_batch_size": model.launch.global_batch_size,
+        "samples_per_second": _rounded(model.throughput.train_samples_per_second),
+        "tokens_per_second": _rounded(model.throughput.train_tokens_per_second),
     }
 
 

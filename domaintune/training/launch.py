@@ -22,10 +22,10 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from domaintune.config import TrainingConfig
 from domaintune.errors import ConfigError, HostError
+from domaintune.manifests import LaunchRecord
 
 #: Environment variables the ranks need from the task's environment (names, or prefixes
 #: ending in ``*``). With several hosts every rank is started over SSH and sees only these
@@ -143,19 +143,22 @@ class LaunchPlan:
             f"{self.gradient_accumulation_steps} accumulation x {self.world_size} ranks"
         )
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "world_size": self.world_size,
-            "num_nodes": self.num_nodes,
-            "hosts": [list(h) for h in self.hosts],
-            "device": "gpu" if self.use_gpu else "cpu",
-            "precision": self.precision,
-            "precision_reason": self.precision_reason,
-            "micro_batch_size": self.micro_batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "global_batch_size": self.global_batch_size,
-            "zero_engine": self.uses_zero,
-        }
+    def summary(self, zero_stage: int | None = None) -> LaunchRecord:
+        """The plan as the ranks get it and the artifact keeps it (``zero_stage``: the
+        config's, when the plan runs a ZeRO engine)."""
+        return LaunchRecord(
+            world_size=self.world_size,
+            num_nodes=self.num_nodes,
+            hosts=[list(h) for h in self.hosts],
+            device="gpu" if self.use_gpu else "cpu",
+            precision=self.precision,
+            precision_reason=self.precision_reason,
+            micro_batch_size=self.micro_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            global_batch_size=self.global_batch_size,
+            zero_engine=self.uses_zero,
+            zero_stage=zero_stage if self.uses_zero else None,
+        )
 
 
 def read_hostfile(path: str) -> list[tuple[str, int]]:

@@ -29,6 +29,7 @@ from typing import Any
 
 from domaintune.config import DropoutConfig, StrategyConfig, TrainingConfig
 from domaintune.errors import ConfigError
+from domaintune.manifests import StrategyReport
 from domaintune.tasktypes import get_task_type, task_type_names
 from domaintune.tasktypes.heads import build_head
 
@@ -475,7 +476,9 @@ def lora_targets(model: Any, pmap: ParameterMap, targets: list[str]) -> list[str
     return chosen
 
 
-def apply_strategy(model: Any, strategy: StrategyConfig, task_type: str) -> tuple[Any, dict]:
+def apply_strategy(
+    model: Any, strategy: StrategyConfig, task_type: str
+) -> tuple[Any, StrategyReport]:
     """Set requires_grad (or wrap in LoRA). Returns (model to train, report)."""
     pmap = parameter_map(model)
     total = sum(p.numel for p in pmap.params)
@@ -511,19 +514,19 @@ def apply_strategy(model: Any, strategy: StrategyConfig, task_type: str) -> tupl
     trained_blocks = sorted(
         {p.depth for p in pmap.params if p.param.requires_grad and 1 <= p.depth <= pmap.num_layers}
     )
-    report = {
-        "strategy": strategy.describe(),
-        "kind": kind,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_share": round(trainable / total, 6),
-        "components": counts,
-        "num_layers": pmap.num_layers,
-        "trained_blocks": trained_blocks,
-        "notes": notes,
-    }
+    report = StrategyReport(
+        strategy=strategy.describe(),
+        kind=kind,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        trainable_share=round(trainable / total, 6),
+        components=counts,
+        num_layers=pmap.num_layers,
+        trained_blocks=trained_blocks,
+        notes=notes,
+    )
     if kind == "lora":
-        report["adapter_parameters"] = sum(
+        report.adapter_parameters = sum(
             p.numel for p in pmap.params if any(".lora_" in n for n in p.names)
         )
     return model, report

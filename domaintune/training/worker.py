@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from domaintune.training.checkpoints import CHECKPOINT_MARKER, wait_until_stored
 
-if TYPE_CHECKING:
-    from domaintune.training.spec import WorkerSpec
+if TYPE_CHECKING:  # at run time imported where used: a CPU rank restarts itself with
+    # TCMalloc before anything heavy loads (_restart_with_allocator)
+    from domaintune.manifests import LaunchRecord, StrategyReport
+    from domaintune.training.spec import WorkerResult, WorkerSpec
 
 PROGRESS_PREFIX = "DOMAINTUNE "
 
@@ -43,7 +45,7 @@ def emit(event: str, **fields: Any) -> None:
         print(PROGRESS_PREFIX + json.dumps({"event": event, **fields}, default=float), flush=True)
 
 
-def _callbacks(report: dict[str, Any], seen: dict[str, Any], to_store: bool = False):
+def _callbacks(report: StrategyReport, seen: dict[str, Any], to_store: bool = False):
     from transformers import TrainerCallback
 
     from domaintune.manifests import scalar_metrics
@@ -92,9 +94,9 @@ def _callbacks(report: dict[str, Any], seen: dict[str, Any], to_store: bool = Fa
                 start_step=state.global_step,
                 max_steps=state.max_steps,
                 epochs=args.num_train_epochs,
-                strategy=report["strategy"],
-                trainable_parameters=report["trainable_parameters"],
-                total_parameters=report["total_parameters"],
+                strategy=report.strategy,
+                trainable_parameters=report.trainable_parameters,
+                total_parameters=report.total_parameters,
                 early_stopping_counter=seen.get("early_stopping_counter_at_start"),
             )
 
@@ -110,7 +112,7 @@ def _callbacks(report: dict[str, Any], seen: dict[str, Any], to_store: bool = Fa
             if self.last is not None and state.global_step > self.last[1] and now > self.last[0]:
                 dt = now - self.last[0]  # includes any evaluation since: a conservative rate
                 fields["samples_per_second"] = round(
-                    (state.global_step - self.last[1]) * report["global_batch_size"] / dt, 2
+                    (state.global_step - self.last[1]) * (report.global_batch_size or 1) / dt, 2
                 )
                 if tokens > self.last[2]:
                     fields["tokens_per_second"] = round((tokens - self.last[2]) / dt, 1)
@@ -330,7 +332,7 @@ def _peak_memory_mb() -> dict[str, float]:
 
 def training_arguments(
     spec: WorkerSpec,
-    launch: dict[str, Any],
+    launch: LaunchRecord,
     metric_name: str,
     greater: bool,
     padding_free: bool = False,
@@ -352,7 +354,7 @@ def training_arguments(
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=training.eval_batch_size,
         # derived by the launch plan so that the global batch is the same at any world size
-        gradient_accumulation_steps=launch["gradient_accumulation_steps"],
+        gradient_accumulation_steps=launch.gradient_accumulation_steps,
         weight_decay=training.weight_decay,
         warmup_steps=training.warmup_ratio,  # a float < 1 is a share of the total steps
         lr_scheduler_type=training.lr_scheduler,
@@ -446,66 +448,70 @@ def _save_final(trainer: Any, spec: WorkerSpec, tokenizer: Any) -> None:
     (final / "training_args.bin").unlink(missing_ok=True)  # a pickle; the summary has the args
 
 
-def _training_summary(
+def _training_result(
     trainer: Any,
     result: Any,
     spec: WorkerSpec,
     *,
-    report: dict[str, Any],
+    report: StrategyReport,
     seen: dict[str, Any],
-    launch: dict[str, Any],
+    launch: LaunchRecord,
     seconds: float,
     metric_name: str,
     allocator: str | None,
     ranks: list[dict[str, Any]],
-    batches: dict[str, bool] | None = None,
-) -> dict[str, Any]:
+    padding_free: bool,
+    answer_only_logits: bool,
+) -> WorkerResult:
     """What the run did, for the finetune task: steps, best metric, throughput, memory,
     what trained and what the saved model must hold (``training_summary.json``)."""
+    from domaintune.training.spec import WorkerResult
+
     state, training, resume = trainer.state, spec.training, spec.resume_from
     trained_steps = state.global_step - seen.get("start_step", 0)
     tokens = state.num_input_tokens_seen - seen.get("tokens_at_start", 0)
     counts = [r["optimizer_state_elements"] for r in ranks]
     stopper = _early_stopper(trainer)
-    return {
-        "global_step": state.global_step,
-        "best_metric": state.best_metric,
-        "best_checkpoint": state.best_model_checkpoint,
-        "metric_for_best_model": metric_name,
-        "train_seconds": seconds,
-        "train_loss": result.training_loss,
-        "trainable_parameters": report["trainable_parameters"],
-        "total_parameters": report["total_parameters"],
-        "strategy": report,
-        "optimizer_groups": trainer.group_report,
-        "optimizer_parameters": sum(g["parameters"] for g in trainer.group_report),
-        "optimizer_state_elements": None if None in counts else sum(counts),
-        "early_stopping_counter": getattr(stopper, "early_stopping_patience_counter", None),
-        "early_stopping_counter_at_start": seen.get("early_stopping_counter_at_start"),
-        "epochs_completed": state.epoch,
-        "seconds_per_epoch": seconds / max(state.epoch or 1.0, 1e-9) if not resume else None,
+    samples = trained_steps * (launch.global_batch_size or 1)
+    return WorkerResult(
+        global_step=state.global_step,
+        best_metric=state.best_metric,
+        best_checkpoint=state.best_model_checkpoint,
+        metric_for_best_model=metric_name,
+        train_seconds=seconds,
+        train_loss=result.training_loss,
+        trainable_parameters=report.trainable_parameters,
+        total_parameters=report.total_parameters,
+        strategy=report,
+        optimizer_groups=trainer.group_report,
+        optimizer_parameters=sum(g["parameters"] for g in trainer.group_report),
+        optimizer_state_elements=None if None in counts else sum(counts),
+        early_stopping_counter=getattr(stopper, "early_stopping_patience_counter", None),
+        early_stopping_counter_at_start=seen.get("early_stopping_counter_at_start"),
+        epochs_completed=state.epoch,
+        seconds_per_epoch=seconds / max(state.epoch or 1.0, 1e-9) if not resume else None,
         **_peak_memory_mb(),
-        "resumed_from": resume,
-        "launch": launch,
-        "precision": spec.precision,
-        "attention": getattr(getattr(trainer.model, "config", None), "_attn_implementation", None),
-        "allocator": allocator,
-        "gradient_checkpointing": training.gradient_checkpointing,
-        # padding-free batches; the output layer on answer positions only
-        **(batches or {}),
-        "torch_compile": training.torch_compile,
+        resumed_from=resume,
+        launch=launch,
+        precision=spec.precision,
+        attention=getattr(getattr(trainer.model, "config", None), "_attn_implementation", None),
+        allocator=allocator,
+        gradient_checkpointing=training.gradient_checkpointing,
+        padding_free=padding_free,
+        answer_only_logits=answer_only_logits,
+        torch_compile=training.torch_compile,
         # what the saved model must hold: the parent checks the files against it
-        "exported_parameters": report["total_parameters"],
-        "trained_steps": trained_steps,
-        "train_samples": trained_steps * launch["global_batch_size"],
-        "train_tokens": tokens,
-        "train_samples_per_second": trained_steps * launch["global_batch_size"] / seconds,
-        "train_tokens_per_second": tokens / seconds,
-        "start_step": seen.get("start_step", 0),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "ranks": ranks,
-        "log_history": state.log_history,
-    }
+        exported_parameters=report.total_parameters,
+        trained_steps=trained_steps,
+        train_samples=samples,
+        train_tokens=tokens,
+        train_samples_per_second=samples / seconds,
+        train_tokens_per_second=tokens / seconds,
+        start_step=seen.get("start_step", 0),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        ranks=ranks,
+        log_history=state.log_history,
+    )
 
 
 def run(spec: WorkerSpec, allocator: str | None = None) -> None:
@@ -516,8 +522,10 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
     from transformers import AutoTokenizer, EarlyStoppingCallback
     from transformers.utils import logging as hf_logging
 
+    from domaintune.manifests import LaunchRecord
     from domaintune.tasktypes import get_task_type
     from domaintune.training import strategies
+    from domaintune.training.spec import RESULT_FILE
 
     disable_progress_bars()
     hf_logging.set_verbosity_warning() if _rank() == 0 else hf_logging.set_verbosity_error()
@@ -544,14 +552,14 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
         from domaintune.training.dropout import use_cpu_dropout
 
         use_cpu_dropout(model)
-    emit("strategy", **{k: v for k, v in report.items() if k != "components"})
+    emit("strategy", **report.model_dump(mode="json", exclude={"components"}))
     train_ds, eval_ds = _datasets(spec, task)
     metric_name, greater = task.metric_for_best_model(spec.primary_metric)
-    launch = spec.launch or {  # a plain call without a launch plan (one process)
-        "gradient_accumulation_steps": training.gradient_accumulation_steps,
-        "global_batch_size": training.batch_size * training.gradient_accumulation_steps,
-    }
-    report["global_batch_size"] = launch["global_batch_size"]
+    launch = spec.launch or LaunchRecord(  # a plain call without a launch plan (one process)
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        global_batch_size=training.batch_size * training.gradient_accumulation_steps,
+    )
+    report.global_batch_size = launch.global_batch_size
     _single_process_without_ddp(spec)
     flat = task.padding_free_collator(tokenizer) if training.padding_free else None
     args = training_arguments(spec, launch, metric_name, greater, padding_free=flat is not None)
@@ -593,14 +601,11 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
         trainer.model.config.use_cache = True
     _save_final(trainer, spec, tokenizer)
     if trainer.is_world_process_zero():
-        summary = _training_summary(
+        _training_result(
             trainer, result, spec, report=report, seen=seen, launch=launch, seconds=seconds,
             metric_name=metric_name, allocator=allocator, ranks=ranks,
-            batches={"padding_free": flat is not None, "answer_only_logits": answer_only},
-        )  # fmt: skip
-        (Path(spec.final_dir) / "training_summary.json").write_text(
-            json.dumps(summary, indent=2, default=float)
-        )
+            padding_free=flat is not None, answer_only_logits=answer_only,
+        ).write(Path(spec.final_dir) / RESULT_FILE)  # fmt: skip
         emit(
             "done",
             global_step=trainer.state.global_step,

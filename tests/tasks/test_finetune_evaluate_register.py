@@ -44,7 +44,7 @@ def test_early_stopping_and_a_model_that_is_not_better_is_not_promoted(tmp_path,
     # a CPU rank trains with TCMalloc where it is installed, and says which allocator it had
     expected = "tcmalloc (" if find_tcmalloc() else "system malloc (TCMalloc not found"
     assert summary["allocator"].startswith(expected)
-    assert model.launch["allocator"] == summary["allocator"]
+    assert model.launch.allocator == summary["allocator"]
     evaluation = evaluate(cfg, splits, model, store)
     curves = (Path(evaluation.path) / "loss_curve.svg").read_text()  # the report's chart
     for name in ("validation loss", f"validation {evaluation.primary_metric}", "learning rate"):
@@ -75,7 +75,7 @@ def test_a_better_model_is_registered_once_and_promoted(tmp_path, make_config, r
     assert evaluation.finetuned["accuracy"] > evaluation.base["accuracy"]
     # the models were scored in the precision they were trained in
     scored = json.loads(Path(evaluation.metrics_json).read_text())["precision"]
-    assert scored["precision"] == model.launch["precision"] and scored["reason"]
+    assert scored["precision"] == model.launch.precision and scored["reason"]
     assert evaluate(cfg, splits, model, store).reused
 
     # the disk fills up while the version is written, then while the registry's log commits

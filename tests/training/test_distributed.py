@@ -99,8 +99,8 @@ def test_precision_follows_the_gpu():
 
 def test_on_cpu_auto_picks_bf16_where_the_processor_does_bf16_in_hardware():
     plan = _plan(cpu_bf16=["amx_bf16", "avx512_bf16"])
-    assert plan.precision == "bf16" and plan.summary()["precision"] == "bf16"
-    assert plan.summary()["precision_reason"] == "bf16 autocast: this CPU has amx_bf16, avx512_bf16"
+    assert plan.precision == "bf16" and plan.summary().precision == "bf16"
+    assert plan.summary().precision_reason == "bf16 autocast: this CPU has amx_bf16, avx512_bf16"
     assert _plan(cpu_bf16=["avx512_bf16"], precision="fp32").precision == "fp32"
     # bf16 asked for on a CPU without it: emulated (right, only slower), so a warning
     plan = _plan(precision="bf16")
@@ -429,8 +429,8 @@ def test_two_cpu_ranks_train_and_save_a_model_plain_transformers_loads(
     # DeepSpeed's CPU all-reduce buffers (66 MB a rank) do not outlive the run
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
 
-    assert model.launch["world_size"] == 2 and model.launch["gradient_accumulation_steps"] == 2
-    assert model.launch["global_batch_size"] == 16 and model.launch["zero_stage"] == zero
+    assert model.launch.world_size == 2 and model.launch.gradient_accumulation_steps == 2
+    assert model.launch.global_batch_size == 16 and model.launch.zero_stage == zero
     assert model.attempts[-1]["processes"] == 2 and model.global_step == 4
     summary = json.loads((Path(model.model_dir) / "training_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["train_samples"] == 64
@@ -443,7 +443,7 @@ def test_two_cpu_ranks_train_and_save_a_model_plain_transformers_loads(
 
     loaded = AutoModelForSequenceClassification.from_pretrained(model.model_dir)
     assert sum(p.numel() for p in loaded.parameters()) == model.total_parameters
-    assert model.saved_model["parameters"] == model.total_parameters
+    assert model.saved_model.parameters == model.total_parameters
     base = AutoModelForSequenceClassification.from_pretrained(cfg.model.name_or_path, num_labels=3)
     changed = [
         k

@@ -251,7 +251,7 @@ def test_zero3_across_two_hosts_matches_one_host_and_sends_no_secret(
     summary = json.loads((Path(model.model_dir) / "training_summary.json").read_text())
     ranks = summary["ranks"]
     assert [r["ssh_address"] for r in ranks] == ["127.0.0.1", "127.0.0.2"]
-    assert [r["node_rank"] for r in ranks] == [0, 1] and model.launch["num_nodes"] == 2
+    assert [r["node_rank"] for r in ranks] == [0, 1] and model.launch.num_nodes == 2
     held = [r["parameter_elements"] for r in ranks]
     total = model.total_parameters
     assert sum(held) >= total and max(held) < 0.6 * total, f"ZeRO-3 partitions: {held} of {total}"
@@ -259,10 +259,10 @@ def test_zero3_across_two_hosts_matches_one_host_and_sends_no_secret(
     assert "cmd = pdsh" in log and "127.0.0.2: " in log, "started through pdsh over SSH"
 
     loaded = AutoModelForSequenceClassification.from_pretrained(model.model_dir)
-    assert sum(p.numel() for p in loaded.parameters()) == total == model.saved_model["parameters"]
+    assert sum(p.numel() for p in loaded.parameters()) == total == model.saved_model.parameters
 
     one_host, _, _ = _train(_config(make_config, tmp_path / "one", rows, zero=3))
-    assert one_host.launch["num_nodes"] == 1 and one_host.launch["world_size"] == 2
+    assert one_host.launch.num_nodes == 1 and one_host.launch.world_size == 2
     worst = max_weight_difference(model.model_dir, one_host.model_dir)
     assert worst < 1e-5, f"two hosts and one host differ by {worst}"
     trained = loaded.state_dict()

@@ -120,7 +120,7 @@ def test_each_strategy_selects_exactly_its_parameters(strategy, expected):
     names = {n for n, _ in model.named_parameters()}
     model, report = strategies.apply_strategy(model, _strategy(strategy), "text_classification")
     assert _trainable(model) == {n for n in names if re.search(expected, n)}
-    assert report["trainable_parameters"] == sum(
+    assert report.trainable_parameters == sum(
         p.numel() for p in model.parameters() if p.requires_grad
     )
 
@@ -164,7 +164,7 @@ def test_every_strategy_trains_every_task_type(task, strategy):
     model(**_batch(task)).loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and with_grad <= _trainable(model)
-    assert report["trainable_parameters"] < report["total_parameters"]
+    assert report.trainable_parameters < report.total_parameters
 
 
 def test_lora_trains_adapters_and_the_new_head_only():
@@ -182,8 +182,8 @@ def test_lora_trains_adapters_and_the_new_head_only():
         for i in range(3)
         for m in ("self.query", "self.key", "self.value", "output.dense")
     }
-    assert report["adapter_parameters"] > 0
-    assert report["trainable_parameters"] < report["total_parameters"] / 4
+    assert report.adapter_parameters > 0
+    assert report.trainable_parameters < report.total_parameters / 4
 
 
 def test_optimizer_groups_hold_trainable_parameters_only_with_their_rates():
@@ -343,7 +343,7 @@ def test_exactly_the_intended_parameters_change(tmp_path, make_config, rows, cas
     summary = json.loads((Path(model.model_dir) / "training_summary.json").read_text())
     trainable = sum(before[k].numel() for k in intended)
     assert model.trainable_parameters == trainable == summary["optimizer_parameters"]
-    assert model.strategy["kind"] == _strategy(strategy).kind
+    assert model.strategy.kind == _strategy(strategy).kind
     # Adam state exists for the trainable parameters only (ZeRO may pad its flat buffer)
     state = summary["optimizer_state_elements"]
     assert trainable <= state <= trainable + 64, (state, trainable)
@@ -386,7 +386,7 @@ def test_lora_changes_only_the_head_and_its_merged_export_matches_the_adapter_mo
     with torch.no_grad():
         a, b = plain(**batch).logits, with_adapter(**batch).logits
     assert torch.allclose(a, b, atol=1e-5), (a, b)
-    assert model.strategy["adapter_parameters"] > 0
+    assert model.strategy.adapter_parameters > 0
     # the registered model: merged weights, or the adapter alone when merge_on_export is off
     store = Store(cfg.store.root)
     raw = ingest(cfg, store)
@@ -431,7 +431,7 @@ def test_partial_freezing_under_zero3_saves_full_weights_that_load_in_transforme
     store = Store(cfg.store.root)
     splits = preprocess(cfg, ingest(cfg, store), store)
     model = finetune(cfg, splits, store)
-    assert model.launch["zero_engine"] and model.launch["world_size"] == 2
+    assert model.launch.zero_engine and model.launch.world_size == 2
     before, after = _base_state(cfg, splits.labels), _saved_state(model.model_dir)
     assert set(after) == set(before), "ZeRO-3 gathered every tensor, frozen ones included"
     assert all(after[k].shape == before[k].shape for k in before)
@@ -576,7 +576,7 @@ def test_smaller_model_custom_head_and_borrowed_frozen_embeddings(
     assert torch.equal(after[key], donor_state["embeddings.word_embeddings.weight"])
     assert not any(k.startswith("bert.encoder.layer.1.") for k in after), "top block dropped"
     assert {"classifier.0.weight", "classifier.3.weight"} <= set(after)
-    assert model.strategy["num_layers"] == 1
+    assert model.strategy.num_layers == 1
     report = evaluate(cfg, splits, model, Store(cfg.store.root))
     assert 0 <= report.finetuned["accuracy"] <= 1
     # the base model is scored exactly as training started from it: the worker's model
