@@ -67,7 +67,7 @@ def _last_step(log: Path, offset: int = 0) -> int:
 
 
 def kills(work: Path, n_kills: int, steps: int, every: int, seed: int) -> dict:
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
     from domaintune.tasks.finetune import finetune, plan
     from domaintune.tasks.ingest import ingest
     from domaintune.tasks.preprocess import preprocess

@@ -159,8 +159,8 @@ def generation_speed(workload: str = "support") -> dict[str, Any]:
         stop_token_ids,
     )
     from domaintune.loading import autocast_for, load_for_scoring
+    from domaintune.readers.sources import infer_format, read_file, resolve_sources
     from domaintune.runconfig import load_config
-    from domaintune.sources import infer_format, read_file, resolve_sources
     from domaintune.tasktypes.instruction_tuning import messages_from_row, prompt_ids
 
     config, rows, new_tokens, what = GENERATION_WORKLOADS[workload]

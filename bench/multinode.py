@@ -62,7 +62,7 @@ def _config(store: Path, steps: int, every: int, zero: int, hosts=None, hostfile
 
 
 def _train(cfg):
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
     from domaintune.tasks import finetune as finetune_stage
     from domaintune.tasks.ingest import ingest
     from domaintune.tasks.preprocess import preprocess

@@ -38,7 +38,7 @@ def main() -> int:
     configure_environment()
     logging.basicConfig(level=logging.WARNING)
     from domaintune.runconfig import load_config
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
     from domaintune.tasks.evaluate import evaluate
     from domaintune.tasks.finetune import finetune
     from domaintune.tasks.ingest import ingest

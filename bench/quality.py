@@ -232,7 +232,7 @@ def _prepare(cfg: dict, store: str, sets: list[str]) -> Any:
 
 def _validation(store_root: str, key: str) -> dict[str, Any]:
     """The finetune entry's validation figures: best_metric and the per-evaluation history."""
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
 
     store = Store(store_root)
     manifest = store.manifest("finetune", key) or {}
@@ -264,7 +264,7 @@ def validation_only(cfg: dict, store: str, sets: list[str]) -> dict[str, Any]:
     test split (masked-LM perplexity on its text, which leaves out the final stage's
     validation and test texts)."""
     from domaintune.recipes import from_previous, stage_configs
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
     from domaintune.tasks.evaluate import evaluate
     from domaintune.tasks.finetune import finetune
     from domaintune.tasks.ingest import ingest

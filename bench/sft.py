@@ -238,7 +238,7 @@ def run_domaintune(cfg: Any, examples: int, work: Path) -> tuple[dict[str, Any],
     """(result, splits, train tokens): the finetune stage on ``examples`` training rows."""
     import pandas as pd
 
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
     from domaintune.tasks.finetune import finetune
     from domaintune.tasks.ingest import ingest
     from domaintune.tasks.preprocess import preprocess

@@ -259,7 +259,7 @@ def compare(
     import torch
 
     from domaintune.runconfig import load_config
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
     from domaintune.tasks.finetune import finetune
     from domaintune.tasks.ingest import ingest
     from domaintune.tasks.preprocess import preprocess

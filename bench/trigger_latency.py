@@ -49,7 +49,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from domaintune.serve import deploy, free_port, start_server, start_worker
+    from domaintune.serving.serve import deploy, free_port, start_server, start_worker
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-trigger-"))
     landing = tmp / "landing"

@@ -35,7 +35,7 @@ from domaintune.fingerprint import hash_obj
 from domaintune.loading import LoadSpec, load_model
 from domaintune.models import TOKENIZER_FILES, ResolvedModel, resolve_pretrained
 from domaintune.registry import REFERENCE, REFERENCE_RULE, SCHEME, resolve_reference
-from domaintune.store import Store
+from domaintune.storage.store import Store
 
 log = logging.getLogger(__name__)
 

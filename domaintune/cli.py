@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "watch":
         return _watch(args)
     if args.command == "serve":
-        from domaintune.serve import serve
+        from domaintune.serving.serve import serve
 
         return serve(args)
     from domaintune.runconfig import load_config
@@ -235,7 +235,7 @@ def _fail(
 
 def _validate(args: argparse.Namespace, config: Any) -> int:
     from domaintune.recipes import stage_configs
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
     from domaintune.tasks.ingest import ingest
     from domaintune.tasks.validate import validate
 
@@ -342,8 +342,8 @@ def _tune(args: argparse.Namespace, config: Any) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from domaintune.errors import StoreError
-    from domaintune.predict import predict
-    from domaintune.store import Store
+    from domaintune.serving.predict import predict
+    from domaintune.storage.store import Store
 
     if args.json and not args.out:
         return _fail(args, DomainTuneError("--json needs --out (stdout carries the summary)"), 2)
@@ -434,7 +434,7 @@ def _score(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from domaintune.errors import StoreError
     from domaintune.registry import Registry, use_cases
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
 
     try:
         if args.config:

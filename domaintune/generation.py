@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from domaintune.config import Precision
+
 #: a marker no chat template contains: where an answer ends in a rendered conversation
 _ANSWER_MARK = "\u2063domaintune-answer\u2063"
 
@@ -104,7 +106,7 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def cast_for_generation(model: Any, precision: str) -> Any:
+def cast_for_generation(model: Any, precision: Precision) -> Any:
     """Under bf16 autocast on a CPU: the linear layers' weights cast to bf16 once, not on every
     decoding step. Autocast rounds them to bf16 for each product anyway (the same rounding), so
     the answers are identical (tested) and SmolLM2-135M generates 1.2x faster (416 vs 348

@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from domaintune.config import Precision
+
 
 @contextlib.contextmanager
-def autocast_for(model: Any, precision: str) -> Iterator[None]:
+def autocast_for(model: Any, precision: Precision) -> Iterator[None]:
     """Score ``model`` in ``precision`` (bf16/fp16 autocast on its device; fp32: as is)."""
     import torch
 

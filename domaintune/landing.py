@@ -225,7 +225,7 @@ def _lock(domain_url: str):
     folder; for an object store a lease in the landing location itself (its hidden
     ``.domaintune-lock/`` folder), so that watchers and ``data add`` on several hosts take
     turns too."""
-    from domaintune.coordination import file_lock, lease
+    from domaintune.storage.coordination import file_lock, lease
 
     fs, d = _fs(domain_url)
     from fsspec.implementations.local import LocalFileSystem

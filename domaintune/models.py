@@ -18,8 +18,8 @@ from typing import Any
 from domaintune.config.sections import REGISTRY_SCHEME
 from domaintune.errors import ConfigError, ModelError
 from domaintune.fingerprint import hash_local_file, hash_local_files, hash_obj
-from domaintune.sources import resolve_package_path
-from domaintune.store import MARKER, Store, cache_root
+from domaintune.readers.sources import resolve_package_path
+from domaintune.storage.store import MARKER, Store, cache_root
 
 log = logging.getLogger(__name__)
 

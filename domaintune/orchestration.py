@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from domaintune.errors import DomainTuneError
-from domaintune.manifests import Manifest, StageRecord
+from domaintune.storage.manifests import Manifest, StageRecord
 
 
 class _OneLineForBadInput(logging.Filter):
@@ -60,7 +60,7 @@ def stage_task(
     """Wrap ``fn(config, *manifests, store)`` as a Prefect task named ``name``."""
 
     def run(config: Any, *inputs: Any, **kwargs: Any) -> Any:
-        from domaintune.store import Store
+        from domaintune.storage.store import Store
 
         try:
             manifest = fn(config, *inputs, store=Store.of(config), **kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from domaintune.config import RetrainConfig
-from domaintune.manifests import EvaluationReport
+from domaintune.storage.manifests import EvaluationReport
 from domaintune.tasktypes import get_task_type
 
 

@@ -42,9 +42,9 @@ from domaintune.config.sections import (
     REGISTRY_REFERENCE_RULE,
     REGISTRY_SCHEME,
 )
-from domaintune.coordination import check_leases, create_exclusive, numbered_objects
 from domaintune.errors import DomainTuneError, ModelError, StoreError, store_error
-from domaintune.store import Store, atomic_write_text, describe_remote_error
+from domaintune.storage.coordination import check_leases, create_exclusive, numbered_objects
+from domaintune.storage.store import Store, atomic_write_text, describe_remote_error
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ class Registry:
         local = self.cache / version
         if self.store.local or (local / MARKER).is_file():
             return local
-        from domaintune.store import download_dir
+        from domaintune.storage.store import download_dir
 
         with self._guard(f"reading {version}"):
             download_dir(self.fs, f"{self.path}/{version}", local)

@@ -43,8 +43,8 @@ from domaintune.fingerprint import hash_obj
 
 if TYPE_CHECKING:
     from domaintune.config import TuneConfig, TuneParamConfig
-    from domaintune.manifests import SplitManifest
-    from domaintune.store import Store
+    from domaintune.storage.manifests import SplitManifest
+    from domaintune.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def _journal_class() -> type:
             self._last = -1  # the highest object number read
 
         def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
-            from domaintune.coordination import numbered_objects
+            from domaintune.storage.coordination import numbered_objects
 
             for n in numbered_objects(self.fs, self.folder):
                 if n > self._last:
@@ -224,7 +224,7 @@ def _journal_class() -> type:
             return self._logs[log_number_from:]
 
         def append_logs(self, logs: list[dict[str, Any]]) -> None:
-            from domaintune.coordination import numbered_objects
+            from domaintune.storage.coordination import numbered_objects
 
             data = json.dumps(logs, separators=(",", ":")).encode()
             for _ in range(100):
@@ -247,7 +247,7 @@ def _create(fs: Any, path: str, data: bytes) -> None:
     place (a killed writer never leaves half an object), an object store creates it at once."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from domaintune.coordination import create_exclusive
+    from domaintune.storage.coordination import create_exclusive
 
     if not isinstance(fs, LocalFileSystem):
         create_exclusive(fs, path, data)
@@ -549,7 +549,7 @@ class Tuner:
     def report_markdown(self) -> str:
         """The search for the Prefect UI: trials, best settings, importances with a chart, and
         the validation metric per trial."""
-        from domaintune.charts import bar_chart_svg, data_uri
+        from domaintune.reporting.charts import bar_chart_svg, data_uri
 
         rows = self.rows()
         better = "higher" if self.greater else "lower"

@@ -18,7 +18,13 @@ from prefect.states import Completed
 
 from domaintune.chaining import pin
 from domaintune.config import RetrainConfig
-from domaintune.manifests import (
+from domaintune.orchestration import call_stage, stage_task, superseded_by
+from domaintune.recipes import Stage, from_previous, stage_configs, stage_record
+from domaintune.redaction import redact, redact_obj
+from domaintune.reporting.reports import metric_rows, training_markdown
+from domaintune.reporting.tracking import finish_run
+from domaintune.runconfig import complete
+from domaintune.storage.manifests import (
     EvaluationReport,
     ModelArtifact,
     Registration,
@@ -27,18 +33,12 @@ from domaintune.manifests import (
     ValidationReport,
     scalar_metrics,
 )
-from domaintune.orchestration import call_stage, stage_task, superseded_by
-from domaintune.recipes import Stage, from_previous, stage_configs, stage_record
-from domaintune.redaction import redact, redact_obj
-from domaintune.reports import metric_rows, training_markdown
-from domaintune.runconfig import complete
 from domaintune.tasks.evaluate import evaluate
-from domaintune.tasks.finetune import finetune, training_summary
+from domaintune.tasks.finetune import finetune, run_summary_training
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import HeldOut, preprocess
 from domaintune.tasks.register import register
 from domaintune.tasks.validate import validate
-from domaintune.tracking import finish_run
 
 
 def _publish_validation(report: ValidationReport) -> None:
@@ -175,7 +175,7 @@ def run_summary(
         validation_report=run.validation.report_markdown,
         quarantined_rows=run.validation.quarantined_rows,
         quarantine_table=run.validation.quarantine_table,
-        training=training_summary(model),
+        training=run_summary_training(model),
         trust_remote_code=config.model.trust_remote_code,
         recipe=run.chain,
         seconds=round(time.perf_counter() - t0, 3),

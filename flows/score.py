@@ -16,11 +16,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from domaintune.manifests import StageRecord
 from domaintune.orchestration import call_stage, stage_task
 from domaintune.redaction import redact, redact_obj
-from domaintune.reports import counts_markdown, total_counts
-from domaintune.store import Store
+from domaintune.reporting.reports import counts_markdown, total_counts
+from domaintune.storage.manifests import StageRecord
+from domaintune.storage.store import Store
 from domaintune.tasks.score import ScoreConfig, pin_model, score_file
 
 score_task = stage_task(score_file, "score")
@@ -31,7 +31,7 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     """Score new files with a registered model (production by default) into the store."""
     t0 = time.perf_counter()
     logger = get_run_logger()
-    from domaintune.sources import resolve_sources
+    from domaintune.readers.sources import resolve_sources
 
     store = Store.of(config)
     model, fingerprint = pin_model(config, store)

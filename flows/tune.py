@@ -28,12 +28,12 @@ from domaintune.flows.retrain import (
     register_prepared,
     run_summary,
 )
-from domaintune.manifests import StageRecord
 from domaintune.orchestration import call_stage, should_retry
 from domaintune.redaction import redact, redact_obj
+from domaintune.reporting.tracking import finish_run
 from domaintune.runconfig import complete
-from domaintune.store import Store
-from domaintune.tracking import finish_run
+from domaintune.storage.manifests import StageRecord
+from domaintune.storage.store import Store
 from domaintune.tuning import TrialRun, Tuner, check_space, decode, set_options, state_counts
 
 

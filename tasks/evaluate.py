@@ -20,10 +20,15 @@ from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj
 from domaintune.generation import GenerationSettings, cast_for_generation
 from domaintune.loading import autocast_for, load_for_scoring
-from domaintune.manifests import EvaluationReport, ModelArtifact, SplitManifest, scalar_metrics
 from domaintune.redaction import redact, redact_obj
-from domaintune.reports import render_markdown
-from domaintune.store import Store
+from domaintune.reporting.reports import render_markdown
+from domaintune.storage.manifests import (
+    EvaluationReport,
+    ModelArtifact,
+    SplitManifest,
+    scalar_metrics,
+)
+from domaintune.storage.store import Store
 from domaintune.tasktypes import get_task_type
 from domaintune.training.launch import inference_precision
 
@@ -307,7 +312,7 @@ def _run(
 def _charts(model: ModelArtifact, finetuned: dict[str, Any], primary: str) -> dict[str, str]:
     """SVG charts for the report: the training curves (training / validation loss, validation
     ``primary`` metric, learning rate) and the confusion matrix."""
-    from domaintune.charts import confusion_matrix_svg, training_curves_svg
+    from domaintune.reporting.charts import confusion_matrix_svg, training_curves_svg
 
     charts = {}
     history = Path(model.model_dir) / "log_history.json"

@@ -23,11 +23,11 @@ from typing import Any
 from domaintune.chaining import resolve_config_model, resolve_model
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj, library_versions
-from domaintune.manifests import ModelArtifact, SavedModelCheck, SplitManifest
 from domaintune.models import ResolvedModel
-from domaintune.store import Store, atomic_write_text
+from domaintune.reporting.tracking import TrainingTracker
+from domaintune.storage.manifests import ModelArtifact, SavedModelCheck, SplitManifest
+from domaintune.storage.store import Store, atomic_write_text
 from domaintune.tasktypes import get_task_type
-from domaintune.tracking import TrainingTracker
 from domaintune.training.checkpoints import CheckpointMirror, latest_complete_checkpoint
 from domaintune.training.checks import verify_saved_model
 from domaintune.training.deepspeed_config import build_deepspeed_config
@@ -146,8 +146,7 @@ def _worker_spec(
         model_path=base.path,
         trust_remote_code=config.model.trust_remote_code,
         config_overrides=checked["config_overrides"],
-        bf16=launch.bf16,
-        fp16=launch.fp16,
+        precision=launch.precision,
         splits={name: s.path for name, s in splits.splits.items()},
         output_dir=str(ckpt_dir),
         final_dir=str(final_dir),
@@ -386,7 +385,7 @@ def _checked_result(final_dir: Path, config: RetrainConfig, splits: SplitManifes
     return result
 
 
-def training_summary(model: ModelArtifact) -> dict[str, Any]:
+def run_summary_training(model: ModelArtifact) -> dict[str, Any]:
     """The run summary's view of what trained."""
     return {
         "strategy": model.strategy.strategy,

@@ -16,18 +16,18 @@ import pandas as pd
 from domaintune.config import RetrainConfig
 from domaintune.errors import DataError
 from domaintune.fingerprint import hash_dataframe, hash_local_file, hash_obj, stable_json
-from domaintune.manifests import RawSnapshot, SourceFile
-from domaintune.redaction import redact
-from domaintune.sources import (
+from domaintune.readers.sources import (
     EMPTY_ROWS,
     LAYOUT_COLUMNS,
     SOURCE,
+    SourceFile,
     infer_format,
     read_file,
     resolve_sources,
 )
-from domaintune.sources import SourceFile as InputFile
-from domaintune.store import Store
+from domaintune.redaction import redact
+from domaintune.storage.manifests import IngestedFile, RawSnapshot
+from domaintune.storage.store import Store
 from domaintune.tasktypes import get_task_type
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ STAGE = "ingest"
 VERSION = "4"
 
 
-def file_fingerprint(f: InputFile) -> str:
+def file_fingerprint(f: SourceFile) -> str:
     """A file's content fingerprint: sha256 of a local file, the object store's own
     checksum, size and time for a remote one (read without downloading)."""
     if f.is_local:
@@ -49,10 +49,10 @@ def file_fingerprint(f: InputFile) -> str:
 
 def plan(
     config: RetrainConfig,
-) -> tuple[str, list[tuple[str | None, InputFile]], str, dict[str, str]]:
+) -> tuple[str, list[tuple[str | None, SourceFile]], str, dict[str, str]]:
     """Resolve the inputs (per predefined split, if any) and compute the stage key without
     reading the data."""
-    files: list[tuple[str | None, InputFile]] = []
+    files: list[tuple[str | None, SourceFile]] = []
     for split, source in config.data.sources_by_split().items():
         field = "data.source" if split is None else f"data.splits.{split}"
         files += [(split, f) for f in resolve_sources(source, field, config.data.storage_options)]
@@ -92,13 +92,13 @@ def _run(
     config: RetrainConfig,
     store: Store,
     key: str,
-    files: list[tuple[str | None, InputFile]],
+    files: list[tuple[str | None, SourceFile]],
     fmt: str,
     hashes: dict[str, str],
 ) -> RawSnapshot:
     task = get_task_type(config.task.type)
     tables: list[pd.DataFrame] = []
-    sources: list[SourceFile] = []
+    sources: list[IngestedFile] = []
     known = _known_columns(config)
     ignored: dict[str, None] = {}
     unparsed: list[dict] = []  # data.on_invalid: quarantine: records that did not parse
@@ -133,7 +133,7 @@ def _run(
             df["_split"] = split
         tables.append(df)
         sources.append(
-            SourceFile(
+            IngestedFile(
                 path=redact(f.url), sha256=hashes[f.url], rows=len(df), encoding=enc, split=split
             )
         )

@@ -28,10 +28,10 @@ from domaintune.chaining import resolve_config_model
 from domaintune.config import RetrainConfig
 from domaintune.errors import DataError, ModelError
 from domaintune.fingerprint import hash_local_file, hash_obj, library_versions, stable_json
-from domaintune.manifests import RawSnapshot, SplitInfo, SplitManifest, ValidationReport
 from domaintune.models import ResolvedModel
-from domaintune.sources import row_ids
-from domaintune.store import Store
+from domaintune.readers.sources import row_ids
+from domaintune.storage.manifests import RawSnapshot, SplitInfo, SplitManifest, ValidationReport
+from domaintune.storage.store import Store
 from domaintune.tasktypes import get_task_type
 from domaintune.tasktypes.base import TokenizeSettings
 

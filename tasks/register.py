@@ -2,7 +2,7 @@
 
 ``<store>/registry/<name>/vNNNN/`` holds ``model/`` (weights and tokenizer: hard-linked from
 the store when local, copied inside the object store when remote; plus its model card
-``README.md``, domaintune.modelcard), ``metrics.json``,
+``README.md``, domaintune.reporting.modelcard), ``metrics.json``,
 ``config.yaml``, ``lineage.json`` and ``registration.json``; the version exists once the
 registry's event log commits it (``domaintune.registry``), which also moves ``latest`` and,
 when promoted, ``production``. Registering the same model, metrics and config again returns
@@ -32,7 +32,12 @@ from domaintune import __version__
 from domaintune.config import RetrainConfig
 from domaintune.errors import StoreError, store_error
 from domaintune.fingerprint import hash_obj
-from domaintune.manifests import (
+from domaintune.promotion import decide_promotion
+from domaintune.redaction import redact_obj
+from domaintune.registry import MARKER, Registry
+from domaintune.reporting.modelcard import write_model_card
+from domaintune.reporting.tracking import TENSORBOARD_DIR
+from domaintune.storage.manifests import (
     EvaluationReport,
     ModelArtifact,
     RawSnapshot,
@@ -40,12 +45,7 @@ from domaintune.manifests import (
     SplitManifest,
     scalar_metrics,
 )
-from domaintune.modelcard import write_model_card
-from domaintune.promotion import decide_promotion
-from domaintune.redaction import redact_obj
-from domaintune.registry import MARKER, Registry
-from domaintune.store import Store
-from domaintune.tracking import TENSORBOARD_DIR
+from domaintune.storage.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from pydantic import Field, field_validator
 
 from domaintune.config import RetriesConfig, Section, StoreConfig
 from domaintune.fingerprint import hash_obj
-from domaintune.manifests import ScoredFile
 from domaintune.redaction import redact
-from domaintune.store import Store
+from domaintune.storage.manifests import ScoredFile
+from domaintune.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def pin_model(config: ScoreConfig, store: Store) -> tuple[str, str]:
     """(a reference to exactly one model, its content fingerprint): ``NAME@production``
     becomes ``NAME@vNNNN``; a folder stays a folder."""
     from domaintune.models import ResolvedModel
-    from domaintune.predict import resolve
+    from domaintune.serving.predict import resolve
 
     model = resolve(config.model, store)
     pinned = f"{config.model.rsplit('@', 1)[0]}@{model.version}" if model.version else config.model
@@ -93,7 +93,7 @@ def score_file(
     config: ScoreConfig, url: str, store: Store, model: str, model_fingerprint: str
 ) -> ScoredFile:
     """Score the file at ``url`` with the pinned ``model`` (cached per model and file)."""
-    from domaintune.sources import resolve_sources
+    from domaintune.readers.sources import resolve_sources
     from domaintune.tasks.ingest import file_fingerprint
 
     (source,) = resolve_sources(url, "source", config.storage_options)
@@ -117,7 +117,7 @@ def _run(
     reference: str,
     model_fingerprint: str,
 ) -> ScoredFile:
-    from domaintune.predict import predict_inputs, resolve
+    from domaintune.serving.predict import predict_inputs, resolve
 
     model = resolve(reference, store)
     if config.batch_size:

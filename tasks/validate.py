@@ -22,10 +22,10 @@ import yaml
 from domaintune.config import RetrainConfig
 from domaintune.errors import ConfigError, ContractViolation
 from domaintune.fingerprint import hash_obj, stable_json
-from domaintune.manifests import RawSnapshot, ValidationReport
+from domaintune.readers.sources import row_ids
 from domaintune.redaction import redact, redact_obj
-from domaintune.sources import row_ids
-from domaintune.store import Store
+from domaintune.storage.manifests import RawSnapshot, ValidationReport
+from domaintune.storage.store import Store
 from domaintune.tasktypes import get_task_type
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from domaintune.serve import deploy, ensure_automations, start_server, start_worker
+from domaintune.serving.serve import deploy, ensure_automations, start_server, start_worker
 from tests.conftest import write_csv
 from tests.services import Postgres, S3Server, free_port, kill_tree, prefect_api, stop
 

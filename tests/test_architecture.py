@@ -38,14 +38,18 @@ def test_the_checker_sees_the_stages_and_names_a_broken_rule(tmp_path, monkeypat
         "def f():\n    from domaintune.tasks.evaluate import evaluate\n"
         "    from domaintune.cli import main\n"
     )
-    monkeypatch.setattr(checker, "module_files", lambda: {**files, "domaintune.predict": fake})
+    monkeypatch.setattr(
+        checker, "module_files", lambda: {**files, "domaintune.serving.predict": fake}
+    )
     problems = checker.check()
     assert any(
-        "predict.py:2 (in a function): domaintune.predict (library) imports "
+        "predict.py:2 (in a function): domaintune.serving.predict (library) imports "
         "domaintune.tasks.evaluate (stages)" in p
         for p in problems
     ), problems
-    assert any(p.startswith("import cycle of") and "domaintune.predict" in p for p in problems)
+    assert any(
+        p.startswith("import cycle of") and "domaintune.serving.predict" in p for p in problems
+    )
 
 
 def test_make_lint_runs_the_checker():

@@ -20,10 +20,10 @@ import pytest
 from domaintune.chaining import resolve_config_model, resolve_model
 from domaintune.errors import ConfigError, ModelError
 from domaintune.models import ResolvedModel
-from domaintune.predict import resolve as predict_resolve
 from domaintune.registry import Registry
 from domaintune.runconfig import load_config
-from domaintune.store import Store
+from domaintune.serving.predict import resolve as predict_resolve
+from domaintune.storage.store import Store
 from domaintune.tasks import finetune as finetune_stage
 from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.finetune import finetune

@@ -10,7 +10,12 @@ import sys
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 
-from domaintune.charts import bar_chart_svg, confusion_matrix_svg, data_uri, training_curves_svg
+from domaintune.reporting.charts import (
+    bar_chart_svg,
+    confusion_matrix_svg,
+    data_uri,
+    training_curves_svg,
+)
 
 #: A Trainer log_history: a training entry per step, an evaluation every 10 steps, the summary.
 HISTORY = (
@@ -133,6 +138,6 @@ def test_bar_chart_writes_each_value_at_its_bar():
 
 
 def test_importing_the_module_does_not_import_matplotlib():
-    code = "import sys, domaintune.charts; print('matplotlib' in sys.modules)"
+    code = "import sys, domaintune.reporting.charts; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr

@@ -29,7 +29,7 @@ def test_every_task_type_has_an_example():
 
 
 def test_the_bbc_qa_example_passes_its_contract(tmp_path, monkeypatch):
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
     from domaintune.tasks.ingest import ingest
     from domaintune.tasks.validate import validate
 

@@ -14,7 +14,7 @@ import time
 import fsspec
 import pytest
 
-from domaintune.coordination import Lease, LeaseLost, create_exclusive, lease
+from domaintune.storage.coordination import Lease, LeaseLost, create_exclusive, lease
 
 
 def _s3fs(s3):
@@ -61,7 +61,7 @@ def test_two_holders_never_overlap_and_a_released_lease_is_taken_at_once(s3):
 _HOLDER = textwrap.dedent(
     """
     import os, sys, time
-    from domaintune.coordination import Lease
+    from domaintune.storage.coordination import Lease
     from tests.services import S3Server
     import s3fs
     fs = s3fs.S3FileSystem(key=os.environ["DT_S3_KEY"], secret=os.environ["DT_S3_SECRET"],

@@ -1,4 +1,4 @@
-"""The model card of a registered version (domaintune.modelcard): Hugging Face's own parser
+"""The model card of a registered version (domaintune.reporting.modelcard): Hugging Face's own parser
 reads its metadata and metrics back; the body has the evaluation, training, data and
 lineage sections and no secret. The card of a real registration is checked by
 ``assert_registered_card``, called from the slow registration tests (local and S3 stores)."""
@@ -11,17 +11,17 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from domaintune.manifests import (
+from domaintune.reporting.modelcard import hub_name, write_model_card
+from domaintune.runconfig import load_config
+from domaintune.storage.manifests import (
     EvaluationReport,
+    IngestedFile,
     ModelArtifact,
     RawSnapshot,
     Registration,
-    SourceFile,
     SplitInfo,
     SplitManifest,
 )
-from domaintune.modelcard import hub_name, write_model_card
-from domaintune.runconfig import load_config
 from domaintune.tasks.register import _lineage
 
 LABELS = ["negative", "neutral", "positive"]
@@ -61,7 +61,7 @@ def _manifests(tmp_path: Path, champion_metrics: dict | None):
         fingerprint="a" * 64,
         rows=200,
         columns=["text", "label"],
-        sources=[SourceFile(path=source, sha256="b" * 64, rows=200)],
+        sources=[IngestedFile(path=source, sha256="b" * 64, rows=200)],
         labels=LABELS,
         label_counts={"negative": 70, "neutral": 60, "positive": 70},
     )
@@ -238,7 +238,7 @@ def test_no_champion_column_without_a_rescored_champion_and_adapter_loading(tmp_
 
 
 def test_every_task_type_has_a_pipeline_tag():
-    from domaintune.modelcard import PIPELINE_TAGS
+    from domaintune.reporting.modelcard import PIPELINE_TAGS
     from domaintune.tasktypes import get_task_type, task_type_names
 
     tags = {t: PIPELINE_TAGS.get(get_task_type(t).auto_model) for t in task_type_names()}

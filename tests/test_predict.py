@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from domaintune.predict import PredictError, predict
-from domaintune.store import Store
+from domaintune.serving.predict import PredictError, predict
+from domaintune.storage.store import Store
 from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.finetune import finetune
 from domaintune.tasks.ingest import ingest

@@ -14,7 +14,7 @@ import pytest
 
 from domaintune.errors import StoreAccessError, StoreError, TrainingFailed
 from domaintune.registry import Registry
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks import finetune as finetune_stage
 from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.ingest import ingest

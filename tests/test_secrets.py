@@ -107,7 +107,7 @@ def test_credentials_referenced_from_the_environment_stay_out_of_prefect(
     from prefect.client.orchestration import get_client
 
     from domaintune.flows.retrain import retrain
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
     from domaintune.tasks.ingest import ingest
     from tests.conftest import write_csv
     from tests.services import s3_server_checking_credentials

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from domaintune.serve import free_port
+from domaintune.serving.serve import free_port
 from tests.services import prefect_api as _api
 
 ROOT = Path(__file__).resolve().parent.parent

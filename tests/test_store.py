@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from domaintune.store import MARKER, Store
+from domaintune.storage.store import MARKER, Store
 
 
 def test_entry_becomes_visible_only_when_complete(tmp_path):

@@ -68,7 +68,7 @@ def test_a_server_that_does_not_answer_stops_before_training(tmp_path, make_conf
     """One line naming the key, within seconds (MLflow's client would retry for minutes),
     and the URI's password is never shown."""
     pytest.importorskip("mlflow", reason="the tracking extra (mlflow-skinny) is not installed")
-    from domaintune.tracking import TrainingTracker
+    from domaintune.reporting.tracking import TrainingTracker
 
     password = f"pw-{uuid.uuid4().hex}"
     cfg = make_config(
@@ -92,8 +92,8 @@ def test_a_server_that_does_not_answer_stops_before_training(tmp_path, make_conf
 def test_event_files_travel_with_an_entry_to_a_remote_store(tmp_path, make_config, s3, s3_store):
     """The events of a training go into the entry it writes, which a remote store uploads
     whole: another host finds them in the bucket (no training needed to show it)."""
-    from domaintune.store import Store
-    from domaintune.tracking import TrainingTracker
+    from domaintune.reporting.tracking import TrainingTracker
+    from domaintune.storage.store import Store
 
     cfg = make_config(tmp_path / "x.csv", store=s3_store)
     tracker = TrainingTracker.start(cfg, "k" * 16, tmp_path / "work", [], {})
@@ -128,7 +128,7 @@ def test_a_retried_training_continues_its_run_and_its_event_files(
     from mlflow import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from domaintune import tracking
+    from domaintune.reporting import tracking
 
     cfg = make_config(
         tmp_path / "x.csv",

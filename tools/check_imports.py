@@ -46,12 +46,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "storage",
         (
-            "domaintune.store",
-            "domaintune.coordination",
-            "domaintune.sources",
-            "domaintune.squad",
-            "domaintune.tmx",
-            "domaintune.manifests",
+            "domaintune.storage",
+            "domaintune.readers",
         ),
     ),
     ("models", ("domaintune.models",)),
@@ -80,7 +76,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "domaintune.cli",
             "domaintune.automations",
             "domaintune.landing",
-            "domaintune.serve",
+            "domaintune.serving.serve",
             "domaintune.__main__",
         ),
     ),

@@ -127,6 +127,9 @@ class TaskConfig(Section):
 
 
 SplitName = Literal["train", "validation", "test"]
+#: A precision as chosen for this hardware (``training.precision`` resolved: never "auto"):
+#: the one value the launch plan, the ranks' spec, the artifact and scoring carry.
+Precision = Literal["bf16", "fp16", "fp32"]
 
 
 class DataConfig(Section):
@@ -473,7 +476,7 @@ class TrainingConfig(Section):
         "derived from it (global / (batch_size x ranks)), so the run means the same on one "
         "CPU process, 8 GPUs or 4 nodes; null: batch_size x gradient_accumulation_steps x ranks.",
     )
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+    precision: Literal["auto"] | Precision = Field(
         "auto",
         description="Mixed precision (fp32 master weights, 16-bit autocast). auto: bf16 on "
         "GPUs that support it, fp16 on older GPUs; on CPU bf16 where the processor does bf16 "

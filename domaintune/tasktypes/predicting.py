@@ -2,7 +2,7 @@
 model a reference resolved to (:class:`PredictModel`), a loader that loads it as its
 evaluation loaded it, and the shared mechanics (:func:`encoded_logits`: logits of encoded
 rows in batches, with the task type's collator, in the model's precision, with progress).
-The task type turns raw input rows into its predictions with them; ``domaintune.predict``
+The task type turns raw input rows into its predictions with them; ``domaintune.serving.predict``
 only resolves the reference, reads the inputs and writes the outputs.
 """
 
@@ -16,10 +16,11 @@ from typing import Any
 
 import pandas as pd
 
+from domaintune.config import Precision
 from domaintune.inference import autocast_for, batched_logits
 from domaintune.progress import Progress
 
-log = logging.getLogger("domaintune.predict")
+log = logging.getLogger("domaintune.serving.predict")
 
 #: () -> (tokenizer, model in eval mode, precision): the model loaded as its evaluation
 #: loaded it to score (``domaintune.loading.load_for_scoring``), given by predict
@@ -69,7 +70,7 @@ def encoded_logits(
     model: PredictModel,
     net: Any,
     tokenizer: Any,
-    precision: str,
+    precision: Precision,
     enc: Any,
     logits_of: Callable[[Any], Any] | None = None,
 ) -> list:

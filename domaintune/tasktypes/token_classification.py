@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domaintune.manifests import scalar_metrics
+from domaintune.storage.manifests import scalar_metrics
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import MINILM, TaskType, TokenizeSettings, require_columns
 

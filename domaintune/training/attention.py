@@ -21,6 +21,8 @@ import itertools
 import math
 from typing import Any
 
+from domaintune.config import Precision
+
 #: The registered name of the CPU attention function (see the module's docstring).
 CPU_ATTENTION = "domaintune_cpu"
 
@@ -204,7 +206,7 @@ def register() -> None:
     AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
 
 
-def attention_implementation(choice: str, precision: str, model_path: str) -> str | None:
+def attention_implementation(choice: str, precision: Precision, model_path: str) -> str | None:
     """The attention kernel to load the model with (None: transformers' default, SDPA
     where the model supports it)."""
     if choice != "auto":

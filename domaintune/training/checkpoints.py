@@ -113,7 +113,7 @@ class CheckpointMirror:
         names of the checkpoints downloaded."""
         if not self.enabled:
             return []
-        from domaintune.store import download_dir
+        from domaintune.storage.store import download_dir
 
         got = []
         ckpts = self.work / "checkpoints"

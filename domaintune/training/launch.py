@@ -23,9 +23,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from domaintune.config import TrainingConfig
+from domaintune.config import Precision, TrainingConfig
 from domaintune.errors import ConfigError, HostError
-from domaintune.manifests import LaunchRecord
+from domaintune.storage.manifests import LaunchRecord
 
 #: Environment variables the ranks need from the task's environment (names, or prefixes
 #: ending in ``*``). With several hosts every rank is started over SSH and sees only these
@@ -57,8 +57,8 @@ _SSH_LAUNCHERS = {"pdsh", "openmpi", "mpich", "impi", "mvapich"}
 class LaunchPlan:
     hosts: list[tuple[str, int]]  # (host, ranks on it)
     use_gpu: bool
-    bf16: bool
-    fp16: bool
+    #: chosen once (choose_precision); bf16 / fp16 below are views of it
+    precision: Precision
     master_addr: str
     master_port: int
     micro_batch_size: int
@@ -93,8 +93,12 @@ class LaunchPlan:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
 
     @property
-    def precision(self) -> str:
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
+    @property
+    def fp16(self) -> bool:
+        return self.precision == "fp16"
 
     def command(self, spec_path: Path | str, cpu_allocator: str = "auto") -> list[str]:
         """The launch command; a CPU rank is told which allocator to restart itself with
@@ -355,7 +359,7 @@ def cpu_bf16_features(cpuinfo: str | None = None) -> list[str]:
 
 def choose_precision(
     configured: str, *, use_gpu: bool, gpu_bf16: bool, cpu_bf16: list[str]
-) -> tuple[str, str, str | None]:
+) -> tuple[Precision, str, str | None]:
     """(precision, why, warning or None) for ``training.precision`` on this hardware.
 
     bf16 is mixed precision: fp32 master weights, bf16 autocast. ``auto`` picks it where the
@@ -399,7 +403,7 @@ def choose_precision(
     return "fp32", "fp32: as configured", None
 
 
-def inference_precision(training: TrainingConfig) -> tuple[str, str]:
+def inference_precision(training: TrainingConfig) -> tuple[Precision, str]:
     """(precision, why) for scoring models on this machine: the training's choice, so that
     evaluation and base-model scoring run as the training did."""
     gpus, gpu_bf16 = visible_gpus()
@@ -473,7 +477,6 @@ def plan_launch(
     precision, reason, warning = choose_precision(
         training.precision, use_gpu=use_gpu, gpu_bf16=bf16_supported, cpu_bf16=cpu_bf16 or []
     )
-    bf16, fp16 = precision == "bf16", precision == "fp16"
     if warning:
         notes.append(warning)
 
@@ -503,8 +506,7 @@ def plan_launch(
         hosts=hosts,
         uses_zero=uses_zero,
         use_gpu=use_gpu,
-        bf16=bf16,
-        fp16=fp16,
+        precision=precision,
         master_addr=training.master_addr or default_addr,
         master_port=training.master_port or free_port(),
         micro_batch_size=micro,

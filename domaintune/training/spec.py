@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from domaintune.config import TaskConfig, TrainingConfig
-from domaintune.manifests import (
+from domaintune.config import Precision, TaskConfig, TrainingConfig
+from domaintune.storage.manifests import (
     LaunchRecord,
     OptimizerGroup,
     SavedModelCheck,
@@ -42,8 +42,8 @@ class WorkerSpec(BaseModel):
     trust_remote_code: bool = False
     #: model config attributes set when loading it (training.dropout)
     config_overrides: dict[str, Any] = Field(default_factory=dict)
-    bf16: bool = False
-    fp16: bool = False
+    #: the launch plan's precision (bf16 / fp16: mixed precision, fp32 master weights)
+    precision: Precision = "fp32"
     # -- a training (a merge of a LoRA adapter prepares the model only) --------------
     #: tokenized split name -> Parquet path
     splits: dict[str, str] = Field(default_factory=dict)
@@ -62,8 +62,12 @@ class WorkerSpec(BaseModel):
         return self.task.type
 
     @property
-    def precision(self) -> str:
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
+    @property
+    def fp16(self) -> bool:
+        return self.precision == "fp16"
 
     def write(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2))
@@ -119,7 +123,7 @@ class WorkerResult(BaseModel):
     resumed_from: str | None = None
     #: the launch plan's summary as the ranks got it (WorkerSpec.launch)
     launch: LaunchRecord
-    precision: str
+    precision: Precision
     attention: str | None = None
     allocator: str | None = None
     gradient_checkpointing: bool = False

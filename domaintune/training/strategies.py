@@ -29,7 +29,7 @@ from typing import Any
 
 from domaintune.config import DropoutConfig, StrategyConfig, TrainingConfig
 from domaintune.errors import ConfigError
-from domaintune.manifests import StrategyReport
+from domaintune.storage.manifests import StrategyReport
 from domaintune.tasktypes import get_task_type, task_type_names
 from domaintune.tasktypes.heads import build_head
 

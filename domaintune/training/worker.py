@@ -29,7 +29,7 @@ from domaintune.training.checkpoints import CHECKPOINT_MARKER, wait_until_stored
 
 if TYPE_CHECKING:  # at run time imported where used: a CPU rank restarts itself with
     # TCMalloc before anything heavy loads (_restart_with_allocator)
-    from domaintune.manifests import LaunchRecord, StrategyReport
+    from domaintune.storage.manifests import LaunchRecord, StrategyReport
     from domaintune.training.spec import WorkerResult, WorkerSpec
 
 PROGRESS_PREFIX = "DOMAINTUNE "
@@ -48,7 +48,7 @@ def emit(event: str, **fields: Any) -> None:
 def _callbacks(report: StrategyReport, seen: dict[str, Any], to_store: bool = False):
     from transformers import TrainerCallback
 
-    from domaintune.manifests import scalar_metrics
+    from domaintune.storage.manifests import scalar_metrics
 
     class CheckpointMarker(TrainerCallback):
         """Mark a checkpoint complete only after every rank has written its part."""
@@ -522,7 +522,7 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
     from transformers import AutoTokenizer, EarlyStoppingCallback
     from transformers.utils import logging as hf_logging
 
-    from domaintune.manifests import LaunchRecord
+    from domaintune.storage.manifests import LaunchRecord
     from domaintune.tasktypes import get_task_type
     from domaintune.training import strategies
     from domaintune.training.spec import RESULT_FILE

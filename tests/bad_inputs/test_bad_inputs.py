@@ -11,7 +11,7 @@ import pytest
 
 from domaintune import errors
 from domaintune.runconfig import load_config
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.finetune import plan as finetune_plan
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from domaintune import errors
 from domaintune.runconfig import load_config
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.validate import validate
 

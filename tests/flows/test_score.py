@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from domaintune.config import StoreConfig
-from domaintune.predict import predict
-from domaintune.store import Store
+from domaintune.serving.predict import predict
+from domaintune.storage.store import Store
 from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.finetune import finetune
 from domaintune.tasks.ingest import ingest

@@ -119,7 +119,7 @@ def test_stage_paths_are_resolved_like_the_config_s(tmp_path, monkeypatch):
 def test_stages_chain_are_cached_and_only_the_last_is_registered(tmp_path, make_config, rows):
     from domaintune.flows.retrain import retrain
     from domaintune.registry import Registry
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
     from domaintune.tasks.preprocess import split_parts
 
     labelled = rows(12)
@@ -235,7 +235,7 @@ def test_a_search_of_a_recipe_tunes_its_last_stage(tmp_path, make_config, rows):
     (dapt,) = summary["recipe"]
     assert dapt["stage"] == "dapt" and summary["version"] == "v0001"
     from domaintune.registry import Registry
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
 
     folder = Registry(Store(cfg.store.root), "test-uc").version_dir("v0001")
     lineage = json.loads((folder / "lineage.json").read_text())

@@ -105,8 +105,8 @@ def test_a_registered_task_type_is_known_everywhere_and_runs_the_flow(toy, tmp_p
     # domaintune predict serves it through its own predict, no other file touched
     import pandas as pd
 
-    from domaintune.predict import predict
-    from domaintune.store import Store
+    from domaintune.serving.predict import predict
+    from domaintune.storage.store import Store
 
     out = tmp_path / "predictions.parquet"
     said = predict("toy@v0001", [str(src)], str(out), Store(tmp_path / "store"))

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from domaintune.errors import ContractViolation
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate
@@ -88,7 +88,7 @@ def test_causal_lm_flow_lowers_perplexity_and_promotes(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from domaintune.loading import autocast_for
-    from domaintune.predict import predict
+    from domaintune.serving.predict import predict
     from domaintune.training.launch import inference_precision
 
     cfg = lm_config(make_config, src, tiny_causal_model)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.finetune import finetune
 from domaintune.tasks.ingest import ingest

@@ -13,7 +13,7 @@ import pytest
 
 from domaintune.errors import ConfigError, ContractViolation, DataError
 from domaintune.runconfig import load_config
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from domaintune.errors import ConfigError, DataError
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.ingest import ingest
 from tests.conftest import LABELS, write_csv, write_jsonl
 

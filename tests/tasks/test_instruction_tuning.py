@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from domaintune.errors import ContractViolation
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate
@@ -137,7 +137,7 @@ def test_instruction_tuning_flow_scores_generations_of_base_and_finetuned(
 
     # predict from the registry: the same greedy answers as the evaluation's, for prompts
     # given as an instruction + input (JSON Lines), as plain text (CSV) or as chat messages
-    from domaintune.predict import predict
+    from domaintune.serving.predict import predict
 
     scored = pd.read_parquet(m["report"].replace("report.md", "predictions.parquet"))
     instruction, _, inputs = zip(*(p.partition("\n\n") for p in scored["prompt"]), strict=True)

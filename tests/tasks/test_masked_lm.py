@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from domaintune.errors import ContractViolation
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate
@@ -125,7 +125,7 @@ def test_masked_lm_flow_adapts_and_a_classifier_starts_from_it(
     assert not torch.equal(
         net.bert.embeddings.word_embeddings.weight, source.bert.embeddings.word_embeddings.weight
     ), "the encoder itself was adapted"
-    from domaintune.predict import PredictError, predict
+    from domaintune.serving.predict import PredictError, predict
 
     with pytest.raises(PredictError, match="does not support task type 'masked_lm'"):
         predict("test-uc@v0001", [str(src)], str(tmp_path / "p.csv"), store=Store(cfg.store.root))

@@ -1,6 +1,6 @@
 import pandas as pd
 
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess, split_frame
 from tests.conftest import write_csv

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from domaintune.errors import ContractViolation, DataError
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate

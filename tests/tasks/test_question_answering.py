@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from domaintune.errors import ContractViolation
-from domaintune.predict import PredictError
-from domaintune.store import Store
+from domaintune.serving.predict import PredictError
+from domaintune.storage.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate
@@ -92,7 +92,7 @@ def test_qa_flow_reports_em_and_f1_for_base_and_finetuned(tmp_path, make_config)
 
     # predict from the registry on new questions (CSV, no answers): the evaluation's answers,
     # each a span of its context with its character offsets
-    from domaintune.predict import predict
+    from domaintune.serving.predict import predict
 
     scored = pd.read_parquet(m["report"].replace("report.md", "predictions.parquet"))
     context_of = {i + 1: r["context"] for i, r in enumerate(make_qa_rows(150))}

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from domaintune.cli import main as cli
-from domaintune.manifests import EvaluationReport
 from domaintune.promotion import decide_promotion
 from domaintune.registry import Registry
-from domaintune.store import Store
+from domaintune.storage.manifests import EvaluationReport
+from domaintune.storage.store import Store
 from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.finetune import finetune
 from domaintune.tasks.ingest import ingest

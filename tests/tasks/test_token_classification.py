@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from domaintune.errors import ContractViolation, DataError
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
 from domaintune.tasks.validate import validate
@@ -123,7 +123,7 @@ def test_ner_through_the_retrain_flow_reports_entity_f1_for_base_and_finetuned(
 
     # predict from the registry on raw text: the entities are the evaluation's predicted
     # tags, as character spans of the text
-    from domaintune.predict import predict
+    from domaintune.serving.predict import predict
 
     scored = pd.read_parquet(m["report"].replace("report.md", "predictions.parquet"))
     write_jsonl(

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from domaintune.errors import ConfigError, ContractViolation
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.validate import validate
 from tests.conftest import write_csv

@@ -16,7 +16,7 @@ import torch
 
 from domaintune.config import TrainingConfig
 from domaintune.errors import ConfigError, HostError, TrainingFailed
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks import finetune as finetune_stage
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess
@@ -490,8 +490,8 @@ def test_a_killed_rank_is_resumed_from_its_checkpoint_on_retry(tmp_path, make_co
 _TASK_SCRIPT = """
 import json, sys
 from domaintune.runconfig import validate_config
-from domaintune.manifests import SplitManifest
-from domaintune.store import Store
+from domaintune.storage.manifests import SplitManifest
+from domaintune.storage.store import Store
 from domaintune.tasks.finetune import finetune
 cfg = validate_config(json.loads(open(sys.argv[1]).read()))
 splits = SplitManifest.model_validate_json(open(sys.argv[2]).read())

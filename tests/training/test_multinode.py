@@ -18,7 +18,7 @@ import pytest
 
 from domaintune.config import TrainingConfig
 from domaintune.errors import HostError
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks import finetune as finetune_stage
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.preprocess import preprocess

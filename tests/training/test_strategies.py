@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from domaintune.errors import ConfigError
-from domaintune.store import Store
+from domaintune.storage.store import Store
 from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.finetune import finetune
 from domaintune.tasks.ingest import ingest
@@ -596,7 +596,7 @@ def test_smaller_model_custom_head_and_borrowed_frozen_embeddings(
         training=cfg.training,
         labels=splits.labels,
         model_path=resolve_config_model(cfg).path,
-        bf16=precision == "bf16",
+        precision=precision,
     )
     start = prepare_model(spec).eval()
     with torch.no_grad(), autocast_for(start, precision):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from domaintune.manifests import ModelArtifact, ScoredFile, scalar_metrics
+from domaintune.storage.manifests import ModelArtifact, ScoredFile, scalar_metrics
 from domaintune.tasktypes import get_task_type
 
 
@@ -40,7 +40,7 @@ def render_markdown(
     samples: pd.DataFrame | None = None,
     charts: dict[str, str] | None = None,
 ) -> str:
-    from domaintune.charts import data_uri
+    from domaintune.reporting.charts import data_uri
 
     charts = charts or {}
     lines = [
@@ -215,7 +215,7 @@ def total_counts(scored: list[ScoredFile]) -> dict[str, int]:
 def counts_markdown(name: str, model: str, scored: list[ScoredFile]) -> str:
     """The run in a few lines: the model version, the files, the counts (and a bar chart
     of them where they are counts of predicted classes or entity types)."""
-    from domaintune.charts import bar_chart_svg, data_uri
+    from domaintune.reporting.charts import bar_chart_svg, data_uri
 
     totals = total_counts(scored)
     rows = sum(s.rows for s in scored)

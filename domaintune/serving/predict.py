@@ -73,7 +73,7 @@ def resolve(reference: str, store: Any = None) -> PredictModel:
 
 def _from_registry(name: str, version: str, reference: str, store: Any) -> PredictModel:
     from domaintune.registry import Registry
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
 
     registry = Registry(store if store is not None else Store(".domaintune"), name)
     try:  # the registry's one rule for production / latest / vNNNN and its errors
@@ -144,8 +144,8 @@ def read_inputs(
     """Every input row (columns as read, plus ``_source`` and ``_row``) and notes. ``needs``:
     (role, column names of which one must be there), checked in each file; default the
     text column."""
+    from domaintune.readers.sources import infer_format, read_file, resolve_sources
     from domaintune.redaction import redact
-    from domaintune.sources import infer_format, read_file, resolve_sources
 
     try:
         files = resolve_sources(specs, field="INPUT", storage_options=storage_options)

@@ -10,7 +10,7 @@ The root is a local path or any fsspec URL. Stages always read and write local d
 for a remote root the store uploads on commit and mirrors entries into a local cache on read.
 The remote root is then the single source of truth: the local cache (``$DOMAINTUNE_CACHE``,
 else ``~/.cache/domaintune``) can be deleted at any time, and locks are leases in the object
-store itself (``domaintune.coordination``), so runs on several hosts compute an entry once.
+store itself (``domaintune.storage.coordination``), so runs on several hosts compute an entry once.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import Any, TypeVar
 
 import fsspec
 
-from domaintune.coordination import check_leases, file_lock, lease
 from domaintune.errors import StoreAccessError, StoreError, store_error
 from domaintune.fingerprint import hash_obj, stable_json
 from domaintune.redaction import redact
+from domaintune.storage.coordination import check_leases, file_lock, lease
 
 log = logging.getLogger(__name__)
 

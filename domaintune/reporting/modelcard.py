@@ -21,7 +21,9 @@ from typing import Any
 import yaml
 
 from domaintune.config import RetrainConfig
-from domaintune.manifests import (
+from domaintune.models import MODEL_TERMS, PACKAGED_MODELS
+from domaintune.redaction import redact, redact_obj
+from domaintune.storage.manifests import (
     EvaluationReport,
     ModelArtifact,
     RawSnapshot,
@@ -29,8 +31,6 @@ from domaintune.manifests import (
     SplitManifest,
     scalar_metrics,
 )
-from domaintune.models import MODEL_TERMS, PACKAGED_MODELS
-from domaintune.redaction import redact, redact_obj
 from domaintune.tasktypes import get_task_type
 
 CARD = "README.md"
@@ -59,7 +59,7 @@ def write_model_card(
     ``config.json`` and ``base_model.json`` say how it loads), and return its path."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from domaintune.reports import metric_rows
+    from domaintune.reporting.reports import metric_rows
 
     task = get_task_type(config.task.type)
     pipeline_tag = PIPELINE_TAGS.get(task.auto_model)

@@ -22,9 +22,9 @@ import fsspec
 import pandas as pd
 
 from domaintune.errors import ConfigError, DataError
-from domaintune.squad import LAYOUT_COLUMNS as SQUAD_COLUMNS
-from domaintune.squad import is_squad, squad_records
-from domaintune.tmx import read_tmx
+from domaintune.readers.squad import LAYOUT_COLUMNS as SQUAD_COLUMNS
+from domaintune.readers.squad import is_squad, squad_records
+from domaintune.readers.tmx import read_tmx
 
 log = logging.getLogger(__name__)
 

@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from domaintune.errors import ConfigError
-from domaintune.manifests import scalar_metrics
 from domaintune.redaction import redact
+from domaintune.storage.manifests import scalar_metrics
 
 if TYPE_CHECKING:
     from domaintune.config import RetrainConfig
-    from domaintune.manifests import ModelArtifact, Registration, RunSummary
+    from domaintune.storage.manifests import ModelArtifact, Registration, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ def _register_champion(
     from mlflow.exceptions import MlflowException
 
     from domaintune.registry import Registry
-    from domaintune.store import Store
+    from domaintune.storage.store import Store
 
     folder = Registry(Store.of(config), config.name).version_dir(registration.version) / "model"
     client.log_artifacts(run_id, str(folder), "model")

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from domaintune.config import Precision
+
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The figures of a metrics mapping (not its per-class tables, confusion matrices, texts
@@ -25,7 +27,10 @@ class Manifest(BaseModel):
     reused: bool = Field(False, description="True when the entry came from the store.")
 
 
-class SourceFile(BaseModel):
+class IngestedFile(BaseModel):
+    """One file ingest read, as the raw snapshot records it (the file to read is
+    ``readers.sources.SourceFile``)."""
+
     path: str
     sha256: str
     rows: int
@@ -37,7 +42,7 @@ class RawSnapshot(Manifest):
     stage: str = "ingest"
     rows: int
     columns: list[str]
-    sources: list[SourceFile]
+    sources: list[IngestedFile]
     labels: list[str]
     label_counts: dict[str, int]
     notes: list[str] = Field(default_factory=list)
@@ -140,7 +145,7 @@ class LaunchRecord(Part):
     num_nodes: int = 1
     hosts: list[list[Any]] = Field(default_factory=list)
     device: str = "cpu"
-    precision: str | None = None
+    precision: Precision | None = None
     precision_reason: str | None = None
     micro_batch_size: int | None = None
     gradient_accumulation_steps: int = 1
