@@ -66,6 +66,8 @@ def plan(
             **config.task.model_dump(
                 include={"source_language", "target_language"}, exclude_none=True
             ),
+            # a task type's own options (none: no term, the keys stay as they were)
+            **({"options": config.task.options} if config.task.options else {}),
         },
         config.data.model_dump(exclude={"source", "splits", "max_invalid_share"}),
         fmt,

@@ -97,6 +97,7 @@ def plan(
         *([{"held_out": held_out.fingerprint()}] if held_out is not None else []),
         raw.labels,
         config.task.type,
+        *([{"task_options": config.task.options}] if config.task.options else []),
         config.preprocess.model_dump(exclude={"num_proc"}),
         {**TokenizeSettings.of(config).key(), **_split_settings(config)},
         tok_fp,

@@ -102,6 +102,13 @@ class TaskConfig(Section):
         "also names the target column unless data.target_text_column is set.",
     )
 
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings a task type declares itself (its options_model: a plug-in "
+        "task type adds its own settings here); checked by the task type when the config is "
+        "completed, its defaults filled in. Built-in task types take none.",
+    )
+
     @field_validator("source_language", "target_language")
     @classmethod
     def _language_code(cls, v: str | None) -> str | None:

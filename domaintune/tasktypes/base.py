@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel, ValidationError
 
 from domaintune.errors import DataError
 from domaintune.tasktypes.heads import restore_head
@@ -113,6 +114,18 @@ class TaskType(ABC):
     counted: str | None = None
     #: The raw columns that make two examples the same (preprocess drops the later one).
     duplicate_key: tuple[str, ...] = ("text",)
+    #: The settings this task type declares itself, read from ``task.options`` (a pydantic
+    #: model: its fields, types, defaults and limits). None: it takes none. Ingest and
+    #: preprocess key their entries by the options; ``learning_settings`` /
+    #: ``scoring_settings`` say which of them change training and scoring.
+    options_model: type[BaseModel] | None = None
+
+    def options(self, settings: Any) -> Any:
+        """This task type's options from ``settings`` (the run's ``task`` section), typed:
+        an ``options_model`` instance (None where it declares none)."""
+        if self.options_model is None:
+            return None
+        return self.options_model.model_validate(getattr(settings, "options", None) or {})
 
     def contract_source(self) -> tuple[str, str]:
         """(where the default contract is, its YAML text): ``data_contracts/<contract>.yaml``,
@@ -152,6 +165,24 @@ class TaskType(ABC):
         """Raise ValueError naming the key when ``config`` (a RetrainConfig being validated)
         lacks a setting this task type needs. Default: nothing more is needed."""
         return None
+
+    def complete_options(self, config: Any) -> None:
+        """Check ``task.options`` against ``options_model`` and fill in its defaults (in
+        place); ValueError with one line naming the key and the rule when one is broken."""
+        given = config.task.options or {}
+        if self.options_model is None:
+            if given:
+                raise ValueError(
+                    f"task.options: task type {self.name} takes no options "
+                    f"(given: {', '.join(sorted(given))})"
+                )
+            return
+        try:
+            config.task.options = self.options_model.model_validate(given).model_dump(mode="json")
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"task.options.{where}: {err['msg']}") from None
 
     # -- ingest ---------------------------------------------------------------
     @abstractmethod

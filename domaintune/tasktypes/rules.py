@@ -8,7 +8,8 @@ config package itself knows no task type.
 - the primary metric is one of its metrics; ``training.strategy.head`` only where the task
   type builds a custom head;
 - the settings the task type asks for itself (``TaskType.check_config``: translation's
-  languages).
+  languages) and the options it declares (``task.options``, checked by its
+  ``options_model``, defaults filled in: a plug-in's own settings).
 """
 
 from __future__ import annotations
@@ -43,4 +44,5 @@ def apply_task_rules(config: Any) -> None:
         raise ValueError(
             f"training.strategy.head applies to {' and '.join(able)}, not {config.task.type}"
         )
+    task.complete_options(config)
     task.check_config(config)

@@ -21,7 +21,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 TOY = """
 from pathlib import Path
 
+from pydantic import BaseModel, Field
+
 from domaintune.tasktypes.text_classification import TextClassification
+
+
+class ToyOptions(BaseModel):
+    model_config = {{"extra": "forbid"}}
+
+    #: the confidence from which a prediction counts as sure
+    sure_at: float = Field(0.5, gt=0, lt=1)
 
 
 class ToyTopics(TextClassification):
@@ -33,11 +42,12 @@ class ToyTopics(TextClassification):
     default_model = {model!r}
     custom_head = False
     contract = str(Path(__file__).with_name("toy_topics.yaml"))  # shipped beside it
+    options_model = ToyOptions  # its own settings: task.options
 
     def predict(self, model, table, text_column, load):
         \"\"\"The topic, and whether the model is sure of it (its own column and counts).\"\"\"
         out = super().predict(model, table, text_column, load)
-        out["sure"] = out["confidence"] >= 0.5
+        out["sure"] = out["confidence"] >= self.options(model.task_settings()).sure_at
         return out
 
     def prediction_counts(self, result):
@@ -94,6 +104,16 @@ def test_a_registered_task_type_is_known_everywhere_and_runs_the_flow(toy, tmp_p
     # the config asked the task type: its default model and its first metric
     assert config.model.name_or_path == toy.default_model
     assert config.evaluation.primary_metric == "macro_f1"
+    # and its own settings: checked by its options model, the defaults filled in
+    assert config.task.options == {"sure_at": 0.5}
+    doc["task"] = {"type": "toy_topics", "options": {"sure_at": 0.01}}
+    config = load_config(data=doc)
+    with pytest.raises(ConfigError, match=r"task\.options\.sure_at: Input should be less than 1"):
+        load_config(data={**doc, "task": {"type": "toy_topics", "options": {"sure_at": 2}}})
+    with pytest.raises(ConfigError, match=r"task\.options\.surest: Extra inputs"):
+        load_config(data={**doc, "task": {"type": "toy_topics", "options": {"surest": 1}}})
+    with pytest.raises(ConfigError, match="task type text_classification takes no options"):
+        load_config(data={**doc, "task": {"type": "text_classification", "options": {"a": 1}}})
     with pytest.raises(ConfigError, match=r"strategy.head applies to text_classification and "):
         load_config(data={**doc, "training": {"strategy": {"head": {"hidden_sizes": [8]}}}})
     with pytest.raises(ConfigError, match=r"allowed: .*metrics? .*|not a toy_topics metric"):
@@ -119,6 +139,8 @@ def test_a_registered_task_type_is_known_everywhere_and_runs_the_flow(toy, tmp_p
         "sure": int(table["sure"].sum()),
         "unsure": int((~table["sure"]).sum()),
     }
+    # the option reached predict through the registered model's config (sure from 0.01)
+    assert table["sure"].all() and said["counts"]["unsure"] == 0
 
 
 def test_an_unknown_task_type_is_one_line_naming_the_known_ones(tmp_path):
