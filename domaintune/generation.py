@@ -331,6 +331,8 @@ def preallocated_cache(model: Any, capacity: int) -> Any:
     return cache
 
 
+# the class is built on first use: it subclasses a transformers class, and importing transformers
+# where this module loads would slow `domaintune --help` and config loading (start-up)
 @functools.cache
 def _preallocated_layer_class() -> type:
     from transformers.cache_utils import DynamicLayer

@@ -200,6 +200,8 @@ def study_journal(fs: Any, folder: str) -> Any:
     return _journal_class()(fs, folder)
 
 
+# the class is built on first use: it subclasses a optuna class, and importing optuna
+# where this module loads would slow `domaintune --help` and config loading (start-up)
 @functools.cache
 def _journal_class() -> type:
     from optuna.storages.journal import BaseJournalBackend

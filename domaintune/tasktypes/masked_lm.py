@@ -91,6 +91,8 @@ def _word_marker(node: Any) -> str | None:
     return None
 
 
+# the class is built on first use: it subclasses a transformers class, and importing transformers
+# where this module loads would slow `domaintune --help` and config loading (start-up)
 @functools.cache
 def _collator_class() -> type:
     import torch

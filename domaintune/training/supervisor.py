@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from domaintune.errors import TrainingFailed
 from domaintune.redaction import redact
-from domaintune.training.worker import PROGRESS_PREFIX
+from domaintune.training.events import PROGRESS_PREFIX
 
 log = logging.getLogger("domaintune.tasks.finetune")
 

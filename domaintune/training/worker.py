@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
-import json
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -25,143 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from domaintune.training.checkpoints import CHECKPOINT_MARKER, wait_until_stored
+from domaintune.training.events import emit
+from domaintune.training.events import rank as _rank
 
 if TYPE_CHECKING:  # at run time imported where used: a CPU rank restarts itself with
     # TCMalloc before anything heavy loads (_restart_with_allocator)
     from domaintune.storage.manifests import LaunchRecord, StrategyReport
     from domaintune.training.spec import WorkerResult, WorkerSpec
-
-PROGRESS_PREFIX = "DOMAINTUNE "
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def emit(event: str, **fields: Any) -> None:
-    """One progress line for the parent (rank 0 only)."""
-    if _rank() == 0:
-        print(PROGRESS_PREFIX + json.dumps({"event": event, **fields}, default=float), flush=True)
-
-
-def _callbacks(report: StrategyReport, seen: dict[str, Any], to_store: bool = False):
-    from transformers import TrainerCallback
-
-    from domaintune.storage.manifests import scalar_metrics
-
-    class CheckpointMarker(TrainerCallback):
-        """Mark a checkpoint complete only after every rank has written its part."""
-
-        def on_save(self, args, state, control, **kwargs):
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
-                    # the last checkpoint of a training that is ending: the task stores it
-                    # only if the launch fails (on success the model becomes the entry)
-                    final = state.global_step >= state.max_steps or control.should_training_stop
-                    (ckpt / CHECKPOINT_MARKER).write_text(
-                        json.dumps({"step": state.global_step, "time": time.time(), "final": final})
-                    )
-                    if to_store and not final:  # a remote store: it counts once it is there
-                        t0 = time.time()
-                        wait_until_stored(ckpt)
-                        emit(
-                            "checkpoint_stored",
-                            step=state.global_step,
-                            seconds=round(time.time() - t0, 2),
-                        )
-                    emit("checkpoint", step=state.global_step, path=str(ckpt))
-
-    class Progress(TrainerCallback):
-        def __init__(self):
-            self.t0 = time.time()
-            self.last: tuple[float, int, int] | None = None  # (time, step, tokens)
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            seen["start_step"] = state.global_step  # > 0 when resumed from a checkpoint
-            seen["tokens_at_start"] = state.num_input_tokens_seen or 0
-            stopper = _early_stopper(seen.get("trainer"))
-            if stopper is not None:  # restored from the checkpoint on resume
-                seen["early_stopping_counter_at_start"] = stopper.early_stopping_patience_counter
-            self.last = (time.time(), state.global_step, state.num_input_tokens_seen or 0)
-            emit(
-                "train_begin",
-                start_step=state.global_step,
-                max_steps=state.max_steps,
-                epochs=args.num_train_epochs,
-                strategy=report.strategy,
-                trainable_parameters=report.trainable_parameters,
-                total_parameters=report.total_parameters,
-                early_stopping_counter=seen.get("early_stopping_counter_at_start"),
-            )
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            fields = {
-                "step": state.global_step,
-                "max_steps": state.max_steps,
-                "epoch": state.epoch,
-                "elapsed": round(time.time() - self.t0, 2),
-            }
-            fields.update(scalar_metrics(logs or {}))
-            now, tokens = time.time(), state.num_input_tokens_seen or 0
-            if self.last is not None and state.global_step > self.last[1] and now > self.last[0]:
-                dt = now - self.last[0]  # includes any evaluation since: a conservative rate
-                fields["samples_per_second"] = round(
-                    (state.global_step - self.last[1]) * (report.global_batch_size or 1) / dt, 2
-                )
-                if tokens > self.last[2]:
-                    fields["tokens_per_second"] = round((tokens - self.last[2]) / dt, 1)
-                self.last = (now, state.global_step, tokens)
-            emit("log", **fields)
-
-    callbacks = [CheckpointMarker(), Progress()]
-    crash_at = os.environ.get("DOMAINTUNE_FAULT_EXIT_AFTER_STEP")
-    if crash_at:  # fault injection (tests, bench/faults.py), never in a normal run
-
-        class CrashAfterCheckpoint(TrainerCallback):
-            """Right after the checkpoint of step ``crash_at`` is marked: every rank exits,
-            or only rank DOMAINTUNE_FAULT_KILL_RANK dies by SIGKILL (a lost rank: the others
-            are left waiting in a collective until the launcher ends them)."""
-
-            def on_save(self, args, state, control, **kwargs):
-                if state.global_step < int(crash_at):
-                    return
-                victim = os.environ.get("DOMAINTUNE_FAULT_KILL_RANK")
-                if victim is None:
-                    print(f"DOMAINTUNE_FAULT_EXIT_AFTER_STEP={crash_at}: exiting", flush=True)
-                    os._exit(3)
-                if int(victim) == _rank():
-                    print(f"DOMAINTUNE_FAULT_KILL_RANK={victim}: SIGKILL", flush=True)
-                    time.sleep(1.0)  # rank 0 marks the checkpoint it has just written
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-        callbacks.insert(1, CrashAfterCheckpoint())  # after CheckpointMarker's on_save
-    return callbacks
-
-
-def _early_stopper(trainer: Any) -> Any:
-    if trainer is None:
-        return None
-    from transformers import EarlyStoppingCallback
-
-    return next(
-        (cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)),
-        None,
-    )
-
-
-def _stopped_early(trainer: Any) -> bool:
-    """Whether the early-stopping counter restored from a checkpoint had reached patience."""
-    stopper = _early_stopper(trainer)
-    return bool(
-        stopper is not None
-        and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
-    )
 
 
 def prepare_model(spec: WorkerSpec) -> Any:
@@ -193,92 +61,6 @@ def prepare_model(spec: WorkerSpec) -> Any:
         if count:
             logging.getLogger(__name__).info("dropout: %d modules draw cheaper CPU masks", count)
     return model
-
-
-def _strategy_trainer():
-    from transformers import Trainer
-
-    from domaintune.training.strategies import param_groups
-
-    class StrategyTrainer(Trainer):
-        """The Trainer with domaintune's optimizer groups: trainable parameters only, the
-        head / layer-wise learning rates, no weight decay on biases and norms."""
-
-        training_config: Any = None
-        group_report: list[dict[str, Any]] = []
-        #: a generative task: the output layer computes only the positions whose next
-        #: token is learned (the answers), not the prompts' (``answer_only_loss``)
-        answer_only_logits: bool = False
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not self.answer_only_logits or "labels" not in inputs or self.label_smoother:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, outputs, scaled = answer_only_loss(model, inputs, num_items_in_batch)
-            self.loss_is_scaled_for_ga = scaled
-            return (loss, outputs) if return_outputs else loss
-
-        def _run_epoch(self, *args, **kwargs):
-            # Resumed from the checkpoint where training had already ended (the task was
-            # killed while saving the model): transformers would run one more optimizer step
-            # before it checks the step limit or the early-stopping decision. Finish instead.
-            if self.state.global_step >= self.state.max_steps or _stopped_early(self):
-                self.control.should_training_stop = True
-                return None
-            return super()._run_epoch(*args, **kwargs)
-
-        def _clip_grad_norm(self, model):
-            from accelerate.utils import DistributedType
-
-            from domaintune.training.clipping import clip_grad_norm
-
-            plain = (
-                self.accelerator.distributed_type == DistributedType.NO
-                and self.accelerator.scaler is None  # fp16 unscales its gradients first
-            )
-            if not plain:
-                return super()._clip_grad_norm(model)
-            return clip_grad_norm(model.parameters(), self.args.max_grad_norm)
-
-        def create_optimizer(self, model=None):
-            if self.optimizer is None:
-                groups, self.group_report = param_groups(
-                    model if model is not None else self.model, self.training_config
-                )
-                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-                self.optimizer = cls(groups, **kwargs)
-            return self.optimizer
-
-    return StrategyTrainer
-
-
-def answer_only_loss(
-    model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
-) -> tuple[Any, Any, bool]:
-    """(loss, outputs, whether the loss is already divided over the accumulated batch) of a
-    causal LM whose output layer runs only where a label is learned: the model's
-    ``logits_to_keep`` picks those positions (an SFT prompt's ~90% of the tokens skip the
-    vocabulary-sized matrix product, forward and backward). The loss is the same
-    token-mean cross-entropy as the model's own: summed, then divided by
-    ``num_items_in_batch`` (the learned tokens of the accumulated batch, as transformers
-    counts them) or, without it, by this batch's."""
-    import torch.nn.functional as F
-
-    inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    targets = labels[:, 1:]  # position t predicts token t + 1
-    keep = (targets != -100).any(0).nonzero().squeeze(-1)
-    outputs = model(**inputs, logits_to_keep=keep)
-    logits = outputs.logits
-    picked = targets[:, keep]
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        picked.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    if num_items_in_batch is None:
-        return loss / (picked != -100).sum().clamp(min=1), outputs, False
-    return loss / num_items_in_batch, outputs, True
 
 
 def _per_rank(info: dict[str, Any]) -> list[dict[str, Any]]:
@@ -466,12 +248,13 @@ def _training_result(
     """What the run did, for the finetune task: steps, best metric, throughput, memory,
     what trained and what the saved model must hold (``training_summary.json``)."""
     from domaintune.training.spec import WorkerResult
+    from domaintune.training.trainer import early_stopper
 
     state, training, resume = trainer.state, spec.training, spec.resume_from
     trained_steps = state.global_step - seen.get("start_step", 0)
     tokens = state.num_input_tokens_seen - seen.get("tokens_at_start", 0)
     counts = [r["optimizer_state_elements"] for r in ranks]
-    stopper = _early_stopper(trainer)
+    stopper = early_stopper(trainer)
     samples = trained_steps * (launch.global_batch_size or 1)
     return WorkerResult(
         global_step=state.global_step,
@@ -526,6 +309,8 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
     from domaintune.tasktypes import get_task_type
     from domaintune.training import strategies
     from domaintune.training.spec import RESULT_FILE
+    from domaintune.training.trainer import StrategyTrainer
+    from domaintune.training.trainer import callbacks as trainer_callbacks
 
     disable_progress_bars()
     hf_logging.set_verbosity_warning() if _rank() == 0 else hf_logging.set_verbosity_error()
@@ -571,15 +356,14 @@ def run(spec: WorkerSpec, allocator: str | None = None) -> None:
         )
 
     seen: dict[str, Any] = {}
-    callbacks = _callbacks(report, seen, to_store=spec.checkpoints_to_store)
+    callbacks = trainer_callbacks(report, seen, to_store=spec.checkpoints_to_store)
     if training.early_stopping_patience:
         callbacks.append(
             EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience)
         )
-    trainer_cls = _strategy_trainer()
-    trainer_cls.training_config = training
-    trainer_cls.answer_only_logits = answer_only
-    trainer = trainer_cls(
+    trainer = StrategyTrainer(
+        training_config=training,
+        answer_only_logits=answer_only,
         model=model,
         args=args,
         train_dataset=train_ds,

@@ -9,7 +9,7 @@ import torch
 
 from domaintune.chat import encode_conversation
 from domaintune.tasktypes import get_task_type
-from domaintune.training.worker import answer_only_loss
+from domaintune.training.trainer import answer_only_loss
 
 
 @pytest.fixture(scope="module")
