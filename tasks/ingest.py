@@ -15,7 +15,7 @@ import pandas as pd
 
 from domaintune.config import RetrainConfig
 from domaintune.errors import DataError
-from domaintune.fingerprint import hash_dataframe, hash_local_file, hash_obj, stable_json
+from domaintune.fingerprint import hash_dataframe, hash_obj, stable_json
 from domaintune.readers.sources import (
     EMPTY_ROWS,
     LAYOUT_COLUMNS,
@@ -38,15 +38,6 @@ STAGE = "ingest"
 VERSION = "4"
 
 
-def file_fingerprint(f: SourceFile) -> str:
-    """A file's content fingerprint: sha256 of a local file, the object store's own
-    checksum, size and time for a remote one (read without downloading)."""
-    if f.is_local:
-        return hash_local_file(f.path)
-    info = f.fs.info(f.path)  # object stores: ETag / checksum / size / mtime
-    return hash_obj({k: str(v) for k, v in info.items() if k != "name"}, length=64)
-
-
 def plan(
     config: RetrainConfig,
 ) -> tuple[str, list[tuple[str | None, SourceFile]], str, dict[str, str]]:
@@ -57,7 +48,7 @@ def plan(
         field = "data.source" if split is None else f"data.splits.{split}"
         files += [(split, f) for f in resolve_sources(source, field, config.data.storage_options)]
     fmt = infer_format([f for _, f in files], config.data.format)
-    hashes = {f.url: file_fingerprint(f) for _, f in files}
+    hashes = {f.url: f.fingerprint() for _, f in files}
     key = hash_obj(
         STAGE,
         VERSION,

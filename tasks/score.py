@@ -78,13 +78,11 @@ def pin_model(config: ScoreConfig, store: Store) -> tuple[str, str]:
 
 
 def plan(config: ScoreConfig, source: Any, model_fingerprint: str) -> str:
-    from domaintune.tasks.ingest import file_fingerprint
-
     return hash_obj(
         STAGE,
         VERSION,
         model_fingerprint,
-        file_fingerprint(source),
+        source.fingerprint(),
         config.text_column,
     )
 
@@ -94,7 +92,6 @@ def score_file(
 ) -> ScoredFile:
     """Score the file at ``url`` with the pinned ``model`` (cached per model and file)."""
     from domaintune.readers.sources import resolve_sources
-    from domaintune.tasks.ingest import file_fingerprint
 
     (source,) = resolve_sources(url, "source", config.storage_options)
     key = plan(config, source, model_fingerprint)
@@ -102,9 +99,7 @@ def score_file(
         STAGE,
         key,
         ScoredFile,
-        lambda: _run(
-            config, store, key, source, file_fingerprint(source), model, model_fingerprint
-        ),
+        lambda: _run(config, store, key, source, source.fingerprint(), model, model_fingerprint),
     )
 
 

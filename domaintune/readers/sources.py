@@ -22,6 +22,7 @@ import fsspec
 import pandas as pd
 
 from domaintune.errors import ConfigError, DataError
+from domaintune.fingerprint import hash_local_file, hash_obj
 from domaintune.readers.squad import LAYOUT_COLUMNS as SQUAD_COLUMNS
 from domaintune.readers.squad import is_squad, squad_records
 from domaintune.readers.tmx import read_tmx
@@ -73,6 +74,14 @@ class SourceFile:
     @property
     def is_local(self) -> bool:
         return "file" in _protocols(self.fs)
+
+    def fingerprint(self) -> str:
+        """The file's content fingerprint: sha256 of a local file, the object store's own
+        checksum, size and time for a remote one (read without downloading)."""
+        if self.is_local:
+            return hash_local_file(self.path)
+        info = self.fs.info(self.path)  # object stores: ETag / checksum / size / mtime
+        return hash_obj({k: str(v) for k, v in info.items() if k != "name"}, length=64)
 
     def read_bytes(self) -> bytes:
         """The file's bytes, decompressed when its name ends in a compression suffix."""
