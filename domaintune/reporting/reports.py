@@ -198,7 +198,7 @@ def training_markdown(model: ModelArtifact) -> str:
             f"Peak memory of the training process: {mem:,.0f} MB "
             f"({'GPU allocated' if model.peak_gpu_allocated_mb else 'resident'})"
         )
-    for note in s.get("notes", []):
+    for note in s.notes:
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n"
 

@@ -141,6 +141,7 @@ def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows)
 
 def test_contract_violation_stops_the_flow_before_training(tmp_path, make_config, rows):
     from domaintune.flows.retrain import retrain
+    from domaintune.orchestration import failed_run_stages
 
     r = rows(15)
     for i in range(0, 12, 3):
@@ -153,7 +154,8 @@ def test_contract_violation_stops_the_flow_before_training(tmp_path, make_config
     exc = state.result(raise_on_failure=False)
     assert isinstance(exc, ContractViolation)
     assert "label_in_set" in str(exc) and "'bullish'" in str(exc)
-    assert [s.name for s in exc.domaintune_stages] == ["ingest", "validate"]
+    stages = failed_run_stages(str(state.state_details.flow_run_id))
+    assert [s.name for s in stages] == ["ingest", "validate"]
     store = Path(cfg.store.root)
     raw = list((store / "ingest").glob("*/raw.parquet"))
     assert len(raw) == 1, "the raw snapshot is kept"
