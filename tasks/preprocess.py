@@ -38,8 +38,9 @@ from domaintune.tasktypes.base import TokenizeSettings
 log = logging.getLogger(__name__)
 
 STAGE = "preprocess"
-VERSION = "3"  # 2: splits keep _example ids (windows of long examples); 3: duplicates by the
-# task type's key, its own split stats (chat examples fitted by domaintune.chat)
+VERSION = "4"  # 2: splits keep _example ids (windows of long examples); 3: duplicates by the
+# task type's key, its own split stats (chat examples fitted by domaintune.chat); 4: a row's
+# split from its own text and evaluation.split_seed (fixed thresholds), not a per-label rank
 SPLITS = ("train", "validation", "test")
 
 
@@ -73,7 +74,7 @@ class HeldOut(NamedTuple):
 def _split_settings(config: RetrainConfig) -> dict[str, Any]:
     limit = config.evaluation.max_test_rows
     return {
-        "seed": config.training.seed,
+        "split_seed": config.evaluation.split_seed,
         "test_size": config.evaluation.test_size,
         "val_size": config.evaluation.val_size,
         **({"max_test_rows": limit} if limit else {}),
@@ -106,26 +107,30 @@ def plan(
     return key, model, tok_fp
 
 
+def split_point(text: str, seed: int) -> float:
+    """Where ``text`` falls in [0, 1): the first 8 bytes of sha256(seed, text). Its split
+    depends on this alone (split_frame)."""
+    digest = hashlib.sha256(f"{seed}\x1f{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_frame(
-    df: pd.DataFrame, by: str | None, test_size: float, val_size: float, seed: int
+    df: pd.DataFrame, test_size: float, val_size: float, seed: int
 ) -> dict[str, pd.DataFrame]:
-    """Deterministic stratified split: within each group, order by a seeded text hash."""
-    order = df["text"].map(lambda t: hashlib.sha256(f"{seed}\x1f{t}".encode()).hexdigest())
-    df = df.assign(_order=order)
-    groups = [g for _, g in df.groupby(by, sort=True)] if by else [df]
-    parts: dict[str, list[pd.DataFrame]] = {s: [] for s in SPLITS}
-    for g in groups:
-        g = g.sort_values("_order")
-        n = len(g)
-        n_test = min(n, max(1, round(n * test_size))) if n >= 3 and test_size > 0 else 0
-        n_val = min(n - n_test, max(1, round(n * val_size))) if n >= 3 and val_size > 0 else 0
-        parts["test"].append(g.iloc[:n_test])
-        parts["validation"].append(g.iloc[n_test : n_test + n_val])
-        parts["train"].append(g.iloc[n_test + n_val :])
-    return {
-        s: pd.concat(p).sort_values("_order").drop(columns="_order").reset_index(drop=True)
-        for s, p in parts.items()
+    """Split rows by their own content: a row is test when its ``split_point`` is below
+    ``test_size``, validation below ``test_size + val_size``, train otherwise. A row never
+    changes split as data is added or removed, or when the training seed changes; each
+    split holds about its share of every label (in expectation, not exactly). Rows keep
+    the order of their split points."""
+    point = df["text"].map(lambda t: split_point(str(t), seed))
+    df = df.assign(_point=point).sort_values("_point", kind="stable")
+    cut_test, cut_val = test_size, test_size + val_size
+    where = {
+        "test": df["_point"] < cut_test,
+        "validation": (df["_point"] >= cut_test) & (df["_point"] < cut_val),
+        "train": df["_point"] >= cut_val,
     }
+    return {s: df[where[s]].drop(columns="_point").reset_index(drop=True) for s in SPLITS}
 
 
 def sample_rows(part: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
@@ -244,27 +249,22 @@ def split_parts(
         parts = {name: df[df["_split"] == name].drop(columns="_split") for name in SPLITS}
         if parts["validation"].empty:  # carve validation from train, stratified as usual
             carved = split_frame(
-                parts["train"],
-                task.stratify_column(),
-                config.evaluation.val_size,
-                0.0,
-                config.training.seed,
+                parts["train"], 0.0, config.evaluation.val_size, config.evaluation.split_seed
             )
-            parts["validation"], parts["train"] = carved["test"], carved["train"]
+            parts["validation"], parts["train"] = carved["validation"], carved["train"]
         else:
             parts = {n: p.reset_index(drop=True) for n, p in parts.items()}
     else:
         parts = split_frame(
             df,
-            task.stratify_column(),
             config.evaluation.test_size,
             config.evaluation.val_size,
-            config.training.seed,
+            config.evaluation.split_seed,
         )
     limit = config.evaluation.max_test_rows
     if limit and len(parts["test"]) > limit:
         stats["test_rows_before_sampling"] = len(parts["test"])
-        parts["test"] = sample_rows(parts["test"], limit, config.training.seed)
+        parts["test"] = sample_rows(parts["test"], limit, config.evaluation.split_seed)
     for name, part in parts.items():
         if part.empty:
             raise DataError(

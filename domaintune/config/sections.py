@@ -611,6 +611,13 @@ class PreprocessConfig(Section):
 class EvaluationConfig(Section):
     test_size: float = Field(0.15, gt=0, lt=1, description="Share of rows held out for test.")
     val_size: float = Field(0.10, gt=0, lt=1, description="Share of rows for validation.")
+    split_seed: int = Field(
+        0,
+        description="The splits' own seed. A row's split follows from a hash of this seed and "
+        "its own text against fixed thresholds (test below test_size, validation below "
+        "test_size + val_size): adding data or changing training.seed moves no row to "
+        "another split. Changing it draws new splits.",
+    )
     primary_metric: str | None = Field(
         None,
         description="Metric that picks the best checkpoint and decides promotion; default: "

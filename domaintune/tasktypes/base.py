@@ -221,10 +221,6 @@ class TaskType(ABC):
     @abstractmethod
     def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame: ...
 
-    def stratify_column(self) -> str | None:
-        """Column the split stratifies by (None: a plain seeded split)."""
-        return None
-
     def check_tokenizer(self, tokenizer: Any, settings: Any) -> None:
         """Raise ModelError when ``tokenizer`` cannot serve this task type (``settings``: the
         run's ``task`` section); preprocess asks once, before tokenizing. Default: any."""

@@ -147,9 +147,6 @@ class TextClassification(TaskType):
         out["text"] = out["text"].map(fix)
         return out[out["text"].str.len() > 0]
 
-    def stratify_column(self) -> str | None:
-        return "label"
-
     def tokenize(
         self, batch: dict[str, list], tokenizer: Any, settings: TokenizeSettings, labels: list[str]
     ) -> dict[str, list]:
