@@ -384,22 +384,10 @@ def _generate_batch(
     cache."""
     import torch
 
-    width = max(len(p) for p in chunk)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
     with_positions = _accepts(model, "position_ids")
-    extra: dict[str, Any] = {}
-    if with_positions:
-        extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    if _accepts(model, "logits_to_keep"):
-        extra["logits_to_keep"] = 1  # the prompt's last position only
-    cache = preallocated_cache(model, width + max_new_tokens)
-    logits = model(
-        input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, **extra
-    ).logits
+    mask, token, cache = _prefill(model, chunk, pad_id, max_new_tokens, with_positions)
     answers: list[list[int]] = [[] for _ in chunk]
     live = torch.arange(len(chunk), device=device)  # the rows still generating
-    token = logits[:, -1].argmax(-1)
     for step in range(max_new_tokens):
         ended = torch.isin(token, stops)
         for row, t, end in zip(live.tolist(), token.tolist(), ended.tolist(), strict=True):
