@@ -121,16 +121,33 @@ def split_frame(
     ``test_size``, validation below ``test_size + val_size``, train otherwise. A row never
     changes split as data is added or removed, or when the training seed changes; each
     split holds about its share of every label (in expectation, not exactly). Rows keep
-    the order of their split points."""
+    the order of their split points.
+
+    Tiny data only: a split the thresholds leave empty takes the row whose point is nearest
+    its range (from a split that keeps at least one row), so that 25 rows do not fail by
+    chance. With every split non-empty, as on any real data, no row moves."""
     point = df["text"].map(lambda t: split_point(str(t), seed))
     df = df.assign(_point=point).sort_values("_point", kind="stable")
-    cut_test, cut_val = test_size, test_size + val_size
-    where = {
-        "test": df["_point"] < cut_test,
-        "validation": (df["_point"] >= cut_test) & (df["_point"] < cut_val),
-        "train": df["_point"] >= cut_val,
+    ranges = {
+        "test": (0.0, test_size),
+        "validation": (test_size, test_size + val_size),
+        "train": (test_size + val_size, 1.0),
     }
-    return {s: df[where[s]].drop(columns="_point").reset_index(drop=True) for s in SPLITS}
+    split = pd.Series("train", index=df.index)
+    split[df["_point"] < test_size + val_size] = "validation"
+    split[df["_point"] < test_size] = "test"
+    if len(df) >= len(SPLITS):
+        for name in ("train", "validation", "test"):
+            low, high = ranges[name]
+            if high <= low or (split == name).any():
+                continue
+            distance = (low - df["_point"]).clip(lower=0) + (df["_point"] - high).clip(lower=0)
+            sizes = split.value_counts()
+            for row in distance.sort_values(kind="stable").index:
+                if sizes[split[row]] > 1:
+                    split[row] = name
+                    break
+    return {s: df[split == s].drop(columns="_point").reset_index(drop=True) for s in SPLITS}
 
 
 def sample_rows(part: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:

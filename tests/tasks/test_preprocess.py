@@ -140,3 +140,11 @@ def test_max_test_rows_scores_the_same_sample_every_run(tmp_path, make_config, r
     _, again = _splits(tmp_path, make_config, rows, evaluation={"max_test_rows": 4})
     assert set(pd.read_parquet(again.splits["test"].path)["text"]) == test
     assert again.key == sampled.key != full.key
+
+
+def test_tiny_data_gets_no_empty_split_by_chance():
+    for n in (3, 4, 7, 25):
+        df = pd.DataFrame({"text": [f"row {i}" for i in range(n)], "label": "a"})
+        for seed in range(100):
+            sizes = {k: len(v) for k, v in split_frame(df, 0.15, 0.1, seed).items()}
+            assert min(sizes.values()) >= 1 and sum(sizes.values()) == n, (n, seed, sizes)
