@@ -13,6 +13,7 @@ from domaintune.config.sections import (
     ModelConfig,
     PreprocessConfig,
     PromotionConfig,
+    RetrainPolicyConfig,
     RetriesConfig,
     Section,
     StoreConfig,
@@ -39,6 +40,11 @@ class RetrainConfig(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     contract: ContractConfig = Field(default_factory=ContractConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    retrain: RetrainPolicyConfig = Field(
+        default_factory=RetrainPolicyConfig,
+        description="When a run trains and from what: the champion's health on new files, "
+        "drift, continual training (domaintune.monitoring).",
+    )
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     tracking: TrackingConfig = Field(

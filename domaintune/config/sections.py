@@ -690,6 +690,82 @@ class PromotionConfig(Section):
         ge=0,
         description="No class (entity type) F1 may fall below the champion's by more than this.",
     )
+    significance: float | None = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Promote over a champion only on evidence: a paired test on the same test "
+        "examples (champion and challenger) must find the challenger better at this level "
+        "(one-sided p-value below it). null: compare the point estimates only.",
+    )
+    test: Literal["auto", "paired_bootstrap", "mcnemar"] = Field(
+        "auto",
+        description="The paired test. auto: McNemar's exact test when the primary metric is "
+        "accuracy, else a paired bootstrap of the primary metric (examples resampled: "
+        "sentences for NER, questions for QA, answers for generation).",
+    )
+    bootstrap_resamples: int = Field(
+        2000, ge=100, description="Resamples of the paired bootstrap and of every interval."
+    )
+
+
+class RetrainPolicyConfig(Section):
+    """When a run trains, and from what (domaintune.monitoring): the champion is scored on
+    the files that landed since it was trained, and the new data is compared with its
+    training data, before anything trains."""
+
+    when: Literal["always", "degraded", "drifted", "degraded_or_drifted"] = Field(
+        "always",
+        description="always: every run trains (a schedule retrains, as cron users expect; "
+        "the champion's health and the drift are still measured and reported). degraded: "
+        "train only when the champion is significantly below its registered test figure on "
+        "the new data; drifted: only when the new data has drifted from its training data; "
+        "degraded_or_drifted: either. A run that does not train ends Completed, named "
+        "Skipped, with the figures in its message.",
+    )
+    start_from: Literal["base", "champion"] = Field(
+        "base",
+        description="base: train from model.name_or_path on all data. champion: continue "
+        "training the production version on the new files' rows plus a replay sample of "
+        "earlier rows (replay_share), guarded against forgetting.",
+    )
+    replay_share: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="start_from: champion: the share of the training rows drawn from earlier "
+        "data (a seeded sample), the rest being the new files' rows.",
+    )
+    forgetting_tolerance: float = Field(
+        0.02,
+        ge=0,
+        description="start_from: champion: the challenger's primary metric may fall below the "
+        "champion's by at most this, both on the champion's own test rows and on the new "
+        "files' test rows; else it is not promoted.",
+    )
+    degradation_tolerance: float = Field(
+        0.0,
+        ge=0,
+        description="The champion is degraded when its primary metric on the new data is "
+        "below its registered test figure by more than this and the interval's far end is "
+        "below the registered figure too.",
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="Level of the bootstrap intervals of health figures."
+    )
+    drift_significance: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="A drift test (labels, lengths, embeddings) finds drift below this p-value "
+        "when its effect size also passes its threshold (PSI 0.1, KS 0.1).",
+    )
+    max_rows: int = Field(
+        1000,
+        ge=10,
+        description="Score the champion on at most this many rows of the new files (a seeded "
+        "sample, the same rows every run); generative task types: at most a fifth of it.",
+    )
 
 
 class RetriesConfig(Section):
