@@ -40,6 +40,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "domaintune.redaction",
             "domaintune.environment",
             "domaintune.progress",
+            # per-example statistics, intervals and paired tests (numpy, pandas, pydantic):
+            # the task types say how their metrics resample
+            "domaintune.evidence",
         ),
     ),
     ("config", ("domaintune.config",)),

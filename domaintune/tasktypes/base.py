@@ -13,13 +13,16 @@ import importlib.resources
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from pydantic import BaseModel, ValidationError
 
 from domaintune.errors import DataError
 from domaintune.tasktypes.heads import restore_head
+
+if TYPE_CHECKING:
+    from domaintune.evidence import ExampleStats
 
 
 def require_columns(df: pd.DataFrame, wanted: dict[str, str], where: str, what: str = "") -> None:
@@ -328,6 +331,16 @@ class TaskType(ABC):
         ``settings``: the run's ``task`` section; ``generation``: how a generative task type
         generates (domaintune.generation.GenerationSettings); ``on_batch(rows, tokens)``:
         progress, where the task type reports it."""
+
+    def example_statistics(
+        self, predictions: pd.DataFrame, metric: str, labels: list[str]
+    ) -> ExampleStats | None:
+        """Per-example sufficient statistics of ``metric`` from the per-example predictions
+        ``score_split`` returned (rows in that frame's order): what the bootstrap intervals
+        and the paired tests of ``domaintune.evidence`` resample. Summing the rows and
+        combining gives the metric ``score_split`` reported. None where the metric cannot be
+        resampled per example (the default)."""
+        return None
 
     def split_stats(self, ds: Any) -> dict[str, Any]:
         """A tokenized split's figures of the task type's own for the preprocess stats (what

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from domaintune.errors import ModelError
+from domaintune.evidence import ExampleStats
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import SMOLLM2, TaskType, TokenizeSettings, require_columns
 
@@ -187,10 +188,27 @@ class CausalLM(TaskType):
                 for i in range(len(target)):
                     n = int(counted[i])
                     block_nll = float(nll[i].sum())
-                    rows.append({"block": start + i, "tokens": n, "loss": block_nll / max(n, 1)})
+                    rows.append(
+                        {
+                            "block": start + i,
+                            "tokens": n,
+                            "loss": block_nll / max(n, 1),
+                            "nll": block_nll,
+                        }
+                    )
                     total_nll += block_nll
                     total_tokens += n
         return self.compute_metrics(total_nll, total_tokens, labels), pd.DataFrame(rows)
+
+    def example_statistics(
+        self, predictions: pd.DataFrame, metric: str, labels: list[str]
+    ) -> ExampleStats | None:
+        """perplexity: [summed negative log-likelihood, tokens] per block (the examples of a
+        packed split are its blocks: documents are cut into them), combined as exp(total nll /
+        total tokens)."""
+        if metric != "perplexity":
+            return None
+        return perplexity_statistics(predictions, "tokens")
 
     # -- predict ---------------------------------------------------------------
     def predict(self, model: Any, table: pd.DataFrame, text_column: str, load: Any) -> pd.DataFrame:
@@ -249,3 +267,21 @@ class CausalLM(TaskType):
     def prediction_counts(self, result: pd.DataFrame) -> dict[str, int]:
         """The corpus as a whole."""
         return {"documents": len(result), "tokens": int(result["perplexity_tokens"].sum())}
+
+
+def _perplexity(sums: np.ndarray) -> np.ndarray:
+    """exp(nll / tokens) of summed [nll, tokens], as ``compute_metrics`` computes it."""
+    loss = sums[..., 0] / np.maximum(sums[..., 1], 1)
+    return np.exp(np.minimum(loss, 700))
+
+
+def perplexity_statistics(predictions: pd.DataFrame, tokens_column: str) -> ExampleStats:
+    """[nll, tokens] per block of a ``score_split`` frame: its ``nll`` column (the block's
+    summed negative log-likelihood), or ``loss`` x tokens in a frame scored before it
+    existed."""
+    tokens = predictions[tokens_column].to_numpy(dtype=np.float64)
+    if "nll" in predictions.columns:
+        nll = predictions["nll"].to_numpy(dtype=np.float64)
+    else:
+        nll = predictions["loss"].to_numpy(dtype=np.float64) * tokens
+    return ExampleStats(np.column_stack([nll, tokens]), _perplexity)

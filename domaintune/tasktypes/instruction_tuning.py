@@ -21,6 +21,7 @@ import pandas as pd
 
 from domaintune.chat import encode_conversation, fit_prompt
 from domaintune.errors import ModelError
+from domaintune.evidence import ExampleStats, mean_stats, rowwise
 from domaintune.generation import GenerationSettings, generate_texts
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import SMOLLM2, TaskType, TokenizeSettings, require_columns
@@ -97,6 +98,35 @@ def messages_from_row(
         None if output is None or (isinstance(output, float) and np.isnan(output)) else str(output)
     )
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def rouge_l_scores(predictions: list[str], references: list[str]) -> list[float]:
+    """Each example's ROUGE-L F1 (rouge-score, with stemming) of its answer against its
+    reference: the rougeL metric is their mean."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [
+        scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)
+    ]
+
+
+def corpus_statistics(metric: Any, predictions: list[str], references: list[str]) -> ExampleStats:
+    """A sacrebleu corpus metric (a ``BLEU`` or ``CHRF`` object) as per-sentence sufficient
+    statistics: the counts sacrebleu itself sums over a corpus before scoring it (what its
+    own paired bootstrap resamples), and a ``combine`` that scores summed counts with
+    sacrebleu's code, on a 0-1 scale. Summed over all sentences, they give
+    ``corpus_bleu`` / ``corpus_chrf`` exactly."""
+    rows = metric._extract_corpus_statistics(predictions or [""], [references or [""]])
+    values = np.asarray(rows, dtype=np.float64)
+    if not predictions:
+        values = values[:0]
+
+    def score(sums: np.ndarray) -> float:
+        counts = [int(round(x)) for x in sums]
+        return float(metric._compute_score_from_stats(counts).score) / 100.0
+
+    return ExampleStats(values, rowwise(score))
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict], budget: int) -> list[int]:
@@ -274,14 +304,30 @@ class InstructionTuning(TaskType):
         self, predictions: Any, references: Any, labels: list[str]
     ) -> dict[str, Any]:
         import sacrebleu
-        from rouge_score import rouge_scorer
 
         preds = [str(p) for p in predictions]
         refs = [str(r) for r in references]
         bleu = sacrebleu.corpus_bleu(preds, [refs]).score / 100.0 if preds else 0.0
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs, strict=True)]
+        rouge = rouge_l_scores(preds, refs)
         return {"rougeL": float(np.mean(rouge)) if rouge else 0.0, "bleu": float(bleu)}
+
+    def example_statistics(
+        self, predictions: pd.DataFrame, metric: str, labels: list[str]
+    ) -> ExampleStats | None:
+        """From each example's ``reference`` and ``predicted`` answer: rougeL (a mean of
+        per-example ROUGE-L F1) [score, 1]; bleu (corpus BLEU) sacrebleu's per-sentence
+        sufficient statistics [hypothesis length, reference length, matching n-grams and
+        n-grams of orders 1-4], combined by sacrebleu into the corpus figure, so a resample
+        is scored as corpus BLEU is (not as a mean of sentence BLEU)."""
+        preds = [str(p) for p in predictions["predicted"]]
+        refs = [str(r) for r in predictions["reference"]]
+        if metric == "rougeL":
+            return mean_stats(rouge_l_scores(preds, refs))
+        if metric == "bleu":
+            from sacrebleu.metrics import BLEU
+
+            return corpus_statistics(BLEU(), preds, refs)
+        return None
 
     def trainer_metrics(self, eval_pred: Any, labels: list[str]) -> dict[str, float]:
         raise NotImplementedError("instruction_tuning checkpoints are picked by validation loss")

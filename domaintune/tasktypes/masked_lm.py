@@ -38,9 +38,10 @@ import numpy as np
 import pandas as pd
 
 from domaintune.errors import ModelError
+from domaintune.evidence import ExampleStats, ratio_of_sums
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import MINILM, TaskType, TokenizeSettings
-from domaintune.tasktypes.causal_lm import CausalLM
+from domaintune.tasktypes.causal_lm import CausalLM, perplexity_statistics
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,18 @@ class MaskedLM(CausalLM):
     def trainer_metrics(self, eval_pred: Any, labels: list[str]) -> dict[str, float]:
         raise NotImplementedError("masked_lm is judged by the validation loss alone")
 
+    def example_statistics(
+        self, predictions: pd.DataFrame, metric: str, labels: list[str]
+    ) -> ExampleStats | None:
+        """Per block (its masks drawn once, the same every time): perplexity [nll, masked
+        tokens]; masked_accuracy [correct, masked tokens]."""
+        if metric == "perplexity":
+            return perplexity_statistics(predictions, "masked_tokens")
+        if metric == "masked_accuracy":
+            values = predictions[["correct", "masked_tokens"]].to_numpy(dtype=np.float64)
+            return ExampleStats(values, ratio_of_sums)
+        return None
+
     def mask_split(self, tokenizer: Any, split_path: str, settings: Any = None) -> Any:
         """(masked input ids, attention mask, labels) of a split, masked once with
         ``EVAL_MASK_SEED`` in chunks of ``_MASK_CHUNK`` blocks: the same masks every time."""
@@ -296,6 +309,7 @@ class MaskedLM(CausalLM):
                             "masked_tokens": n,
                             "loss": block_nll / max(n, 1),
                             "correct": right,
+                            "nll": block_nll,
                         }
                     )
                     total_nll += block_nll

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from domaintune.evidence import ExampleStats, mean_stats
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import MINILM, TaskType, TokenizeSettings, require_columns
 
@@ -64,6 +65,26 @@ def token_f1(prediction: str, truths: list[str]) -> float:
         return 2 * precision * recall / (precision + recall)
 
     return max(f1(prediction, t) for t in truths)
+
+
+def question_scores(
+    predictions: Iterable[str], references: Iterable[list[str]]
+) -> tuple[list[float], list[float]]:
+    """(exact match, token F1) of each question: its predicted answer against the best of
+    its gold answers."""
+    em, f1 = [], []
+    for p, r in zip(predictions, references, strict=True):
+        em.append(exact_match(p, r))
+        f1.append(token_f1(p, r))
+    return em, f1
+
+
+def squad_scores(em: list[float], f1: list[float]) -> dict[str, Any]:
+    """SQuAD's figures of a split: the means of the questions' scores (0 with none)."""
+    return {
+        "exact_match": float(np.mean(em)) if em else 0.0,
+        "f1": float(np.mean(f1)) if f1 else 0.0,
+    }
 
 
 @dataclass(frozen=True)
@@ -331,12 +352,7 @@ class QuestionAnswering(TaskType):
         self, predictions: Any, references: Any, labels: list[str]
     ) -> dict[str, Any]:
         """``predictions``: answer strings; ``references``: lists of gold answer strings."""
-        em = [exact_match(p, r) for p, r in zip(predictions, references, strict=True)]
-        f1 = [token_f1(p, r) for p, r in zip(predictions, references, strict=True)]
-        return {
-            "exact_match": float(np.mean(em)) if em else 0.0,
-            "f1": float(np.mean(f1)) if f1 else 0.0,
-        }
+        return squad_scores(*question_scores(predictions, references))
 
     def trainer_metrics(self, eval_pred: Any, labels: list[str]) -> dict[str, float]:
         raise NotImplementedError("question_answering checkpoints are picked by validation loss")
@@ -373,11 +389,29 @@ class QuestionAnswering(TaskType):
         for example, answers in zip(examples["_example"], examples["answers"], strict=True):
             preds.append(found.get(int(example), NO_ANSWER).text)
             refs.append((_answers(answers) or {"text": []})["text"])
-        metrics = self.compute_metrics(preds, refs, labels)
+        em, f1 = question_scores(preds, refs)
         table = examples[["question", "_row", "_source"]].copy()
         table["answers"] = [" | ".join(r) for r in refs]
         table["predicted"] = preds
-        return metrics, table.reset_index(drop=True)
+        table["exact_match"] = em  # per question: what the bootstrap resamples
+        table["f1"] = f1
+        return squad_scores(em, f1), table.reset_index(drop=True)
+
+    def example_statistics(
+        self, predictions: pd.DataFrame, metric: str, labels: list[str]
+    ) -> ExampleStats | None:
+        """exact_match / f1: [score, 1] per question (both are means over questions), from
+        the ``exact_match`` / ``f1`` columns ``score_split`` writes; a frame without them
+        (scored before they existed) is rescored from ``answers`` (split at " | ") and
+        ``predicted``."""
+        if metric not in self.metrics:
+            return None
+        if metric in predictions.columns:
+            return mean_stats(predictions[metric].to_numpy(dtype=np.float64))
+        refs = [[] if not a else str(a).split(" | ") for a in predictions["answers"]]
+        preds = ["" if p is None or p != p else str(p) for p in predictions["predicted"]]
+        em, f1 = question_scores(preds, refs)
+        return mean_stats(em if metric == "exact_match" else f1)
 
     # -- predict ---------------------------------------------------------------
     def predict_inputs(self, model: Any, text_column: str) -> list[tuple[str, tuple[str, ...]]]:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from domaintune.evidence import ExampleStats, ratio, ratio_of_sums
 from domaintune.storage.manifests import scalar_metrics
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import MINILM, TaskType, TokenizeSettings, require_columns
@@ -191,6 +192,18 @@ class TextClassification(TaskType):
         table["confidence"] = probs.max(-1)
         return metrics, table
 
+    def example_statistics(
+        self, predictions: pd.DataFrame, metric: str, labels: list[str]
+    ) -> ExampleStats | None:
+        """accuracy: [correct, 1]; macro_f1 / weighted_f1: per class tp, fp, fn (one-hot
+        rows), combined as ``classification_metrics`` combines its confusion matrix."""
+        if metric not in self.metrics:
+            return None
+        index = {lab: i for i, lab in enumerate(labels)}
+        refs = _label_ids(predictions["label"], index, "label")
+        preds = _label_ids(predictions["predicted"], index, "predicted")
+        return classification_statistics(refs, preds, len(labels), metric)
+
     # -- predict ---------------------------------------------------------------
     def predict(self, model: Any, table: pd.DataFrame, text_column: str, load: Any) -> pd.DataFrame:
         """``predicted``, ``confidence`` and ``prob_<label>`` per class."""
@@ -252,3 +265,46 @@ def classification_metrics(references: Any, predictions: Any, labels: list[str])
         },
         "confusion_matrix": {"labels": labels, "matrix": matrix.tolist()},
     }
+
+
+def _label_ids(column: pd.Series, index: dict[str, int], name: str) -> np.ndarray:
+    """Label strings as ids ``0..len(labels)-1``; ValueError naming a label not in the set."""
+    ids = column.map(lambda v: index.get(str(v), -1)).to_numpy(dtype=np.int64)
+    if (ids < 0).any():
+        unknown = column[ids < 0].iloc[0]
+        raise ValueError(f"predictions column {name!r}: {unknown!r} is not one of {list(index)}")
+    return ids
+
+
+def classification_statistics(
+    references: Any, predictions: Any, n_classes: int, metric: str
+) -> ExampleStats:
+    """Per-example statistics of ``metric`` (accuracy, macro_f1, weighted_f1) from label ids:
+    accuracy [correct, 1]; the F1s one-hot (tp per class, fp per class, fn per class), whose
+    sums are the confusion matrix's diagonal, column and row sums minus the diagonal. Summed
+    and combined, they give ``classification_metrics``' figures (F1 averaged over all
+    ``n_classes``, 0 for a class with no support and no prediction)."""
+    refs = np.asarray(references, dtype=np.int64).ravel()
+    preds = np.asarray(predictions, dtype=np.int64).ravel()
+    correct = (refs == preds).astype(np.float64)
+    if metric == "accuracy":
+        return ExampleStats(np.column_stack([correct, np.ones_like(correct)]), ratio_of_sums)
+    if metric not in ("macro_f1", "weighted_f1"):
+        raise ValueError(f"metric: {metric!r} is not accuracy, macro_f1 or weighted_f1")
+    c = n_classes
+    values = np.zeros((len(refs), 3 * c))
+    rows = np.arange(len(refs))
+    wrong = correct == 0
+    values[rows[~wrong], refs[~wrong]] = 1.0  # tp of the true class
+    values[rows[wrong], c + preds[wrong]] = 1.0  # fp of the predicted class
+    values[rows[wrong], 2 * c + refs[wrong]] = 1.0  # fn of the true class
+
+    def combine(sums: np.ndarray) -> np.ndarray:
+        tp, fp, fn = sums[..., :c], sums[..., c : 2 * c], sums[..., 2 * c :]
+        support, predicted = tp + fn, tp + fp
+        f1 = ratio(2 * tp, support + predicted)
+        if metric == "macro_f1":
+            return f1.mean(axis=-1) if c else np.zeros(sums.shape[:-1])
+        return ratio((f1 * support).sum(axis=-1), support.sum(axis=-1))
+
+    return ExampleStats(values, combine)

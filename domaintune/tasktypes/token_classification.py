@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from domaintune.evidence import ExampleStats, ratio, ratio_of_sums
 from domaintune.storage.manifests import scalar_metrics
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import MINILM, TaskType, TokenizeSettings, require_columns
@@ -333,6 +334,19 @@ class TokenClassification(TaskType):
         table["predicted"] = [" ".join(p) for p in preds]
         return metrics, table.reset_index(drop=True)
 
+    def example_statistics(
+        self, predictions: pd.DataFrame, metric: str, labels: list[str]
+    ) -> ExampleStats | None:
+        """Per sentence, from its gold ``tags`` and ``predicted`` tags (space-separated, as
+        ``score_split`` writes them): entity_f1 / entity_precision / entity_recall
+        [tp, fp, fn] entities (seqeval's entities, micro-averaged as seqeval does);
+        token_accuracy [correct words, words]."""
+        if metric not in self.metrics:
+            return None
+        refs = [_tag_list(t) for t in predictions["tags"]]
+        preds = [_tag_list(t) for t in predictions["predicted"]]
+        return entity_statistics(preds, refs, metric)
+
     # -- predict ---------------------------------------------------------------
     def predict(self, model: Any, table: pd.DataFrame, text_column: str, load: Any) -> pd.DataFrame:
         """Entities with character spans (``start``/``end`` into the text), type and score (the
@@ -408,3 +422,51 @@ class TokenClassification(TaskType):
         from domaintune.tasktypes.predicting import value_counts
 
         return value_counts([e["type"] for row in result["entities"] for e in row])
+
+
+def _tag_list(value: Any) -> list[str]:
+    """A sentence's tags from a predictions frame: space-separated text, or a list."""
+    if isinstance(value, str):
+        return value.split()
+    return [] if value is None else [str(t) for t in value]
+
+
+def _entity_scores(sums: np.ndarray, metric: str) -> np.ndarray:
+    """seqeval's micro precision, recall or F1 from summed [tp, fp, fn] (0 where undefined),
+    computed as seqeval computes them (F1 = 2PR / (P + R))."""
+    tp, fp, fn = sums[..., 0], sums[..., 1], sums[..., 2]
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    if metric == "entity_precision":
+        return precision
+    if metric == "entity_recall":
+        return recall
+    return ratio(2 * precision * recall, precision + recall)
+
+
+def entity_statistics(
+    predictions: list[list[str]], references: list[list[str]], metric: str
+) -> ExampleStats:
+    """Per-sentence statistics of ``metric`` from word tag sequences: entity metrics
+    [tp, fp, fn] (an entity is right when its type and both ends match, seqeval's default
+    rules), token_accuracy [correct words, words]. Summed and combined, they give
+    ``TokenClassification.compute_metrics``' figures."""
+    if metric == "token_accuracy":
+        values = np.array(
+            [
+                [sum(a == b for a, b in zip(p, r, strict=True)), len(r)]
+                for p, r in zip(predictions, references, strict=True)
+            ],
+            dtype=np.float64,
+        ).reshape(-1, 2)
+        return ExampleStats(values, ratio_of_sums)
+    if metric not in ("entity_f1", "entity_precision", "entity_recall"):
+        raise ValueError(f"metric: {metric!r} is not one of the token_classification metrics")
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    rows = []
+    for p, r in zip(predictions, references, strict=True):
+        found, gold = set(get_entities(list(p))), set(get_entities(list(r)))
+        tp = len(found & gold)
+        rows.append([tp, len(found) - tp, len(gold) - tp])
+    values = np.array(rows, dtype=np.float64).reshape(-1, 3)
+    return ExampleStats(values, lambda sums: _entity_scores(sums, metric))

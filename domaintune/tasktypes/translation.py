@@ -19,10 +19,12 @@ from typing import Any
 import pandas as pd
 
 from domaintune.errors import DataError
+from domaintune.evidence import ExampleStats
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import require_columns
 from domaintune.tasktypes.instruction_tuning import (
     InstructionTuning,
+    corpus_statistics,
     generate_answers,
     messages_error,
 )
@@ -244,6 +246,20 @@ class Translation(InstructionTuning):
         chrf = sacrebleu.corpus_chrf(preds, [refs]).score / 100.0 if preds else 0.0
         scores = {"chrf": float(chrf), **super().compute_metrics(predictions, references, labels)}
         return {m: scores[m] for m in self.metrics}
+
+    def example_statistics(
+        self, predictions: pd.DataFrame, metric: str, labels: list[str]
+    ) -> ExampleStats | None:
+        """chrf (corpus chrF): sacrebleu's per-sentence character n-gram counts [hypothesis,
+        reference, matching] per order, combined by sacrebleu into the corpus figure; bleu and
+        rougeL as instruction_tuning's."""
+        if metric == "chrf":
+            from sacrebleu.metrics import CHRF
+
+            preds = [str(p) for p in predictions["predicted"]]
+            refs = [str(r) for r in predictions["reference"]]
+            return corpus_statistics(CHRF(), preds, refs)
+        return super().example_statistics(predictions, metric, labels)
 
     # -- predict ---------------------------------------------------------------
     def predict_inputs(self, model: Any, text_column: str) -> list[tuple[str, tuple[str, ...]]]:
