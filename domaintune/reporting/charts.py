@@ -202,3 +202,145 @@ def bar_chart_svg(counts: dict[str, int | float], title: str = "") -> str:
         if title:
             ax.set_title(_plain(title), loc="left")
         return _svg(fig)
+
+
+def drift_svg(
+    ref_labels: dict[str, float] | None,
+    cur_labels: dict[str, float] | None,
+    length_bins: list[float] | None = None,
+    ref_length_counts: list[int] | None = None,
+    cur_length_counts: list[int] | None = None,
+) -> str:
+    """Reference against current data, one panel each: label shares (grouped bars, the 30
+    labels with the largest share on either side) and token lengths (histograms on the same
+    ``length_bins`` edges, drawn as shares of rows so that samples of different sizes compare).
+    A panel without data is left out; the counts are what :mod:`domaintune.drift` stores."""
+    import numpy as np
+
+    ref_colour, cur_colour = "#4c78a8", "#f58518"
+    labels = None
+    if ref_labels is not None and cur_labels is not None and (ref_labels or cur_labels):
+        keys = sorted(
+            set(ref_labels) | set(cur_labels),
+            key=lambda k: (-max(ref_labels.get(k, 0.0), cur_labels.get(k, 0.0)), str(k)),
+        )
+        labels = (keys[:30], len(keys))
+    lengths = None
+    if length_bins is not None and ref_length_counts is not None and cur_length_counts is not None:
+        edges = np.asarray(length_bins, dtype=float)
+        ref_counts = np.asarray(ref_length_counts, dtype=float)
+        cur_counts = np.asarray(cur_length_counts, dtype=float)
+        if len(edges) >= 2 and len(ref_counts) == len(cur_counts) == len(edges) - 1:
+            lengths = (edges, ref_counts, cur_counts)
+        else:
+            raise ValueError(
+                f"drift chart: {len(edges)} bin edges need {max(len(edges) - 1, 0)} counts a "
+                f"side, got {len(ref_counts)} and {len(cur_counts)}"
+            )
+    title = "Data drift: reference against current"
+    if labels is None and lengths is None:
+        return _message(title, "no labels or lengths to compare")
+
+    panels = int(labels is not None) + int(lengths is not None)
+    with _figure(6.4, 0.6 + 2.3 * panels) as fig:
+        axes = list(fig.subplots(panels, 1, squeeze=False)[:, 0])
+        if labels is not None:
+            ax = axes.pop(0)
+            keys, total = labels
+            x = np.arange(len(keys))
+            ref_y = [ref_labels.get(k, 0.0) for k in keys]
+            cur_y = [cur_labels.get(k, 0.0) for k in keys]
+            ax.bar(x - 0.2, ref_y, width=0.4, color=ref_colour, label="reference")
+            ax.bar(x + 0.2, cur_y, width=0.4, color=cur_colour, label="current")
+            longest = max(len(str(k)) for k in keys)
+            rotate = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"}
+            ax.set_xticks(x, [_plain(k) for k in keys], **(rotate if longest > 3 else {}))
+            ax.tick_params(axis="x", length=0)
+            ax.grid(axis="x", visible=False)
+            ax.set_ylabel("share of rows")
+            shown = f" ({len(keys)} of {total} labels)" if total > len(keys) else ""
+            ax.set_title(_plain(f"Label shares{shown}"), loc="left")
+            ax.legend(loc="best")
+        if lengths is not None:
+            ax = axes.pop(0)
+            edges, ref_counts, cur_counts = lengths
+            ref_share = ref_counts / max(ref_counts.sum(), 1.0)
+            cur_share = cur_counts / max(cur_counts.sum(), 1.0)
+            ax.stairs(ref_share, edges, fill=True, color=ref_colour, alpha=0.45, label="reference")
+            ax.stairs(cur_share, edges, color=cur_colour, linewidth=1.8, label="current")
+            ax.set_xlabel("length in tokens")
+            ax.set_ylabel("share of rows")
+            ax.set_title("Token lengths", loc="left")
+            ax.legend(loc="best")
+        fig.suptitle(title, x=0.02, ha="left")
+        return _svg(fig)
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for a missing, boolean or non-finite value."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def metric_history_svg(points: list[dict[str, Any]], metric: str = "metric") -> str:
+    """A metric over time, one point per check in the given order (the champion's health
+    history): the value with its interval bar (``low`` to ``high``), ``degraded`` points in
+    red, and per version a dashed line at its ``registered`` figure (the test score it was
+    registered with), spanning that version's consecutive points. Each point: ``when`` (ISO
+    time), ``value``, ``low``, ``high``, ``label`` (the tick label, else ``when``), and
+    optionally ``registered``, ``degraded`` and ``version`` (groups the registered lines; else
+    consecutive points with one registered figure form a group)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    title = f"{metric} over time"
+    if not points:
+        return _message(title, "no checks yet")
+    names = [str(p.get("label") or p.get("when") or i + 1) for i, p in enumerate(points)]
+    longest = max(len(n) for n in names)
+    healthy, degraded = "#4c78a8", "#d62728"
+
+    with _figure(min(12.0, 3.2 + 0.45 * len(points)), 3.0 + min(2.0, 0.055 * longest)) as fig:
+        ax = fig.add_subplot()
+        for i, p in enumerate(points):
+            value = _number(p.get("value"))
+            if value is None:
+                continue
+            colour = degraded if p.get("degraded") else healthy
+            low, high = _number(p.get("low")), _number(p.get("high"))
+            if low is not None and high is not None:
+                err = [[max(value - low, 0.0)], [max(high - value, 0.0)]]
+                ax.errorbar([i], [value], yerr=err, color=colour, capsize=3, linewidth=1.2)
+            ax.plot([i], [value], marker="o", markersize=5, color=colour, linestyle="none")
+        # the registered figure: one dashed segment per run of points of one version
+        groups: list[tuple[Any, float, int, int]] = []  # (key, registered, first, last)
+        for i, p in enumerate(points):
+            registered = _number(p.get("registered"))
+            if registered is None:
+                continue
+            key = p.get("version", registered)
+            if groups and groups[-1][0] == key and groups[-1][3] == i - 1:
+                groups[-1] = (key, groups[-1][1], groups[-1][2], i)
+            else:
+                groups.append((key, registered, i, i))
+        for _, registered, first, last in groups:
+            ax.hlines(registered, first - 0.4, last + 0.4, colors="#555555", linestyles="dashed")
+        handles = [Line2D([], [], color=healthy, marker="o", linestyle="none", label="healthy")]
+        if any(p.get("degraded") for p in points):
+            handles.append(
+                Line2D([], [], color=degraded, marker="o", linestyle="none", label="degraded")
+            )
+        if groups:
+            handles.append(
+                Line2D([], [], color="#555555", linestyle="dashed", label="registered figure")
+            )
+        ax.legend(handles=handles, loc="best")
+        rotate = {"rotation": 45, "ha": "right", "rotation_mode": "anchor"}
+        ax.set_xticks(range(len(points)), [_plain(n) for n in names], fontsize=8, **rotate)
+        ax.set_xlim(-0.6, len(points) - 0.4)
+        ax.grid(axis="x", visible=False)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        ax.set_ylabel(_plain(metric))
+        ax.set_title(_plain(title), loc="left")
+        return _svg(fig)
