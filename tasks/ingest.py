@@ -61,6 +61,8 @@ def plan(
             **({"options": config.task.options} if config.task.options else {}),
         },
         config.data.model_dump(exclude={"source", "splits", "max_invalid_share"}),
+        # evaluation.split: by_column orders rows by a column of the data, kept as read
+        *([{"split_column": keep}] if (keep := config.evaluation.split_column) else []),
         fmt,
         sorted(hashes.items()),
         [(split, f.url) for split, f in files],
@@ -71,6 +73,8 @@ def plan(
 def _known_columns(config: RetrainConfig) -> set[str]:
     """Every column name the config maps (any task type), plus the reader's own."""
     names = {v for k, v in config.data.model_dump().items() if k.endswith("_column") and v}
+    if config.evaluation.split_column:
+        names.add(config.evaluation.split_column)
     return names | {"answer_text", "answer_start", "directory", "filename", "_row", "_source"}
 
 
@@ -119,7 +123,12 @@ def _run(
                 "leave such columns out)"
             )
         ignored.update(dict.fromkeys(extra))
+        kept = config.evaluation.split_column
+        original = df[["_row", kept]] if kept and kept in df.columns else None
         df = task.map_columns(df, config, f.url)
+        if original is not None and kept not in df.columns:  # the task type keeps its own
+            values = original.drop_duplicates("_row").set_index("_row")[kept]
+            df[kept] = df["_row"].map(values)
         # provenance keeps where a row came from, never the credentials in that URL
         df["_source"] = redact(f.url)
         if split is not None:

@@ -2,9 +2,13 @@
 
 - Cleaning: HTML entities, Unicode normalisation, whitespace (configurable).
 - De-duplication: exact duplicate texts after cleaning, keeping the first.
-- Split: stratified and deterministic. Within each label, examples are ordered by a seeded
-  hash of their text and cut into test / validation / train. The split depends only on the
-  seed and the data, not on file order, and an example keeps its split when data is added.
+- Split (evaluation.split): random, by a seeded hash of each row's text against fixed
+  thresholds: the split depends only on the seed and the data, not on file order, and an
+  example keeps its split when data is added. Time-aware: newest_files (the test split is
+  the newest source file(s)) or by_column (the rows with the highest values of a column);
+  validation and train by the hash among the other rows.
+- Continual training (TrainSelection): the train split keeps the new files' rows plus a
+  seeded replay sample of earlier rows; validation and test are not filtered.
 - Tokenization: the model's fast tokenizer through ``datasets.map`` (batched, several
   processes for large data), truncation to ``training.max_length`` and no padding: batches
   are padded dynamically at training time.
@@ -19,17 +23,20 @@ import hashlib
 import logging
 import math
 import os
+import re
+import warnings
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from domaintune.chaining import resolve_config_model
-from domaintune.config import RetrainConfig
-from domaintune.errors import DataError, ModelError
+from domaintune.config import EvaluationConfig, RetrainConfig
+from domaintune.errors import ConfigError, DataError, ModelError
 from domaintune.fingerprint import hash_local_file, hash_obj, library_versions, stable_json
 from domaintune.models import ResolvedModel
-from domaintune.readers.sources import row_ids
+from domaintune.readers.sources import SOURCE, row_ids
 from domaintune.storage.manifests import RawSnapshot, SplitInfo, SplitManifest, ValidationReport
 from domaintune.storage.store import Store
 from domaintune.tasktypes import get_task_type
@@ -71,13 +78,42 @@ class HeldOut(NamedTuple):
         return {t for name in ("validation", "test") for t in parts[name]["text"]}
 
 
+@dataclass(frozen=True)
+class TrainSelection:
+    """start_from: champion: train on the new files' rows plus a replay sample of earlier
+    rows. Only the train split is selected: validation and test keep every row, so the
+    guard can score the champion's own test rows and the new files' rows apart (by
+    ``_source``)."""
+
+    new_sources: tuple[str, ...]  # _source values of the files that landed since the champion
+    replay_share: float  # share of the resulting train rows drawn from earlier rows
+    seed: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "new_sources", tuple(self.new_sources))
+        if not 0 <= self.replay_share < 1:
+            raise ValueError(f"replay_share must be in [0, 1), got {self.replay_share}")
+
+    def key(self) -> dict:
+        """What goes into the preprocess key (the files as a set: their order means nothing)."""
+        return {
+            "new_sources": sorted(set(self.new_sources)),
+            "replay_share": float(self.replay_share),
+            "seed": int(self.seed),
+        }
+
+
 def _split_settings(config: RetrainConfig) -> dict[str, Any]:
-    limit = config.evaluation.max_test_rows
+    ev = config.evaluation
+    limit = ev.max_test_rows
     return {
-        "split_seed": config.evaluation.split_seed,
-        "test_size": config.evaluation.test_size,
-        "val_size": config.evaluation.val_size,
+        "split_seed": ev.split_seed,
+        "test_size": ev.test_size,
+        "val_size": ev.val_size,
         **({"max_test_rows": limit} if limit else {}),
+        # random (the default) adds no term: the keys of existing entries stay as they were
+        **({"split": ev.split} if ev.split != "random" else {}),
+        **({"split_column": ev.split_column} if ev.split_column else {}),
     }
 
 
@@ -86,6 +122,8 @@ def plan(
     raw: RawSnapshot,
     validation: ValidationReport | None = None,
     held_out: HeldOut | None = None,
+    *,
+    selection: TrainSelection | None = None,
 ) -> tuple[str, ResolvedModel, str]:
     model = resolve_config_model(config)
     tok_fp = model.tokenizer_fingerprint()
@@ -101,6 +139,7 @@ def plan(
         *([{"task_options": config.task.options}] if config.task.options else []),
         config.preprocess.model_dump(exclude={"num_proc"}),
         {**TokenizeSettings.of(config).key(), **_split_settings(config)},
+        *([{"selection": selection.key()}] if selection is not None else []),
         tok_fp,
         library_versions("transformers", "tokenizers", "datasets"),
     )
@@ -148,6 +187,192 @@ def split_frame(
                     split[row] = name
                     break
     return {s: df[split == s].drop(columns="_point").reset_index(drop=True) for s in SPLITS}
+
+
+def split_rows(
+    df: pd.DataFrame, evaluation: EvaluationConfig
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """The split ``evaluation.split`` asks for, and what it decided (for the stats)."""
+    ev = evaluation
+    if ev.split == "newest_files":
+        return split_newest_files(df, ev.test_size, ev.val_size, ev.split_seed, ev.split_column)
+    if ev.split == "by_column":  # the config requires split_column with by_column
+        return split_by_column(df, str(ev.split_column), ev.test_size, ev.val_size, ev.split_seed)
+    return split_frame(df, ev.test_size, ev.val_size, ev.split_seed), {}
+
+
+def split_newest_files(
+    df: pd.DataFrame, test_size: float, val_size: float, seed: int, column: str | None = None
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Time-aware: the test split is the rows of the newest source file(s) (``_source``),
+    whole files from the newest back until at least ``test_size`` of the rows are test; at
+    least one file and never every file. Newest: last in the natural order of the files'
+    paths (``part-9`` before ``part-10``; ISO dates sort as dates), or with ``column`` the
+    file whose largest value of it is largest (files without values oldest). The other
+    rows: validation and train as ``_split_around`` says."""
+    df = df.reset_index(drop=True)
+    if SOURCE not in df.columns:
+        raise DataError(_missing_column(SOURCE, df, "evaluation.split: newest_files"))
+    sources = df[SOURCE].astype(str)
+    counts = sources.value_counts()
+    info: dict[str, Any] = {"split": "newest_files"}
+    if column is None:
+        files = sorted(counts.index, key=_natural)
+    else:
+        if column not in df.columns:
+            raise DataError(_missing_column(column, df, "evaluation.split_column"))
+        values, info["split_column_compared_as"] = _orderable(df[column])
+        valued = values.dropna()
+        latest = valued.groupby(sources[valued.index]).max().to_dict()
+        files = sorted(
+            counts.index,
+            key=lambda f: (f in latest, latest.get(f), _natural(f)),
+        )
+        info["split_column"] = column
+    if len(files) < 2:
+        raise DataError(
+            f"evaluation.split: newest_files needs rows from at least two source files, found "
+            f"{len(files)} ({files[0] if files else 'none'}); rule: the newest file(s) are the "
+            "test split and earlier files train (land more files, or use evaluation.split: "
+            "random)"
+        )
+    chosen: list[str] = []
+    held = 0
+    for name in reversed(files[1:]):  # never the oldest: some file must be left to train on
+        chosen.append(name)
+        held += int(counts[name])
+        if held >= test_size * len(df):
+            break
+    info["test_sources"] = chosen
+    info["test_share"] = round(held / len(df), 4)
+    return _split_around(df, sources.isin(chosen), test_size, val_size, seed), info
+
+
+def split_by_column(
+    df: pd.DataFrame, column: str, test_size: float, val_size: float, seed: int
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Time-aware: the test split is the rows with the highest values of ``column``, the top
+    ``test_size`` share (at least one row); rows equal to the lowest value taken are taken
+    too, so the cut never separates equal values. Rows without a value are never test.
+    The other rows: validation and train as ``_split_around`` says."""
+    df = df.reset_index(drop=True)
+    if column not in df.columns:
+        raise DataError(_missing_column(column, df, "evaluation.split_column"))
+    values, how = _orderable(df[column])
+    valued = values.dropna()
+    if valued.empty:
+        raise DataError(
+            f"evaluation.split_column: column {column!r} has no values in any of the "
+            f"{len(df)} rows; rule: split: by_column orders rows by their values"
+        )
+    wanted = min(len(valued), max(1, math.ceil(test_size * len(df))))
+    cut = valued.sort_values(ascending=False, kind="stable").iloc[wanted - 1]
+    test = pd.Series(False, index=df.index)
+    test[valued.index] = (valued >= cut).to_numpy()
+    if test.all():
+        raise DataError(
+            f"evaluation.split_column: every row would be test: the top {test_size:g} of the "
+            f"{len(df)} rows by {column!r} ties with its lowest value ({cut}); rule: equal "
+            "values stay together and rows with lower values must remain to train on"
+        )
+    info = {
+        "split": "by_column",
+        "split_column": column,
+        "split_column_compared_as": how,
+        "test_from_value": str(cut),
+        "test_share": round(int(test.sum()) / len(df), 4),
+        "rows_without_split_value": len(df) - len(valued),
+    }
+    return _split_around(df, test, test_size, val_size, seed), info
+
+
+def _split_around(
+    df: pd.DataFrame, test: pd.Series, test_size: float, val_size: float, seed: int
+) -> dict[str, pd.DataFrame]:
+    """``test`` (a mask) is the test split, in the order of its rows' split points. The
+    other rows are validation when their split point is below val_size / (1 - test_size)
+    (about val_size of all rows), train otherwise: a fixed threshold, so a row outside the
+    test split keeps its split as files land."""
+    rest = split_frame(df[~test], 0.0, val_size / (1 - test_size), seed)
+    held = df[test]
+    point = held["text"].map(lambda t: split_point(str(t), seed))
+    held = held.assign(_point=point).sort_values("_point", kind="stable")
+    return {
+        "train": rest["train"],
+        "validation": rest["validation"],
+        "test": held.drop(columns="_point").reset_index(drop=True),
+    }
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _natural(name: str) -> tuple[tuple[str | int, ...], str]:
+    """Natural order: digit runs compare as numbers (part-9 before part-10)."""
+    parts = _DIGITS.split(name)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name
+
+
+def _orderable(values: pd.Series) -> tuple[pd.Series, str]:
+    """A column's values as they compare (blank and missing: missing), and how: numbers and
+    date/times stored as such as they are; text as numbers when every value is one, else as
+    date/times (UTC) when every value parses as one, else as text."""
+    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_datetime64_any_dtype(values):
+        return values, "stored"
+    text = values[values.notna()].astype(str).str.strip()
+    text = text[text != ""]
+    number = pd.to_numeric(text, errors="coerce")
+    if number.notna().all():
+        return number.reindex(values.index), "number"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            when = pd.to_datetime(text, utc=True, format="mixed")
+        return when.reindex(values.index), "datetime"
+    except (ValueError, TypeError, OverflowError):
+        return text.reindex(values.index), "text"
+
+
+def _missing_column(column: str, df: pd.DataFrame, field: str) -> str:
+    present = ", ".join(str(c) for c in df.columns)
+    return (
+        f"{field}: no column {column!r} in the data (columns: {present}); rule: the column "
+        "must be in the raw snapshot (kept through ingest)"
+    )
+
+
+def select_train(
+    train: pd.DataFrame, selection: TrainSelection
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Continual training: the train rows of the new files, all of them, plus a seeded
+    sample of the earlier train rows making ``replay_share`` of the result (as many as
+    there are, at most). The sample is the rows whose seeded text hash comes first, so
+    adding data changes it little. Rows keep their order."""
+    train = train.reset_index(drop=True)
+    new = train[SOURCE].astype(str).isin(set(selection.new_sources))
+    n_new = int(new.sum())
+    if n_new == 0:
+        named = ", ".join(selection.new_sources[:3]) or "none given"
+        more = len(selection.new_sources) - 3
+        raise DataError(
+            f"preprocess: none of the {len(train)} train rows come from the new files "
+            f"({named}{f' and {more} more' if more > 0 else ''}); rule: start_from: champion "
+            "trains on the rows of the files that landed since the champion was trained "
+            "(land new files, or use retrain.start_from: base)"
+        )
+    earlier = train[~new]
+    share = selection.replay_share
+    n_replay = min(len(earlier), round(n_new * share / (1 - share))) if share > 0 else 0
+    order = earlier["text"].map(
+        lambda t: hashlib.sha256(f"{selection.seed}\x1freplay\x1f{t}".encode()).hexdigest()
+    )
+    replay = order.sort_values(kind="stable").index[:n_replay]
+    kept = train[new | train.index.isin(replay)].reset_index(drop=True)
+    return kept, {
+        "train_rows_new": n_new,
+        "train_rows_replay": int(n_replay),
+        "train_rows_available_earlier": len(earlier),
+    }
 
 
 def sample_rows(part: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
@@ -211,16 +436,19 @@ def preprocess(
     store: Store,
     validation: ValidationReport | None = None,
     held_out: HeldOut | None = None,
+    *,
+    selection: TrainSelection | None = None,
 ) -> SplitManifest:
     """``validation``: the rows its quarantine lists (data.on_invalid: quarantine) are left
     out of every split. ``held_out``: a recipe's final stage, whose validation and test
-    texts are left out of this (earlier) stage's data."""
-    key, model, tok_fp = plan(config, raw, validation, held_out)
+    texts are left out of this (earlier) stage's data. ``selection``: continual training
+    (retrain.start_from: champion), the train split's rows (select_train)."""
+    key, model, tok_fp = plan(config, raw, validation, held_out, selection=selection)
     return store.compute_once(
         STAGE,
         key,
         SplitManifest,
-        lambda: _run(config, raw, store, key, model, tok_fp, validation, held_out),
+        lambda: _run(config, raw, store, key, model, tok_fp, validation, held_out, selection),
     )
 
 
@@ -229,9 +457,12 @@ def split_parts(
     raw: RawSnapshot,
     validation: ValidationReport | None = None,
     held_out: HeldOut | None = None,
+    *,
+    selection: TrainSelection | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """The raw snapshot cleaned, de-duplicated and split (before tokenization), and what
-    was dropped on the way."""
+    was dropped on the way. With a ``selection``, the train split's rows are selected
+    after splitting (validation and test keep every row)."""
     task = get_task_type(config.task.type)
     labels = raw.labels
     df = pd.read_parquet(raw.table)
@@ -262,6 +493,12 @@ def split_parts(
         kept = ~df["text"].isin(held_out.texts())
         stats["held_out_of_final_stage"] = int((~kept).sum())
         df = df[kept]
+    if predefined and config.evaluation.split != "random":
+        raise ConfigError(
+            f"evaluation.split: {config.evaluation.split} does not apply to data with "
+            "predefined splits (data.splits), whose test split is the one given; rule: use "
+            "evaluation.split: random there"
+        )
     if predefined:
         parts = {name: df[df["_split"] == name].drop(columns="_split") for name in SPLITS}
         if parts["validation"].empty:  # carve validation from train, stratified as usual
@@ -272,16 +509,15 @@ def split_parts(
         else:
             parts = {n: p.reset_index(drop=True) for n, p in parts.items()}
     else:
-        parts = split_frame(
-            df,
-            config.evaluation.test_size,
-            config.evaluation.val_size,
-            config.evaluation.split_seed,
-        )
+        parts, decided = split_rows(df, config.evaluation)
+        stats.update(decided)
     limit = config.evaluation.max_test_rows
     if limit and len(parts["test"]) > limit:
         stats["test_rows_before_sampling"] = len(parts["test"])
         parts["test"] = sample_rows(parts["test"], limit, config.evaluation.split_seed)
+    if selection is not None:
+        parts["train"], chosen = select_train(parts["train"], selection)
+        stats.update(chosen)
     for name, part in parts.items():
         if part.empty:
             raise DataError(
@@ -301,13 +537,14 @@ def _run(
     tok_fp: str,
     validation: ValidationReport | None = None,
     held_out: HeldOut | None = None,
+    selection: TrainSelection | None = None,
 ) -> SplitManifest:
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
     task = get_task_type(config.task.type)
     labels = raw.labels
-    parts, stats = split_parts(config, raw, validation, held_out)
+    parts, stats = split_parts(config, raw, validation, held_out, selection=selection)
     tokenizer = load_fast_tokenizer(model, config.model.trust_remote_code)
     task.check_tokenizer(tokenizer, config.task)
     settings = TokenizeSettings.of(config)

@@ -618,6 +618,31 @@ class EvaluationConfig(Section):
         "test_size + val_size): adding data or changing training.seed moves no row to "
         "another split. Changing it draws new splits.",
     )
+    split: Literal["random", "newest_files", "by_column"] = Field(
+        "random",
+        description="Which rows are test. random: by the seeded hash of each row's text "
+        "(split_seed), about test_size of every file. newest_files: time-aware, the rows of "
+        "the newest source file(s), whole files from the newest back until at least "
+        "test_size of the rows are test (never every file: at least two files are needed). "
+        "Newest: last in the natural order of the files' paths (digit runs compared as "
+        "numbers: part-9 before part-10), so name files by date (2026-12-07.csv); with "
+        "split_column, the file whose largest value of that column is largest (a file's "
+        "modification time is not used: object stores and copies do not keep it). "
+        "by_column: the rows with the highest split_column values, the top test_size share "
+        "(equal values kept together, so the test split may be a little larger). With "
+        "newest_files and by_column, validation is val_size / (1 - test_size) of the other "
+        "rows by the seeded hash (about val_size of all rows), train the rest. Data with "
+        "predefined splits (data.splits) keeps its own test split: use random there.",
+    )
+    split_column: str | None = Field(
+        None,
+        description="by_column (required) and newest_files (optional): a column of the data "
+        "whose order is time, e.g. published_at. Numbers and dates stored as such compare "
+        "as they are; text compares as numbers when every value is one, else as date/times "
+        "when every value parses as one (pandas.to_datetime, zones converted to UTC), else "
+        "as text. Rows without a value are never test. The column must be in the raw "
+        "snapshot (kept through ingest).",
+    )
     primary_metric: str | None = Field(
         None,
         description="Metric that picks the best checkpoint and decides promotion; default: "
@@ -658,6 +683,16 @@ class EvaluationConfig(Section):
             raise ValueError(
                 f"test_size + val_size must leave rows to train on (got "
                 f"{self.test_size} + {self.val_size})"
+            )
+        if self.split == "by_column" and not self.split_column:
+            raise ValueError(
+                "split: by_column needs split_column (the column whose highest values are the "
+                "test split, e.g. published_at)"
+            )
+        if self.split == "random" and self.split_column:
+            raise ValueError(
+                f"split_column ({self.split_column!r}) applies to split: by_column or "
+                "newest_files only; split: random splits by the hash of each row's text"
             )
         return self
 
