@@ -4,6 +4,7 @@
     domaintune validate CONFIG.yaml [--set key.path=value ...] [--json]
     domaintune tune CONFIG.yaml [--trials N] [--set key.path=value ...] [--json]
     domaintune models list [NAME] | show NAME VERSION | promote NAME VERSION | rollback NAME
+                   | health NAME
         [--store ROOT | --config CONFIG.yaml] [--json]
     domaintune predict MODEL INPUT... [--out FILE] [--store ROOT | --config CONFIG.yaml] [--json]
 
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         ("show", "one version: metrics, lineage, config", ["name", "version"]),
         ("promote", "make a version the champion (production) by hand", ["name", "version"]),
         ("rollback", "give production back to the previous champion", ["name"]),
+        ("health", "the champion scored on each landed file: figure, interval, drift", ["name"]),
     ):
         a = msub.add_parser(action, help=help_text)
         for pos in positional:
@@ -455,6 +457,10 @@ def _models(args: argparse.Namespace) -> int:
             )
         elif args.action == "show":
             doc = Registry(store, args.name).show(args.version)
+        elif args.action == "health":
+            from domaintune.monitoring import HealthLog
+
+            doc = HealthLog(store, args.name).records()
         elif args.action == "promote":
             doc = {"production": Registry(store, args.name).promote(args.version, args.reason)}
         else:
@@ -489,9 +495,36 @@ def _models(args: argparse.Namespace) -> int:
         )
         print(f"  code: {lin['code_version']}")
         print(f"  prefect flow run: {lin['prefect_flow_run_id']}")
+        if reg.get("evidence"):
+            for part in ("overall", "earlier", "new"):
+                c = reg["evidence"].get(part)
+                if c:
+                    print(f"  evidence ({part}): {_comparison_line(c)}")
+    elif args.action == "health":
+        from domaintune.monitoring import history_table
+
+        if not doc:
+            print(
+                f"{args.name}: no health record yet (none is written before a file lands "
+                "after a champion)"
+            )
+        for r in history_table(doc):
+            value = f"{r['value']:.4f}" if isinstance(r["value"], float) else "-"
+            flags = ", ".join(k for k in ("degraded", "drifted") if r.get(k)) or "holds"
+            print(
+                f"{r['time']}  {r['version']}  {r['files']}  {r['rows']} rows  {r['metric']} "
+                f"{value} {r['interval']}  registered {r['registered']}  {flags}  "
+                f"-> {r['decision']}"
+            )
     else:
         print(f"{args.name}: production is now {doc['production']}")
     return 0
+
+
+def _comparison_line(c: dict[str, Any]) -> str:
+    from domaintune.evidence import Comparison
+
+    return Comparison.model_validate(c).describe()
 
 
 def _data_add(args: argparse.Namespace) -> int:

@@ -337,7 +337,8 @@ class Registry:
 
     def champion(self) -> dict[str, Any] | None:
         """The production version: version, local model folder, model fingerprint, metrics,
-        and the fingerprint of the tokenizer its data was tokenized with."""
+        the fingerprint of the tokenizer its data was tokenized with, and the files it was
+        trained on."""
         state = self.state()
         version = state.production
         if not version or version not in state.versions:
@@ -352,6 +353,10 @@ class Registry:
             "fingerprint": fingerprint,
             "tokenizer_fingerprint": lineage.get("tokenizer_fingerprint"),
             "recorded_metrics": registration.get("metrics", {}),
+            "primary_metric": registration.get("primary_metric"),
+            "recorded_interval": registration.get("interval"),
+            # the files it was trained on (path, sha256): what landed since is new to it
+            "sources": lineage.get("raw_snapshot", {}).get("sources", []),
         }
 
     def table(self) -> list[dict[str, Any]]:

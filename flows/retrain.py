@@ -1,8 +1,11 @@
-"""The ``retrain`` flow: ingest -> validate -> preprocess -> finetune -> evaluate -> register.
+"""The ``retrain`` flow: ingest -> validate -> preprocess -> monitor -> finetune -> evaluate ->
+register.
 
 Wiring only: every decision is in a stage (``domaintune.tasks``). A stage whose output is
 already in the store finishes as Cached; a broken data contract stops the flow before
-training; only a completed run reaches ``register``, so a failed run never promotes a model.
+training; ``monitor`` scores the champion on newly landed files, measures drift and, by
+``retrain.when``, ends the run Completed as "Skipped" (with its figures) before training;
+only a completed run reaches ``register``, so a failed run never promotes a model.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from domaintune.reporting.tracking import finish_run
 from domaintune.runconfig import complete
 from domaintune.storage.manifests import (
     EvaluationReport,
+    HealthReport,
     ModelArtifact,
     Registration,
     RunSummary,
@@ -36,7 +40,8 @@ from domaintune.storage.manifests import (
 from domaintune.tasks.evaluate import evaluate
 from domaintune.tasks.finetune import finetune, run_summary_training
 from domaintune.tasks.ingest import ingest
-from domaintune.tasks.preprocess import HeldOut, preprocess
+from domaintune.tasks.monitor import monitor
+from domaintune.tasks.preprocess import HeldOut, TrainSelection, preprocess
 from domaintune.tasks.register import register
 from domaintune.tasks.validate import validate
 
@@ -59,6 +64,21 @@ def _publish_evaluation(report: EvaluationReport) -> None:
         create_markdown_artifact(redact(f.read()), description="Evaluation report")
 
 
+def _publish_health(report: HealthReport) -> None:
+    import json
+    from pathlib import Path
+
+    if report.report_markdown is None:
+        return
+    with open(report.report_markdown) as f:
+        create_markdown_artifact(redact(f.read()), description="Champion health on new data")
+    history = Path(report.path) / "history.json"
+    if history.is_file():
+        create_table_artifact(
+            redact_obj(json.loads(history.read_text())), description="Champion health history"
+        )
+
+
 def _publish_training(model: ModelArtifact) -> None:
     create_markdown_artifact(
         redact(training_markdown(model)),
@@ -69,6 +89,7 @@ def _publish_training(model: ModelArtifact) -> None:
 ingest_task = stage_task(ingest, "ingest")
 validate_task = stage_task(validate, "validate", after=_publish_validation)
 preprocess_task = stage_task(preprocess, "preprocess")
+monitor_task = stage_task(monitor, "monitor", after=_publish_health)
 finetune_task = stage_task(finetune, "finetune", after=_publish_training)
 evaluate_task = stage_task(evaluate, "evaluate", after=_publish_evaluation)
 register_task = stage_task(register, "register")
@@ -182,6 +203,63 @@ def run_summary(
     )
 
 
+def skipped(
+    config: RetrainConfig,
+    run: Prepared,
+    records: list[StageRecord],
+    health: HealthReport,
+    t0: float,
+) -> Any:
+    """The run's end when ``retrain.when`` says not to train: Completed, named Skipped,
+    with the figures in its message and the summary as its result."""
+    summary = RunSummary(
+        run_id=str(flow_run.id) if flow_run.id else None,
+        name=config.name,
+        domain=config.domain,
+        status="skipped",
+        stages=records,
+        metrics={"health": health.model_dump(mode="json", exclude={"drift"})},
+        version=health.version,
+        promoted=False,
+        promotion_reason=health.message,
+        validation_report=run.validation.report_markdown,
+        quarantined_rows=run.validation.quarantined_rows,
+        quarantine_table=run.validation.quarantine_table,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    get_run_logger().info("retrain: %s", health.message)
+    return Completed(
+        name="Skipped",
+        message=redact(health.message),
+        data=redact_obj(summary.model_dump(mode="json")),
+    )
+
+
+def from_champion(run: Prepared, records: list[StageRecord], health: HealthReport) -> Prepared:
+    """``retrain.start_from: champion``: the last stage continues from the production
+    version (pinned), on the new files' training rows plus a replay sample of earlier ones
+    (``retrain.replay_share``); validation and test stay whole, so evaluation sees the
+    champion's own test rows and the new ones (the forgetting guard compares both)."""
+    cfg = run.config
+    reference = f"registry://{cfg.name}@{health.version}"
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": reference})})
+    cfg = pin(cfg)
+    selection = TrainSelection(
+        new_sources=tuple(health.new_files),
+        replay_share=cfg.retrain.replay_share,
+        seed=cfg.evaluation.split_seed,
+    )
+    splits = call_stage(
+        preprocess_task.with_options(name="preprocess-continual"),
+        records,
+        cfg,
+        run.raw,
+        validation=run.validation,
+        selection=selection,
+    )
+    return Prepared(cfg, run.raw, run.validation, splits, run.chain)
+
+
 @flow(name="retrain", flow_run_name="retrain-{config.name}", log_prints=False)
 def retrain(config: RetrainConfig) -> dict[str, Any]:
     """Retrain one use case's model from its data and promote it if it is better."""
@@ -200,6 +278,11 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
     records: list[StageRecord] = []
     # one stage, or a multi-stage recipe's stages up to the last one (domaintune.recipes)
     run = prepare(config, records)
+    health = call_stage(monitor_task, records, run.config, run.raw, run.splits)
+    if not health.train:  # retrain.when: the champion holds and nothing drifted
+        return skipped(config, run, records, health, t0)
+    if config.retrain.start_from == "champion" and health.version and health.new_files:
+        run = from_champion(run, records, health)
     model = call_stage(finetune_task, records, run.config, run.splits)
     evaluation = call_stage(evaluate_task, records, run.config, run.splits, model)
     registration = register_prepared(run, records, config, model, evaluation)

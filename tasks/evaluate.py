@@ -18,10 +18,9 @@ import pandas as pd
 from domaintune.chaining import resolve_config_model, resolve_model
 from domaintune.config import RetrainConfig
 from domaintune.fingerprint import hash_obj
-from domaintune.generation import GenerationSettings, cast_for_generation
-from domaintune.loading import autocast_for, load_for_scoring
 from domaintune.redaction import redact, redact_obj
 from domaintune.reporting.reports import render_markdown
+from domaintune.scoring import not_comparable, score_model, scored_as
 from domaintune.storage.manifests import (
     EvaluationReport,
     ModelArtifact,
@@ -37,7 +36,8 @@ log = logging.getLogger(__name__)
 STAGE = "evaluate"
 BASE_STAGE = "evaluate_base"
 CHAMPION_STAGE = "evaluate_champion"
-VERSION = "3"  # 2: base predictions kept; sample generations; 3: champion, charts
+VERSION = "4"  # 2: base predictions kept; sample generations; 3: champion, charts; 4: the
+# champion's per-example predictions kept (the paired test of promotion reads them)
 
 
 def current_champion(config: RetrainConfig, store: Store) -> dict[str, Any] | None:
@@ -91,78 +91,6 @@ def plan(
     return key, base_key
 
 
-def scored_as(config: RetrainConfig, splits: SplitManifest) -> Any:
-    """What decides how a model is scored besides the data and the model: the task type, the
-    task settings its scoring reads (``TaskType.scoring_settings``: none for most) and, for a
-    generative task type, how it generates (``GenerationSettings.of_run``)."""
-    task = get_task_type(config.task.type)
-    extra = task.scoring_settings(config.task)
-    if task.generative:
-        extra = {**(extra or {}), "generation": GenerationSettings.of_run(config, splits).key()}
-    return config.task.type if extra is None else [config.task.type, extra]
-
-
-def _score(
-    config: RetrainConfig,
-    model_path: str,
-    splits: SplitManifest,
-    structure: Any = None,
-    who: str = "fine-tuned model",
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    """(metrics, per-example predictions) of one model on the test split (``structure``:
-    see ``domaintune.loading.load_for_scoring``; ``who``: the model's name in progress lines). A
-    generative task type reports its progress (a bar on a terminal, a log line every 10% or
-    30 s, a Prefect progress artifact) and its tokens/s."""
-    import torch
-    from datasets import disable_progress_bars
-
-    disable_progress_bars()
-    task = get_task_type(config.task.type)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    tok, model, precision = load_for_scoring(
-        model_path,
-        config.task.type,
-        splits.labels,
-        config.training,
-        config.model.trust_remote_code,
-        structure,
-    )
-    test = splits.splits["test"]
-    extra: dict[str, Any] = {}
-    progress = None
-    if task.generative:
-        from domaintune.progress import Progress
-
-        cast_for_generation(model, precision)  # the same answers, fewer casts per step
-        what = f"evaluate: {who} generates"
-        progress = Progress(test.rows, what, unit="answers", logger=log)
-        extra = {
-            "generation": GenerationSettings.of_run(config, splits),
-            "on_batch": progress.advance,
-        }
-    with autocast_for(model, precision):
-        metrics, predictions = task.score_split(
-            model,
-            tok,
-            test.path,
-            splits.labels,
-            config.evaluation.batch_size,
-            settings=config.task,
-            **extra,
-        )
-    if progress is not None:
-        progress.close()
-        metrics["generation"] = {
-            **metrics.get("generation", {}),
-            **extra["generation"].key(),
-            "answers": progress.done,
-            "tokens": progress.tokens,
-            "seconds": round(progress.seconds, 1),
-            "tokens_per_second": round(progress.tokens / max(progress.seconds, 1e-9), 1),
-        }
-    return metrics, predictions
-
-
 def _base_metrics(
     config: RetrainConfig, splits: SplitManifest, base_key: str, store: Store
 ) -> dict[str, Any]:
@@ -173,7 +101,7 @@ def _base_metrics(
         base = resolve_config_model(config)
         # the base model exactly as training starts from it
         strategy = config.training.strategy if base_structure(config) else None
-        metrics, predictions = _score(config, base.path, splits, strategy, who="base model")
+        metrics, predictions = score_model(config, base.path, splits, strategy, who="base model")
         with store.writer(BASE_STAGE, base_key) as w:
             (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
             predictions.to_parquet(w.path / "predictions.parquet", index=False)
@@ -205,21 +133,10 @@ def _champion_metrics(
         return None
     out: dict[str, Any] = {"version": champion["version"], "metrics": None}
     model_dir = Path(champion["model_dir"])
-    if not (model_dir / "config.json").is_file():
-        out["note"] = "exported as an adapter only; compared on its recorded metrics"
+    why_not = not_comparable(champion, splits)
+    if why_not:
+        out["note"] = f"{why_not}; compared on its recorded metrics"
         return out
-    tokenizer = champion.get("tokenizer_fingerprint")
-    if tokenizer and tokenizer != splits.tokenizer_fingerprint:
-        # this run's test split is token ids of this run's tokenizer: the champion would read
-        # them as other words (a MiniLM champion scored 0.29 on an MPNet run's ids)
-        out["note"] = "it was trained with another tokenizer; compared on its recorded metrics"
-        return out
-    if splits.labels:
-        cfg = json.loads((model_dir / "config.json").read_text())
-        theirs = [cfg.get("id2label", {}).get(str(i)) for i in range(len(cfg.get("id2label", {})))]
-        if theirs != list(splits.labels):
-            out["note"] = "its label set differs from this run's; compared on its recorded metrics"
-            return out
     key = hash_obj(
         CHAMPION_STAGE,
         VERSION,
@@ -232,14 +149,17 @@ def _champion_metrics(
     with store.lock(CHAMPION_STAGE, key):
         cached = store.cached_manifest(CHAMPION_STAGE, key)
         if cached is None:
-            metrics, _ = _score(
+            metrics, predictions = score_model(
                 config, str(model_dir), splits, who=f"champion {champion['version']}"
             )
             with store.writer(CHAMPION_STAGE, key) as w:
                 (w.path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+                # per example: promotion's paired test compares them with the challenger's
+                predictions.to_parquet(w.path / "predictions.parquet", index=False)
                 w.manifest = {"metrics": metrics, "version": champion["version"]}
             cached = {"metrics": metrics}
     out["metrics"] = cached["metrics"]
+    out["key"] = key  # the entry (CHAMPION_STAGE) holding its predictions.parquet
     return out
 
 
@@ -254,7 +174,7 @@ def _run(
 ) -> EvaluationReport:
     base = _base_metrics(config, splits, base_key, store)
     champion = _champion_metrics(config, splits, champion_info, store)
-    finetuned, predictions = _score(config, model.model_dir, splits)
+    finetuned, predictions = score_model(config, model.model_dir, splits)
     gain = {k: float(v - base[k]) for k, v in scalar_metrics(finetuned).items()}
     primary = config.evaluation.primary_metric
     test_rows = splits.splits["test"].rows

@@ -10,7 +10,8 @@ the existing version instead of a copy.
 
 Promotion (``domaintune.promotion.decide_promotion``): the fine-tuned model must beat the
 base model, clear an absolute floor, beat the champion re-scored on the same test split by a
-margin, and regress no class or entity type beyond a tolerance. A model that is not promoted
+margin and significantly (a paired test on the same test rows), not forget what the champion
+knew when trained from it, and regress no class or entity type beyond a tolerance. A model that is not promoted
 is still registered, as a rejected candidate with the reason. A failed run never reaches this stage, and a
 registration that fails half-way leaves no version and moves no pointer.
 """
@@ -26,13 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from domaintune import __version__
 from domaintune.config import RetrainConfig
 from domaintune.errors import StoreError, store_error
 from domaintune.fingerprint import hash_obj
-from domaintune.promotion import decide_promotion
+from domaintune.promotion import PairedPredictions, decide_promotion, gather_evidence
 from domaintune.redaction import redact_obj
 from domaintune.registry import MARKER, Registry
 from domaintune.reporting.modelcard import write_model_card
@@ -46,6 +48,8 @@ from domaintune.storage.manifests import (
     scalar_metrics,
 )
 from domaintune.storage.store import Store
+from domaintune.tasks.evaluate import CHAMPION_STAGE
+from domaintune.tasks.evaluate import STAGE as EVALUATE_STAGE
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +92,25 @@ def plan(config: RetrainConfig, model: ModelArtifact, evaluation: EvaluationRepo
         config.name,
         model.fingerprint,
         evaluation.fingerprint,
-        config.promotion.model_dump(mode="json"),
+        _deciding(config),
     )
+
+
+def _deciding(config: RetrainConfig) -> dict[str, Any]:
+    """The settings that decide promotion, as keys had them before the paired test (its
+    settings and the forgetting guard's appear only when not at their defaults, so a
+    registered model is found again)."""
+    rules = config.promotion.model_dump(mode="json")
+    evidence = config.promotion.model_dump(
+        mode="json", include={"significance", "test", "bootstrap_resamples"}, exclude_defaults=True
+    )
+    out = {
+        k: v for k, v in rules.items() if k not in ("significance", "test", "bootstrap_resamples")
+    }
+    out.update(evidence)
+    if config.retrain.start_from == "champion":
+        out["forgetting_tolerance"] = config.retrain.forgetting_tolerance
+    return out
 
 
 _NOT_EXPORTED = ("_COMPLETE.json", "train.log")
@@ -184,7 +205,8 @@ def register(
             if champion_version in state.versions
             else None
         )
-        promoted, reason = decide_promotion(config, evaluation, champion)
+        evidence = gather_evidence(config, evaluation, _paired(evaluation, splits, registry, store))
+        promoted, reason = decide_promotion(config, evaluation, champion, evidence)
         version = registry.next_version(state)
         manifest = Registration(
             key=key,
@@ -198,6 +220,8 @@ def register(
             registry_dir=registry.url,
             primary_metric=evaluation.primary_metric,
             metrics=scalar_metrics(evaluation.finetuned),
+            interval=_interval(config, evaluation, splits, store),
+            evidence=evidence.model_dump(mode="json") if champion else None,
         )
         staged = None
         try:
@@ -249,6 +273,53 @@ def register(
     return manifest
 
 
+def _interval(
+    config: RetrainConfig, evaluation: EvaluationReport, splits: SplitManifest, store: Store
+) -> dict[str, Any] | None:
+    """The primary metric's bootstrap interval on the test split (None where the task type
+    cannot resample it per example)."""
+    from domaintune.evidence import bootstrap_interval
+    from domaintune.tasktypes import get_task_type
+
+    path = store.materialize(EVALUATE_STAGE, evaluation.key) / "predictions.parquet"
+    if not path.is_file():
+        return None
+    task = get_task_type(config.task.type)
+    stats = task.example_statistics(
+        pd.read_parquet(path), evaluation.primary_metric, list(splits.labels)
+    )
+    if stats is None or stats.n == 0:
+        return None
+    return bootstrap_interval(
+        stats,
+        confidence=config.retrain.confidence,
+        resamples=config.promotion.bootstrap_resamples,
+        seed=config.evaluation.split_seed,
+    ).model_dump(mode="json")
+
+
+def _paired(
+    evaluation: EvaluationReport, splits: SplitManifest, registry: Registry, store: Store
+) -> PairedPredictions | None:
+    """The champion's and this model's per-example predictions on this test split (the
+    evaluate stage keeps both), for promotion's paired test; None where the champion was
+    not re-scored here."""
+    scored = evaluation.champion or {}
+    if not scored.get("metrics") or not scored.get("key"):
+        return None
+    theirs = store.materialize(CHAMPION_STAGE, scored["key"]) / "predictions.parquet"
+    ours = store.materialize(EVALUATE_STAGE, evaluation.key) / "predictions.parquet"
+    if not (theirs.is_file() and ours.is_file()):
+        return None
+    champion = registry.champion() or {}
+    return PairedPredictions(
+        champion=pd.read_parquet(theirs),
+        challenger=pd.read_parquet(ours),
+        earlier_sources=frozenset(s["path"] for s in champion.get("sources", [])),
+        labels=tuple(splits.labels),
+    )
+
+
 def _lineage(
     flow_run_id: str | None,
     raw: RawSnapshot,
@@ -290,4 +361,20 @@ def _lineage(
             "attempts": model.attempts,
         },
         "evaluation": {"key": evaluation.key, "fingerprint": evaluation.fingerprint},
+        # retrain.start_from: champion: the new files' rows plus a replay share of earlier
+        **({"training_data": continual} if (continual := _continual(splits)) else {}),
+    }
+
+
+def _continual(splits: SplitManifest) -> dict[str, Any] | None:
+    stats = splits.stats
+    if "train_rows_new" not in stats:
+        return None
+    return {
+        "start_from": "champion",
+        **{
+            k: stats[k]
+            for k in ("train_rows_new", "train_rows_replay", "train_rows_available_earlier")
+            if k in stats
+        },
     }

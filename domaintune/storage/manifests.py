@@ -215,6 +215,34 @@ class EvaluationReport(Manifest):
     report_markdown: str
 
 
+class HealthReport(Manifest):
+    """The monitor stage's outcome (tasks/monitor.py): the champion on the files that
+    landed since it was trained, the drift of those files from its training data, and
+    whether this run trains (``retrain.when``)."""
+
+    stage: str = "monitor"
+    #: the production version measured (None: none yet)
+    version: str | None = None
+    new_files: list[str] = Field(default_factory=list)
+    rows: int = 0
+    #: the figure per new file: file, rows, value, low, high, degraded
+    per_file: list[dict[str, Any]] = Field(default_factory=list)
+    primary_metric: str | None = None
+    #: the champion's primary metric on the new rows, with its bootstrap interval
+    value: float | None = None
+    low: float | None = None
+    high: float | None = None
+    #: the champion's registered test figure
+    registered: float | None = None
+    degraded: bool | None = None
+    drifted: bool | None = None
+    #: DriftReport (domaintune.drift) as JSON
+    drift: dict[str, Any] | None = None
+    train: bool = True
+    message: str = ""
+    report_markdown: str | None = None
+
+
 class Registration(Manifest):
     stage: str = "register"
     name: str
@@ -225,6 +253,16 @@ class Registration(Manifest):
     registry_dir: str
     primary_metric: str
     metrics: dict[str, float] = Field(default_factory=dict, description="Fine-tuned test metrics.")
+    interval: dict[str, Any] | None = Field(
+        None,
+        description="The primary metric's bootstrap interval on the test split "
+        "(domaintune.evidence.Interval): what the champion's health on new data is held to.",
+    )
+    evidence: dict[str, Any] | None = Field(
+        None,
+        description="The paired tests against the champion (domaintune.promotion.Evidence): "
+        "on the whole test split, on the champion's own test rows and on the new rows.",
+    )
 
 
 class ScoredFile(Manifest):
