@@ -609,6 +609,11 @@ def render_summary(s: dict[str, Any]) -> str:
     if s.get("trust_remote_code"):
         lines.append("  note:     model.trust_remote_code is on: code shipped with the model ran")
     m = s["metrics"]
+    if s["status"] == "skipped":  # retrain.when: nothing trained
+        return "\n".join([*lines, "", f"  {s['promotion_reason']}"])
+    health = m.get("health") or {}
+    if health.get("message"):
+        lines += ["", f"  monitor:  {health['message']}"]
     lines += ["", f"  test metrics ({m['test_rows']} rows)   base   fine-tuned   gain"]
     for k, v in m["finetuned"].items():
         b = m["base"][k]

@@ -175,6 +175,7 @@ def run_summary(
     evaluation: EvaluationReport,
     registration: Registration,
     t0: float,
+    health: HealthReport | None = None,
 ) -> RunSummary:
     return RunSummary(
         run_id=str(flow_run.id) if flow_run.id else None,
@@ -188,6 +189,12 @@ def run_summary(
             "finetuned": scalar_metrics(evaluation.finetuned),
             "base": scalar_metrics(evaluation.base),
             "report": evaluation.report_markdown,
+            # the champion on the newly landed files and their drift (the monitor stage)
+            **(
+                {"health": health.model_dump(mode="json", exclude={"drift"})}
+                if health is not None and health.version
+                else {}
+            ),
         },
         model_dir=registration.model_dir,
         version=registration.version,
@@ -286,6 +293,6 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
     model = call_stage(finetune_task, records, run.config, run.splits)
     evaluation = call_stage(evaluate_task, records, run.config, run.splits, model)
     registration = register_prepared(run, records, config, model, evaluation)
-    summary = run_summary(config, run, records, model, evaluation, registration, t0)
+    summary = run_summary(config, run, records, model, evaluation, registration, t0, health)
     finish_run(config, summary, model, registration)  # tracking.report_to: the MLflow run
     return redact_obj(summary.model_dump(mode="json"))

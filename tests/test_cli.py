@@ -49,6 +49,7 @@ def test_run_json_reports_stages_metrics_and_model_then_everything_cached(
         "ingest",
         "validate",
         "preprocess",
+        "monitor",
         "finetune",
         "evaluate",
         "register",

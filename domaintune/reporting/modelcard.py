@@ -211,6 +211,27 @@ def _evaluation(
                 for lab, m in table.items()
             ],
         )
+    if registration.interval:
+        i = registration.interval
+        lines += [
+            "",
+            f"{primary} on the test split: {i['point']:.4f}, {100 * i.get('confidence', 0.95):.0f}% "
+            f"bootstrap interval [{i['low']:.4f}, {i['high']:.4f}] ({i['n']} examples).",
+        ]
+    evidence = registration.evidence or {}
+    parts = [(k, evidence.get(k)) for k in ("overall", "earlier", "new") if evidence.get(k)]
+    if parts:
+        from domaintune.evidence import Comparison
+
+        where = {
+            "overall": "whole test split",
+            "earlier": "the champion's own test rows",
+            "new": "test rows of newer files",
+        }
+        lines += ["", "### Against the champion (paired tests)", ""]
+        lines += [f"- {where[k]}: {Comparison.model_validate(c).describe()}" for k, c in parts]
+    elif evidence.get("note"):
+        lines += ["", f"Against the champion: {evidence['note']}."]
     return lines
 
 

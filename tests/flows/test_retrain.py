@@ -18,7 +18,7 @@ from tests.conftest import write_csv
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
-STAGES = ["ingest", "validate", "preprocess", "finetune", "evaluate", "register"]
+STAGES = ["ingest", "validate", "preprocess", "monitor", "finetune", "evaluate", "register"]
 
 
 def task_run_states(flow_run_id: str) -> dict[str, str]:

@@ -135,7 +135,7 @@ def test_stages_chain_are_cached_and_only_the_last_is_registered(tmp_path, make_
         "ingest", "validate",
         "dapt-preprocess", "dapt-finetune", "dapt-evaluate",
         "classify-preprocess", "classify-finetune", "classify-evaluate",
-        "preprocess", "finetune", "evaluate", "register",
+        "preprocess", "monitor", "finetune", "evaluate", "register",
     ]  # fmt: skip
     assert not any(s["cached"] for s in summary["stages"] if s["name"].endswith("finetune"))
     assert summary["version"] == "v0001"
