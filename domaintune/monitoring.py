@@ -72,7 +72,7 @@ def decide(when: str, degraded: bool | None, drifted: bool | None) -> tuple[bool
     if when == "always":
         return True, "retrain.when: always"
     if degraded is None and drifted is None:
-        return True, "nothing to measure the champion on: train"
+        return True, "nothing measured"
     wants = {
         "degraded": bool(degraded),
         "drifted": bool(drifted),

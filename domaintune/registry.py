@@ -357,6 +357,7 @@ class Registry:
             "recorded_interval": registration.get("interval"),
             # the files it was trained on (path, sha256): what landed since is new to it
             "sources": lineage.get("raw_snapshot", {}).get("sources", []),
+            "raw_fingerprint": lineage.get("raw_snapshot", {}).get("fingerprint"),
         }
 
     def table(self) -> list[dict[str, Any]]:

@@ -75,6 +75,10 @@ def monitor(
     config: RetrainConfig, raw: RawSnapshot, splits: SplitManifest, store: Store
 ) -> HealthReport:
     champion = Registry(store, config.name).champion()
+    if champion is not None and champion.get("raw_fingerprint") == raw.fingerprint:
+        # the champion was trained on this very snapshot: nothing new to measure it on, and
+        # the run again is the run that made it (every stage Cached, as before it existed)
+        champion = None
     key, files = plan(config, raw, splits, champion)
     return store.compute_once(
         STAGE, key, HealthReport, lambda: _run(config, splits, store, key, champion, files)
@@ -129,7 +133,7 @@ def _run(
     entry = store.entry_path(STAGE, key)
     with store.writer(STAGE, key) as w:
         if champion is None:
-            out["message"] = "no champion yet: train"
+            out["message"] = "no champion trained on other data than this"
         elif not files:
             out["version"] = champion["version"]
             out["message"] = f"no file landed since champion {champion['version']} was trained"
@@ -163,9 +167,9 @@ def _run(
                         "high": part["high"],
                         "registered": out.get("registered"),
                         "degraded": part["degraded"],
-                        "drifted": out.get("drifted"),
+                        "drifted": part.get("drifted", out.get("drifted")),
                         "per_class": out.get("per_class") if len(out["per_file"]) == 1 else None,
-                        "drift": (out.get("drift") or {}).get("summary"),
+                        "drift": part.get("drift") or (out.get("drift") or {}).get("summary"),
                         "decision": "train" if train else "skipped",
                         "message": out["message"],
                     }
@@ -272,7 +276,21 @@ def _measure(
     elif files:
         per_file.append({"file": ", ".join(files), "rows": examples, **overall})
     degraded = overall["degraded"] or any(p["degraded"] for p in per_file)
-    drift = _drift(config, splits, champion, files, new)
+    drift, drift_per_file = _drift(config, splits, champion, files, new)
+    for p in per_file:
+        if p["file"] in drift_per_file:
+            p["drifted"] = drift_per_file[p["file"]].drifted
+            p["drift"] = drift_per_file[p["file"]].describe()
+    drifted = (drift is not None and drift.drifted) or any(
+        r.drifted for r in drift_per_file.values()
+    )
+    if drift_per_file and drifted and not (drift is not None and drift.drifted):
+        shifted = [f for f, r in drift_per_file.items() if r.drifted]
+        drift_text = "; ".join(
+            f"{f.rsplit('/', 1)[-1]}: {drift_per_file[f].describe()}" for f in shifted
+        )
+    else:
+        drift_text = drift.describe() if drift is not None else "drift not measured"
 
     def said(p: dict[str, Any]) -> str:
         where = p["file"].rsplit("/", 1)[-1] if "," not in p["file"] else p["file"]
@@ -283,10 +301,7 @@ def _measure(
     worst = [p for p in per_file if p["degraded"]] or per_file[-1:]
     state = "degraded" if degraded else "holds"
     detail = "; ".join(said(p) for p in worst) if worst else f"{metric} {value:.4f}"
-    message = (
-        f"champion {version} {state} on {detail}{against}; "
-        f"{drift.describe() if drift is not None else 'drift not measured'}"
-    )
+    message = f"champion {version} {state} on {detail}{against}; {drift_text}"
     return {
         "version": version,
         "rows": examples,
@@ -296,7 +311,7 @@ def _measure(
         "high": high,
         "registered": registered,
         "degraded": degraded,
-        "drifted": bool(drift.drifted) if drift is not None else False,
+        "drifted": drifted,
         "drift": {
             **drift.model_dump(mode="json"),
             "summary": drift.describe(),
@@ -343,16 +358,18 @@ def _drift(
     champion: dict[str, Any],
     files: list[str],
     new: pd.DataFrame,
-) -> Any:
-    """DriftReport of the new rows against the champion's training rows (None without any
-    of those: a champion trained on files no longer in the data)."""
+) -> tuple[Any, dict[str, Any]]:
+    """DriftReports of the new rows against the champion's training rows: all new files
+    together, and each file on its own when there are several (a shifted file among
+    ordinary ones is diluted in the whole). (None, {}) without training rows of the
+    champion's files (files no longer in the data)."""
     from domaintune.drift import drift_report, embed
     from domaintune.loading import load_for_scoring
 
     earlier = {s.get("path") for s in champion.get("sources", [])} - set(files)
     reference = rows_of(splits, ("train",), earlier)
     if reference.empty:
-        return None
+        return None, {}
     settings = TokenizeSettings.of(config)
     tok, model, _ = load_for_scoring(
         champion["model_dir"],
@@ -362,21 +379,34 @@ def _drift(
         config.model.trust_remote_code,
     )
     seed = config.evaluation.split_seed
-    ref_s = sample_examples(reference, EMBED_ROWS, seed)
-    cur_s = sample_examples(new, EMBED_ROWS, seed)
-    ref_emb = embed(model, tok, [list(x) for x in ref_s["input_ids"]])
-    cur_emb = embed(model, tok, [list(x) for x in cur_s["input_ids"]])
     label_column = "label" if "label" in new.columns and "label" in reference.columns else None
-    return drift_report(
-        reference,
-        new,
-        label_column=label_column,
-        unk_id=getattr(tok, "unk_token_id", None),
-        max_length=settings.max_length,
-        significance=config.retrain.drift_significance,
-        reference_emb=ref_emb,
-        current_emb=cur_emb,
-    )
+
+    def embedded(rows: pd.DataFrame) -> Any:
+        return embed(
+            model, tok, [list(x) for x in sample_examples(rows, EMBED_ROWS, seed)["input_ids"]]
+        )
+
+    ref_emb = embedded(reference)
+
+    def report(rows: pd.DataFrame) -> Any:
+        return drift_report(
+            reference,
+            rows,
+            label_column=label_column,
+            unk_id=getattr(tok, "unk_token_id", None),
+            max_length=settings.max_length,
+            significance=config.retrain.drift_significance,
+            reference_emb=ref_emb,
+            current_emb=embedded(rows),
+        )
+
+    per_file = {}
+    if len(files) > 1:
+        for f in files:
+            rows = new[new["_source"] == f]
+            if not rows.empty:
+                per_file[f] = report(rows)
+    return report(new), per_file
 
 
 def _markdown(out: dict[str, Any], history: list[dict[str, Any]]) -> str:
@@ -390,17 +420,18 @@ def _markdown(out: dict[str, Any], history: list[dict[str, Any]]) -> str:
             f"Champion {out.get('version')}, {out.get('primary_metric')} (registered test "
             f"figure {out.get('registered')}):",
             "",
-            "| files | examples | value | interval | degraded |",
-            "|---|---|---|---|---|",
+            "| files | examples | value | interval | degraded | drift |",
+            "|---|---|---|---|---|---|",
         ]
         parts = out.get("per_file") or []
         if len(parts) > 1:
-            parts = [*parts, {"file": "all new files", "rows": out.get("rows"), **out}]
+            whole = {**out, "drift": (out.get("drift") or {}).get("summary")}
+            parts = [*parts, {**whole, "file": "all new files"}]
         for p in parts:
             interval = f"[{p['low']:.4f}, {p['high']:.4f}]" if p.get("low") is not None else "n/a"
             lines.append(
                 f"| {p['file']} | {p['rows']} | {p['value']:.4f} | {interval} | "
-                f"{'yes' if p.get('degraded') else 'no'} |"
+                f"{'yes' if p.get('degraded') else 'no'} | {p.get('drift') or ''} |"
             )
         lines.append("")
     if out.get("per_class"):

@@ -66,21 +66,31 @@ def test_champion_health_decides_whether_a_landed_file_retrains(tmp_path, make_c
     assert {s["name"]: s["cached"] for s in again.result()["stages"]}["monitor"]
     assert len(HealthLog(store, cfg.name).records()) == 1
 
-    # labels flipped in a new file: the champion is significantly worse there, a retrain
-    # starts, the degraded event reaches the Prefect API
-    flipped = [{**r, "label": FLIP[r["label"]]} for r in make_rows(40, seed=2)]
-    write_csv(landing / "2026-12-03.csv", flipped)
+    # a shifted file: no neutral rows (the label mix drifts) and positive / negative swapped
+    # (the champion is significantly worse there): a retrain starts, the degraded event
+    # reaches the Prefect API
+    shifted = [
+        {**r, "label": FLIP[r["label"]]}
+        for r in make_rows(40, seed=2, labels=["negative", "positive"])
+    ]
+    write_csv(landing / "2026-12-03.csv", shifted)
     third = retrain(cfg)
     assert "finetune" in stage_names(third) and third["version"] == "v0002"
+    health = third["metrics"]["health"]
+    assert health["degraded"] and health["drifted"] and "drift in labels" in health["message"]
     records = HealthLog(store, cfg.name).records()
     assert len(records) == 2 and records[-1]["degraded"] and records[-1]["decision"] == "train"
     assert records[-1]["high"] < records[-1]["registered"], records[-1]
+    from tests.flows.test_retrain import run_artifacts
+
+    described = {a.description for a in run_artifacts(third["run_id"])}
+    assert {"Champion health on new data", "Champion health history"} <= described
     events = read_events(DEGRADED_EVENT)
     assert events, "no domaintune.model.degraded event on the server"
     event = events[0]
     assert event["resource"]["prefect.resource.id"] == "domaintune.model.test-uc"
-    assert (
-        event["payload"]["version"] == "v0001" and event["payload"]["files"][0].endswith("2026-12-03.csv")
+    assert event["payload"]["version"] == "v0001" and event["payload"]["files"][0].endswith(
+        "2026-12-03.csv"
     )
 
     # domaintune models health prints the history

@@ -131,6 +131,7 @@ def test_flow_runs_end_to_end_and_caches_by_content(tmp_path, make_config, rows)
         "ingest": True,
         "validate": True,
         "preprocess": False,
+        "monitor": False,  # it reads the new splits
         "finetune": False,
         "evaluate": False,
         "register": False,
