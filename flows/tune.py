@@ -24,9 +24,11 @@ from domaintune.config import RetrainConfig
 from domaintune.flows.retrain import (
     evaluate_task,
     finetune_task,
+    monitor_task,
     prepare,
     register_prepared,
     run_summary,
+    skipped,
 )
 from domaintune.orchestration import call_stage, should_retry
 from domaintune.redaction import redact, redact_obj
@@ -72,6 +74,10 @@ def tune(config: RetrainConfig, trials: int | None = None) -> dict[str, Any]:
     # ingest, validate, preprocess (a recipe: its earlier stages trained, once); the trials
     # search the last stage's settings
     run = prepare(config, records)
+    # the champion on newly landed files, drift: retrain.when decides for a search as well
+    health = call_stage(monitor_task, records, run.config, run.raw, run.splits)
+    if not health.train:
+        return skipped(config, run, records, health, t0)
     store = Store.of(config)
     with Tuner.open(run.config, run.splits, store) as tuner:
         logger.info(
@@ -101,7 +107,7 @@ def tune(config: RetrainConfig, trials: int | None = None) -> dict[str, Any]:
     model = call_stage(finetune_task, records, best_config, run.splits)
     evaluation = call_stage(evaluate_task, records, best_config, run.splits, model)
     registration = register_prepared(run, records, config, model, evaluation, best_config)
-    summary_of_run = run_summary(config, run, records, model, evaluation, registration, t0)
+    summary_of_run = run_summary(config, run, records, model, evaluation, registration, t0, health)
     finish_run(best_config, summary_of_run, model, registration)  # tracking.report_to: MLflow
     values = decode(best.params, config.tune.space)
     summary = {

@@ -105,6 +105,7 @@ def test_a_study_prunes_a_hopeless_trial_tests_the_best_once_and_registers_it(
         "ingest": False,
         "validate": False,
         "preprocess": False,
+        "monitor": False,
         "finetune": True,  # the best trial's entry
         "evaluate": False,
         "register": False,
