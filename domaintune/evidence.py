@@ -150,7 +150,7 @@ class Comparison(BaseModel):
         extra = ""
         if self.discordant is not None:
             extra = f" ({self.discordant[0]} vs {self.discordant[1]} discordant)"
-        return f"{name} on {self.n} examples: {self.metric} {change}, p = {_p(self.p_value)}{extra}"
+        return f"{name} on {self.n} examples: {self.metric} {change}, p {_p(self.p_value)}{extra}"
 
 
 def _signed(x: float) -> str:
@@ -159,7 +159,7 @@ def _signed(x: float) -> str:
 
 
 def _p(p: float) -> str:
-    return f"{p:.2g}" if p >= 0.001 else "< 0.001"
+    return f"= {p:.2g}" if p >= 0.001 else "< 0.001"
 
 
 def _chunk_size(n: int) -> int:

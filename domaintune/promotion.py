@@ -140,13 +140,6 @@ def decide_promotion(
             False,
             f"{m} {new:.4f} does not beat champion {name} ({champ:.4f} {where}) by {margin}",
         )
-    proof = evidence.overall if evidence is not None else None
-    if rules.significance is not None and proof is not None:
-        if proof.p_value >= rules.significance:
-            return False, (
-                f"{m} {new:.4f} beats champion {name} ({champ:.4f} {where}) by no more than "
-                f"chance: {proof.describe()} (promotion.significance {rules.significance})"
-            )
     if config.retrain.start_from == "champion" and evidence is not None:
         tol = config.retrain.forgetting_tolerance
         for part, what in ((evidence.earlier, "its own test rows"), (evidence.new, "new rows")):
@@ -155,6 +148,13 @@ def decide_promotion(
                     f"forgetting: trained from champion {name}, it falls behind it on {what} "
                     f"by more than retrain.forgetting_tolerance {tol}: {part.describe()}"
                 )
+    proof = evidence.overall if evidence is not None else None
+    if rules.significance is not None and proof is not None:
+        if proof.p_value >= rules.significance:
+            return False, (
+                f"{m} {new:.4f} beats champion {name} ({champ:.4f} {where}) by no more than "
+                f"chance: {proof.describe()} (promotion.significance {rules.significance})"
+            )
     for table, unit in (("per_class", "class"), ("per_type", "entity type")):
         ours = evaluation.finetuned.get(table) or {}
         theirs = (champ_metrics or {}).get(table) or {}

@@ -135,3 +135,27 @@ def test_continual_training_starts_from_the_champion_on_new_rows_plus_replay(tmp
     # the challenger was compared with its champion on the champion's own test rows and
     # on the new rows, each by a paired test
     assert reg["evidence"]["earlier"] and reg["evidence"]["new"], reg["evidence"]
+
+
+def test_a_retrain_from_the_champion_that_forgets_is_not_promoted(tmp_path, make_config):
+    """Continued from the champion on new rows alone (no replay), a feed that labels every
+    text neutral: the challenger learns it, so it is better overall (most test rows are new)
+    and on the new rows, but much worse on the champion's own test rows: the forgetting
+    guard refuses it."""
+    from domaintune.flows.retrain import retrain
+
+    landing = tmp_path / "landing"
+    write_csv(landing / "a.csv", make_rows(30, seed=0))
+    cfg = make_config(
+        str(landing / "*.csv"), retrain={"start_from": "champion", "replay_share": 0.0}
+    )
+    assert retrain(cfg)["promoted"]
+    write_csv(landing / "b.csv", [{**r, "label": "neutral"} for r in make_rows(90, seed=4)])
+    second = retrain(cfg)
+    assert not second["promoted"], second["promotion_reason"]
+    assert second["promotion_reason"].startswith("forgetting: trained from champion v0001")
+    reg = json.loads(
+        Store.of(cfg).local_path("registry", cfg.name, "v0002", "registration.json").read_text()
+    )
+    earlier, new = reg["evidence"]["earlier"], reg["evidence"]["new"]
+    assert earlier["difference"] < -0.02 and new["difference"] > 0, reg["evidence"]
