@@ -106,6 +106,8 @@ class Prepared:
     validation: ValidationReport
     splits: Any
     chain: list[dict[str, Any]] = field(default_factory=list)
+    #: the monitor stage's report (the champion on the new files, drift), once it ran
+    health: HealthReport | None = None
 
 
 def prepare(config: RetrainConfig, records: list[StageRecord]) -> Prepared:
@@ -164,6 +166,7 @@ def register_prepared(
         evaluation,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         **({"recipe": recipe, "chain": run.chain} if run.chain else {}),
+        **({"health": run.health} if run.health is not None and run.health.version else {}),
     )
 
 
@@ -264,7 +267,7 @@ def from_champion(run: Prepared, records: list[StageRecord], health: HealthRepor
         validation=run.validation,
         selection=selection,
     )
-    return Prepared(cfg, run.raw, run.validation, splits, run.chain)
+    return Prepared(cfg, run.raw, run.validation, splits, run.chain, health)
 
 
 @flow(name="retrain", flow_run_name="retrain-{config.name}", log_prints=False)
@@ -288,6 +291,7 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
     health = call_stage(monitor_task, records, run.config, run.raw, run.splits)
     if not health.train:  # retrain.when: the champion holds and nothing drifted
         return skipped(config, run, records, health, t0)
+    run.health = health
     if config.retrain.start_from == "champion" and health.version and health.new_files:
         run = from_champion(run, records, health)
     model = call_stage(finetune_task, records, run.config, run.splits)

@@ -78,6 +78,7 @@ def tune(config: RetrainConfig, trials: int | None = None) -> dict[str, Any]:
     health = call_stage(monitor_task, records, run.config, run.raw, run.splits)
     if not health.train:
         return skipped(config, run, records, health, t0)
+    run.health = health
     store = Store.of(config)
     with Tuner.open(run.config, run.splits, store) as tuner:
         logger.info(

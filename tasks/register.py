@@ -41,6 +41,7 @@ from domaintune.reporting.modelcard import write_model_card
 from domaintune.reporting.tracking import TENSORBOARD_DIR
 from domaintune.storage.manifests import (
     EvaluationReport,
+    HealthReport,
     ModelArtifact,
     RawSnapshot,
     Registration,
@@ -187,10 +188,12 @@ def register(
     flow_run_id: str | None = None,
     recipe: RetrainConfig | None = None,
     chain: list[dict[str, Any]] | None = None,
+    health: HealthReport | None = None,
 ) -> Registration:
     """``config`` is the final stage's; for a multi-stage recipe ``recipe`` is the whole
     config (what ``config.yaml`` keeps, to run again) and ``chain`` the earlier stages (in
-    the lineage)."""
+    the lineage); ``health``: the monitor stage's report of this run (the champion on the
+    new files and their drift), for the lineage and the model card."""
     key = plan(config, model, evaluation)
     registry = Registry(store, config.name)
     with registry.lock():
@@ -237,10 +240,27 @@ def register(
             lineage = _lineage(flow_run_id, raw, splits, model, evaluation)
             if chain:  # a multi-stage recipe: the stages that led to this model, in order
                 lineage["stages"] = chain
+            if health is not None:  # why this run trained: the champion on the new files
+                lineage["monitor"] = {
+                    "key": health.key,
+                    "champion": health.version,
+                    "new_files": health.new_files,
+                    "degraded": health.degraded,
+                    "drifted": health.drifted,
+                    "message": health.message,
+                }
             (staged / "lineage.json").write_text(json.dumps(redact_obj(lineage), indent=2))
             # the model card: a new file (never the finetune entry's), uploaded, not server-copied
             write_model_card(
-                staged / "model", config, raw, splits, model, evaluation, manifest, lineage
+                staged / "model",
+                config,
+                raw,
+                splits,
+                model,
+                evaluation,
+                manifest,
+                lineage,
+                health,
             )
             server_copies.pop("model/README.md", None)
             (staged / MARKER).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2))

@@ -54,6 +54,7 @@ def write_model_card(
     evaluation: EvaluationReport,
     registration: Registration,
     lineage: dict[str, Any],
+    health: Any = None,
 ) -> Path:
     """Write ``folder/README.md``, the card of the exported model in ``folder`` (its
     ``config.json`` and ``base_model.json`` say how it loads), and return its path."""
@@ -100,6 +101,7 @@ def write_model_card(
         *_training(config, model, doc),
         *_stages(chain, config, doc),
         *_data(config, raw, splits),
+        *_monitor(health),
         *_lineage(lineage),
         _loading(Path(folder), task, model, registration).rstrip(),
         *_limitations(config, splits, doc),
@@ -115,6 +117,21 @@ def write_model_card(
         notice.unlink(missing_ok=True)
         notice.write_text(terms.notice + "\n")
     return path
+
+
+def _monitor(health: Any) -> list[str]:
+    """Why this run trained: the champion it replaces on the newly landed files, and how
+    far those files drifted from its training data (the monitor stage's report)."""
+    if health is None or not getattr(health, "version", None):
+        return []
+    lines = ["", "## Why it was trained: the new data", "", health.message]
+    drift = (health.drift or {}).get("tests") or []
+    if drift:
+        from domaintune.drift import DriftTest
+
+        lines += ["", "| drift test | outcome |", "|---|---|"]
+        lines += [f"| {t['name']} | {DriftTest.model_validate(t).describe()} |" for t in drift]
+    return lines
 
 
 def hub_name(name: str) -> str:

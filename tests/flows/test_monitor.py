@@ -81,6 +81,10 @@ def test_champion_health_decides_whether_a_landed_file_retrains(tmp_path, make_c
     records = HealthLog(store, cfg.name).records()
     assert len(records) == 2 and records[-1]["degraded"] and records[-1]["decision"] == "train"
     assert records[-1]["high"] < records[-1]["registered"], records[-1]
+    v2 = store.local_path("registry", cfg.name, "v0002")
+    card = (v2 / "model" / "README.md").read_text()
+    assert "## Why it was trained: the new data" in card and "| labels |" in card
+    assert json.loads((v2 / "lineage.json").read_text())["monitor"]["degraded"] is True
     from tests.flows.test_retrain import run_artifacts
 
     described = {a.description for a in run_artifacts(third["run_id"])}
