@@ -336,3 +336,29 @@ def test_preprocess_with_newest_files_and_a_selection(tmp_path, make_config, row
     assert splits.stats["train_rows_replay"] == new  # share 0.5: as many earlier as new
     assert splits.splits["train"].rows == 2 * new
     assert set(frames["train"]["_source"]) == {middle, *(s.path for s in raw.sources[:1])}
+
+
+def test_by_column_through_ingest_validate_and_preprocess(tmp_path, make_config, rows):
+    """evaluation.split_column survives ingest (a column no task type reads) and the
+    contract, and the newest rows by it are the test split."""
+    from domaintune.tasks.validate import validate
+
+    data = rows(20)
+    for i, r in enumerate(data):
+        r["published_at"] = f"2026-{1 + i % 12:02d}-{1 + i % 28:02d}"
+    src = write_csv(tmp_path / "news.csv", data, columns=("text", "label", "published_at"))
+    cfg = make_config(
+        src,
+        data={"extra_columns": "error"},
+        evaluation={"split": "by_column", "split_column": "published_at"},
+    )
+    store = Store(cfg.store.root)
+    raw = ingest(cfg, store)
+    assert "published_at" in raw.columns
+    report = validate(cfg, raw, store)
+    assert report.success
+    splits = preprocess(cfg, raw, store, validation=report)
+    test = pd.read_parquet(splits.splits["test"].path, columns=["text"])
+    newest = min(r["published_at"] for r in data if r["text"] in set(test["text"]))
+    older = [r["published_at"] for r in data if r["text"] not in set(test["text"])]
+    assert newest >= max(older)
