@@ -158,10 +158,14 @@ def production_cluster(
     finance_config: Callable[[dict, str], dict],
     crash_after: float = 45.0,
     lease_ttl: float = 10.0,
+    tiny_config: Callable[[dict, str], dict] | None = None,
 ) -> Iterator[Cluster]:
     """Start the server on a new database of ``postgres``, deploy, create the automations,
     and prepare hosts ``a`` and ``b`` (their workers start with ``cluster.start``).
-    ``finance_config(store, source)`` gives the finance deployment's config."""
+    ``finance_config(store, source)`` gives the finance deployment's config;
+    ``tiny_config(store, source)``, if given, the model, training and evaluation sections
+    of the e-commerce deployments (the rest of their config, its retrain policy included,
+    as deployments/prefect.yaml has it)."""
     bucket = s3.bucket("prod")
     store = {"root": f"s3://{bucket}/store"}
     landing = f"s3://{bucket}/landing"
@@ -187,6 +191,14 @@ def production_cluster(
         cfg["store"] = store
         if cfg.get("domain") == "finance":
             dep["parameters"]["config"] = finance_config(store, f"{landing}/finance/*.csv")
+        elif cfg.get("domain") == "ecommerce" and tiny_config is not None:
+            tiny = tiny_config(store, f"{landing}/ecommerce/*.csv")
+            dep["parameters"]["config"] = {
+                **cfg,
+                **{k: tiny[k] for k in ("model", "training", "evaluation", "retries")},
+                "data": tiny["data"],
+                "task": tiny["task"],
+            }
     root.mkdir(parents=True, exist_ok=True)
     prefect_file = root / "prefect.yaml"
     prefect_file.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -55,6 +55,7 @@ def cluster(tmp_path_factory, tiny_model, postgres, s3):
         s3,
         lambda store, source: _finance_config(store, tiny_model, source),
         crash_after=CRASH_AFTER,
+        tiny_config=lambda store, source: _finance_config(store, tiny_model, source),
     ) as c:
         yield c
 
@@ -230,6 +231,39 @@ def test_a_burst_of_data_events_runs_one_retrain_at_a_time_and_the_newest_sees_a
     lineage = json.loads(reg["fs"].cat_file(f"{reg['path']}/{version}/lineage.json"))
     sources = sorted(s["path"].rsplit("/", 1)[-1] for s in lineage["raw_snapshot"]["sources"])
     assert sources == ["batch-0.csv", "batch-1.csv", "batch-2.csv"], sources
+
+
+def test_a_landed_file_the_champion_handles_ends_skipped_through_the_data_trigger(cluster):
+    """Issue 31: the e-commerce deployment (retrain.when: degraded_or_drifted in
+    deployments/prefect.yaml) is started by its data-arrival trigger for each file that
+    `domaintune data add` lands: the first trains the champion; the second, like the first,
+    is scored by the champion before anything trains, holds, and the run ends Completed,
+    named Skipped, with the champion's figures in its message, as the UI and API show it."""
+    dep = cluster.deployments["ecommerce-reviews"]
+    earlier = {r["id"] for r in cluster.runs_of(dep["id"], set())}
+    cluster.start("a")
+    finished: list[dict] = []
+    for i in range(2):
+        f = write_csv(cluster.root / "incoming" / f"reviews-{i}.csv", make_rows(30, seed=60 + i))
+        added = cluster.run_cli("a", "data", "add", "ecommerce", str(f), "--json")
+        out, err = added.communicate(timeout=120)
+        assert added.returncode == 0, err[-2000:]
+        deadline = time.time() + 600
+        while True:
+            runs = cluster.runs_of(dep["id"], earlier | {r["id"] for r in finished})
+            done = [r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED")]
+            if done:
+                finished.append(done[0])
+                break
+            assert time.time() < deadline, (runs, cluster.worker_log("a"))
+            time.sleep(3)
+    first, second = finished
+    assert first["state"]["name"] == "Completed", first["state"]
+    assert second["state"]["type"] == "COMPLETED" and second["state"]["name"] == "Skipped"
+    message = second["state"]["message"]
+    assert "champion v0001 holds on reviews-1.csv" in message and "registered" in message
+    reg = cluster.registry("ecommerce-reviews")
+    assert [e["version"] for e in reg["events"] if e["action"] == "register"] == ["v0001"]
 
 
 def test_three_runs_from_two_hosts_at_once_compute_each_entry_once_and_a_cache_is_disposable(
