@@ -110,11 +110,19 @@ def test_champion_health_decides_whether_a_landed_file_retrains(tmp_path, make_c
     assert [r["decision"] for r in history] == ["skipped", "train"]
 
 
-def test_continual_training_starts_from_the_champion_on_new_rows_plus_replay(tmp_path, make_config):
+def test_continual_training_from_the_champion_with_replay_and_its_forgetting_guard(
+    tmp_path, make_config
+):
+    """retrain.start_from: champion. A file like the first: the challenger continues from
+    v0001 on its rows plus a replay share of earlier rows, compared with its champion on the
+    champion's own test rows and on the new rows. Then a feed that labels every text neutral,
+    without replay: the challenger learns it, so it is better overall (most test rows are
+    new) and on the new rows, but much worse on the champion's own test rows: the forgetting
+    guard refuses it."""
     from domaintune.flows.retrain import retrain
 
     landing = tmp_path / "landing"
-    write_csv(landing / "a.csv", make_rows(40, seed=0))
+    write_csv(landing / "a.csv", make_rows(30, seed=0))
     cfg = make_config(
         str(landing / "*.csv"),
         retrain={"start_from": "champion", "replay_share": 0.25},
@@ -125,41 +133,23 @@ def test_continual_training_starts_from_the_champion_on_new_rows_plus_replay(tmp
     write_csv(landing / "b.csv", make_rows(20, seed=3))
     second = retrain(cfg)
     assert "preprocess-continual" in stage_names(second)
-    lineage = json.loads(
-        (Store.of(cfg).local_path("registry", cfg.name, "v0002", "lineage.json")).read_text()
-    )
+    registry = Store.of(cfg).local_path("registry", cfg.name)
+    lineage = json.loads((registry / "v0002" / "lineage.json").read_text())
     assert lineage["base_model"]["registry"]["version"] == "v0001", lineage["base_model"]
     data = lineage["training_data"]
     assert data["start_from"] == "champion" and data["train_rows_new"] > 0
     share = data["train_rows_replay"] / (data["train_rows_replay"] + data["train_rows_new"])
     assert abs(share - 0.25) < 0.1, data
-    reg = json.loads(
-        (Store.of(cfg).local_path("registry", cfg.name, "v0002", "registration.json")).read_text()
-    )
-    # the challenger was compared with its champion on the champion's own test rows and
-    # on the new rows, each by a paired test
+    reg = json.loads((registry / "v0002" / "registration.json").read_text())
     assert reg["evidence"]["earlier"] and reg["evidence"]["new"], reg["evidence"]
+    champion = "v0002" if second["promoted"] else "v0001"
 
-
-def test_a_retrain_from_the_champion_that_forgets_is_not_promoted(tmp_path, make_config):
-    """Continued from the champion on new rows alone (no replay), a feed that labels every
-    text neutral: the challenger learns it, so it is better overall (most test rows are new)
-    and on the new rows, but much worse on the champion's own test rows: the forgetting
-    guard refuses it."""
-    from domaintune.flows.retrain import retrain
-
-    landing = tmp_path / "landing"
-    write_csv(landing / "a.csv", make_rows(30, seed=0))
-    cfg = make_config(
-        str(landing / "*.csv"), retrain={"start_from": "champion", "replay_share": 0.0}
+    write_csv(landing / "c.csv", [{**r, "label": "neutral"} for r in make_rows(90, seed=4)])
+    third = retrain(
+        cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"replay_share": 0.0})})
     )
-    assert retrain(cfg)["promoted"]
-    write_csv(landing / "b.csv", [{**r, "label": "neutral"} for r in make_rows(90, seed=4)])
-    second = retrain(cfg)
-    assert not second["promoted"], second["promotion_reason"]
-    assert second["promotion_reason"].startswith("forgetting: trained from champion v0001")
-    reg = json.loads(
-        Store.of(cfg).local_path("registry", cfg.name, "v0002", "registration.json").read_text()
-    )
+    assert not third["promoted"], third["promotion_reason"]
+    assert third["promotion_reason"].startswith(f"forgetting: trained from champion {champion}")
+    reg = json.loads((registry / third["version"] / "registration.json").read_text())
     earlier, new = reg["evidence"]["earlier"], reg["evidence"]["new"]
     assert earlier["difference"] < -0.02 and new["difference"] > 0, reg["evidence"]
