@@ -122,8 +122,56 @@ def _parser() -> argparse.ArgumentParser:
         where.add_argument("--config", help="take the store from this config")
         c.add_argument("--text-column", help="the input's text column (default: the model's)")
         c.add_argument("--batch-size", type=int, help="rows per batch (default: the model's)")
+        c.add_argument(
+            "--runtime",
+            choices=("auto", "torch", "onnx", "onnx-int8"),
+            default="auto",
+            help="what runs the model: auto (default: its fastest verified export, else "
+            "torch), torch, or a verified ONNX export (export.formats, domaintune export)",
+        )
         c.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
         c.add_argument("-v", "--verbose", action="store_true")
+    sm = sub.add_parser(
+        "serve-model",
+        help="serve a registered model over HTTP with MLflow's model server (mlflow models "
+        "serve): POST /invocations answers as domaintune predict",
+    )
+    sm.add_argument("model", help="NAME@production | NAME@latest | NAME@vNNNN")
+    sm.add_argument("--host", default="127.0.0.1", help="default loopback only")
+    sm.add_argument("--port", type=int, default=5001)
+    sm.add_argument("--workers", type=int, default=1, help="server worker processes")
+    sm.add_argument(
+        "--runtime",
+        choices=("auto", "torch", "onnx", "onnx-int8"),
+        default="auto",
+        help="as for predict (default: the fastest verified export, else torch)",
+    )
+    sm.add_argument("--build-only", metavar="DIR", help="write the MLflow model here; no server")
+    where = sm.add_mutually_exclusive_group()
+    where.add_argument("--store", help="store root of the registry (default ./.domaintune)")
+    where.add_argument("--config", help="take the store from this config")
+    sm.add_argument("--json", action="store_true")
+    sm.add_argument("-v", "--verbose", action="store_true")
+    ex = sub.add_parser(
+        "export",
+        help="export a registered model for serving (onnx, onnx-int8, merged, gguf), checked "
+        "against the model on its test split and timed; cached in the store",
+    )
+    ex.add_argument("model", help="NAME@production | NAME@latest | NAME@vNNNN")
+    ex.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        required=True,
+        choices=("onnx", "onnx-int8", "merged", "gguf"),
+        help="repeatable",
+    )
+    ex.add_argument("--out", help="also copy the export here (one folder per format)")
+    where = ex.add_mutually_exclusive_group()
+    where.add_argument("--store", help="store root of the registry (default ./.domaintune)")
+    where.add_argument("--config", help="take the store (and export settings) from this config")
+    ex.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
+    ex.add_argument("-v", "--verbose", action="store_true")
     d = sub.add_parser("data", help="land new data for a domain")
     dsub = d.add_subparsers(dest="action", required=True)
     add = dsub.add_parser(
@@ -198,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         return _predict(args)
     if args.command == "score":
         return _score(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "serve-model":
+        return _serve_model(args)
     if args.command == "data":
         return _data_add(args)
     if args.command == "watch":
@@ -363,6 +415,7 @@ def _predict(args: argparse.Namespace) -> int:
             store=store,
             text_column=args.text_column,
             batch_size=args.batch_size,
+            runtime=args.runtime,
         )
     except (DomainTuneError, StoreError) as exc:
         return _fail(args, exc, 2)
@@ -373,14 +426,118 @@ def _predict(args: argparse.Namespace) -> int:
             log.info("predict: %s", note)
         counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
         log.info(
-            "predict: %d rows with %s%s in %.1f s: %s%s",
+            "predict: %d rows with %s%s [%s] in %.1f s: %s%s",
             summary["rows"],
             summary["model"],
             f" ({summary['version']})" if summary["version"] else "",
+            summary["runtime"],
             summary["seconds"],
             counts,
             f" -> {summary['out']}" if summary["out"] else "",
         )
+    return 0
+
+
+def _serve_model(args: argparse.Namespace) -> int:
+    """Build the MLflow model of a registered version (in the local cache, per version and
+    runtime) and replace this process with ``mlflow models serve`` on it."""
+    import os
+
+    from domaintune.errors import StoreError
+    from domaintune.serving.predict import choose_runtime, resolve
+    from domaintune.storage.store import Store, cache_root
+
+    try:
+        if args.config:
+            from domaintune.runconfig import load_config
+
+            store = Store.of(load_config(args.config))
+        else:
+            store = Store(args.store or "./.domaintune")
+        model = resolve(args.model, store)
+        if model.version is None:
+            raise DomainTuneError(
+                f"{args.model}: serve a registered version (NAME@production, NAME@vNNNN)"
+            )
+        # the exports registered with the version (they travel inside the MLflow model)
+        runtime = choose_runtime(model, args.runtime)
+        from domaintune.serving.mlflow_model import build, serve_command
+
+        name = args.model.split("@")[0]
+        target = (
+            Path(args.build_only)
+            if args.build_only
+            else (cache_root() / "serving" / f"{name}-{model.version}-{runtime}")
+        )
+        build(model.model_dir.parent, target, runtime)
+    except (DomainTuneError, StoreError) as exc:
+        return _fail(args, exc, 2)
+    command = serve_command(target, args.host, args.port, args.workers)
+    info = {"model": args.model, "version": model.version, "runtime": runtime,
+            "mlflow_model": str(target), "command": command}  # fmt: skip
+    if args.json:
+        print(json.dumps(info, indent=2), flush=True)
+    else:
+        log.info("serve-model: %s (%s, %s) from %s", args.model, model.version, runtime, target)
+    if args.build_only:
+        return 0
+    log.info("serve-model: http://%s:%d/invocations", args.host, args.port)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # mlflow starts `uvicorn` by name: this environment's scripts first on the PATH
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    os.execve(command[0], command, env)  # the server is this process now: signals reach it
+    return 0  # not reached
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``domaintune export MODEL --format F [--out DIR]``: each format made once per model
+    (the store's export entry), checked on the version's test split; one line per format."""
+    import shutil
+
+    from domaintune.errors import StoreError
+    from domaintune.runconfig import load_config
+    from domaintune.serving.predict import resolve
+    from domaintune.storage.store import Store
+    from domaintune.tasks.export import export_format, registered_job, summary_line
+
+    results: dict[str, Any] = {}
+    try:
+        if args.config:
+            store = Store.of(load_config(args.config))
+        else:
+            store = Store(args.store or "./.domaintune")
+        model = resolve(args.model, store)
+        if model.config is None:
+            raise DomainTuneError(
+                f"{args.model}: not a registered version; rule: export NAME@production, "
+                "NAME@latest or NAME@vNNNN (its test split checks the export)"
+            )
+        job = registered_job(model.model_dir.parent, model.reference, store, model.config)
+        for fmt in dict.fromkeys(args.formats):
+            manifest = export_format(job, fmt, store)
+            folder = store.materialize("export", manifest.key)
+            if args.out:
+                target = Path(args.out) / fmt
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(folder, target, ignore=shutil.ignore_patterns("_COMPLETE.json"))
+                folder = target
+            results[fmt] = {**manifest.model_dump(mode="json"), "folder": str(folder)}
+            if not args.json:
+                log.info(
+                    "export: %s %s (%s)%s: %s -> %s",
+                    args.model,
+                    fmt,
+                    model.version,
+                    " [cached]" if manifest.reused else "",
+                    summary_line(manifest),
+                    folder,
+                )
+    except (DomainTuneError, StoreError) as exc:
+        return _fail(args, exc, 2, {"exports": results})
+    if args.json:
+        print(json.dumps({"status": "exported", "model": args.model, "exports": results}, indent=2))
     return 0
 
 
@@ -404,6 +561,7 @@ def _score(args: argparse.Namespace) -> int:
             source=args.inputs,
             text_column=args.text_column,
             batch_size=args.batch_size,
+            runtime=args.runtime,
             store=store,
         )
     except DomainTuneError as exc:

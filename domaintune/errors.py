@@ -44,6 +44,11 @@ class PredictError(DomainTuneError):
     exit 2)."""
 
 
+class ExportError(DomainTuneError):
+    """An export of a model that cannot be made or does not match the model (parity): one
+    line naming the model, the format and the rule broken."""
+
+
 class TrainingFailed(Exception):
     """The training process(es) exited with an error. Retryable: the retry resumes."""
 

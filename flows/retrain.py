@@ -38,6 +38,7 @@ from domaintune.storage.manifests import (
     scalar_metrics,
 )
 from domaintune.tasks.evaluate import evaluate
+from domaintune.tasks.export import export
 from domaintune.tasks.finetune import finetune, run_summary_training
 from domaintune.tasks.ingest import ingest
 from domaintune.tasks.monitor import monitor
@@ -92,6 +93,7 @@ preprocess_task = stage_task(preprocess, "preprocess")
 monitor_task = stage_task(monitor, "monitor", after=_publish_health)
 finetune_task = stage_task(finetune, "finetune", after=_publish_training)
 evaluate_task = stage_task(evaluate, "evaluate", after=_publish_evaluation)
+export_task = stage_task(export, "export")
 register_task = stage_task(register, "register")
 
 
@@ -154,8 +156,16 @@ def register_prepared(
     evaluation: EvaluationReport,
     config: RetrainConfig | None = None,
 ) -> Registration:
-    """The register stage for a prepared run (``config``: the last stage's settings, if
-    they differ from ``run.config``, as the best trial's of a search)."""
+    """The export stage for each of ``export.formats``, then the register stage for a
+    prepared run (``config``: the last stage's settings, if they differ from
+    ``run.config``, as the best trial's of a search)."""
+    cfg = config or run.config
+    exports = [
+        call_stage(
+            export_task.with_options(name=f"export-{fmt}"), records, cfg, run.splits, model, fmt=fmt
+        )
+        for fmt in cfg.export.formats
+    ]
     return call_stage(
         register_task,
         records,
@@ -167,6 +177,7 @@ def register_prepared(
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         **({"recipe": recipe, "chain": run.chain} if run.chain else {}),
         **({"health": run.health} if run.health is not None and run.health.version else {}),
+        **({"exports": exports} if exports else {}),
     )
 
 

@@ -41,6 +41,7 @@ from domaintune.reporting.modelcard import write_model_card
 from domaintune.reporting.tracking import TENSORBOARD_DIR
 from domaintune.storage.manifests import (
     EvaluationReport,
+    ExportManifest,
     HealthReport,
     ModelArtifact,
     RawSnapshot,
@@ -189,11 +190,13 @@ def register(
     recipe: RetrainConfig | None = None,
     chain: list[dict[str, Any]] | None = None,
     health: HealthReport | None = None,
+    exports: list[ExportManifest] | None = None,
 ) -> Registration:
     """``config`` is the final stage's; for a multi-stage recipe ``recipe`` is the whole
     config (what ``config.yaml`` keeps, to run again) and ``chain`` the earlier stages (in
     the lineage); ``health``: the monitor stage's report of this run (the champion on the
-    new files and their drift), for the lineage and the model card."""
+    new files and their drift), for the lineage and the model card; ``exports``: the export
+    stage's verified exports of this model (copied to ``exports/<format>/``) and refusals."""
     key = plan(config, model, evaluation)
     registry = Registry(store, config.name)
     with registry.lock():
@@ -225,11 +228,13 @@ def register(
             metrics=scalar_metrics(evaluation.finetuned),
             interval=_interval(config, evaluation, splits, store),
             evidence=evidence.model_dump(mode="json") if champion else None,
+            exports=_exports_record(exports or []),
         )
         staged = None
         try:
             staged = registry.staging_dir(version)
             server_copies = _stage_model(config, model, store, staged / "model")
+            server_copies.update(_stage_exports(exports or [], store, staged))
             shutil.copy2(evaluation.metrics_json, staged / "metrics.json")
             shutil.copy2(evaluation.report_markdown, staged / "evaluation.md")
             (staged / "config.yaml").write_text(
@@ -291,6 +296,48 @@ def register(
         reason,
     )
     return manifest
+
+
+def _exports_record(exports: list[ExportManifest]) -> dict[str, Any]:
+    """format -> where it is in the version, its parity and latency; or why it was refused."""
+    out: dict[str, Any] = {}
+    for e in exports:
+        if e.refused:
+            out[e.format] = {"refused": e.refused}
+            continue
+        out[e.format] = {
+            "path": f"exports/{e.format}",
+            "key": e.key,
+            "bytes": e.bytes,
+            "parity": e.parity,
+            "latency": e.latency,
+            "machine": e.machine,
+        }
+    return out
+
+
+def _stage_exports(exports: list[ExportManifest], store: Store, staged: Path) -> dict[str, str]:
+    """Each verified export's files into ``exports/<format>/`` of the staged version (hard
+    links, else copies); returns the object store's server-side copies, as for the model."""
+    from domaintune.tasks.export import STAGE as EXPORT_STAGE
+
+    server_copies: dict[str, str] = {}
+    for e in exports:
+        if e.refused:
+            continue
+        entry = store.materialize(EXPORT_STAGE, e.key)
+        for rel in e.files:
+            target = staged / "exports" / e.format / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(entry / rel, target)
+            except OSError:
+                shutil.copy2(entry / rel, target)
+            if not store.local:
+                server_copies[f"exports/{e.format}/{rel}"] = store.remote_path(
+                    EXPORT_STAGE, e.key, rel
+                )
+    return server_copies
 
 
 def _interval(

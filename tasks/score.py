@@ -13,7 +13,7 @@ version scored which file. Input files are only ever read.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -55,6 +55,11 @@ class ScoreConfig(Section):
         default_factory=dict,
         description="fsspec options of the source's file system; credentials as ${env:NAME}.",
     )
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto",
+        description="What runs the model: auto (its fastest verified export, else torch), "
+        "torch, or one of its verified ONNX exports.",
+    )
     store: StoreConfig = Field(default_factory=StoreConfig)
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
 
@@ -77,13 +82,15 @@ def pin_model(config: ScoreConfig, store: Store) -> tuple[str, str]:
     return pinned, ResolvedModel(pinned, str(model.model_dir)).fingerprint()
 
 
-def plan(config: ScoreConfig, source: Any, model_fingerprint: str) -> str:
+def plan(config: ScoreConfig, source: Any, model_fingerprint: str, runtime: str = "torch") -> str:
     return hash_obj(
         STAGE,
         VERSION,
         model_fingerprint,
         source.fingerprint(),
         config.text_column,
+        # an export's predictions are its own (keys of PyTorch's stay as they were)
+        *([runtime] if runtime != "torch" else []),
     )
 
 
@@ -92,14 +99,18 @@ def score_file(
 ) -> ScoredFile:
     """Score the file at ``url`` with the pinned ``model`` (cached per model and file)."""
     from domaintune.readers.sources import resolve_sources
+    from domaintune.serving.predict import choose_runtime, resolve
 
     (source,) = resolve_sources(url, "source", config.storage_options)
-    key = plan(config, source, model_fingerprint)
+    runtime = choose_runtime(resolve(model, store), config.runtime, store)
+    key = plan(config, source, model_fingerprint, runtime)
     return store.compute_once(
         STAGE,
         key,
         ScoredFile,
-        lambda: _run(config, store, key, source, source.fingerprint(), model, model_fingerprint),
+        lambda: _run(
+            config, store, key, source, source.fingerprint(), model, model_fingerprint, runtime
+        ),
     )
 
 
@@ -111,10 +122,12 @@ def _run(
     sha256: str,
     reference: str,
     model_fingerprint: str,
+    runtime: str = "torch",
 ) -> ScoredFile:
-    from domaintune.serving.predict import predict_inputs, resolve
+    from domaintune.serving.predict import choose_runtime, predict_inputs, resolve
 
     model = resolve(reference, store)
+    choose_runtime(model, runtime, store)
     if config.batch_size:
         model.batch_size = config.batch_size
     result, summary = predict_inputs(

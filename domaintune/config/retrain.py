@@ -10,6 +10,7 @@ from domaintune.config.sections import (
     ContractConfig,
     DataConfig,
     EvaluationConfig,
+    ExportConfig,
     ModelConfig,
     PreprocessConfig,
     PromotionConfig,
@@ -44,6 +45,10 @@ class RetrainConfig(Section):
         default_factory=RetrainPolicyConfig,
         description="When a run trains and from what: the champion's health on new files, "
         "drift, continual training (domaintune.monitoring).",
+    )
+    export: ExportConfig = Field(
+        default_factory=ExportConfig,
+        description="Exports of each new version for serving (domaintune.exporting).",
     )
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)

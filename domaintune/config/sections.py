@@ -707,6 +707,45 @@ class ContractConfig(Section):
     )
 
 
+#: what a registered version can be exported to (domaintune.exporting)
+ExportFormat = Literal["onnx", "onnx-int8", "merged", "gguf"]
+
+
+class ExportConfig(Section):
+    formats: list[ExportFormat] = Field(
+        default_factory=list,
+        description="Export every new version to these formats, each checked against the "
+        "model on its test split before it is kept (beside model/ in the registry): onnx, "
+        "onnx-int8 (classification, NER, QA); merged, gguf (generative models). [] : none.",
+    )
+    logit_tolerance: float = Field(
+        1e-3,
+        gt=0,
+        description="onnx: the largest difference of a logit from the PyTorch model's "
+        "(fp32 both); predictions must be identical too.",
+    )
+    int8_tolerance: float = Field(
+        0.005,
+        ge=0,
+        description="onnx-int8: how far the primary metric may fall below the PyTorch "
+        "model's on the test split (0.005: half a point).",
+    )
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        "f16", description="gguf: the tensor type llama.cpp's converter writes."
+    )
+    on_refused: Literal["fail", "skip"] = Field(
+        "skip",
+        description="A run whose export breaks its rule: skip (register the version without "
+        "that format; the refusal is recorded in the registry and the model card) or fail "
+        "(the run fails before registering).",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _once(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
 class PromotionConfig(Section):
     min_gain_over_base: float = Field(
         0.0, description="The fine-tuned model must beat the base model by at least this."

@@ -102,6 +102,7 @@ def write_model_card(
         *_stages(chain, config, doc),
         *_data(config, raw, splits),
         *_monitor(health),
+        *_exports(registration),
         *_lineage(lineage),
         _loading(Path(folder), task, model, registration).rstrip(),
         *_limitations(config, splits, doc),
@@ -117,6 +118,63 @@ def write_model_card(
         notice.unlink(missing_ok=True)
         notice.write_text(terms.notice + "\n")
     return path
+
+
+def _exports(registration: Registration) -> list[str]:
+    """The version's exports for serving: each checked against the model on the test split
+    (parity) and timed on the machine that made it; refused ones with their reason."""
+    exports = registration.exports or {}
+    if not exports:
+        return []
+    lines = [
+        "",
+        "## Exports",
+        "",
+        "Each export was checked against this model (PyTorch, fp32) on the same test split "
+        "before it was kept, and timed beside it on the machine that made it (p50 of one text "
+        "at a time; texts per second in batches of 32; the PyTorch model as `domaintune "
+        "predict` runs it). `domaintune predict --runtime` runs them.",
+        "",
+    ]
+    rows, refused, machine = [], [], ""
+    for fmt, e in exports.items():
+        if e.get("refused"):
+            refused.append(f"- **{fmt}** refused: {e['refused']}")
+            continue
+        p, lat = e.get("parity") or {}, e.get("latency") or {}
+        ex, t = lat.get("export") or {}, lat.get("torch") or {}
+        machine = e.get("machine") or machine
+        rows.append(
+            [
+                f"`{e['path']}`",
+                f"{p.get('metric', '')} {_num(p.get('export'))} (model {_num(p.get('model'))})",
+                f"{p.get('identical_predictions', 0):.1%}" if p else "-",
+                ex.get("single_p50_ms", "-"),
+                t.get("single_p50_ms", "-"),
+                ex.get("batch32_texts_per_s", "-"),
+                t.get("batch32_texts_per_s", "-"),
+                f"{e.get('bytes', 0) / 1e6:.1f}",
+            ]
+        )
+    if rows:
+        lines += _table(
+            [
+                "export",
+                "test metric",
+                "same predictions",
+                "one text p50 ms",
+                "PyTorch",
+                "texts/s (32)",
+                "PyTorch",
+                "MB",
+            ],
+            rows,
+        )
+        if machine:
+            lines += ["", f"Timed on: {machine}."]
+    if refused:
+        lines += ["", *refused]
+    return lines
 
 
 def _monitor(health: Any) -> list[str]:

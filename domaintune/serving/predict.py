@@ -85,6 +85,68 @@ def _from_registry(name: str, version: str, reference: str, store: Any) -> Predi
     return model
 
 
+#: what ``--runtime`` may name: auto (the fastest verified export, else torch), torch, or an
+#: ONNX export of the version (made by ``export.formats`` or ``domaintune export``)
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+
+
+def _verified_exports(model: PredictModel, store: Any = None) -> dict[str, Any]:
+    """The version's verified ONNX exports: those registered with it (``exports/<format>/``
+    of the version) and those ``domaintune export`` made later into the store's export
+    entries for the same model (local stores)."""
+    from domaintune.exporting import ONNX_FILE, ONNX_FORMATS, read_record
+
+    found: dict[str, Any] = {}
+    version_dir = model.model_dir.parent
+    marker = version_dir / "registration.json"
+    if marker.is_file():
+        for fmt, e in (json.loads(marker.read_text()).get("exports") or {}).items():
+            folder = version_dir / e.get("path", f"exports/{fmt}")
+            if fmt in ONNX_FORMATS and not e.get("refused") and (folder / ONNX_FILE).is_file():
+                found[fmt] = {**e, "folder": folder}
+    lineage = version_dir / "lineage.json"
+    if store is not None and getattr(store, "local", False) and lineage.is_file():
+        fingerprint = json.loads(lineage.read_text())["model"]["fingerprint"]
+        stage_dir = Path(store.entry_path("export", "x")).parent
+        for entry in sorted(stage_dir.glob("*/export.json")) if stage_dir.is_dir() else []:
+            record = read_record(entry.parent) or {}
+            fmt = record.get("format")
+            if (
+                fmt in ONNX_FORMATS
+                and fmt not in found
+                and record.get("model_fingerprint") == fingerprint
+                and (entry.parent / "_COMPLETE.json").is_file()
+            ):
+                found[fmt] = {**record, "folder": entry.parent}
+    return found
+
+
+def choose_runtime(model: PredictModel, runtime: str = "auto", store: Any = None) -> str:
+    """Set and return ``model.runtime``: ``auto`` takes the export with the most texts per
+    second in batches (as measured beside the PyTorch model when it was verified) where it
+    beats PyTorch, else torch; an export named but not made is an error."""
+    if runtime not in RUNTIMES:
+        raise PredictError(f"--runtime {runtime}: unknown; allowed: {', '.join(RUNTIMES)}")
+    model.exports = _verified_exports(model, store) if runtime != "torch" else {}
+    if runtime == "auto":
+
+        def speed(e: dict[str, Any]) -> float:
+            lat = e.get("latency") or {}
+            return (lat.get("export") or {}).get("batch32_texts_per_s", 0.0) / max(
+                (lat.get("torch") or {}).get("batch32_texts_per_s", 0.0), 1e-9
+            )
+
+        best = max(model.exports, key=lambda f: speed(model.exports[f]), default=None)
+        runtime = best if best is not None and speed(model.exports[best]) > 1.0 else "torch"
+    elif runtime != "torch" and runtime not in model.exports:
+        raise PredictError(
+            f"{model.reference}: no verified {runtime} export; rule: make it first with "
+            f"`domaintune export {model.reference} --format {runtime}` (or export.formats)"
+        )
+    model.runtime = runtime
+    return runtime
+
+
 def _from_folder(folder: Path, reference: str) -> PredictModel:
     """A registry version folder (config.yaml + model/), a model folder inside one, a
     finetune entry, or a bare Hugging Face model folder with a task head."""
@@ -204,8 +266,16 @@ def predict_table(model: PredictModel, table: pd.DataFrame, text_column: str) ->
 
 def _load(model: PredictModel) -> tuple[Any, Any, str]:
     """(tokenizer, model, precision), loaded as the evaluate stage loads a model to score, so
-    that predictions on the test split are the evaluation's."""
+    that predictions on the test split are the evaluation's; with an ONNX runtime, the
+    verified export in ONNX Runtime (``domaintune.exporting.OnnxNet``)."""
     from domaintune.config import TrainingConfig
+
+    if model.runtime != "torch":
+        from domaintune.exporting import load_onnx
+
+        folder = model.exports[model.runtime]["folder"]
+        model.notes.append(f"run by ONNX Runtime ({model.runtime} export, {folder})")
+        return load_onnx(folder)
     from domaintune.loading import load_for_scoring
 
     config = model.config
@@ -218,6 +288,12 @@ def _load(model: PredictModel) -> tuple[Any, Any, str]:
     )
     model.notes.append(f"scored in {precision}")
     return tokenizer, net, precision
+
+
+def _default_store() -> Any:
+    from domaintune.storage.store import Store
+
+    return Store(".domaintune")
 
 
 # ---------------------------------------------------------------------------- output
@@ -278,10 +354,13 @@ def predict(
     store: Any = None,
     text_column: str | None = None,
     batch_size: int | None = None,
+    runtime: str = "auto",
 ) -> dict[str, Any]:
-    """Resolve, read, predict and write; returns a summary (model, version, rows, counts)."""
+    """Resolve, read, predict and write; returns a summary (model, version, runtime, rows,
+    counts). ``runtime``: see :func:`choose_runtime`."""
     output_format(out)  # a bad --out fails before any work
     model = resolve(reference, store)
+    choose_runtime(model, runtime, store if store is not None else _default_store())
     if batch_size:
         model.batch_size = batch_size
     result, summary = predict_inputs(model, inputs, text_column)
@@ -291,6 +370,7 @@ def predict(
         "version": model.version,
         "model_dir": str(model.model_dir),
         "task_type": model.task_type,
+        "runtime": model.runtime,
         "out": out,
         **summary,
     }

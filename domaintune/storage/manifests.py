@@ -243,6 +243,28 @@ class HealthReport(Manifest):
     report_markdown: str | None = None
 
 
+class ExportManifest(Manifest):
+    """One export of one model (``domaintune.tasks.export``): its folder, its parity with
+    the model on the test split and its speed on this machine."""
+
+    stage: str = "export"
+    format: str
+    model_fingerprint: str
+    files: list[str] = Field(default_factory=list)
+    bytes: int = 0
+    parity: dict[str, Any] = Field(default_factory=dict)
+    latency: dict[str, Any] = Field(
+        default_factory=dict,
+        description="p50/p95 ms of one text and of batches of 32, texts/s: the export's "
+        "(``export``) and the PyTorch model's measured beside it (``torch``).",
+    )
+    machine: str = ""
+    seconds: float = 0.0
+    refused: str | None = Field(
+        None, description="Why the export was refused (its rule broken); nothing kept then."
+    )
+
+
 class Registration(Manifest):
     stage: str = "register"
     name: str
@@ -262,6 +284,11 @@ class Registration(Manifest):
         None,
         description="The paired tests against the champion (domaintune.promotion.Evidence): "
         "on the whole test split, on the champion's own test rows and on the new rows.",
+    )
+    exports: dict[str, Any] = Field(
+        default_factory=dict,
+        description="format -> its folder under the version (exports/<format>), parity, "
+        "latency; or the reason it was refused.",
     )
 
 

@@ -91,6 +91,10 @@ class TaskType(ABC):
     custom_head: bool = False
     #: Whether the model's output is generated text (evaluation keeps sample generations).
     generative: bool = False
+    #: What a version of this task type can be exported to (``domaintune export``,
+    #: ``export.formats``): ONNX and int8 ONNX for the encoders that predict, merged
+    #: weights and GGUF for the generative ones (see :meth:`export_formats`).
+    exports: tuple[str, ...] | None = None
     #: The default contract: a file name (without .yaml) in ``data_contracts/``, or the path of
     #: a contract YAML a plug-in ships beside its module
     #: (``str(Path(__file__).with_name("my_task.yaml"))``).
@@ -140,6 +144,16 @@ class TaskType(ABC):
             f"{self.contract}.yaml"
         )
         return f"data_contracts/{self.contract}.yaml", res.read_text(encoding="utf-8")
+
+    def export_formats(self) -> tuple[str, ...]:
+        """The formats ``exports`` declares; by default ONNX and int8 ONNX for a task type
+        that predicts with a non-generative model, merged weights and GGUF for a
+        generative one, none otherwise."""
+        if self.exports is not None:
+            return self.exports
+        if self.generative:
+            return ("merged", "gguf")
+        return ("onnx", "onnx-int8") if self.predicts else ()
 
     # -- predict (``domaintune predict``, the score stage) ----------------------
     @property

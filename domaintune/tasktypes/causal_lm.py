@@ -36,6 +36,7 @@ class CausalLM(TaskType):
     default_model = SMOLLM2
     contract = "causal_lm"
     auto_model = "AutoModelForCausalLM"
+    exports = ("merged", "gguf")  # a language model for llama.cpp-style servers
     cuts_long_texts = False  # packed into blocks
     raw_columns = ("text",)
     model_columns = ("input_ids", "attention_mask", "labels")

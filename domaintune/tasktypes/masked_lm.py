@@ -161,6 +161,7 @@ class MaskedLM(CausalLM):
     default_model = MINILM
     contract = "masked_lm"
     auto_model = "AutoModelForMaskedLM"
+    exports = ()  # an encoder to fine-tune further, not served (predict says so too)
     cuts_long_texts = False  # packed into blocks
     model_columns = ("input_ids", "attention_mask")
     # an encoder to fine-tune further, not a model to serve: predict says so in one line

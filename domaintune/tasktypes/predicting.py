@@ -41,6 +41,10 @@ class PredictModel:
     version: str | None = None
     config: Any = None
     notes: list[str] = field(default_factory=list)
+    #: what runs the model: torch, or a verified ONNX export (onnx, onnx-int8)
+    runtime: str = "torch"
+    #: the verified exports it has: format -> {"folder": local folder, "parity", "latency"}
+    exports: dict[str, Any] = field(default_factory=dict)
 
     def column(self, name: str) -> str:
         """A column setting of the model's data (``data.<name>``; the default without one)."""

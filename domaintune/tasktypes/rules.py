@@ -44,5 +44,12 @@ def apply_task_rules(config: Any) -> None:
         raise ValueError(
             f"training.strategy.head applies to {' and '.join(able)}, not {config.task.type}"
         )
+    exportable = task.export_formats()
+    refused = [f for f in config.export.formats if f not in exportable]
+    if refused:
+        raise ValueError(
+            f"export.formats: {', '.join(refused)} cannot be made for {config.task.type}; "
+            f"allowed: {', '.join(exportable) or 'none'}"
+        )
     task.complete_options(config)
     task.check_config(config)
