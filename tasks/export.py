@@ -104,6 +104,7 @@ def plan(job: ExportJob, fmt: str) -> str:
         settings["int8_tolerance"] = job.export.int8_tolerance
     elif fmt == "gguf":
         settings["gguf_type"] = job.export.gguf_type
+        settings["gguf_min_agreement"] = job.export.gguf_min_agreement
     return hash_obj(
         STAGE,
         VERSION,
@@ -238,8 +239,100 @@ def _onnx(job: ExportJob, fmt: str, store: Store, out: Path) -> tuple[dict, dict
     return parity, latency
 
 
+#: test prompts a generative export is checked on (greedy answers by both models)
+GENERATIVE_PROMPTS = 32
+
+
+def _test_prompts(job: ExportJob, n: int = GENERATIVE_PROMPTS) -> list[str]:
+    """The first ``n`` user prompts of the test split (a causal LM's: its texts' openings)."""
+    import pandas as pd
+
+    table = pd.read_parquet(job.test_path)
+    if "messages" in table.columns:
+        out = []
+        for raw in table["messages"]:
+            users = [m["content"] for m in json.loads(raw) if m.get("role") == "user"]
+            if users:
+                out.append(users[-1])
+        return out[:n]
+    column = "text" if "text" in table.columns else None
+    if column is None:
+        raise ExportError(f"{job.reference}: its test split holds no prompts to check on")
+    return [" ".join(str(t).split()[:48]) for t in table[column].head(n)]
+
+
 def _generative(job: ExportJob, fmt: str, out: Path) -> tuple[dict, dict]:
-    raise ExportError(f"{job.reference}: {fmt} export is not available yet")
+    """merged: the model's weights as one plain safetensors folder (an adapter-only version
+    merged into its base); gguf: that folder through llama.cpp's converter, read back by
+    transformers' GGUF reader and held to the model on test prompts."""
+    import tempfile
+
+    from domaintune.llm_export import gguf_export, gguf_parity, gguf_supported, merged_export
+
+    prompts = _test_prompts(job)
+    max_new = min(int(getattr(job.generation, "max_new_tokens", 32) or 32), 48)
+    if fmt == "merged":
+        info = merged_export(job.model_dir, out)
+        check = gguf_free_parity(job.model_dir, out, prompts, max_new)
+        parity = {**check, "merge": info}
+        if check["greedy_identical"] < 1.0:
+            raise ExportError(
+                f"merged export: {1 - check['greedy_identical']:.0%} of {len(prompts)} test "
+                "prompts answered differently from the model; rule: identical greedy answers"
+            )
+        return parity, {}
+    reason = gguf_supported(job.model_dir)
+    if reason:
+        raise ExportError(f"{job.reference}: gguf: {reason}")
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        merged = Path(tmp) / "merged"
+        merged_export(job.model_dir, merged)
+        path = gguf_export(merged, out, job.export.gguf_type, filename="model.gguf")
+        check = gguf_parity(merged, path, prompts, max_new_tokens=max_new)
+    need = 1.0 if job.export.gguf_type == "f32" else job.export.gguf_min_agreement
+    parity = {
+        "metric": "next-token agreement on test prompts",
+        "rule": f"the first answer token the same on at least {need:.0%} of test prompts",
+        **{k: v for k, v in check.items() if k != "gguf_file"},
+        "gguf_type": job.export.gguf_type,
+    }
+    if check["next_token_agreement"] < need or not check["tokenizer_identical"]:
+        raise ExportError(
+            f"gguf export ({job.export.gguf_type}): the first answer token agrees on "
+            f"{check['next_token_agreement']:.0%} of {len(prompts)} test prompts, tokenizer "
+            f"{'identical' if check['tokenizer_identical'] else 'different'}; rule: "
+            f"{need:.0%} and the same token ids (export.gguf_min_agreement)"
+        )
+    return parity, {}
+
+
+def gguf_free_parity(
+    model_dir: Path, merged: Path, prompts: list[str], max_new_tokens: int
+) -> dict[str, Any]:
+    """The merged folder against the model on ``prompts``: greedy answers, in fp32 both."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domaintune.generation import generate_ids, stop_token_ids
+    from domaintune.llm_export import _prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(merged)
+    ids = [_prompt_ids(tok, p) for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    settings = {"pad_id": pad, "stop_ids": stop_token_ids(tok), "max_new_tokens": max_new_tokens,
+                "batch_size": 8}  # fmt: skip
+    answers = []
+    for folder in (model_dir, merged):
+        net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        answers.append(generate_ids(net, ids, **settings))
+    same = sum(a == b for a, b in zip(*answers, strict=True))
+    return {
+        "metric": "greedy answers on test prompts",
+        "rule": "identical greedy answers",
+        "prompts": len(prompts),
+        "greedy_identical": same / max(len(prompts), 1),
+        "max_new_tokens": max_new_tokens,
+    }
 
 
 def summary_line(manifest: ExportManifest) -> str:

@@ -733,6 +733,13 @@ class ExportConfig(Section):
     gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = Field(
         "f16", description="gguf: the tensor type llama.cpp's converter writes."
     )
+    gguf_min_agreement: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="gguf (f16, bf16, q8_0): the share of test prompts whose first answer "
+        "token the GGUF weights must choose as the model does (f32: all of them).",
+    )
     on_refused: Literal["fail", "skip"] = Field(
         "skip",
         description="A run whose export breaks its rule: skip (register the version without "

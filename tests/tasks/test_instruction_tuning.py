@@ -114,9 +114,26 @@ def test_instruction_tuning_flow_scores_generations_of_base_and_finetuned(
     from domaintune.flows.retrain import retrain
 
     src = write_jsonl(tmp_path / "it.jsonl", examples(rows, 40))
-    summary = retrain(it_config(make_config, src, tiny_causal_model, training={"epochs": 10}))
+    summary = retrain(
+        it_config(
+            make_config,
+            src,
+            tiny_causal_model,
+            training={"epochs": 10},
+            export={"formats": ["merged", "gguf"]},
+        )
+    )
     m = summary["metrics"]
     assert m["primary_metric"] == "rougeL"
+    # exports: merged weights answer as the model does; llama.cpp's converter does not know
+    # this home-trained tokenizer, so gguf is refused in one line and the version registered
+    stages = [s["name"] for s in summary["stages"]]
+    assert stages[-3:] == ["export-merged", "export-gguf", "register"], stages
+    version = json.loads(open(summary["model_dir"].replace("/model", "/registration.json")).read())
+    merged = version["exports"]["merged"]
+    assert merged["parity"]["greedy_identical"] == 1.0 and merged["path"] == "exports/merged"
+    assert "BPE pre-tokenizer was not recognized" in version["exports"]["gguf"]["refused"]
+    assert "\n" not in version["exports"]["gguf"]["refused"]
     assert m["finetuned"]["rougeL"] > m["base"]["rougeL"], m
     report = open(m["report"]).read()
     assert (
