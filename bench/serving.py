@@ -5,13 +5,15 @@ For each config (default: the demo, configs/bbc_news.yaml, and the finance model
 configs/finance_sentiment.yaml, skipped when ../shared/datasets is absent):
 
 1. ``domaintune run CONFIG --set export.formats=[onnx,onnx-int8]`` into a bench store (trained
-   once, Cached after): the export stage checks each export on the test split and times it
-   beside the PyTorch model as ``domaintune predict`` runs it (bf16 autocast where the CPU
-   has it), in one process;
+   once, Cached after; the flow's export and register path), then ``domaintune export`` of
+   the version again in a process of its own (its entries removed first): each export
+   checked on the test split and timed beside the PyTorch model as ``domaintune predict``
+   runs it (bf16 autocast where the CPU has it), in one process;
 2. the table: test metric, identical predictions, one text p50 / p95, batches of 32
    texts/s, and the ratios to PyTorch (goal: int8 one text <= 0.5x, batch >= 2x, metric
    within 0.5 points);
-3. ``domaintune serve-model NAME@vNNNN`` (``mlflow models serve``, runtime auto) on 127.0.0.1:
+3. ``domaintune serve-model NAME@vNNNN --runtime R`` (``mlflow models serve``; R: int8 where
+   it was verified, else onnx) on 127.0.0.1:
    its answers on the test texts against ``domaintune predict``'s, then ``--clients``
    concurrent clients sending one text each for ``--seconds``: p50 / p95 and requests/s.
 
@@ -60,7 +62,13 @@ def _post(url: str, body: dict, timeout: float = 60.0) -> dict:
 
 
 def serve_and_load(
-    name: str, version: str, store: Path, texts: list[str], clients: int, seconds: float
+    name: str,
+    version: str,
+    store: Path,
+    texts: list[str],
+    clients: int,
+    seconds: float,
+    runtime: str,
 ) -> dict:
     from domaintune.serving.serve import free_port
 
@@ -69,14 +77,16 @@ def serve_and_load(
     want_file = store / "bench-predict.parquet"
     subprocess.run(
         [PY, "-m", "domaintune.cli", "predict", ref, str(store / "bench-texts.csv"),
-         "--store", str(store), "--out", str(want_file)],
+         "--store", str(store), "--out", str(want_file), "--text-column", "text",
+         "--runtime", runtime],
         check=True, capture_output=True, cwd=ROOT, timeout=1800,
     )  # fmt: skip
     want = pd.read_parquet(want_file)
     port = free_port()
     log = open(store / "bench-server.log", "w")
     server = subprocess.Popen(
-        [PY, "-m", "domaintune.cli", "serve-model", ref, "--store", str(store), "--port", str(port)],
+        [PY, "-m", "domaintune.cli", "serve-model", ref, "--store", str(store), "--port", str(port),
+         "--runtime", runtime],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -95,6 +105,15 @@ def serve_and_load(
                 )
             time.sleep(0.5)
         started = time.time() - t0
+        # the whole test set in one request (the rows predict batched together), then in
+        # requests of 64: dynamic int8 quantizes activations per batch, so its answers may
+        # depend on which rows share a batch
+        whole = _post(f"{base}/invocations", {"dataframe_records": [{"text": t} for t in texts]},
+                      timeout=600)  # fmt: skip
+        same_whole = float(
+            np.mean(np.asarray([p["predicted"] for p in whole["predictions"]])
+                    == want["predicted"].to_numpy())
+        )  # fmt: skip
         got = []
         for i in range(0, len(texts), 64):
             answer = _post(f"{base}/invocations",
@@ -136,13 +155,15 @@ def serve_and_load(
     ms = np.asarray(latencies) * 1000
     return {
         "started_s": round(started, 1),
-        "same_as_predict": same,
+        "same_as_predict": same_whole,
+        "same_in_requests_of_64": same,
         "rows": len(texts),
         "requests": len(latencies),
         "errors": len(errors),
         "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
         "p95_ms": round(float(np.percentile(ms, 95)), 1) if len(ms) else None,
         "requests_per_s": round(len(latencies) / span, 1),
+        "runtime": runtime,
     }
 
 
@@ -165,7 +186,30 @@ def main() -> None:
             continue
         summary = run_config(config, store)
         name, version = summary["name"], summary["version"]
-        reg = json.loads((store / "registry" / name / version / "registration.json").read_text())
+        # the figures: made again by `domaintune export` in a process of its own (the run's
+        # export stage timed them inside the run's process, beside its Prefect server), so
+        # this model's export entries are removed first; a refused format's one-line reason
+        import shutil
+
+        lineage = json.loads((store / "registry" / name / version / "lineage.json").read_text())
+        for marker in (store / "export").glob("*/_COMPLETE.json"):
+            if (
+                json.loads(marker.read_text())["manifest"]["model_fingerprint"]
+                == lineage["model"]["fingerprint"]
+            ):
+                shutil.rmtree(marker.parent)
+        run_exports: dict = {}
+        for fmt in ("onnx", "onnx-int8"):
+            got = subprocess.run(
+                [PY, "-m", "domaintune.cli", "export", f"{name}@{version}", "--format", fmt,
+                 "--store", str(store), "--json"],
+                capture_output=True, text=True, cwd=ROOT, timeout=3600,
+            )  # fmt: skip
+            doc = json.loads(got.stdout)
+            run_exports[fmt] = (
+                doc["exports"][fmt] if got.returncode == 0 else {"refused": doc["error"]}
+            )
+        reg = {"exports": run_exports}
         print(f"\n== {config}: {name} {version}, run {summary['_wall']:.0f} s")
         head = (f"{'runtime':10s} {'test metric':>22s} {'same':>6s} {'1 text p50':>10s} "
                 f"{'p95':>7s} {'x torch':>7s} {'32/batch t/s':>12s} {'x torch':>7s} {'MB':>6s}")  # fmt: skip
@@ -174,6 +218,7 @@ def main() -> None:
             if e.get("refused"):
                 print(f"{fmt:10s} refused: {e['refused']}")
                 continue
+            e = {**e, "bytes": e.get("bytes", 0)}
             p, lat = e["parity"], e["latency"]
             t, x = lat["torch"], lat["export"]
             if fmt == next(iter(reg["exports"])):
@@ -191,11 +236,13 @@ def main() -> None:
             (store / "preprocess" / test["splits"]["key"] / "_COMPLETE.json").read_text()
         )["manifest"]
         texts = pd.read_parquet(splits["splits"]["test"]["path"], columns=["text"])["text"].tolist()
-        served = serve_and_load(name, version, store, texts, args.clients, args.seconds)
+        runtime = next((f for f in ("onnx-int8", "onnx") if "parity" in run_exports[f]), "torch")
+        served = serve_and_load(name, version, store, texts, args.clients, args.seconds, runtime)
         print(
-            f"served (mlflow models serve, runtime auto): ready in {served['started_s']} s; "
+            f"served (mlflow models serve, runtime {runtime}): ready in {served['started_s']} s; "
             f"{served['same_as_predict']:.1%} of {served['rows']} test texts answered as "
-            f"`domaintune predict`; {args.clients} clients x {args.seconds:.0f} s, one text per "
+            f"`domaintune predict` (in one request; {served['same_in_requests_of_64']:.1%} in "
+            f"requests of 64); {args.clients} clients x {args.seconds:.0f} s, one text per "
             f"request: {served['requests']} requests, {served['errors']} errors, p50 "
             f"{served['p50_ms']} ms, p95 {served['p95_ms']} ms, {served['requests_per_s']} req/s"
         )

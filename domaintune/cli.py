@@ -459,8 +459,10 @@ def _serve_model(args: argparse.Namespace) -> int:
             raise DomainTuneError(
                 f"{args.model}: serve a registered version (NAME@production, NAME@vNNNN)"
             )
-        # the exports registered with the version (they travel inside the MLflow model)
-        runtime = choose_runtime(model, args.runtime)
+        runtime = choose_runtime(model, args.runtime, store)
+        folder = model.exports[runtime]["folder"] if runtime != "torch" else None
+        # a registered export travels inside the version folder; a later one beside it
+        extra = folder if folder is not None and folder.parent.name != "exports" else None
         from domaintune.serving.mlflow_model import build, serve_command
 
         name = args.model.split("@")[0]
@@ -469,7 +471,7 @@ def _serve_model(args: argparse.Namespace) -> int:
             if args.build_only
             else (cache_root() / "serving" / f"{name}-{model.version}-{runtime}")
         )
-        build(model.model_dir.parent, target, runtime)
+        build(model.model_dir.parent, target, runtime, extra)
     except (DomainTuneError, StoreError) as exc:
         return _fail(args, exc, 2)
     command = serve_command(target, args.host, args.port, args.workers)

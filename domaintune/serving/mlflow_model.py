@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: the artifact name of the version folder inside the MLflow model
 ARTIFACT = "version"
+#: the artifact name of an export that is not inside the version folder (made later)
+EXPORT = "export"
 
 
 class DomaintuneModel(mlflow.pyfunc.PythonModel):
@@ -42,7 +44,12 @@ class DomaintuneModel(mlflow.pyfunc.PythonModel):
 
         config = getattr(context, "model_config", None) or {}
         self.model = resolve(context.artifacts[ARTIFACT])
-        choose_runtime(self.model, config.get("runtime", "auto"))
+        runtime = config.get("runtime", "auto")
+        if EXPORT in context.artifacts:  # an export made after registration, carried along
+            self.model.exports = {runtime: {"folder": Path(context.artifacts[EXPORT])}}
+            self.model.runtime = runtime
+        else:
+            choose_runtime(self.model, runtime)
         self.task = _served(self.model)
         self.loaded = _load(self.model)  # once, not per request
         log.info("serving %s with %s", self.model.describe(), self.model.runtime)
@@ -53,8 +60,15 @@ class DomaintuneModel(mlflow.pyfunc.PythonModel):
         return self.task.predict(self.model, table, column, lambda: self.loaded)
 
 
-def build(version_dir: str | Path, out: str | Path, runtime: str = "auto") -> Path:
-    """Write the MLflow model of a registered version to ``out`` (replaced atomically)."""
+def build(
+    version_dir: str | Path,
+    out: str | Path,
+    runtime: str = "auto",
+    export_folder: str | Path | None = None,
+) -> Path:
+    """Write the MLflow model of a registered version to ``out`` (replaced atomically);
+    ``export_folder``: the verified export of ``runtime`` when it is not one registered with
+    the version (``domaintune export`` made it later)."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -62,7 +76,10 @@ def build(version_dir: str | Path, out: str | Path, runtime: str = "auto") -> Pa
     mlflow.pyfunc.save_model(
         str(tmp),
         python_model=DomaintuneModel(),
-        artifacts={ARTIFACT: str(version_dir)},
+        artifacts={
+            ARTIFACT: str(version_dir),
+            **({EXPORT: str(export_folder)} if export_folder else {}),
+        },
         model_config={"runtime": runtime},
         pip_requirements=["domaintune"],
     )

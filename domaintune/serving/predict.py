@@ -122,12 +122,17 @@ def _verified_exports(model: PredictModel, store: Any = None) -> dict[str, Any]:
 
 
 def choose_runtime(model: PredictModel, runtime: str = "auto", store: Any = None) -> str:
-    """Set and return ``model.runtime``: ``auto`` takes the export with the most texts per
-    second in batches (as measured beside the PyTorch model when it was verified) where it
-    beats PyTorch, else torch; an export named but not made is an error."""
+    """Set and return ``model.runtime``: ``auto`` takes, among the exports registered with
+    the version, the one with the most texts per second in batches (as measured beside the
+    PyTorch model when it was verified) where it beats PyTorch, else torch; so ``predict``,
+    ``score`` and ``serve-model`` choose alike. A format named explicitly may also be an
+    export ``domaintune export`` made later into ``store``; one not made is an error."""
     if runtime not in RUNTIMES:
         raise PredictError(f"--runtime {runtime}: unknown; allowed: {', '.join(RUNTIMES)}")
-    model.exports = _verified_exports(model, store) if runtime != "torch" else {}
+    if runtime == "torch":
+        model.exports = {}
+    else:
+        model.exports = _verified_exports(model, None if runtime == "auto" else store)
     if runtime == "auto":
 
         def speed(e: dict[str, Any]) -> float:

@@ -223,3 +223,33 @@ def test_mlflow_serves_the_registered_version_as_predict_does(trained, registere
                 break
         assert time.time() < deadline, "the model server still listens 30 s after SIGTERM"
         time.sleep(0.5)
+
+
+@pytest.mark.parametrize("kind", ["token_classification", "question_answering"])
+def test_ner_and_qa_export_to_onnx_with_identical_tags_and_answers(
+    kind, tmp_path, make_config, tiny_model
+):
+    """The other encoders: tags (NER, word by word from windows) and answer spans (QA,
+    best span over windows) identical from ONNX Runtime; int8 within its tolerance."""
+    from tests.conftest import make_ner_sentences, make_qa_rows, write_conll, write_jsonl
+
+    if kind == "token_classification":
+        source = write_conll(tmp_path / "train.txt", make_ner_sentences(40))
+        sections = {
+            "task": {"type": kind, "labels": ["PER", "ORG", "LOC"]},
+            "data": {"format": "conll"},
+        }
+    else:
+        source = write_jsonl(tmp_path / "qa.jsonl", make_qa_rows(40))
+        sections = {"task": {"type": kind}, "training": {"max_length": 64}}
+    cfg = make_config(source, **sections)
+    store = Store(cfg.store.root)
+    splits = preprocess(cfg, ingest(cfg, store), store)
+    model = finetune(cfg, splits, store)
+    onnx = export(cfg, splits, model, store, fmt="onnx")
+    assert onnx.refused is None, onnx.refused
+    assert onnx.parity["identical_predictions"] == 1.0
+    assert onnx.parity["max_logit_difference"] <= 1e-3
+    assert onnx.parity["metric"] == cfg.evaluation.primary_metric
+    int8 = export(cfg, splits, model, store, fmt="onnx-int8")
+    assert int8.refused is None or "rule: within 0.005" in int8.refused
