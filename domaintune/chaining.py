@@ -169,34 +169,42 @@ def _adapter_base(name: str, base_info: dict[str, Any], store: Store) -> Resolve
     return base
 
 
-def _merge(
-    name: str, folder: Path, base: ResolvedModel, labels: list[str], store: Store, key: str
-) -> None:
+def merge_registered_adapter(folder: Path, base_path: str, labels: list[str] | tuple = ()) -> Any:
+    """The LoRA adapter of a registered version (``folder``: its ``config.yaml`` and
+    ``model/``) merged into its base model at ``base_path``, loaded as the adapter's training
+    prepared it (task type, seed, strategy, dropout): what chaining from the version and its
+    ``merged`` export both use."""
     import yaml
     from transformers import AutoConfig
 
     from domaintune.config import TaskConfig, TrainingConfig
     from domaintune.training.strategies import dropout_overrides, merge_lora
 
-    model_dir = folder / "model"
     config = yaml.safe_load((folder / "config.yaml").read_text())
     training = TrainingConfig.model_validate(config["training"])
-    log.info("%s: merging the LoRA adapter into its base model %s (once)", name, base.name)
     trust = bool((config.get("model") or {}).get("trust_remote_code"))
     base_model = load_model(  # the base as the adapter's training prepared it
         LoadSpec(
-            path=base.path,
+            path=base_path,
             task_type=TaskConfig.model_validate(config["task"]).type,
             labels=tuple(labels),
             seed=training.seed,
             trust_remote_code=trust,
             structure=training.strategy,
             config_overrides=dropout_overrides(
-                training.dropout, AutoConfig.from_pretrained(base.path, trust_remote_code=trust)
+                training.dropout, AutoConfig.from_pretrained(base_path, trust_remote_code=trust)
             ),
         )
     )
-    merged = merge_lora(base_model, str(model_dir))
+    return merge_lora(base_model, str(folder / "model"))
+
+
+def _merge(
+    name: str, folder: Path, base: ResolvedModel, labels: list[str], store: Store, key: str
+) -> None:
+    model_dir = folder / "model"
+    log.info("%s: merging the LoRA adapter into its base model %s (once)", name, base.name)
+    merged = merge_registered_adapter(folder, base.path, labels)
     with store.writer(STAGE, key) as w:
         merged.save_pretrained(w.path)
         for f in TOKENIZER_FILES:

@@ -215,77 +215,65 @@ def _merge_adapter(model_dir: Path, out: Path, base_loader: BaseLoader | None) -
             "adapter alone is merged into the base model its base_model.json names"
         )
     base_info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    base_model = (base_loader or _prepared_base)(base_info | {"adapter_dir": str(model_dir)})
     log.info("merged export: merging the LoRA adapter %s into its base model", model_dir)
-    merged = merge_lora(base_model, str(model_dir))
+    version = model_dir.parent
+    if base_loader is None and model_dir.name == "model" and (version / "config.yaml").is_file():
+        # a registered version: merged as chaining from it merges it (one home for that)
+        from domaintune.chaining import merge_registered_adapter
+
+        base = _checked_base(model_dir, base_info)
+        lineage = version / "lineage.json"
+        labels = ()
+        if lineage.is_file():
+            labels = tuple((json.loads(lineage.read_text()).get("model") or {}).get("labels") or ())
+        base_model = None
+        merged = merge_registered_adapter(version, base.path, labels)
+    else:
+        base_model = (base_loader or _prepared_base)(base_info | {"adapter_dir": str(model_dir)})
+        merged = merge_lora(base_model, str(model_dir))
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer_from = model_dir
-    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+    if base_model is not None and not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
         tokenizer_from = Path(getattr(base_model, "name_or_path", "") or model_dir)
     for f in TOKENIZER_FILES:
         if (tokenizer_from / f).is_file():
             shutil.copy2(tokenizer_from / f, out / f)
 
 
-def _prepared_base(base_info: dict[str, Any]) -> Any:
-    """The base model of an adapter as its training prepared it: the base named in
-    ``base_model.json`` (resolved and checked by ``domaintune.chaining``), the task type,
-    seed and dropout of the registered version's ``config.yaml`` beside the adapter when
-    there is one (else the adapter's own PEFT task type), the recorded strategy's
-    architecture changes."""
+def _checked_base(adapter_dir: Path, base_info: dict[str, Any]) -> Any:
+    """The base named in ``base_model.json``, resolved and its content checked against the
+    recorded one (``domaintune.chaining``), or a one-line ExportError."""
     from domaintune.chaining import _adapter_base
-    from domaintune.config import StrategyConfig, TaskConfig, TrainingConfig
-    from domaintune.loading import LoadSpec, load_model
 
-    adapter_dir = Path(base_info["adapter_dir"])
     where = f"merged export: {adapter_dir}"
     if not base_info.get("name"):
         raise ExportError(f"{where}: base_model.json names no base model (key 'name')")
-    try:  # the base's name resolved, its content checked against the recorded one
-        base = _adapter_base(str(adapter_dir), base_info, None)
+    try:
+        return _adapter_base(str(adapter_dir), base_info, None)
     except DomainTuneError as exc:
         said = str(exc).removeprefix(f"model.name_or_path {adapter_dir}").lstrip(": ")
         raise ExportError(f"{where}: {said}") from None
-    version = adapter_dir.parent / "config.yaml"
-    task_type, seed, labels, trust, overrides = None, 42, (), False, {}
-    if version.is_file():  # a registered version: the run's own settings
-        import yaml
-        from transformers import AutoConfig
 
-        from domaintune.training.strategies import dropout_overrides
 
-        config = yaml.safe_load(version.read_text())
-        training = TrainingConfig.model_validate(config["training"])
-        task_type, seed = TaskConfig.model_validate(config["task"]).type, training.seed
-        trust = bool((config.get("model") or {}).get("trust_remote_code"))
-        overrides = dropout_overrides(
-            training.dropout, AutoConfig.from_pretrained(base.path, trust_remote_code=trust)
-        )
-        lineage = adapter_dir.parent / "lineage.json"
-        if lineage.is_file():
-            found = (json.loads(lineage.read_text()).get("model") or {}).get("labels")
-            labels = tuple(found or ())
-    else:
-        peft_task = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
-        if peft_task == "CAUSAL_LM":
-            task_type = "causal_lm"
-    if task_type is None:
+def _prepared_base(base_info: dict[str, Any]) -> Any:
+    """The base model of an adapter that is not a registered version (no ``config.yaml``
+    beside it; a registered one is merged by ``chaining.merge_registered_adapter``): the
+    base named in ``base_model.json``, the adapter's own PEFT task type (causal LM), the
+    recorded strategy's architecture changes."""
+    from domaintune.config import StrategyConfig
+    from domaintune.loading import LoadSpec, load_model
+
+    adapter_dir = Path(base_info["adapter_dir"])
+    base = _checked_base(adapter_dir, base_info)
+    peft_task = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
+    if peft_task != "CAUSAL_LM":
         raise ExportError(
-            f"{where}: cannot tell the adapter's task type (no config.yaml beside it, PEFT "
-            "task_type is not CAUSAL_LM); rule: pass base_loader to build its base model"
+            f"merged export: {adapter_dir}: cannot tell the adapter's task type (no "
+            "config.yaml beside it, PEFT task_type is not CAUSAL_LM); rule: pass base_loader "
+            "to build its base model"
         )
     structure = StrategyConfig.model_validate(base_info.get("strategy") or {"kind": "lora"})
-    return load_model(
-        LoadSpec(
-            path=base.path,
-            task_type=task_type,
-            labels=labels,
-            seed=seed,
-            trust_remote_code=trust,
-            structure=structure,
-            config_overrides=overrides,
-        )
-    )
+    return load_model(LoadSpec(path=base.path, task_type="causal_lm", structure=structure))
 
 
 def _weights_dtype(folder: Path) -> str:
