@@ -2,7 +2,7 @@
 way the export stage checks them: f32, f16 and q8_0 through llama.cpp's converter from PyPI,
 read back by transformers' GGUF reader, against the model on real chat prompts.
 
-    .venv/bin/python bench/gguf.py [--types f32 f16 q8_0] [--max-new-tokens 24]
+    .venv/bin/python bench/gguf_exports.py [--types f32 f16 q8_0] [--max-new-tokens 24]
 
 Prints per type: file size, export seconds, parity seconds, the largest next-token logit
 difference (and the largest logit), next-token agreement, identical greedy answers and
