@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -234,8 +235,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Stopped(BaseException):
+    """The command was stopped by SIGTERM or SIGHUP (a scheduler, ``timeout``, a closed
+    terminal). A BaseException, like KeyboardInterrupt: no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # SIGTERM / SIGHUP unwind the command as Ctrl-C does, instead of ending the process at
+    # once: Prefect's engine marks the run Crashed and sends the signal again, the finetune
+    # task kills its ranks' process group, and at exit Prefect stops its temporary server
+    # (an atexit handler, which the default SIGTERM action never runs: the server was left
+    # running, re-parented to PID 1).
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop)
+    try:
+        return _main(args)
+    except (Stopped, KeyboardInterrupt) as exc:
+        name = exc.args[0] if isinstance(exc, Stopped) else "SIGINT"
+        code = 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+        print(
+            f"domaintune: stopped by {name}; everything it started was stopped, and a "
+            "rerun reuses the stages that had finished",
+            file=sys.stderr,
+        )
+        return code
+
+
+def _main(args: argparse.Namespace) -> int:
     from domaintune.environment import configure_environment
 
     configure_environment()
@@ -341,11 +376,12 @@ def _validate(args: argparse.Namespace, config: Any) -> int:
 
 def _run(args: argparse.Namespace, config: Any) -> int:
     from domaintune.flows.retrain import retrain
-    from domaintune.orchestration import failed_run_stages
+    from domaintune.orchestration import failed_run_stages, own_temporary_server
 
     t0 = time.perf_counter()
     # keep stdout for the summary alone: libraries that print go to stderr
     with contextlib.redirect_stdout(sys.stderr):
+        own_temporary_server()
         state = retrain(config, return_state=True)
     seconds = round(time.perf_counter() - t0, 3)
     if state.is_completed():
@@ -369,6 +405,7 @@ def _run(args: argparse.Namespace, config: Any) -> int:
 
 def _tune(args: argparse.Namespace, config: Any) -> int:
     from domaintune.flows.tune import tune
+    from domaintune.orchestration import own_temporary_server
     from domaintune.tuning import check_space
 
     try:
@@ -379,6 +416,7 @@ def _tune(args: argparse.Namespace, config: Any) -> int:
         return _fail(args, DomainTuneError("--trials must be at least 1"), 2)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
+        own_temporary_server()
         state = tune(config, trials=args.trials, return_state=True)
     seconds = round(time.perf_counter() - t0, 3)
     if state.is_completed():
@@ -544,6 +582,7 @@ def _score(args: argparse.Namespace) -> int:
 
     from domaintune.config import StoreConfig
     from domaintune.flows.score import score
+    from domaintune.orchestration import own_temporary_server
     from domaintune.tasks.score import ScoreConfig
 
     try:
@@ -569,6 +608,7 @@ def _score(args: argparse.Namespace) -> int:
 
         return _fail(args, DomainTuneError(format_validation_error(exc, "score")), 2)
     with contextlib.redirect_stdout(sys.stderr):
+        own_temporary_server()
         state = score(config, return_state=True)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)

@@ -191,3 +191,39 @@ def superseded_by() -> str | None:
         and (r.expected_start_time is None or r.expected_start_time <= due)
     ]
     return str(max(newer, key=lambda r: r.created).id) if newer else None
+
+
+def own_temporary_server() -> None:
+    """Start Prefect's temporary local server now, in a process group of its own, when no
+    ``PREFECT_API_URL`` names a server (what the first flow call would otherwise do, in the
+    command's own group).
+
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the server died
+    with the command, before the command could mark its run Crashed and stop its training,
+    and the command then retried every call to the dead API for minutes. In a group of its
+    own the server lives until Prefect's atexit handler stops it, after the run's final state
+    is written."""
+    import subprocess
+
+    from prefect.server.api import server as server_module
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    server = server_module.SubprocessASGIServer()  # the instance every Prefect client uses
+    if server.running:
+        return
+
+    class _OwnGroup(subprocess.Popen):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    popen = server_module.subprocess.Popen
+    # process-wide for the seconds of this start: the command has started no other thread
+    # that starts processes yet
+    server_module.subprocess.Popen = _OwnGroup
+    try:
+        server.start()
+    finally:
+        server_module.subprocess.Popen = popen
