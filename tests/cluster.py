@@ -48,6 +48,17 @@ class Cluster:
     s3: S3Server | None = None
     hosts: dict[str, Host] = field(default_factory=dict)
     deployments: dict = field(default_factory=dict)
+    server: subprocess.Popen | None = None
+    server_env: dict[str, str] = field(default_factory=dict)
+
+    def restart_server(self, down: float = 0.0) -> None:
+        """Stop the Prefect API server, stay down ``down`` seconds, start it again on the
+        same port and database: a server restart during a deploy, as workers and flow runs
+        meet it."""
+        stop(self.server, timeout=30)
+        time.sleep(down)
+        port = int(self.api.rsplit(":", 1)[1].split("/")[0])
+        self.server, _ = start_server(port, self.logs, self.server_env)
 
     @property
     def logs(self) -> Path:
@@ -210,7 +221,10 @@ def production_cluster(
         deploy_env = {**base, "PREFECT_API_URL": api, "PREFECT_HOME": str(root / "deployer")}
         deploy(str(prefect_file), POOL, deploy_env, cwd=ROOT)
         ensure_automations(deploy_env, crash_after)
-        c = Cluster(api=api, root=root, bucket=bucket, store=store, landing=landing, s3=s3)
+        c = Cluster(
+            api=api, root=root, bucket=bucket, store=store, landing=landing, s3=s3,
+            server=server, server_env=server_env,
+        )  # fmt: skip
         for name in ("a", "b"):
             home = root / f"host-{name}"
             c.hosts[name] = Host(
@@ -236,4 +250,5 @@ def production_cluster(
         if c is not None:
             for name in c.hosts:
                 c.stop(name)
+            server = c.server  # a restarted one
         stop(server)

@@ -19,7 +19,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -165,6 +165,19 @@ class Postgres:
     database: str
     proc: subprocess.Popen
     psql: list[str]
+    command: list[str] = field(default_factory=list)
+    log: Path | None = None
+
+    def restart(self, down: float = 0.0) -> None:
+        """Stop the server (a fast shutdown: open connections are cut), stay down ``down``
+        seconds, start it again on the same data and port: a failover as clients see it."""
+        stop(self.proc, timeout=30)
+        time.sleep(down)
+        self.proc = subprocess.Popen(
+            self.command, stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        _wait_ready(self.port, self.proc, self.log)
 
     @property
     def url(self) -> str:
@@ -217,24 +230,17 @@ def postgres_server(data: Path) -> Iterator[Postgres]:
     )  # fmt: skip
     port = free_port()
     log = data / "postgres.log"
+    command = [
+        *run_as, str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port),
+        "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={socket_dir}",
+        "-c", "fsync=off", "-c", "max_connections=200",
+    ]  # fmt: skip
     proc = subprocess.Popen(
-        [*run_as, str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port),
-         "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={socket_dir}",
-         "-c", "fsync=off", "-c", "max_connections=200"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        command, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    pg = None
     try:
-        deadline = time.time() + 60
-        while True:
-            ready = subprocess.run(
-                [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                capture_output=True,
-            )
-            if ready.returncode == 0:
-                break
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"postgres did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.3)
+        _wait_ready(port, proc, log)
         password = uuid.uuid4().hex
         psql = [*run_as, str(bindir / "psql"), "-h", str(socket_dir), "-p", str(port),
                 "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-q"]  # fmt: skip
@@ -247,11 +253,27 @@ def postgres_server(data: Path) -> Iterator[Postgres]:
         hba = pgdata / "pg_hba.conf"
         hba.write_text("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
         subprocess.run([*psql, "-c", "SELECT pg_reload_conf()"], check=True, capture_output=True)
-        yield Postgres(
-            port=port, user="prefect", password=password, database="prefect", proc=proc, psql=psql
-        )
+        pg = Postgres(
+            port=port, user="prefect", password=password, database="prefect", proc=proc,
+            psql=psql, command=command, log=log,
+        )  # fmt: skip
+        yield pg
     finally:
-        stop(proc)
+        stop(pg.proc if pg is not None else proc)
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 60
+    while True:
+        ready = subprocess.run(
+            [str(postgres_bin() / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+            capture_output=True,
+        )
+        if ready.returncode == 0:
+            return
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"postgres did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.3)
 
 
 # ----------------------------------------------------------------------------- Prefect API

@@ -372,3 +372,64 @@ def test_no_secret_reaches_any_output_of_the_cluster(cluster, s3, postgres):
     for what, secret in secrets.items():
         leaked = [where for where, text in texts.items() if secret in text]
         assert not leaked, f"the {what} appears in {leaked[:5]}"
+
+
+def test_the_prefect_server_and_postgresql_restarting_under_a_run_leave_one_completed_run_and_one_version(
+    cluster, s3, postgres, tiny_model
+):
+    """Issue 33, points 1 and 2: while a deployment run trains on host A, the Prefect API
+    server is stopped and started again on the same database (a restart during a deploy),
+    then PostgreSQL itself (a failover as clients see it: connections cut, the server gone
+    for seconds). The run ends Completed (retried by the automation if it had to be), its
+    stages are in the API, one version is registered, and no lease or temporary object is
+    left in the store."""
+    data = cluster.put_csv(f"s3://{cluster.bucket}/data/restarts.csv", make_rows(30, seed=11))
+    config = _finance_config(
+        cluster.store, tiny_model, data, max_steps=360, checkpoint_every_steps=30, logging_steps=5
+    )
+    config["name"] = "restarts"
+    cluster.start("a")
+    run = cluster.create_run("finance-sentiment", config)
+    fs = s3.fs()
+    work = f"{cluster.bucket}/store/finetune/.work"
+
+    def checkpoints() -> int:
+        fs.invalidate_cache()
+        return len(fs.glob(f"{work}/*/checkpoints/*/.domaintune-complete"))
+
+    deadline = time.time() + 300
+    while checkpoints() < 1:
+        assert time.time() < deadline, cluster.worker_log("a")
+        time.sleep(0.5)
+    t0 = time.time()
+    cluster.restart_server(down=5.0)
+    before = checkpoints()
+    while checkpoints() == before:  # training went on through the restart
+        assert time.time() < deadline + 120, cluster.worker_log("a")
+        time.sleep(0.5)
+    postgres.restart(down=3.0)
+    faults_done = time.time()
+    assert cluster.run_of(run["id"])["state"]["type"] == "RUNNING", "still training at the faults"
+
+    done = cluster.wait_final(run["id"], timeout=480)
+    states = cluster.states(run["id"])
+    assert done["state"]["type"] == "COMPLETED", (states, cluster.worker_log("a"))
+    tasks = prefect_api(
+        cluster.api, "task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}}
+    )
+    final = {}  # a stage's last task run (a retried stage has more than one)
+    for t in sorted(tasks, key=lambda t: t["expected_start_time"] or ""):
+        final[t["name"].rsplit("-", 1)[0]] = t["state"]["type"]
+    assert {"ingest", "validate", "preprocess", "finetune", "evaluate", "register"} <= set(final)
+    assert final["finetune"] == "COMPLETED" and final["register"] == "COMPLETED", final
+    reg = cluster.registry("restarts")
+    assert [(e["action"], e["version"]) for e in reg["events"]] == [("register", "v0001")]
+    assert not fs.glob(f"{cluster.bucket}/store/**/.tmp-*")
+    leases = [p for p in fs.find(f"{cluster.bucket}/store") if "/.locks/" in p]
+    held = [p for p in leases if not json.loads(fs.cat_file(p)).get("released")]
+    assert not held, held
+    print(
+        f"restarts: server down 5 s and PostgreSQL down 3 s during training; "
+        f"{done['run_count']} run attempt(s); completed {time.time() - t0:.0f} s after the "
+        f"first fault ({time.time() - faults_done:.0f} s after the last)"
+    )
