@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from domaintune import cpu_share
 from domaintune.config import Precision
 
 #: a marker no chat template contains: where an answer ends in a rendered conversation
@@ -168,6 +169,7 @@ def generate_ids(
             )
             return out
         for s in range(0, len(order), batch_size):
+            cpu_share.refresh()
             idx = order[s : s + batch_size]
             answers = _generate_batch(
                 model, [prompts[i] for i in idx], pad_id, stops, max_new_tokens, device
@@ -277,6 +279,7 @@ def _generate_continuous(
     running: _Running | None = None
     least = max(1, batch_size // 4)
     while waiting or running is not None:
+        cpu_share.refresh()  # another run's process may have started or ended beside this one
         free = batch_size - (len(running.rows) if running else 0)
         if waiting and (running is None or free >= min(least, len(waiting))):
             rows = [waiting.pop() for _ in range(min(free, len(waiting)))]

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from domaintune import cpu_share
 from domaintune.config import Precision
 
 
@@ -52,6 +53,7 @@ def batched_logits(
     out: list[np.ndarray] = [None] * len(feats)  # type: ignore[list-item]
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
+            cpu_share.refresh()
             idx = order[start : start + batch_size]
             batch = collate([feats[i] for i in idx])
             batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}

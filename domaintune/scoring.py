@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from domaintune.config import RetrainConfig
+from domaintune.cpu_share import cpu_slot
 from domaintune.generation import GenerationSettings, cast_for_generation
 from domaintune.loading import autocast_for, load_for_scoring
 from domaintune.storage.manifests import SplitManifest
@@ -74,51 +75,51 @@ def score_model(
     (``structure``: see ``domaintune.loading.load_for_scoring``; ``who``: the model's name
     in progress lines, after ``stage``). A generative task type reports its progress (a bar on a terminal,
     a log line every 10% or 30 s, a Prefect progress artifact) and its tokens/s."""
-    import torch
     from datasets import disable_progress_bars
 
     disable_progress_bars()
     task = get_task_type(config.task.type)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    tok, model, precision = load_for_scoring(
-        model_path,
-        config.task.type,
-        splits.labels,
-        config.training,
-        config.model.trust_remote_code,
-        structure,
-    )
-    if split_path is None:
-        split_path, rows = splits.splits["test"].path, splits.splits["test"].rows
-    extra: dict[str, Any] = {}
-    progress = None
-    if task.generative:
-        from domaintune.progress import Progress
-
-        cast_for_generation(model, precision)  # the same answers, fewer casts per step
-        progress = Progress(rows or 0, f"{stage}: {who} generates", unit="answers", logger=log)
-        extra = {
-            "generation": GenerationSettings.of_run(config, splits),
-            "on_batch": progress.advance,
-        }
-    with autocast_for(model, precision):
-        metrics, predictions = task.score_split(
-            model,
-            tok,
-            split_path,
+    # this host's cores are shared with other runs' CPU-heavy processes (domaintune.cpu_share)
+    with cpu_slot(f"{stage}: {who}"):
+        tok, model, precision = load_for_scoring(
+            model_path,
+            config.task.type,
             splits.labels,
-            config.evaluation.batch_size,
-            settings=config.task,
-            **extra,
+            config.training,
+            config.model.trust_remote_code,
+            structure,
         )
-    if progress is not None:
-        progress.close()
-        metrics["generation"] = {
-            **metrics.get("generation", {}),
-            **extra["generation"].key(),
-            "answers": progress.done,
-            "tokens": progress.tokens,
-            "seconds": round(progress.seconds, 1),
-            "tokens_per_second": round(progress.tokens / max(progress.seconds, 1e-9), 1),
-        }
-    return metrics, predictions
+        if split_path is None:
+            split_path, rows = splits.splits["test"].path, splits.splits["test"].rows
+        extra: dict[str, Any] = {}
+        progress = None
+        if task.generative:
+            from domaintune.progress import Progress
+
+            cast_for_generation(model, precision)  # the same answers, fewer casts per step
+            progress = Progress(rows or 0, f"{stage}: {who} generates", unit="answers", logger=log)
+            extra = {
+                "generation": GenerationSettings.of_run(config, splits),
+                "on_batch": progress.advance,
+            }
+        with autocast_for(model, precision):
+            metrics, predictions = task.score_split(
+                model,
+                tok,
+                split_path,
+                splits.labels,
+                config.evaluation.batch_size,
+                settings=config.task,
+                **extra,
+            )
+        if progress is not None:
+            progress.close()
+            metrics["generation"] = {
+                **metrics.get("generation", {}),
+                **extra["generation"].key(),
+                "answers": progress.done,
+                "tokens": progress.tokens,
+                "seconds": round(progress.seconds, 1),
+                "tokens_per_second": round(progress.tokens / max(progress.seconds, 1e-9), 1),
+            }
+        return metrics, predictions

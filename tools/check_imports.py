@@ -40,6 +40,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "domaintune.redaction",
             "domaintune.environment",
             "domaintune.progress",
+            # the host's cores shared between processes (training ranks, scoring, generation)
+            "domaintune.cpu_share",
             # per-example statistics, intervals and paired tests (numpy, pandas, pydantic):
             # the task types say how their metrics resample
             "domaintune.evidence",

@@ -19,6 +19,7 @@ from typing import Any
 import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
+from domaintune import cpu_share
 from domaintune.storage.manifests import StrategyReport, scalar_metrics
 from domaintune.training.checkpoints import CHECKPOINT_MARKER, wait_until_stored
 from domaintune.training.events import emit, rank
@@ -204,6 +205,17 @@ class Progress(TrainerCallback):
         emit("log", **fields)
 
 
+class CpuShare(TrainerCallback):
+    """A CPU rank takes its current share of the host's cores between steps (another run
+    may have started or ended beside it; ``domaintune.cpu_share``)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        cpu_share.refresh()
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        cpu_share.refresh()
+
+
 class CrashAfterCheckpoint(TrainerCallback):
     """Fault injection (tests, bench/faults.py), never in a normal run: right after the
     checkpoint of step ``crash_at`` is marked, every rank exits, or only rank
@@ -229,7 +241,7 @@ class CrashAfterCheckpoint(TrainerCallback):
 def callbacks(report: StrategyReport, seen: dict[str, Any], to_store: bool = False) -> list:
     """The ranks' callbacks: checkpoint markers, progress, and (DOMAINTUNE_FAULT_EXIT_AFTER_STEP
     set) the fault injection, right after the marker."""
-    out: list[TrainerCallback] = [CheckpointMarker(to_store), Progress(report, seen)]
+    out: list[TrainerCallback] = [CheckpointMarker(to_store), Progress(report, seen), CpuShare()]
     crash_at = os.environ.get("DOMAINTUNE_FAULT_EXIT_AFTER_STEP")
     if crash_at:
         out.insert(1, CrashAfterCheckpoint(int(crash_at)))

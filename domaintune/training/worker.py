@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from domaintune.cpu_share import cpu_slot
 from domaintune.training.events import emit
 from domaintune.training.events import rank as _rank
 
@@ -483,7 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     spec = WorkerSpec.read(args.spec)
     stop_watch = watch_task_process()
     try:
-        run(spec, describe_allocator(args.cpu_allocator) if args.cpu_allocator else None)
+        # a CPU rank's threads: its share of this host's cores, looked at again every step
+        # (domaintune.cpu_share; nothing on a GPU)
+        with cpu_slot(f"training rank {_rank()}"):
+            run(spec, describe_allocator(args.cpu_allocator) if args.cpu_allocator else None)
         end_distributed()  # only after success: a failed rank's peers are ended by the launcher
     finally:
         stop_watch()
