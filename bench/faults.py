@@ -9,9 +9,19 @@
    with their own clear one-line error (file / row / field and rule), input unchanged.
 3. Concurrent runs: three `domaintune run` processes of one config on one store at once;
    counts those completed and checks each intermediate was computed once.
+4. Infrastructure (issue 33): on the production set-up of the tests (Prefect server on
+   PostgreSQL, S3 API store, a process worker), deployment runs of the demo during whose
+   training the Prefect API server, then PostgreSQL, is restarted (down for a random 2-8 s);
+   a `domaintune run` stopped by SIGTERM and one by Ctrl-C mid-training (processes left
+   behind); a store on a full disk (one-line error, consistency, the next run with room).
+   Prints faults injected, runs completed, run attempts, versions registered, leases held and
+   temporary objects left.
+   (Object-store faults through a loopback proxy: bench/store_faults.py; fuzzing:
+   bench/fuzz.py; two runs on one host: bench/shared_host.py.)
 
     python bench/faults.py                 # BBC news topics (real data), MiniLM, CPU
     python bench/faults.py --kills 5 --steps 60 --every 5
+    python bench/faults.py --skip kills,bad,concurrent --restarts 3
 """
 
 from __future__ import annotations
@@ -180,13 +190,163 @@ def concurrent(work: Path, runs: int = 3) -> dict:
     return {"launched": runs, "completed": len(docs), "computed_once": once and bool(docs)}
 
 
+def _demo(store: dict | str, name: str, **training) -> dict:
+    """The demo use case (BBC news, all-MiniLM-L6-v2) with a short training."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "configs" / "bbc_news.yaml").read_text())
+    doc["name"] = name
+    doc["store"] = store if isinstance(store, dict) else {"root": store}
+    doc["training"] = {
+        **doc.get("training", {}),
+        "max_length": 64,
+        "early_stopping_patience": None,
+        **training,
+    }
+    doc.setdefault("evaluation", {})["val_size"] = 0.03
+    doc["retries"] = {"count": 1, "delay_seconds": 1}
+    return doc
+
+
+def restarts(work: Path, rounds: int, steps: int, seed: int) -> dict:
+    """Deployment runs, each meeting a Prefect API server restart and then a PostgreSQL
+    restart during its training."""
+    from tests.cluster import production_cluster
+    from tests.services import postgres_server, s3_server
+
+    rng = random.Random(seed)
+    out = {"faults": 0, "runs": rounds, "completed": 0, "attempts": [], "versions": [],
+           "held_leases": 0, "tmp_objects": 0}  # fmt: skip
+    with s3_server(work / "moto") as s3, postgres_server(work / "postgres") as pg:
+        with production_cluster(
+            work / "cluster", pg, s3, lambda store, source: _demo(store, "finance-sentiment")
+        ) as c:
+            c.start("a")
+            fs = s3.fs()
+            for i in range(rounds):
+                name = f"restarts-{i}"
+                run = c.create_run(
+                    "finance-sentiment",
+                    _demo(
+                        c.store, name, max_steps=steps, checkpoint_every_steps=max(5, steps // 6)
+                    ),
+                )
+                glob = f"{c.bucket}/store/finetune/.work/*/checkpoints/*/.domaintune-complete"
+                seen = len(fs.glob(glob))
+                deadline = time.time() + 1800
+                while len(fs.glob(glob)) <= seen and time.time() < deadline:
+                    fs.invalidate_cache()
+                    time.sleep(0.5)
+                down = rng.uniform(2, 8)
+                c.restart_server(down=down)
+                out["faults"] += 1
+                down_pg = rng.uniform(2, 8)
+                pg.restart(down=down_pg)
+                out["faults"] += 1
+                done = c.wait_final(run["id"], timeout=1800)
+                ok = done["state"]["type"] == "COMPLETED"
+                out["completed"] += ok
+                out["attempts"].append(done["run_count"])
+                reg = c.registry(name)
+                out["versions"].append(sum(e["action"] == "register" for e in reg["events"]))
+                print(
+                    f"  run {i + 1}: server down {down:.1f} s, PostgreSQL down {down_pg:.1f} s "
+                    f"-> {done['state']['name']} after {done['run_count']} attempt(s)",
+                    flush=True,
+                )
+            for p in fs.find(f"{c.bucket}/store"):
+                if "/.locks/" in p and not json.loads(fs.cat_file(p)).get("released"):
+                    out["held_leases"] += 1
+                if "/.tmp-" in p:
+                    out["tmp_objects"] += 1
+    return out
+
+
+def stops(work: Path, steps: int) -> dict:
+    """`domaintune run` stopped mid-training by SIGTERM (as `timeout` does) and by Ctrl-C
+    (SIGINT to the process group): the processes it started that outlive it."""
+    import psutil
+    import yaml
+
+    out = {}
+    for how in ("SIGTERM", "Ctrl-C"):
+        path = work / f"stop-{how}.yaml"
+        path.write_text(yaml.safe_dump(_demo(str(work / f"stop-{how}"), "stop", max_steps=steps)))
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "domaintune.cli", "run", str(path)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        seen: dict[int, psutil.Process] = {}
+        deadline = time.time() + 900
+        while time.time() < deadline and cli.poll() is None:
+            for p in psutil.Process(cli.pid).children(recursive=True):
+                seen.setdefault(p.pid, p)
+            if any("domaintune.training.worker" in " ".join(p.cmdline()) for p in seen.values()
+                   if p.is_running()):  # fmt: skip
+                break
+            time.sleep(0.3)
+        time.sleep(3)
+        for p in psutil.Process(cli.pid).children(recursive=True):
+            seen.setdefault(p.pid, p)
+        if how == "SIGTERM":
+            cli.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(cli.pid, signal.SIGINT)
+        t0 = time.time()
+        code = cli.wait(timeout=120)
+        _, alive = psutil.wait_procs(list(seen.values()), timeout=30)
+        out[how] = {"exit": code, "started": len(seen), "left": len(alive),
+                    "seconds": round(time.time() - t0, 1)}  # fmt: skip
+        for p in alive:
+            p.kill()
+    return out
+
+
+def full_disk(work: Path, steps: int) -> dict:
+    """A store on a 2 MB tmpfs: the demo run fails with one line; the store stays
+    consistent; with room, the same run succeeds and reuses what had finished."""
+    import yaml
+
+    disk = work / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        return {"skipped": mounted.stderr.strip()}
+    try:
+        path = work / "disk.yaml"
+        path.write_text(yaml.safe_dump(_demo(str(disk / "store"), "disk", max_steps=steps)))
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        cmd = [sys.executable, "-m", "domaintune.cli", "run", str(path), "--json"]
+        first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        error = json.loads(first.stdout).get("error", "") if first.stdout.strip() else ""
+        tmp_left = len(list((disk / "store").rglob(".tmp-*")))
+        subprocess.run(["mount", "-o", "remount,size=2g", str(disk)], check=True)
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        doc = json.loads(second.stdout) if second.returncode == 0 else {}
+        return {
+            "first_exit": first.returncode,
+            "error": error,
+            "one_line": bool(error) and "\n" not in error.strip(),
+            "tmp_left": tmp_left,
+            "second_exit": second.returncode,
+            "reused": [s["name"] for s in doc.get("stages", []) if s["cached"]],
+        }
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", default="", help="comma list of kills,bad,concurrent")
+    parser.add_argument("--restarts", type=int, default=2, help="deployment runs with restarts")
+    parser.add_argument(
+        "--skip", default="", help="comma list of kills,bad,concurrent,restarts,stops,disk"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-faults-prefect-"))
@@ -220,6 +380,30 @@ def main() -> int:
             f"concurrent runs completed: {c['completed']} of {c['launched']} (each "
             f"intermediate computed once: {'yes' if c['computed_once'] else 'NO'})"
         )
+    if "restarts" not in skip:
+        r = restarts(work, args.restarts, max(args.steps, 60), args.seed)
+        print(
+            f"restarts: {r['faults']} faults injected (Prefect server and PostgreSQL restarts "
+            f"under training), runs completed {r['completed']} of {r['runs']}, attempts per "
+            f"run {r['attempts']}, versions registered per run {r['versions']}, leases held "
+            f"afterwards {r['held_leases']}, temporary objects left {r['tmp_objects']}"
+        )
+    if "stops" not in skip:
+        for how, d in stops(work, 10_000).items():
+            print(
+                f"stopped by {how}: exit {d['exit']} in {d['seconds']} s; of {d['started']} "
+                f"processes it started, {d['left']} left running"
+            )
+    if "disk" not in skip:
+        d = full_disk(work, args.steps)
+        if "skipped" in d:
+            print(f"full disk: skipped ({d['skipped']})")
+        else:
+            print(
+                f"full disk: exit {d['first_exit']}, one line: {d['one_line']} "
+                f"({d['error'][:160]}); temporary folders left {d['tmp_left']}; with room: exit "
+                f"{d['second_exit']}, reused {', '.join(d['reused']) or 'nothing'}"
+            )
     return 0
 
 
