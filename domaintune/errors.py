@@ -9,6 +9,26 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
+
+
+def shown(value: object, limit: int = 200, quote: bool = False) -> str:
+    """``value`` (a user's text: a column name, a reference, a line of a file) as it may stand
+    in a one-line message: itself where it is short, printable text; otherwise (empty, or
+    with ``quote``) its repr, line breaks and control characters escaped; cut to ``limit``
+    characters."""
+    text = str(value)
+    if quote or not text or not text.isprintable():
+        text = repr(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown_list(values: Iterable[object], most: int = 20, quote: bool = False) -> str:
+    """Names (columns, keys) for a one-line message: the first ``most``, each ``shown``,
+    comma-separated, and how many more there are."""
+    values = list(values)
+    text = ", ".join(shown(v, 60, quote) for v in values[:most])
+    return text + (f" and {len(values) - most} more" if len(values) > most else "")
 
 
 class DomainTuneError(Exception):
@@ -63,10 +83,15 @@ class StoreError(Exception):
     """The store cannot be written (full disk, permissions). Not retried blindly."""
 
 
+def disk_full(exc: OSError) -> bool:
+    """A full disk or an exhausted quota (pyarrow's IO errors carry only the words)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+
+
 def store_error(exc: OSError, where: str | os.PathLike) -> StoreError:
     """An OSError met while writing ``where`` as a one-line StoreError: a full disk and
     refused permissions named as such."""
-    if exc.errno == errno.ENOSPC:
+    if disk_full(exc):
         return StoreError(f"store: no space left on device while writing {where}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoreError(f"store: cannot write {where}: {exc.strerror} (check store.root)")

@@ -20,7 +20,7 @@ import re
 from typing import Any
 
 from domaintune.config import RetrainConfig, read_config, validate_schema
-from domaintune.errors import ConfigError
+from domaintune.errors import ConfigError, shown
 from domaintune.recipes import check_stages
 from domaintune.tasktypes import task_type_names
 from domaintune.tasktypes.rules import apply_task_rules
@@ -67,7 +67,8 @@ def _unknown_task_type(data: dict[str, Any]) -> str | None:
     name = task.get("type") if isinstance(task, dict) else None
     names = task_type_names()
     if isinstance(name, str) and name not in names:
-        return f"task.type: unknown task type {name!r}; allowed: {', '.join(names)}"
+        shown_name = shown(name, quote=True)
+        return f"task.type: unknown task type {shown_name}; allowed: {', '.join(names)}"
     return None
 
 

@@ -14,7 +14,7 @@ import logging
 import pandas as pd
 
 from domaintune.config import RetrainConfig
-from domaintune.errors import DataError
+from domaintune.errors import DataError, shown_list
 from domaintune.fingerprint import hash_dataframe, hash_obj, stable_json
 from domaintune.readers.sources import (
     EMPTY_ROWS,
@@ -118,7 +118,7 @@ def _run(
         extra = [str(c) for c in df.columns if str(c) not in used]
         if extra and config.data.extra_columns == "error":
             raise DataError(
-                f"{f.url}: unexpected column(s) {', '.join(repr(c) for c in extra)}; rule: "
+                f"{f.url}: unexpected column(s) {shown_list(extra, quote=True)}; rule: "
                 "only the configured columns (data.extra_columns: error; set it to ignore to "
                 "leave such columns out)"
             )
@@ -157,7 +157,7 @@ def _run(
             "were skipped; the files are unchanged"
         )
     if ignored:
-        notes.append(f"column(s) not used by {config.task.type}, left out: {', '.join(ignored)}")
+        notes.append(f"column(s) not used by {config.task.type}, left out: {shown_list(ignored)}")
     if unparsed:
         notes.append(
             f"{len(unparsed)} record(s) did not parse (first: "

@@ -21,7 +21,7 @@ from typing import Any
 import fsspec
 import pandas as pd
 
-from domaintune.errors import ConfigError, DataError
+from domaintune.errors import ConfigError, DataError, shown
 from domaintune.fingerprint import hash_local_file, hash_obj
 from domaintune.readers.squad import LAYOUT_COLUMNS as SQUAD_COLUMNS
 from domaintune.readers.squad import is_squad, squad_records
@@ -95,9 +95,9 @@ class SourceFile:
                 try:
                     with compr[codec](f, mode="rb") as inner:
                         return inner.read()
-                except (OSError, EOFError, ValueError) as exc:  # a damaged or mislabelled file
+                except _codec_errors() as exc:  # a damaged or mislabelled file
                     raise DataError(
-                        f"{self.url}: cannot be read as {codec}: {exc}; rule: a file named "
+                        f"{self.url}: cannot be read as {codec}: {shown(exc)}; rule: a file named "
                         f"*{os.path.splitext(self.path)[1]} is {codec}-compressed"
                     ) from None
         except FileNotFoundError:
@@ -106,6 +106,21 @@ class SourceFile:
             raise DataError(f"{self.url}: is a folder, not a file") from None
         except PermissionError:
             raise DataError(f"{self.url}: permission denied") from None
+
+
+def _codec_errors() -> tuple[type[BaseException], ...]:
+    """What the decompressors raise for bytes that are not what the name says (lzma and
+    zstandard have their own error types)."""
+    import lzma
+
+    found: list[type[BaseException]] = [OSError, EOFError, ValueError, lzma.LZMAError]
+    try:
+        import zstandard
+
+        found.append(zstandard.ZstdError)
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        pass
+    return tuple(found)
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
@@ -402,11 +417,13 @@ def read_file(
     failing the file. A file with nothing readable, and CSV / Parquet damage (which shifts
     every later row), still fail. CSV rows whose every field is empty (a spreadsheet export
     padded with ``,,,`` lines) are skipped; ``df.attrs[EMPTY_ROWS]`` counts them, and the
-    other rows keep their record numbers."""
+    other rows keep their record numbers. ``_row`` and ``_source`` are the reader's own: a
+    file's columns of those names (a predictions file read back) are replaced."""
     data = src.read_bytes()
     empty = 0
     if fmt == "parquet":
         df, enc = _read_parquet(data, src.url), None
+        df[ROW] = range(1, len(df) + 1)  # the reader's own, even where the file has a _row
     elif fmt == "tmx":  # XML: its own declaration names the encoding
         check_not_binary(data[:64], src.url, fmt)
         declared = None if encoding.lower() == "auto" else encoding
@@ -481,8 +498,7 @@ def _read_csv(text: str, where: str, delimiter: str) -> tuple[pd.DataFrame, int]
     unnamed = [c for c in df.columns if str(c).startswith("Unnamed: ")]
     if unnamed and len(unnamed) == len(df.columns):
         raise DataError(f"{where}: header row is empty")
-    if ROW not in df.columns:
-        df.insert(len(df.columns), ROW, range(1, len(df) + 1))
+    df[ROW] = range(1, len(df) + 1)  # the reader's own, even where the file has a _row
     empty = df.drop(columns=ROW).isna().all(axis=1)
     if empty.all():
         raise DataError(f"{where}: no data rows ({len(df)} row(s) with every field empty)")
@@ -505,6 +521,61 @@ def _held_detail(unparsed: list[dict[str, Any]] | None, since: int, what: str) -
     return f" ({len(held)} {what}(s) did not parse; first: {first})"
 
 
+#: The deepest nesting of arrays and objects a JSON input may have. Records nest a few levels
+#: (SQuAD: 6, chat messages: 3); Python's parser, and every step after it that walks a value
+#: (copies, fingerprints, Parquet), recurses once per level, so that ``[[[[...]]]]`` 5,000
+#: levels deep ended in a RecursionError traceback. Deeper input is refused by this rule.
+MAX_JSON_DEPTH = 100
+_JSON_DEPTH_RULE = f"JSON input nests at most {MAX_JSON_DEPTH} levels of arrays and objects"
+# a JSON string on one line (JSON strings hold no raw line break), and a bracket outside one
+_JSON_STRING = re.compile(r'"[^"\\\n]*(?:\\.[^"\\\n]*)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def load_json(text: str, where: str = "<json>", first_line: int = 1) -> Any:
+    """``json.loads(text)``: the one place input JSON is parsed. Nesting deeper than
+    MAX_JSON_DEPTH is a one-line DataError naming ``where``, the line (``first_line``: the line
+    of the file ``text`` starts on) and the rule; invalid JSON raises ``json.JSONDecodeError``
+    as ``json.loads`` does."""
+    try:
+        value = json.loads(text)
+    except RecursionError:  # thousands of levels: the parser gave up (cleanly) on its own
+        pass
+    else:
+        if text.count("[") + text.count("{") <= MAX_JSON_DEPTH or not _deeper(value):
+            return value  # (it cannot nest deeper than it has brackets: almost every record)
+    line = _too_deep_line(text)
+    at = "" if line is None else f" line {first_line + line}:"
+    raise DataError(
+        f"{where}:{at} nested deeper than {MAX_JSON_DEPTH} levels; rule: {_JSON_DEPTH_RULE}"
+    )
+
+
+def _deeper(value: Any) -> bool:
+    """Whether a parsed JSON value nests deeper than MAX_JSON_DEPTH (walked without
+    recursion, stopping at the first container too deep)."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def _too_deep_line(text: str) -> int | None:
+    """The 0-based line on which ``text`` first nests deeper than MAX_JSON_DEPTH, or None. It
+    reads strings as JSON does (up to the first error JSON would raise)."""
+    code = _JSON_STRING.sub('""', text)  # keeps every line break: strings hold none
+    depth = 0
+    for m in _JSON_BRACKET.finditer(code):
+        depth += 1 if m[0] in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            return code.count("\n", 0, m.start())
+    return None
+
+
 def _read_jsonl(
     text: str, where: str, unparsed: list[dict[str, Any]] | None = None, json_file: bool = False
 ) -> pd.DataFrame:
@@ -520,10 +591,12 @@ def _read_jsonl(
         first_line = text[: len(text) - len(stripped)].count("\n") + 1
         records, lines, layout = _document_records(document, where, unparsed, first_line)
     elif stripped.startswith("["):  # a .json array of objects
+        first_line = text[: len(text) - len(stripped)].count("\n") + 1
         try:
-            arr = json.loads(stripped)
+            arr = load_json(stripped, where, first_line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+            line = exc.lineno + first_line - 1
+            raise DataError(f"{where}: line {line}: not valid JSON ({exc.msg})") from None
         for i, obj in enumerate(arr, 1):
             if not isinstance(obj, dict):
                 raise DataError(
@@ -536,7 +609,10 @@ def _read_jsonl(
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = load_json(line, where, n)
+            except DataError as exc:  # nested too deep
+                _unparsed(unparsed, n, line, str(exc))
+                continue
             except json.JSONDecodeError as exc:
                 msg = (
                     f"{where}: line {n}: not valid JSON ({exc.msg}); rule: one JSON object per line"
@@ -569,7 +645,11 @@ def _one_document(text: str, where: str) -> Any | None:
     """The one JSON document a ``.json`` file holds (pretty-printed or not), or None where
     the file is JSON Lines. A broken document fails here, naming its line and column."""
     try:
-        return json.loads(text)
+        return load_json(text, where)
+    except DataError:  # nested too deep
+        if _next_line_is_an_object(text):
+            return None  # JSON Lines: the line that nests too deep is one record
+        raise
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" or _next_line_is_an_object(text):
             return None  # JSON Lines: its first record is complete, or broken on its own
@@ -585,8 +665,8 @@ def _next_line_is_an_object(text: str) -> bool:
     """Whether the second non-blank line is a JSON object on its own (JSON Lines)."""
     rest = [line for line in text.lstrip().splitlines()[1:] if line.strip()]
     try:
-        return bool(rest) and isinstance(json.loads(rest[0]), dict)
-    except json.JSONDecodeError:
+        return bool(rest) and isinstance(load_json(rest[0]), dict)
+    except (ValueError, DataError):  # not JSON, or nested too deep
         return False
 
 
@@ -677,12 +757,23 @@ def _read_conll(
 
 
 def _read_parquet(data: bytes, where: str) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
     try:
-        df = pd.read_parquet(io.BytesIO(data))
+        names = pq.read_schema(io.BytesIO(data)).names
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice is None:
+            df = pd.read_parquet(io.BytesIO(data))
     except Exception as exc:  # pyarrow raises several types for corrupt files
+        said = shown(" ".join(str(exc).split()), 300)  # its messages span lines
         raise DataError(
-            f"{where}: not a readable Parquet file ({type(exc).__name__}: {exc})"
+            f"{where}: not a readable Parquet file ({type(exc).__name__}: {said})"
         ) from None
+    if twice is not None:
+        raise DataError(
+            f"{where}: column {shown(twice, quote=True)} appears {names.count(twice)} times; "
+            "rule: a table's column names are unique"
+        )
     if df.empty:
         raise DataError(f"{where}: no rows")
     return df

@@ -133,9 +133,25 @@ def read_tmx(data: bytes, where: str, encoding: str | None = None) -> pd.DataFra
     except expat.ExpatError as exc:
         raise DataError(_malformed(where, exc)) from None
     except LookupError:
-        raise DataError(f"{where}: unknown encoding {encoding!r} (data.encoding)") from None
+        if encoding is not None:
+            raise DataError(f"{where}: unknown encoding {encoding!r} (data.encoding)") from None
+        raise DataError(
+            f"{where}: line {p.CurrentLineNumber}: the XML declaration names an unknown "
+            "encoding; rule: the declaration names a real encoding (data.encoding overrides it)"
+        ) from None
+    except ValueError as exc:  # expat reads one-byte encodings and UTF-8/16 only
+        raise DataError(
+            f"{where}: line {p.CurrentLineNumber}: cannot decode the XML ({exc}); rule: TMX "
+            "files are UTF-8, UTF-16 or a one-byte encoding such as ISO-8859-1 (data.encoding "
+            "overrides the XML declaration)"
+        ) from None
     if not reader.rows:
         raise DataError(f"{where}: no <tu> translation units; rule: {RULE}")
+    if not any(reader.rows):
+        raise DataError(
+            f"{where}: none of the {len(reader.rows)} <tu> translation unit(s) holds a "
+            f"<tuv> with a language and a <seg>; rule: {RULE}"
+        )
     df = pd.DataFrame.from_records(reader.rows).astype(object)
     df = df.where(df.notna(), None)
     df["_row"] = range(1, len(df) + 1)

@@ -39,7 +39,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domaintune.errors import ConfigError, DataError, ModelError, PredictError
+from domaintune.errors import (
+    ConfigError,
+    DataError,
+    ModelError,
+    PredictError,
+    shown,
+    shown_list,
+)
 from domaintune.registry import REFERENCE as _REFERENCE
 from domaintune.tasktypes import TaskType, get_task_type, task_type_names
 from domaintune.tasktypes.predicting import PredictModel
@@ -60,12 +67,16 @@ def resolve(reference: str, store: Any = None) -> PredictModel:
     """The model of ``reference``: ``NAME@production|latest|vNNNN`` in ``store`` (a Store;
     default ``./.domaintune``), or a folder."""
     match = _REFERENCE.match(reference)
-    if match and not Path(reference).exists():
-        return _from_registry(match["name"], match["version"], reference, store)
     folder = Path(reference)
-    if not folder.is_dir():
+    try:
+        exists, is_dir = folder.exists(), folder.is_dir()
+    except (OSError, ValueError):  # a name no file can have (too long, a NUL byte)
+        exists = is_dir = False
+    if match and not exists:
+        return _from_registry(match["name"], match["version"], reference, store)
+    if not is_dir:
         raise PredictError(
-            f"{reference}: not a model folder and not a registry reference; rule: MODEL is "
+            f"{shown(reference)}: not a model folder and not a registry reference; rule: MODEL is "
             "NAME@production, NAME@latest, NAME@vNNNN or a folder holding a fine-tuned model"
         )
     return _from_folder(folder, reference)
@@ -160,7 +171,9 @@ def _from_folder(folder: Path, reference: str) -> PredictModel:
 
     model_dir = folder / "model" if (folder / "model" / "config.json").is_file() else folder
     if not (model_dir / "config.json").is_file():
-        raise PredictError(f"{reference}: {model_dir} holds no model (no config.json)")
+        raise PredictError(
+            f"{shown(reference)}: {shown(model_dir)} holds no model (no config.json)"
+        )
     config = None
     for candidate in (model_dir.parent / "config.yaml", model_dir / "config.yaml"):
         if candidate.is_file():
@@ -232,7 +245,7 @@ def read_inputs(
                 raise PredictError(
                     f"{redact(f.url)}: no {role} column {' or '.join(map(repr, names))} "
                     f"(columns: "
-                    f"{', '.join(str(c) for c in df.columns if not str(c).startswith('_'))}); "
+                    f"{shown_list(c for c in df.columns if not str(c).startswith('_'))}); "
                     f"rule: {_COLUMN_RULES[role]}"
                 )
         df["_source"] = redact(f.url)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from pydantic import BaseModel, ValidationError
 
-from domaintune.errors import DataError
+from domaintune.errors import DataError, shown, shown_list
 from domaintune.tasktypes.heads import restore_head
 
 if TYPE_CHECKING:
@@ -31,16 +31,17 @@ def require_columns(df: pd.DataFrame, wanted: dict[str, str], where: str, what: 
     for role, col in wanted.items():
         if col not in df.columns:
             close = difflib.get_close_matches(col, available, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {shown(close[0], quote=True)}?" if close else ""
             glued = [d for d in ";\t|," if len(available) == 1 and d in available[0]]
             if glued:  # one column whose name holds the others: read with the wrong delimiter
                 hint = (
                     f"; the header looks {glued[0]!r}-separated: set data.delimiter: "
                     f"{glued[0]!r} (or leave it out to detect it)"
                 )
+            name = shown(col, quote=True)
             raise DataError(
-                f"{where}: {what}column {col!r} (data.{role}_column) not found{hint} "
-                f"columns: {', '.join(available)}"
+                f"{where}: {what}column {name} (data.{role}_column) not found{hint} "
+                f"columns: {shown_list(available)}"
             )
 
 

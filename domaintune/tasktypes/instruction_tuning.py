@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 
 from domaintune.chat import encode_conversation, fit_prompt
-from domaintune.errors import ModelError
+from domaintune.errors import DataError, ModelError
 from domaintune.evidence import ExampleStats, mean_stats, rowwise
 from domaintune.generation import GenerationSettings, generate_texts
+from domaintune.readers.sources import load_json
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import SMOLLM2, TaskType, TokenizeSettings, require_columns
 
@@ -78,8 +79,8 @@ def messages_from_row(
         value = row[cols["messages"]]
         if isinstance(value, str):
             try:
-                value = json.loads(value)
-            except ValueError:
+                value = load_json(value)
+            except (ValueError, DataError):  # not JSON, or nested too deep: no messages
                 return None
         if value is None or not isinstance(value, list | tuple | np.ndarray):
             return None
@@ -134,6 +135,20 @@ def prompt_ids(tokenizer: Any, messages: list[dict], budget: int) -> list[int]:
     template with its generation header), cut to at most ``budget`` tokens as training cuts
     prompts (domaintune.chat): what the model answers."""
     return fit_prompt(tokenizer, messages, budget)[0]
+
+
+def stored_messages(value: Any) -> list | None:
+    """A row's ``messages`` as ingest stored them (JSON text; a missing one reads back as
+    None or NaN)."""
+    return json.loads(value) if isinstance(value, str) else None
+
+
+def _answer(messages: list | None) -> str | None:
+    """The reference answer: the last message's content, where it is text (anything else
+    is no answer; the contract names the message)."""
+    last = messages[-1] if messages else None
+    content = last.get("content") if isinstance(last, dict) else None
+    return content if isinstance(content, str) else None
 
 
 def messages_error(messages: list[dict] | None) -> str:
@@ -197,10 +212,7 @@ class InstructionTuning(TaskType):
                     else "\n".join(str(x.get("content")) for x in m[:-1] if isinstance(x, dict))
                     for m in messages
                 ],
-                "reference": [
-                    None if not m or not isinstance(m[-1], dict) else m[-1].get("content")
-                    for m in messages
-                ],
+                "reference": [_answer(m) for m in messages],
                 "_row": df["_row"],
                 "_source": df["_source"],
             }
@@ -219,16 +231,16 @@ class InstructionTuning(TaskType):
         self, df: pd.DataFrame, labels: list[str], config: Any = None
     ) -> dict[str, pd.DataFrame]:
         rows = df.copy()
-        rows["_messages_error"] = rows["messages"].map(
-            lambda m: messages_error(None if m is None else json.loads(m))
-        )
+        rows["_messages_error"] = rows["messages"].map(lambda m: messages_error(stored_messages(m)))
         key = rows["messages"]
         rows["_is_duplicate"] = (key.duplicated(keep="first") & key.notna()).astype(float)
         return {"rows": rows.drop(columns=["messages"])}
 
     # -- preprocess -----------------------------------------------------------
     def usable_rows(self, df: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-        ok = df["messages"].map(lambda m: m is not None and messages_error(json.loads(m)) == "")
+        ok = df["messages"].map(
+            lambda m: isinstance(m, str) and messages_error(json.loads(m)) == ""
+        )
         return df[ok]
 
     def clean(self, df: pd.DataFrame, config: Any) -> pd.DataFrame:

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from domaintune.errors import DataError
 from domaintune.evidence import ExampleStats, mean_stats
+from domaintune.readers.sources import load_json
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import MINILM, TaskType, TokenizeSettings, require_columns
 
@@ -160,16 +162,27 @@ def _answers(value: Any) -> dict[str, list] | None:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except ValueError:
+            value = load_json(value)
+        except (ValueError, DataError):  # not JSON, or nested too deep
             return None
     if not isinstance(value, dict):
         return None
     texts = value.get("text")
     starts = value.get("answer_start")
-    texts = [] if texts is None else [str(t) for t in list(texts)]
-    starts = [] if starts is None else [int(s) for s in list(starts)]
+    try:
+        texts = [] if texts is None else [str(t) for t in _listed(texts)]
+        starts = [] if starts is None else [int(s) for s in _listed(starts)]
+    except (TypeError, ValueError, OverflowError):  # not lists; a start that is no integer
+        return None
     return {"text": texts, "answer_start": starts}
+
+
+def _listed(value: Any) -> list:
+    """The items of a list (JSON), a tuple or an array (Parquet); TypeError for anything
+    else (a string is not a list of answers)."""
+    if isinstance(value, list | tuple | np.ndarray):
+        return list(value)
+    raise TypeError(type(value).__name__)
 
 
 def answer_error(context: Any, answers: dict | None, allow_unanswerable: bool) -> str:

@@ -13,14 +13,15 @@ both sides.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from domaintune.errors import DataError
 from domaintune.evidence import ExampleStats, ratio, ratio_of_sums
+from domaintune.readers.sources import load_json
 from domaintune.storage.manifests import scalar_metrics
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import MINILM, TaskType, TokenizeSettings, require_columns
@@ -37,8 +38,8 @@ def _as_list(value: Any) -> list[str] | None:
     text = str(value).strip()
     if text.startswith("["):
         try:
-            return [str(x) for x in json.loads(text)]
-        except ValueError:
+            return [str(x) for x in load_json(text)]
+        except (ValueError, TypeError, DataError):  # not JSON, nested too deep, not a list
             pass
     return text.split()
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from domaintune.errors import DataError
+from domaintune.errors import DataError, shown, shown_list
 from domaintune.evidence import ExampleStats
 from domaintune.tasktypes import register_task_type
 from domaintune.tasktypes.base import require_columns
@@ -115,10 +115,11 @@ def language_column(columns: list[str], code: str, field: str, where: str) -> st
     if not found:
         raise DataError(
             f"{where}: no column for {field} {code!r}; rule: without {column_key} the "
-            f"column is named by the language code; columns: {', '.join(names)}"
+            f"column is named by the language code; columns: {shown_list(names)}"
         )
     raise DataError(
-        f"{where}: {field} {code!r} matches columns {' and '.join(repr(c) for c in found)}; "
+        f"{where}: {field} {code!r} matches columns "
+        f"{' and '.join(shown(c, 60, quote=True) for c in found)}; "
         f"rule: one column per language (set {column_key} to choose)"
     )
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from domaintune.config import Precision, TrainingConfig
-from domaintune.errors import ConfigError, HostError
+from domaintune.errors import ConfigError, HostError, shown
 from domaintune.storage.manifests import LaunchRecord
 
 #: Environment variables the ranks need from the task's environment (names, or prefixes
@@ -171,13 +171,22 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
     accepted, ``#`` comments), with errors that name the file, the line and the rule.
 
     A hostfile that cannot be read is a ``HostError`` (retryable: a scheduler writes it as
-    the hosts come up); one that DeepSpeed rejects is a ``ConfigError``."""
+    the hosts come up); one that DeepSpeed rejects, or that is not UTF-8 text, is a
+    ``ConfigError``."""
     import logging
 
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise HostError(f"training.hostfile {path}: cannot be read ({exc.strerror})") from None
+    try:  # lines as DeepSpeed reads them (and editors count them): at \n, \r\n or \r
+        lines = re.split(r"\r\n|\r|\n", data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"training.hostfile {path}, line {line}: bytes {data[exc.start : exc.start + 4]!r} "
+            "are not UTF-8; rule: a hostfile is UTF-8 text, '<host> slots=<n>' per line"
+        ) from None
     from deepspeed.launcher.runner import fetch_hostfile
     from deepspeed.utils import logger as ds_logger
 
@@ -193,9 +202,9 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
         raise HostError(f"training.hostfile {path}: cannot be read (it is gone)")
     for host, slots in pool.items():
         if slots < 1:
-            lineno = next(i for i, ln in enumerate(lines, 1) if ln.split()[:1] == [host])
+            lineno = next((i for i, ln in enumerate(lines, 1) if ln.split()[:1] == [host]), "?")
             raise ConfigError(
-                f"training.hostfile {path}, line {lineno}: host {host} has slots={slots}; "
+                f"training.hostfile {path}, line {lineno}: host {shown(host)} has slots={slots}; "
                 "a host needs slots >= 1"
             )
     return list(pool.items())
@@ -208,16 +217,21 @@ def _hostfile_problem(path: str, lines: list[str], message: str) -> str:
         lineno = next((i for i, ln in enumerate(lines, 1) if ln.strip() == bad[1]), "?")
         return (
             f"training.hostfile {path}, line {lineno}: expected '<host> slots=<n>' "
-            f"(DeepSpeed's format), got {bad[1]!r}"
+            f"(DeepSpeed's format), got {shown(bad[1], quote=True)}"
         )
     twice = re.search(r"multiple entries for (\S+),", message)
     if twice:
         seen = [i for i, ln in enumerate(lines, 1) if ln.split()[:1] == [twice[1]]]
         lineno = seen[1] if len(seen) > 1 else "?"
-        return f"training.hostfile {path}, line {lineno}: host {twice[1]!r} is listed twice"
+        host = shown(twice[1], quote=True)
+        return f"training.hostfile {path}, line {lineno}: host {host} is listed twice"
     if "empty" in message:
         return f"training.hostfile {path}: lists no hosts"
-    return f"training.hostfile {path}: {message}"
+    if "integer string conversion" in message:  # Python's limit on int("9" * 5000)
+        long = (i for i, ln in enumerate(lines, 1) if re.search(r"slots=\d{4000}", ln))
+        lineno = next(long, "?")
+        return f"training.hostfile {path}, line {lineno}: slots=<n> is not a usable number"
+    return f"training.hostfile {path}: {shown(message)}"
 
 
 def check_hosts(

@@ -254,6 +254,36 @@ CASES: list[BadInput] = [
         ),
     ),  # fmt: skip
     BadInput(
+        "json_array_nested_5000_deep",
+        r"deep\.json: line 1: nested deeper than 100 levels; rule: JSON input nests at most",
+        lambda d: src(_write(d / "deep.json", "[" * 5000 + "]" * 5000)),
+    ),
+    BadInput(
+        "json_object_nested_5000_deep",
+        r"deepobj\.json: line 1: nested deeper than 100 levels; rule: JSON input nests at most",
+        lambda d: src(_write(d / "deepobj.json", '{"a":' * 5000 + "1" + "}" * 5000)),
+    ),
+    BadInput(
+        "jsonl_line_nested_5000_deep",
+        r"deep\.jsonl: line 2: nested deeper than 100 levels; rule: JSON input nests at most",
+        lambda d: src(
+            _write(
+                d / "deep.jsonl",
+                json.dumps({"text": "a", "label": "positive"})
+                + "\n"
+                + '{"text": '
+                + "[" * 5000
+                + "]" * 5000
+                + ', "label": "negative"}\n',
+            )
+        ),
+    ),
+    BadInput(
+        "jsonl_object_nested_5000_deep",
+        r"deepobj\.jsonl: line 1: nested deeper than 100 levels; rule: JSON input nests at most",
+        lambda d: src(_write(d / "deepobj.jsonl", '{"a":' * 5000 + "1" + "}" * 5000 + "\n")),
+    ),
+    BadInput(
         "conll_token_tag_mismatch",
         r"tags\.conll: line 4: expected 'token TAG', got 'Acme'",
         lambda d: {
