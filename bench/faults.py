@@ -304,13 +304,13 @@ def stops(work: Path, steps: int) -> dict:
 
 
 def full_disk(work: Path, steps: int) -> dict:
-    """A store on a 2 MB tmpfs: the demo run fails with one line; the store stays
+    """A store on a 30 MB tmpfs (the data fits, the model does not): the demo run fails with one line; the store stays
     consistent; with room, the same run succeeds and reuses what had finished."""
     import yaml
 
     disk = work / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)],
                              capture_output=True, text=True)  # fmt: skip
     if mounted.returncode != 0:
         return {"skipped": mounted.stderr.strip()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any
 
 from domaintune.chaining import resolve_config_model, resolve_model
 from domaintune.config import RetrainConfig
+from domaintune.errors import StoreError
 from domaintune.fingerprint import hash_obj, library_versions
 from domaintune.models import ResolvedModel
 from domaintune.reporting.tracking import TrainingTracker
@@ -211,6 +213,10 @@ def _model_artifact(
     )
 
 
+#: a rank's words for a full disk: Python's OSError, Rust's (safetensors), C's (pyarrow)
+_DISK_FULL = re.compile(r"No space left on device|\[Errno 28\]|os error 28|StorageFull")
+
+
 def _run(
     config: RetrainConfig,
     splits: SplitManifest,
@@ -282,6 +288,13 @@ def _run(
     mirror.save_file("attempts.json")
     if rc != 0 or not (final_dir / RESULT_FILE).is_file():
         mirror.sync_once(include_final=True)  # the retry, wherever it runs, starts from here
+        if any(_DISK_FULL.search(line) for line in tail):
+            # a rank could not write a checkpoint or the model: say so, not the library's
+            # serialisation error; the checkpoints written before stay (a retry resumes)
+            raise StoreError(
+                f"store: no space left on device while writing {work} (the checkpoints and "
+                f"model of the finetune entry {key}, attempt {attempt['attempt']})"
+            )
         raise training_failed(rc, attempt["attempt"], tail, first, fault, work / "train.log")
     result = _checked_result(final_dir, config, splits)
     _write_generation_config(final_dir, config, splits)
