@@ -13,6 +13,10 @@ preprocess, as a new fingerprinted snapshot.
 - :func:`scan` finds complete new files: not hidden or temporary (``.part``, ``.tmp``,
   ``.crdownload``), unchanged for ``settle_seconds``, and with content never announced before
   (a ledger of sha256 per domain, so a file copied twice or touched never fires twice).
+  A file's age is read on one clock, the landing location's own: in an object store a
+  file's time is the server's, so the scan writes a hidden ``.domaintune-clock`` object
+  and takes the server's "now" from the same listing; a host whose clock is minutes off
+  neither announces a file still being replaced nor waits minutes too long.
 - :func:`announce` emits the Prefect event ``domaintune.data.arrived`` with resource id
   ``domaintune.domain.<domain>`` and the new files in its payload; the domain's deployment
   trigger turns it into a flow run.
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 EVENT = "domaintune.data.arrived"
 TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".swp")
 LEDGER = ".domaintune-announced.json"
+#: written by each scan of an object store: its time in the listing is the store's "now"
+CLOCK = ".domaintune-clock"
 #: sizes seen by the previous scan, for file systems that report no modification time
 _LAST_SIZES: dict[str, int] = {}
 #: (file, size, modification time, ETag) -> sha256, for the files this process hashed: a
@@ -70,7 +76,9 @@ def resource_id(domain: str) -> str:
 def _fs(url: str) -> tuple[Any, str]:
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(str(url))
+    from domaintune.storage.remote import with_retry_defaults
+
+    fs, path = fsspec.core.url_to_fs(str(url), **with_retry_defaults(str(url), {}))
     return fs, path.rstrip("/")
 
 
@@ -161,9 +169,9 @@ def scan(domain_dir: str | os.PathLike, settle_seconds: float = 2.0) -> list[dic
         for sha, a in seen.items()
         if a.get("mtime") is not None and "bytes" in a
     }
-    now = time.time()
+    listing, now = _listing_and_now(fs, d)
     new = []
-    for path, info in sorted(fs.find(d, detail=True, withdirs=False).items()):
+    for path, info in sorted(listing.items()):
         rel = path[len(d) + 1 :]
         if info.get("type") != "file" or not _is_candidate(rel):
             continue
@@ -171,7 +179,9 @@ def scan(domain_dir: str | os.PathLike, settle_seconds: float = 2.0) -> list[dic
         key = _full(fs, path)
         size = int(info.get("size") or 0)
         settled = (
-            now - mtime >= settle_seconds if mtime is not None else _LAST_SIZES.get(key) == size
+            now - mtime >= settle_seconds
+            if mtime is not None and now is not None
+            else _LAST_SIZES.get(key) == size
         )
         _LAST_SIZES[key] = size
         if not settled:
@@ -189,6 +199,25 @@ def scan(domain_dir: str | os.PathLike, settle_seconds: float = 2.0) -> list[dic
             continue  # announced before, or a copy of a file of this pass
         new.append({"path": key, "sha256": digest, "bytes": size, "mtime": mtime})
     return sorted(new, key=lambda f: f["mtime"] or 0)
+
+
+def _listing_and_now(fs: Any, d: str) -> tuple[dict[str, Any], float | None]:
+    """The files under ``d`` and the time now on the clock that stamped them: this host's
+    for a local folder; for any other file system the time its server gives an object
+    written just before listing (None if it cannot be written: then a file is settled when
+    two scans see it the same size)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        now = time.time()
+        return fs.find(d, detail=True, withdirs=False), now
+    try:
+        fs.pipe_file(f"{d}/{CLOCK}", b"")
+    except Exception as exc:  # a read-only landing location: no clock of its own
+        log.debug("landing %s: no clock object (%s)", d, exc)
+    listing = fs.find(d, detail=True, withdirs=False)
+    clock = listing.get(f"{d}/{CLOCK}")
+    return listing, _mtime(clock) if clock is not None else None
 
 
 def mark_announced(domain_dir: str | os.PathLike, files: list[dict[str, Any]]) -> None:

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from domaintune.config.sections import (
     REGISTRY_REFERENCE_RULE,
     REGISTRY_SCHEME,
 )
-from domaintune.errors import DomainTuneError, ModelError, StoreError, store_error
+from domaintune.errors import DomainTuneError, ModelError, StoreError, shown, store_error
 from domaintune.storage.coordination import check_leases, create_exclusive, numbered_objects
 from domaintune.storage.store import Store, atomic_write_text, describe_remote_error
 
@@ -237,10 +238,11 @@ class Registry:
             while True:
                 version = f"v{number:04d}"
                 try:
+                    # the token makes the claim this writer's own: a claim whose answer was
+                    # lost and whose retry is refused is still recognised (no gap)
+                    claim = {"pid": os.getpid(), "time": time.time(), "token": uuid.uuid4().hex}
                     create_exclusive(
-                        self.fs,
-                        f"{self.path}/claims/{version}.json",
-                        json.dumps({"pid": os.getpid(), "time": time.time()}).encode(),
+                        self.fs, f"{self.path}/claims/{version}.json", json.dumps(claim).encode()
                     )
                     return version
                 except FileExistsError:
@@ -281,9 +283,21 @@ class Registry:
         os.replace(staged, mirror)  # this host's cache already holds the whole version
 
     def discard(self, version: str) -> None:
-        """Remove a version that was never committed (best effort)."""
+        """Remove a version that was never committed (best effort).
+
+        A register event whose write failed may still have been committed (the store wrote
+        it, its answer was lost and the retries ran out): a version the log names, or one
+        whose log cannot be read now, is kept, never half-removed."""
         shutil.rmtree(self.cache / version, ignore_errors=True)
         if self.store.local:
+            return
+        try:
+            registered = version in self.state().versions
+        except Exception as exc:  # the store is away: keeping an unused folder is harmless
+            log.warning("registry %s: %s kept (the log cannot be read: %s)", self.url, version, exc)
+            return
+        if registered:
+            log.warning("registry %s: %s was committed after all; kept", self.url, version)
             return
         with contextlib.suppress(Exception):
             self.fs.rm(f"{self.path}/{version}", recursive=True)
@@ -308,7 +322,7 @@ class Registry:
     def resolve(self, version: str, reference: str | None = None) -> str:
         """The committed version that ``version`` names (``production``, ``latest`` or
         ``vNNNN``); else a one-line ModelError naming ``reference`` and the rule broken."""
-        reference = reference or f"{self.name}@{version}"
+        reference = shown(reference or f"{self.name}@{version}")
         state = self.state()
         if not state.versions:
             known = use_cases(self.store)
@@ -319,18 +333,20 @@ class Registry:
                     "registered in the same store (store.root)"
                 )
             raise ModelError(
-                f"{reference}: no use case {self.name!r} in the registry of "
+                f"{reference}: no use case {shown(self.name, quote=True)} in the registry of "
                 f"{self.store.url_of()} (registered: {', '.join(known)})"
             )
         chosen = {"production": state.production, "latest": state.latest}.get(version, version)
         if chosen is None:
             raise ModelError(
-                f"{reference}: no version of {self.name!r} is in production (versions: "
+                f"{reference}: no version of {shown(self.name, quote=True)} is in production "
+                f"(versions: "
                 f"{', '.join(state.versions)}; promote one with `domaintune models promote`)"
             )
         if chosen not in state.versions:
             raise ModelError(
-                f"{reference}: {self.name!r} has no version {version!r} (versions: "
+                f"{reference}: {shown(self.name, quote=True)} has no version "
+                f"{shown(version, quote=True)} (versions: "
                 f"{', '.join(state.versions)}; or @production, @latest)"
             )
         return chosen
@@ -431,7 +447,7 @@ def resolve_reference(store: Store, reference: str) -> tuple[str, str, Path]:
     folder of the version, downloaded once into the cache for a remote store)."""
     match = REFERENCE.match(reference)
     if match is None:
-        raise ModelError(f"{reference}: not a registry reference; rule: {REFERENCE_RULE}")
+        raise ModelError(f"{shown(reference)}: not a registry reference; rule: {REFERENCE_RULE}")
     registry = Registry(store, match["name"])
     version = registry.resolve(match["version"], reference)
     return match["name"], version, registry.version_dir(version)

@@ -10,11 +10,15 @@ One mechanism per kind of store, behind one ``lock(...)`` context manager:
   create the same generation, exactly one succeeds. The holder of the newest generation
   holds the lease while it is *live*:
 
-  * a heartbeat thread rewrites the holder's own object every ``ttl / 4`` seconds (a beat
+  * a heartbeat thread rewrites the holder's own object every ``ttl / 6`` seconds (a beat
     counter), and checks that no newer generation appeared (else the lease was lost: the
     holder was silent for too long, and ``check()`` raises from then on);
   * a waiter declares the holder dead when the object has not changed for ``ttl`` seconds
     *of the waiter's own clock*: no two hosts need to agree on the time;
+  * a holder that cannot renew (cut off from the store, or the store too slow) gives the
+    lease up itself once ``ttl / 2`` seconds *of its own clock* have passed since the start of
+    its last successful beat: ``check()`` raises and it writes no more beats, strictly before
+    a waiter, which needs ``ttl`` seconds without a change, can take over;
   * to take over, a waiter creates the next generation; if another waiter created it first,
     the create fails and it goes on waiting. A released lease is taken the same way at once.
 
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from domaintune.errors import StoreError, store_error
+from domaintune.storage.remote import describe_remote_error
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,12 @@ def protocol_of(fs: Any) -> str:
 
 def create_exclusive(fs: Any, path: str, data: bytes) -> None:
     """Write ``path`` only if it does not exist yet (FileExistsError otherwise), atomically
-    where the file system can (see ``ATOMIC_CREATE``; local folders use O_EXCL)."""
+    where the file system can (see ``ATOMIC_CREATE``; local folders use O_EXCL).
+
+    A request whose object was written but whose answer was lost (a connection cut after
+    the server wrote) is retried by the client and then refused by the object it wrote
+    itself: an object holding exactly ``data`` is taken as this call's own, so ``data``
+    must be unique to its writer (a holder's id, a token) wherever that matters."""
     from fsspec.implementations.local import LocalFileSystem
 
     if isinstance(fs, LocalFileSystem):
@@ -73,7 +83,31 @@ def create_exclusive(fs: Any, path: str, data: bytes) -> None:
         with open(path, "xb") as f:
             f.write(data)
         return
-    fs.pipe_file(path, data, mode="create")
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        try:
+            if fs.cat_file(path) == data:
+                log.info("%s: created by this writer (its first answer was lost)", path)
+                return
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_by(fs: Any, path: str, data: bytes, deadline: float) -> None:
+    """Write ``path``, giving up at ``deadline`` (``time.monotonic()``): the client's
+    retries of an asynchronous file system (s3fs) are cancelled then, so that nothing sent
+    later lands after it; others write as usual."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"{path}: not written before its deadline")
+    if getattr(fs, "async_impl", False) and getattr(fs, "loop", None) is not None:
+        from fsspec.asyn import sync
+
+        sync(fs.loop, fs._pipe_file, path, data, timeout=remaining)
+    else:
+        fs.pipe_file(path, data)
 
 
 def numbered_objects(fs: Any, folder: str) -> list[int]:
@@ -105,6 +139,9 @@ class Lease:
         self.holder = uuid.uuid4().hex
         self.generation: int | None = None
         self.lost = False
+        self.cut_off = False  # lost because it could not renew (not taken over)
+        #: monotonic start of the last write of this holder's object that succeeded
+        self._renewed = 0.0
         self._beat = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -177,10 +214,12 @@ class Lease:
                     )
                     free = True
             if free:
+                started = time.monotonic()
                 try:
                     create_exclusive(self.fs, self._path(top + 1), self._body())
                 except FileExistsError:
                     continue  # another host took this generation first: look again
+                self._renewed = started
                 self.generation = top + 1
                 self._forget_older(gens)
                 self._thread = threading.Thread(
@@ -200,34 +239,65 @@ class Lease:
 
     # ---------------------------------------------------------------- heartbeat
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl / 4):
+        while not self._stop.wait(self.ttl / 6):
             if not self._heartbeat_once():
                 return
 
+    def _expired(self) -> bool:
+        """Whether this holder must give the lease up: ``ttl / 2`` of its own clock since
+        the start of its last successful beat (a waiter needs ``ttl`` without a change)."""
+        if not self.lost and time.monotonic() - self._renewed >= self.ttl / 2:
+            self.lost = self.cut_off = True
+            log.error(
+                "%s: not renewed within %g s (the store did not answer); given up before "
+                "another host may take it over",
+                self.what,
+                self.ttl / 2,
+            )
+        return self.lost
+
     def _heartbeat_once(self) -> bool:
-        """One beat: False once the lease is lost (a newer generation exists)."""
+        """One beat: False once the lease is lost (a newer generation exists, or it could
+        not be renewed in time: then nothing more is written)."""
         try:
+            if self._expired():
+                return False
             newer = [g for g in self._generations() if g > (self.generation or 0)]
             if newer:
+                if not self.lost:
+                    log.error(
+                        "%s: another host took over the lease (this process was silent for "
+                        "more than %.0f s)",
+                        self.what,
+                        self.ttl,
+                    )
                 self.lost = True
-                log.error(
-                    "%s: another host took over the lease (this process was silent for more "
-                    "than %.0f s)",
-                    self.what,
-                    self.ttl,
-                )
                 return False
             with self._write_lock:
-                if self._stop.is_set():
+                if self._stop.is_set() or self._expired():
                     return False
                 self._beat += 1
-                self.fs.pipe_file(self._path(self.generation), self._body())
+                started = time.monotonic()
+                write_by(
+                    self.fs, self._path(self.generation), self._body(), self._renewed + self.ttl / 2
+                )
+                if not self._expired():  # renewed in time: valid from when it was sent
+                    self._renewed = started
         except Exception as exc:  # a failed beat: try again; silence costs the lease
             log.warning("%s: heartbeat failed: %s", self.what, exc)
-        return True
+        return not self._expired()
 
     def check(self) -> None:
-        """Raise ``LeaseLost`` if another host has taken this lease over."""
+        """Raise ``LeaseLost`` if another host has taken this lease over, or if this holder
+        could not renew it for ``ttl / 2`` seconds (then another host may soon)."""
+        if self.generation is not None:
+            self._expired()
+        if self.cut_off:
+            raise LeaseLost(
+                f"{self.what}: the lease could not be renewed for {self.ttl / 2:g} s (the "
+                "store did not answer), so it was given up before another host could take "
+                "it over; nothing was committed"
+            )
         if self.lost:
             raise LeaseLost(
                 f"{self.what}: another host took over (this process was silent for more than "
@@ -278,8 +348,8 @@ def lease(fs: Any, folder: str, what: str, timeout: float = -1) -> Iterator[Leas
         held.acquire(timeout)
     except TimeoutError:
         raise
-    except OSError as exc:
-        raise StoreError(f"{what}: cannot take the lock in {folder}: {exc}") from exc
+    except Exception as exc:  # an object store's client errors are not all OSErrors
+        raise describe_remote_error(exc, f"{what}: taking the lock in {folder}") from exc
     stack = getattr(_held, "stack", [])
     _held.stack = [*stack, held]
     try:

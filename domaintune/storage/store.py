@@ -11,6 +11,9 @@ for a remote root the store uploads on commit and mirrors entries into a local c
 The remote root is then the single source of truth: the local cache (``$DOMAINTUNE_CACHE``,
 else ``~/.cache/domaintune``) can be deleted at any time, and locks are leases in the object
 store itself (``domaintune.storage.coordination``), so runs on several hosts compute an entry once.
+Transient faults of an object store are retried by its client (``domaintune.storage.remote``),
+every write is safe to retry, and a failure that outlasts the retries is one line naming the
+store and the operation (``writing <stage>/<key>``, ``reading ...``, ``downloading ...``).
 """
 
 from __future__ import annotations
@@ -29,10 +32,18 @@ from typing import Any, TypeVar
 
 import fsspec
 
-from domaintune.errors import StoreAccessError, StoreError, store_error
+from domaintune.errors import StoreAccessError, StoreError, disk_full, store_error
 from domaintune.fingerprint import hash_obj, stable_json
 from domaintune.redaction import redact
-from domaintune.storage.coordination import check_leases, file_lock, lease
+from domaintune.storage.coordination import (
+    ATOMIC_CREATE,
+    check_leases,
+    create_exclusive,
+    file_lock,
+    lease,
+    protocol_of,
+)
+from domaintune.storage.remote import describe_remote_error, first_line, with_retry_defaults
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +77,8 @@ class Store:
             from domaintune.credentials import resolve_env_refs
 
             options = resolve_env_refs(storage_options, "store.storage_options")
+            # transient faults are retried with backoff by the client (storage.remote)
+            options = with_retry_defaults(root, options)
             # other hosts change the store: never answer from a listing cached earlier
             options.setdefault("use_listings_cache", False)
             try:
@@ -98,7 +111,7 @@ class Store:
             self.fs.ls(self._remote_root.split("/", 1)[0], detail=False)
         except FileNotFoundError as exc:
             raise StoreAccessError(
-                f"store {redact(self.url)}: the bucket does not exist ({_first_line(exc)})"
+                f"store {redact(self.url)}: the bucket does not exist ({first_line(exc)})"
             ) from exc
         except Exception as exc:
             raise describe_remote_error(exc, f"store {redact(self.url)}") from exc
@@ -170,13 +183,28 @@ class Store:
         remote = self._remote_entry(stage, key)
         try:
             data = json.loads(self.fs.cat_file(f"{remote}/{MARKER}"))
+            # the marker is written last, so its files are there; unless someone removed or
+            # rewrote some since: a damaged entry is recomputed, never used
+            found = self.fs.find(remote, detail=True, withdirs=False)
         except FileNotFoundError:
             return None
         except ValueError:
             log.warning("store entry %s/%s has an unreadable marker; recomputing", stage, key)
             return None
         except Exception as exc:
-            raise describe_remote_error(exc, f"store {redact(self.url)}") from exc
+            raise describe_remote_error(
+                exc, f"store {redact(self.url)}: reading {stage}/{key}"
+            ) from exc
+        sizes = {p[len(remote) + 1 :]: int(i.get("size") or 0) for p, i in found.items()}
+        for rel, size in data.get("files", {}).items():
+            if sizes.get(rel) != size:
+                log.warning(
+                    "store entry %s/%s is damaged (%s missing or resized); recomputing",
+                    stage,
+                    key,
+                    rel,
+                )
+                return None
         return data
 
     def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
@@ -194,7 +222,15 @@ class Store:
             if cached is not None:
                 log.info("%s: reusing store entry %s", stage, key)
                 return manifest_type.model_validate({**cached, "reused": True})  # type: ignore[attr-defined]
-            return compute()
+            try:
+                return compute()
+            except OSError as exc:
+                if not disk_full(exc):
+                    raise
+                # one line naming the file (else the stage's folder) and the entry it was
+                # for; the writer removed its temporary folder, so nothing looks complete
+                where = exc.filename or self._cache_root / stage
+                raise store_error(exc, f"{where} (the {stage} entry {key})") from exc
 
     def cached_manifest(self, stage: str, key: str) -> dict[str, Any] | None:
         """The manifest of a complete entry, with the entry available locally; else None.
@@ -216,7 +252,12 @@ class Store:
         local = self.entry_path(stage, key)
         if self.local or (local / MARKER).is_file():
             return local
-        download_dir(self.fs, self._remote_entry(stage, key), local)
+        try:
+            download_dir(self.fs, self._remote_entry(stage, key), local)
+        except Exception as exc:
+            raise describe_remote_error(
+                exc, f"store {redact(self.url)}: downloading {stage}/{key}"
+            ) from exc
         return local
 
     # ------------------------------------------------------------- writing
@@ -273,20 +314,37 @@ class Store:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _atomic_write_text(final / MARKER, stable_json(marker))
-            if not self.local:
-                remote = self._remote_entry(stage, key)
-                upload_dir(self.fs, final, remote, skip=(MARKER,))
-                check_leases()  # a holder taken over while uploading commits nothing
-                # the marker goes last, so a remote reader never sees a partial entry
-                self.fs.pipe_file(f"{remote}/{MARKER}", stable_json(marker).encode())
         except OSError as exc:
-            if not self.local:
-                raise describe_remote_error(exc, f"store {redact(self.url)}") from exc
             raise store_error(exc, final) from exc
+        if not self.local:
+            self._upload(stage, key, final, stable_json(marker).encode())
+
+    def _upload(self, stage: str, key: str, final: Path, marker: bytes) -> None:
+        """The entry's files, then its marker: a remote reader never sees a partial entry.
+
+        Every request is retried by the client (``storage.remote``); a marker that another
+        run created meanwhile (this run was cut off past its lease) is left alone."""
+        remote = self._remote_entry(stage, key)
+        what = f"store {redact(self.url)}: writing {stage}/{key}"
+        try:
+            # a damaged entry being recomputed: no reader may take its old marker for the
+            # files about to be replaced
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(f"{remote}/{MARKER}")
+            upload_dir(self.fs, final, remote, skip=(MARKER,))
+            check_leases()  # a holder taken over while uploading commits nothing
+            if protocol_of(self.fs) in ATOMIC_CREATE:
+                create_exclusive(self.fs, f"{remote}/{MARKER}", marker)
+            else:
+                self.fs.pipe_file(f"{remote}/{MARKER}", marker)
+        except FileExistsError as exc:
+            check_leases()
+            raise StoreError(
+                f"{what}: another run completed this entry while this one wrote it (this "
+                "run's lease was lost); its marker was not overwritten"
+            ) from exc
         except Exception as exc:  # an object store's client errors are not all OSErrors
-            if self.local:
-                raise
-            raise describe_remote_error(exc, f"store {redact(self.url)}") from exc
+            raise describe_remote_error(exc, what) from exc
 
 
 def cache_root() -> Path:
@@ -319,35 +377,14 @@ def download_dir(fs: Any, remote: str, local: Path) -> None:
         if local.exists():
             shutil.rmtree(local)
         os.replace(tmp, local)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):  # this host's cache is full: name it, not the remote side
+            raise store_error(exc, f"{local} (this host's copy of {redact(remote)})") from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return redact(text.splitlines()[0])
-
-
-def describe_remote_error(exc: BaseException, what: str) -> Exception:
-    """An object store's failure as one line naming what failed and why: refused
-    credentials (``StoreAccessError``, not retried) or a store that cannot be reached
-    (``StoreError``, which a retry may fix). Never a secret."""
-    if isinstance(exc, StoreError | StoreAccessError):
-        return exc  # type: ignore[return-value]
-    name = type(exc).__name__
-    text = _first_line(exc)
-    if isinstance(exc, PermissionError) or any(
-        s in text
-        for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")
-    ):
-        return StoreAccessError(
-            f"{what}: access denied: {text} (check the credentials: store.storage_options, "
-            "or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment of the run)"
-        )
-    if "connect" in name.lower() or "connect" in text.lower() or "timeout" in name.lower():
-        return StoreError(f"{what}: cannot reach the object store: {text}")
-    return StoreError(f"{what}: {name}: {text}")
 
 
 class EntryWriter:

@@ -192,8 +192,13 @@ class CheckpointMirror:
             )
         for name in self._remote_checkpoints():
             if name not in local and ckpts.is_dir():
+                gone = f"{self.remote}/checkpoints/{name}"
+                # its marker first: a host restoring meanwhile never takes what is left of
+                # it for a complete checkpoint
                 with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm(f"{self.remote}/checkpoints/{name}", recursive=True)
+                    self.fs.rm_file(f"{gone}/{CHECKPOINT_MARKER}")
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(gone, recursive=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(0.25):
