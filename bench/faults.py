@@ -228,13 +228,19 @@ def restarts(work: Path, rounds: int, steps: int, seed: int) -> dict:
                 run = c.create_run(
                     "finance-sentiment",
                     _demo(
-                        c.store, name, max_steps=steps, checkpoint_every_steps=max(5, steps // 6)
+                        c.store,
+                        name,
+                        max_steps=steps,
+                        checkpoint_every_steps=max(5, steps // 6),
+                        seed=1000 + i,  # a training of its own, not the last round's entry
                     ),
                 )
                 glob = f"{c.bucket}/store/finetune/.work/*/checkpoints/*/.domaintune-complete"
-                seen = len(fs.glob(glob))
+                seen = set(fs.glob(glob))  # earlier runs' checkpoints (rotated or kept)
                 deadline = time.time() + 1800
-                while len(fs.glob(glob)) <= seen and time.time() < deadline:
+                while not set(fs.glob(glob)) - seen and time.time() < deadline:
+                    if c.run_of(run["id"])["state"]["type"] in ("COMPLETED", "FAILED"):
+                        raise SystemExit(f"run {i + 1} ended before its first checkpoint")
                     fs.invalidate_cache()
                     time.sleep(0.5)
                 down = rng.uniform(2, 8)
