@@ -31,6 +31,19 @@ def shown_list(values: Iterable[object], most: int = 20, quote: bool = False) ->
     return text + (f" and {len(values) - most} more" if len(values) > most else "")
 
 
+def utf8_text(data: bytes, where: str, rule: str, error: type[Exception]) -> str:
+    """``data`` as UTF-8 text, else ``error`` in one line: ``where``, the line and the first
+    bytes that are not UTF-8, and ``rule``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise error(
+            f"{where}: line {line}: bytes {data[exc.start : exc.start + 4]!r} are not UTF-8; "
+            f"rule: {rule}"
+        ) from None
+
+
 class DomainTuneError(Exception):
     """Base class of errors caused by the user's input, not by the machine."""
 

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from domaintune.config.retrain import RetrainConfig
-from domaintune.errors import ConfigError, shown
+from domaintune.errors import ConfigError, shown, utf8_text
 
 #: The deepest nesting of sections, lists and mappings a config may have, and the most values
 #: it may hold once YAML's aliases are expanded: configs nest a few levels, and the steps after
@@ -70,14 +70,7 @@ def _read_text(path: str | os.PathLike, origin: str) -> str:
         raise ConfigError(f"{origin}: config file not found") from None
     except OSError as exc:  # a folder, no permission
         raise ConfigError(f"{origin}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        return content.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = content[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{origin}: line {line}: bytes {content[exc.start : exc.start + 4]!r} are not "
-            "UTF-8; rule: a config file is UTF-8 YAML"
-        ) from None
+    return utf8_text(content, origin, "a config file is UTF-8 YAML", ConfigError)
 
 
 def load_yaml(text: str, where: str) -> Any:

@@ -169,17 +169,12 @@ class Store:
             except (OSError, ValueError):
                 log.warning("store entry %s/%s has an unreadable marker; recomputing", stage, key)
                 return None
-            for rel, size in data.get("files", {}).items():
-                f = entry / rel
-                if not f.is_file() or f.stat().st_size != size:
-                    log.warning(
-                        "store entry %s/%s is damaged (%s missing or resized); recomputing",
-                        stage,
-                        key,
-                        rel,
-                    )
-                    return None
-            return data
+            sizes = {
+                rel: (entry / rel).stat().st_size
+                for rel in data.get("files", {})
+                if (entry / rel).is_file()
+            }
+            return data if _intact(stage, key, data, sizes) else None
         remote = self._remote_entry(stage, key)
         try:
             data = json.loads(self.fs.cat_file(f"{remote}/{MARKER}"))
@@ -196,16 +191,7 @@ class Store:
                 exc, f"store {redact(self.url)}: reading {stage}/{key}"
             ) from exc
         sizes = {p[len(remote) + 1 :]: int(i.get("size") or 0) for p, i in found.items()}
-        for rel, size in data.get("files", {}).items():
-            if sizes.get(rel) != size:
-                log.warning(
-                    "store entry %s/%s is damaged (%s missing or resized); recomputing",
-                    stage,
-                    key,
-                    rel,
-                )
-                return None
-        return data
+        return data if _intact(stage, key, data, sizes) else None
 
     def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
         marker = self.read_marker(stage, key)
@@ -345,6 +331,18 @@ class Store:
             ) from exc
         except Exception as exc:  # an object store's client errors are not all OSErrors
             raise describe_remote_error(exc, what) from exc
+
+
+def _intact(stage: str, key: str, marker: dict[str, Any], sizes: dict[str, int]) -> bool:
+    """Whether every file the marker names is there (``sizes``: relative path -> size, as
+    found) at the size it names; a damaged entry is recomputed, never used."""
+    for rel, size in marker.get("files", {}).items():
+        if sizes.get(rel) != size:
+            log.warning(
+                "store entry %s/%s is damaged (%s missing or resized); recomputing", stage, key, rel
+            )
+            return False
+    return True
 
 
 def cache_root() -> Path:

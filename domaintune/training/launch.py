@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from domaintune.config import Precision, TrainingConfig
-from domaintune.errors import ConfigError, HostError, shown
+from domaintune.errors import ConfigError, HostError, shown, utf8_text
 from domaintune.storage.manifests import LaunchRecord
 
 #: Environment variables the ranks need from the task's environment (names, or prefixes
@@ -179,14 +179,14 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise HostError(f"training.hostfile {path}: cannot be read ({exc.strerror})") from None
-    try:  # lines as DeepSpeed reads them (and editors count them): at \n, \r\n or \r
-        lines = re.split(r"\r\n|\r|\n", data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"training.hostfile {path}, line {line}: bytes {data[exc.start : exc.start + 4]!r} "
-            "are not UTF-8; rule: a hostfile is UTF-8 text, '<host> slots=<n>' per line"
-        ) from None
+    text = utf8_text(
+        data,
+        f"training.hostfile {path}",
+        "a hostfile is UTF-8 text, '<host> slots=<n>' per line",
+        ConfigError,
+    )
+    # lines as DeepSpeed reads them (and editors count them): at \n, \r\n or \r
+    lines = re.split(r"\r\n|\r|\n", text)
     from deepspeed.launcher.runner import fetch_hostfile
     from deepspeed.utils import logger as ds_logger
 
